@@ -1,0 +1,464 @@
+"""AH-Net (Liu et al., "3D Anisotropic Hybrid Network", MICCAI 2018), MONAI-compatible.
+
+Module names, parameter names, defaults, initialisation and function match MONAI 1.6's
+``monai.networks.nets.AHNet``, so its state dicts load with ``strict=True``. The modules own the
+parameters; BatchNorm+ReLU pairs run through the fused ``ahnet_fast.ops.batch_norm_relu`` op.
+In 2D mode MONAI slices some kernel/stride tuples from the front and others from the back; that
+is kept exactly (the second spatial axis then plays the slice axis).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ahnet_fast.nn._bn import bn_relu
+from ahnet_fast.nn.shapes import check_ahnet_input
+
+__all__ = ["AHNet", "AHnet", "Ahnet", "PyramidVolumetricPooling", "UPSAMPLE_MODES"]
+
+UPSAMPLE_MODES = ("transpose", "bilinear", "trilinear", "nearest")
+
+
+def _conv(spatial_dims: int) -> type[nn.Module]:
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def _conv_transpose(spatial_dims: int) -> type[nn.Module]:
+    return nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+
+
+def _norm(spatial_dims: int) -> type[nn.Module]:
+    return nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
+
+
+def _maxpool(spatial_dims: int) -> type[nn.Module]:
+    return nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d
+
+
+def _upsample(upsample_mode: str) -> nn.Upsample:
+    align_corners = True if upsample_mode in ("trilinear", "bilinear") else None
+    return nn.Upsample(scale_factor=2, mode=upsample_mode, align_corners=align_corners)
+
+
+class Bottleneck3x3x1(nn.Module):
+    """ResNet50 bottleneck with the 3x3 convolution made 3x3x1 (stride (s, s, 1)); the downsample
+    branch also pools the slice axis, and the main branch is pooled (1, 1, 2) to match it."""
+
+    expansion = 4
+
+    def __init__(self, spatial_dims: int, inplanes: int, planes: int, stride: Sequence[int] | int = 1,
+                 downsample: nn.Sequential | None = None) -> None:
+        super().__init__()
+        conv, norm = _conv(spatial_dims), _norm(spatial_dims)
+        self.conv1 = conv(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = conv(planes, planes, kernel_size=(3, 3, 1)[-spatial_dims:], stride=stride,
+                          padding=(1, 1, 0)[-spatial_dims:], bias=False)
+        self.bn2 = norm(planes)
+        self.conv3 = conv(planes, planes * 4, kernel_size=1, bias=False)
+        self.bn3 = norm(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.pool = _maxpool(spatial_dims)(kernel_size=(1, 1, 2)[-spatial_dims:], stride=(1, 1, 2)[-spatial_dims:])
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = bn_relu(self.bn1, self.conv1(x), self.backend)
+        out = bn_relu(self.bn2, self.conv2(out), self.backend)
+        out = self.bn3(self.conv3(out))
+        residual = x
+        if self.downsample is not None:
+            residual = self.downsample(x)
+            if out.shape != residual.shape:
+                out = self.pool(out)
+        return torch.relu_(out + residual)
+
+
+class Projection(nn.Sequential):
+    """BN-ReLU-1x1x1 convolution (``trans1``)."""
+
+    def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int):
+        super().__init__()
+        self.add_module("norm", _norm(spatial_dims)(num_input_features))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", _conv(spatial_dims)(num_input_features, num_output_features, kernel_size=1, stride=1,
+                                                    bias=False))
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(bn_relu(self.norm, x, self.backend))
+
+
+class UpTransition(nn.Sequential):
+    """BN-ReLU-1x1x1 convolution, then x2 upsampling (transposed convolution or interpolation)."""
+
+    def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int,
+                 upsample_mode: str = "transpose"):
+        super().__init__()
+        self.add_module("norm", _norm(spatial_dims)(num_input_features))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", _conv(spatial_dims)(num_input_features, num_output_features, kernel_size=1, stride=1,
+                                                    bias=False))
+        if upsample_mode == "transpose":
+            self.add_module("up", _conv_transpose(spatial_dims)(num_output_features, num_output_features,
+                                                                kernel_size=2, stride=2, bias=False))
+        else:
+            self.add_module("up", _upsample(upsample_mode))
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.conv(bn_relu(self.norm, x, self.backend)))
+
+
+class Final(nn.Sequential):
+    """BN-ReLU-3x3x1 convolution to the output classes, then x2 upsampling."""
+
+    def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int,
+                 upsample_mode: str = "transpose"):
+        super().__init__()
+        self.add_module("norm", _norm(spatial_dims)(num_input_features))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", _conv(spatial_dims)(num_input_features, num_output_features,
+                                                    kernel_size=(3, 3, 1)[-spatial_dims:], stride=1,
+                                                    padding=(1, 1, 0)[-spatial_dims:], bias=False))
+        if upsample_mode == "transpose":
+            self.add_module("up", _conv_transpose(spatial_dims)(num_output_features, num_output_features,
+                                                                kernel_size=2, stride=2, bias=False))
+        else:
+            self.add_module("up", _upsample(upsample_mode))
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.conv(bn_relu(self.norm, x, self.backend)))
+
+
+class Pseudo3DLayer(nn.Module):
+    """Dense layer of the decoder: BN-ReLU-1x1x1 -> BN-ReLU-3x3x1 (a) ; BN-ReLU-1x1x3(a) (b) ;
+    BN-ReLU-1x1x1(a + b); the new features are concatenated onto the input."""
+
+    def __init__(self, spatial_dims: int, num_input_features: int, growth_rate: int, bn_size: int,
+                 dropout_prob: float):
+        super().__init__()
+        conv, norm = _conv(spatial_dims), _norm(spatial_dims)
+        self.bn1 = norm(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.bn2 = norm(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = conv(bn_size * growth_rate, growth_rate, kernel_size=(3, 3, 1)[-spatial_dims:], stride=1,
+                          padding=(1, 1, 0)[-spatial_dims:], bias=False)
+        self.bn3 = norm(growth_rate)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.conv3 = conv(growth_rate, growth_rate, kernel_size=(1, 1, 3)[-spatial_dims:], stride=1,
+                          padding=(0, 0, 1)[-spatial_dims:], bias=False)
+        self.bn4 = norm(growth_rate)
+        self.relu4 = nn.ReLU(inplace=True)
+        self.conv4 = conv(growth_rate, growth_rate, kernel_size=1, stride=1, bias=False)
+        # MONAI keeps the attribute but never applies dropout (it resets it to 0 in forward,
+        # because the model is run in train mode for inference); so does this layer.
+        self.dropout_prob = 0.0
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(bn_relu(self.bn2, self.conv1(bn_relu(self.bn1, x, self.backend)), self.backend))
+        b = self.conv3(bn_relu(self.bn3, a, self.backend))
+        new_features = self.conv4(bn_relu(self.bn4, a + b, self.backend))
+        return torch.cat([x, new_features], 1)
+
+
+class DenseBlock(nn.Sequential):
+    def __init__(self, spatial_dims: int, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
+                 dropout_prob: float):
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", Pseudo3DLayer(spatial_dims, num_input_features + i * growth_rate,
+                                                                growth_rate, bn_size, dropout_prob))
+
+
+class PyramidVolumetricPooling(nn.Module):
+    """Pyramid volumetric pooling (MONAI's ``PSP``): for level i < psp_block_num, max-pool windows of
+    (2^(i+3), 2^(i+3), 1), project to one channel with a 1x1x1 convolution padded (1, 1, 0) (MONAI's
+    quirk: it adds a border ring), upsample back to the input size, and concatenate the levels.
+
+    Same parameter names as MONAI's ``PSP(spatial_dims, psp_block_num, in_ch, upsample_mode)``
+    (``project_modules.i``, ``up_modules.i``); here the channel count is ``in_channels``.
+    """
+
+    def __init__(self, spatial_dims: int = 3, psp_block_num: int = 4, in_channels: int = 124,
+                 upsample_mode: str = "transpose"):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"PyramidVolumetricPooling: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if psp_block_num not in (0, 1, 2, 3, 4):
+            raise ValueError(f"PyramidVolumetricPooling: psp_block_num must be an integer in [0, 4], got "
+                             f"{psp_block_num!r}")
+        conv, pool = _conv(spatial_dims), _maxpool(spatial_dims)
+        self.up_modules = nn.ModuleList()
+        self.pool_modules = nn.ModuleList()
+        self.project_modules = nn.ModuleList()
+        for i in range(psp_block_num):
+            size = (2 ** (i + 3), 2 ** (i + 3), 1)[-spatial_dims:]
+            self.pool_modules.append(pool(kernel_size=size, stride=size))
+            self.project_modules.append(conv(in_channels, 1, kernel_size=(1, 1, 1)[-spatial_dims:], stride=1,
+                                             padding=(1, 1, 0)[-spatial_dims:]))
+        self.spatial_dims = spatial_dims
+        self.psp_block_num = psp_block_num
+        self.upsample_mode = upsample_mode
+        if upsample_mode == "transpose":
+            for i in range(psp_block_num):
+                size = (2 ** (i + 3), 2 ** (i + 3), 1)[-spatial_dims:]
+                pad = (2 ** (i + 3), 2 ** (i + 3), 0)[-spatial_dims:]
+                self.up_modules.append(_conv_transpose(spatial_dims)(1, 1, kernel_size=size, stride=size, padding=pad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        if self.upsample_mode == "transpose":
+            for project, pool, up in zip(self.project_modules, self.pool_modules, self.up_modules):
+                outputs.append(up(project(pool(x))))
+        else:
+            align_corners = True if self.upsample_mode in ("trilinear", "bilinear") else None
+            for project, pool in zip(self.project_modules, self.pool_modules):
+                outputs.append(F.interpolate(project(pool(x)), size=x.shape[2:], mode=self.upsample_mode,
+                                             align_corners=align_corners))
+        return torch.cat(outputs, dim=1)
+
+
+# MONAI's name for the module.
+PSP = PyramidVolumetricPooling
+
+
+class AHNet(nn.Module):
+    """AH-Net: a ResNet50 encoder with anisotropic 3x3x1 kernels (transferable from a 2D network,
+    see :meth:`copy_from`), a decoder of pseudo-3D dense blocks (3x3x1 and 1x1x3 kernels), pyramid
+    volumetric pooling, and a final 3x3x1 convolution with x2 upsampling.
+
+    Args (as MONAI 1.6's ``AHNet``):
+        layers: residual blocks in layer1..layer4. Default (3, 4, 6, 3).
+        spatial_dims: 2 or 3. In 3D the last spatial axis is the slice axis.
+        in_channels, out_channels: channels of input and output.
+        psp_block_num: pyramid volumetric pooling levels, 0 to 4.
+        upsample_mode: "transpose" (transposed convolutions), "bilinear" (2D), "trilinear" (3D)
+            or "nearest".
+        pretrained: must be False: no weights are downloaded. To start from ImageNet features, load
+            a ResNet50 checkpoint you have into an :class:`~ahnet_fast.FCN` with
+            ``load_resnet50_weights`` and call :meth:`copy_from`.
+        progress: accepted for MONAI compatibility; unused.
+
+    Keyword-only:
+        backend: backend of the fused ops ("auto", "reference", "cpp", "triton"); None follows
+            ``ahnet_fast.backend(...)`` / ``AHNET_FAST_BACKEND``.
+
+    Input sizes (see :mod:`ahnet_fast.nn.shapes`): with c = ceil(n/2) for an in-plane size n, c
+    must be a multiple of 16, and with psp_block_num = p > 0 also a multiple of 2^(p+2) in
+    "transpose" mode, or at least 2^(p+2) otherwise; for the slice size n, floor(n/2) must be a
+    positive multiple of 16. So with the defaults (transpose, p=4), in-plane sizes are multiples
+    of 128 and the slice size a multiple of 32. Other shapes raise ``ValueError`` naming the rule.
+    The output has spatial size 2*c per axis (the input size when it is a multiple of 32).
+    """
+
+    def __init__(self, layers: tuple = (3, 4, 6, 3), spatial_dims: int = 3, in_channels: int = 1,
+                 out_channels: int = 1, psp_block_num: int = 4, upsample_mode: str = "transpose",
+                 pretrained: bool = False, progress: bool = True, *, backend: str | None = None):
+        self.inplanes = 64
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"AHNet: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if psp_block_num not in (0, 1, 2, 3, 4):
+            raise ValueError(f"AHNet: psp_block_num must be an integer in [0, 4], got {psp_block_num!r}")
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"AHNet: upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}")
+        interp_for = {"bilinear": 2, "trilinear": 3}
+        if interp_for.get(upsample_mode, spatial_dims) != spatial_dims:
+            raise ValueError(f"AHNet: upsample_mode={upsample_mode!r} needs spatial_dims={interp_for[upsample_mode]}, "
+                             f"got spatial_dims={spatial_dims}")
+        if len(layers) != 4 or any(int(n) < 1 for n in layers):
+            raise ValueError(f"AHNet: layers must be 4 positive block counts, got {layers!r}")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"AHNet: in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+        if pretrained:
+            raise ValueError(
+                "AHNet(pretrained=True) would download ImageNet weights; ahnet_fast never downloads. Build "
+                "ahnet_fast.FCN(), call fcn.load_resnet50_weights(path_to_your_resnet50.pth), then "
+                "AHNet(...).copy_from(fcn)."
+            )
+        from ahnet_fast.backends import requested_backend
+
+        if backend is not None:
+            requested_backend(backend)  # validates the name now rather than at the first forward
+        self.backend = backend
+
+        conv, conv_t, norm, pool = _conv(spatial_dims), _conv_transpose(spatial_dims), _norm(spatial_dims), \
+            _maxpool(spatial_dims)
+        self.conv2d_type = nn.Conv2d
+        self.norm2d_type = nn.BatchNorm2d
+        self.conv_type = conv
+        self.norm_type = norm
+        self.relu_type = nn.ReLU
+        self.pool_type = pool
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.psp_block_num = psp_block_num
+        self.upsample_mode = upsample_mode
+
+        self.conv1 = conv(in_channels, 64, kernel_size=(7, 7, 3)[-spatial_dims:], stride=(2, 2, 1)[-spatial_dims:],
+                          padding=(3, 3, 1)[-spatial_dims:], bias=False)
+        self.pool1 = pool(kernel_size=(1, 1, 2)[-spatial_dims:], stride=(1, 1, 2)[-spatial_dims:])
+        self.bn0 = norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        if upsample_mode in ("transpose", "nearest"):
+            # kernel == stride keeps max-pool backward deterministic (MONAI PR #815)
+            self.maxpool = pool(kernel_size=(2, 2, 2)[-spatial_dims:], stride=2)
+        else:
+            self.maxpool = pool(kernel_size=(3, 3, 3)[-spatial_dims:], stride=2, padding=1)
+
+        self.layer1 = self._make_layer(Bottleneck3x3x1, 64, layers[0], stride=1)
+        self.layer2 = self._make_layer(Bottleneck3x3x1, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(Bottleneck3x3x1, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(Bottleneck3x3x1, 512, layers[3], stride=2)
+
+        growth, bn_size, n_dense = 20, 4, 3
+        init_features, res1, res2, res3, res4 = 64, 256, 512, 1024, 2048
+        self.up0 = UpTransition(spatial_dims, res4, res3, upsample_mode)
+        self.dense0 = DenseBlock(spatial_dims, n_dense, res3, bn_size, growth, 0.0)
+        self.up1 = UpTransition(spatial_dims, res3 + n_dense * growth, res2, upsample_mode)
+        self.dense1 = DenseBlock(spatial_dims, n_dense, res2, bn_size, growth, 0.0)
+        self.up2 = UpTransition(spatial_dims, res2 + n_dense * growth, res1, upsample_mode)
+        self.dense2 = DenseBlock(spatial_dims, n_dense, res1, bn_size, growth, 0.0)
+        self.trans1 = Projection(spatial_dims, res1 + n_dense * growth, init_features)
+        self.dense3 = DenseBlock(spatial_dims, n_dense, init_features, bn_size, growth, 0.0)
+        self.up3 = UpTransition(spatial_dims, init_features + n_dense * growth, init_features, upsample_mode)
+        self.dense4 = DenseBlock(spatial_dims, n_dense, init_features, bn_size, growth, 0.0)
+        d4_channels = init_features + n_dense * growth
+        self.psp = PyramidVolumetricPooling(spatial_dims, psp_block_num, d4_channels, upsample_mode)
+        self.final = Final(spatial_dims, psp_block_num + d4_channels, out_channels, upsample_mode)
+
+        # MONAI's initialisation, in the same module order, so a seed gives MONAI's weights.
+        for m in self.modules():
+            if isinstance(m, (conv, conv_t)):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.data.normal_(0, math.sqrt(2.0 / n))
+            elif isinstance(m, norm):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+        self._propagate_backend()
+
+    def _make_layer(self, block: type[Bottleneck3x3x1], planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        sd = self.spatial_dims
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            # MONAI slices these two tuples from the front (unlike the kernels): kept as is.
+            downsample = nn.Sequential(
+                self.conv_type(self.inplanes, planes * block.expansion, kernel_size=1,
+                               stride=(stride, stride, 1)[:sd], bias=False),
+                self.pool_type(kernel_size=(1, 1, stride)[:sd], stride=(1, 1, stride)[:sd]),
+                self.norm_type(planes * block.expansion),
+            )
+        layers = [block(sd, self.inplanes, planes, (stride, stride, 1)[:sd], downsample)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(sd, self.inplanes, planes))
+        return nn.Sequential(*layers)
+
+    def _propagate_backend(self) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "backend"):
+                m.backend = self.backend
+
+    def set_backend(self, backend: str | None) -> AHNet:
+        """Sets the fused-op backend of every layer (None: follow the global choice)."""
+        from ahnet_fast.backends import requested_backend
+
+        if backend is not None:
+            requested_backend(backend)
+        self.backend = backend
+        self._propagate_backend()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
+        x = bn_relu(self.bn0, self.pool1(self.conv1(x)), self.backend)
+        conv_x = x
+        x = self.maxpool(x)
+        pool_x = x
+
+        fm1 = self.layer1(x)
+        fm2 = self.layer2(fm1)
+        fm3 = self.layer3(fm2)
+        fm4 = self.layer4(fm3)
+
+        d0 = self.dense0(self.up0(fm4) + fm3)
+        d1 = self.dense1(self.up1(d0) + fm2)
+        d2 = self.dense2(self.up2(d1) + fm1)
+        d3 = self.dense3(self.trans1(d2) + pool_x)
+        d4 = self.dense4(self.up3(d3) + conv_x)
+        if self.psp_block_num > 0:
+            x = torch.cat((self.psp(d4), d4), dim=1)
+        else:
+            x = d4
+        return self.final(x)
+
+    @torch.no_grad()
+    def copy_from(self, net) -> AHNet:
+        """Initialises the encoder from a 2D :class:`~ahnet_fast.FCN` / :class:`~ahnet_fast.MCFCN`, as the
+        paper transfers it: conv1 64x3x7x7 becomes 64 x in_channels x 7x7x3 (the 2D net's three input
+        channels, three adjacent slices, become the three slice taps; repeated over in_channels, as
+        MONAI does), every other encoder convolution k x k becomes k x k x 1, and every BatchNorm's
+        weight, bias, running mean, running variance and batch count are copied (MONAI copies only
+        weight and bias, which changes the network's function in eval mode).
+
+        After the transfer, in eval mode and with in_channels=1, conv1's output at slice z equals the
+        2D conv1 applied to slices (z-1, z, z+1) as channels, and layer1 equals the 2D layer1 applied
+        slice by slice.
+        """
+        if self.spatial_dims != 3:
+            raise ValueError("AHNet.copy_from transfers a 2D network into a 3D AHNet; this AHNet has spatial_dims=2")
+        for name in ("conv1", "bn0", "layer1", "layer2", "layer3", "layer4"):
+            if not hasattr(net, name):
+                raise ValueError(f"AHNet.copy_from expects an FCN/MCFCN-like 2D network with {name}; "
+                                 f"{type(net).__name__} has none")
+        w2d = net.conv1.weight
+        if tuple(w2d.shape) != (64, 3, 7, 7):
+            raise ValueError(f"AHNet.copy_from: the 2D conv1 weight must be 64x3x7x7, got {tuple(w2d.shape)}")
+        # (64, 3, 7, 7) -> (64, 1, 7, 7, 3): input channel k becomes slice tap k.
+        w3d = w2d.permute(0, 2, 3, 1).unsqueeze(1)
+        self.conv1.weight.copy_(w3d.expand(-1, self.conv1.weight.shape[1], -1, -1, -1))
+        _copy_bn(net.bn0, self.bn0)
+        for i in range(1, 5):
+            blocks_2d, blocks_3d = getattr(net, f"layer{i}"), getattr(self, f"layer{i}")
+            if len(blocks_2d) != len(blocks_3d):
+                raise ValueError(f"AHNet.copy_from: layer{i} has {len(blocks_2d)} blocks in the 2D network but "
+                                 f"{len(blocks_3d)} here (layers={tuple(len(getattr(self, f'layer{j}')) for j in range(1, 5))})")
+            for b2, b3 in zip(blocks_2d, blocks_3d):
+                for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
+                    _copy_conv(getattr(b2, conv_name), getattr(b3, conv_name))
+                    _copy_bn(getattr(b2, bn_name), getattr(b3, bn_name))
+                if (b2.downsample is None) != (b3.downsample is None):
+                    raise ValueError("AHNet.copy_from: the 2D and 3D blocks disagree on having a downsample branch")
+                if b3.downsample is not None:
+                    _copy_conv(b2.downsample[0], b3.downsample[0])  # 1x1 conv
+                    _copy_bn(b2.downsample[1], b3.downsample[2])  # BN (the 3D branch has a pool between)
+        return self
+
+
+def _copy_conv(conv2d: nn.Module, conv3d: nn.Module) -> None:
+    w = conv2d.weight.unsqueeze(-1)
+    if w.shape != conv3d.weight.shape:
+        raise ValueError(f"AHNet.copy_from: cannot turn a 2D kernel {tuple(conv2d.weight.shape)} into "
+                         f"{tuple(conv3d.weight.shape)}")
+    conv3d.weight.copy_(w)
+
+
+def _copy_bn(bn2d: nn.Module, bn3d: nn.Module) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        src, dst = getattr(bn2d, name, None), getattr(bn3d, name, None)
+        if src is not None and dst is not None:
+            dst.copy_(src)
+
+
+AHnet = Ahnet = AHNet

@@ -1,0 +1,136 @@
+"""BatchNorm followed by ReLU, as one op.
+
+``batch_norm_relu`` computes ``relu(batch_norm(x))`` with the semantics of
+``torch.nn.functional.batch_norm`` (batch statistics in training, updating the running
+statistics in place with ``momentum``; running statistics in eval). Backends:
+
+- ``reference``: ``F.relu(F.batch_norm(...))``, the oracle and fallback.
+- ``cpp``: ``torch.ops.ahnet_fast.bn_relu`` (csrc/cpu/bn_relu.cpp): one pass for the statistics,
+  one for normalise+ReLU, channel-first or channels-last read directly; its backward recomputes the
+  ReLU mask from the input, so the activation is not saved for backward by this op.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ahnet_fast import backends
+from ahnet_fast._extension import extension_available
+from ahnet_fast.ops._registry import cpp_kernel_reasons
+
+__all__ = ["batch_norm_relu", "batch_norm_relu_reference"]
+
+
+def batch_norm_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
+
+
+def _check(x, running_mean, running_var, weight, bias, training):
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm_relu: input must have shape (N, C, ...), got {tuple(x.shape)}")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.numel() != channels:
+            raise ValueError(
+                f"batch_norm_relu: {name} has {t.numel()} elements but the input has {channels} channels "
+                f"(shape {tuple(x.shape)})"
+            )
+    if training and x.numel() // max(channels, 1) <= 1:
+        raise ValueError(
+            f"batch_norm_relu: expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}"
+        )
+
+
+def _cpp_reasons(x, *_):
+    reasons = cpp_kernel_reasons("bn_relu", x.device)
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {x.dtype} is not a floating type the kernel handles")
+    return reasons
+
+
+def _triton_reasons(*_):
+    return ["bn_relu has no Triton kernel yet (the fused training kernel is issue 5's work)"]
+
+
+IMPLEMENTATIONS = (
+    backends.Implementation("reference", lambda *a: []),
+    backends.Implementation("cpp", _cpp_reasons),
+    backends.Implementation("triton", _triton_reasons),
+)
+
+
+def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float,
+                    *, backend: str | None = None) -> torch.Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``."""
+    _check(x, running_mean, running_var, weight, bias, training)
+    chosen = backends.select("batch_norm_relu", IMPLEMENTATIONS, x.device, (x,), backend)
+    if chosen == "reference":
+        return batch_norm_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    channels = x.shape[1]
+    if weight is None:
+        weight = x.new_ones(channels, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if bias is None:
+        bias = torch.zeros_like(weight)
+    use_batch_stats = training or running_mean is None or running_var is None
+    y, mean, var = torch.ops.ahnet_fast.bn_relu(
+        x, weight, bias, None if use_batch_stats else running_mean, None if use_batch_stats else running_var,
+        use_batch_stats, eps,
+    )
+    if training and running_mean is not None and running_var is not None:
+        # nn.BatchNorm's update: the running variance takes the unbiased batch variance.
+        count = x.numel() // channels
+        with torch.no_grad():
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (shape) functions and autograd of the compiled ops, registered when the extension loads.
+
+
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor laid out as the C++ kernel lays out its output (see readable() there)."""
+    if x.is_contiguous():
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.dim() >= 3 and x.movedim(1, -1).is_contiguous():
+        return torch.empty_like(x.movedim(1, -1), memory_format=torch.contiguous_format).movedim(-1, 1)
+    return x.new_empty(x.shape)
+
+
+def _stats_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _register():
+    if not extension_available():
+        return
+
+    @torch.library.register_fake("ahnet_fast::bn_relu")
+    def _bn_relu_fake(x, weight, bias, running_mean, running_var, training, eps):
+        c = x.shape[1]
+        return _output_like(x), x.new_empty(c, dtype=_stats_dtype(x)), x.new_empty(c, dtype=_stats_dtype(x))
+
+    @torch.library.register_fake("ahnet_fast::bn_relu_backward")
+    def _bn_relu_backward_fake(grad_out, x, weight, bias, mean, var, training, eps):
+        return _output_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, running_mean, running_var, training, eps = inputs
+        _, mean, var = output
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.use_batch_stats = training or running_mean is None or running_var is None
+        ctx.eps = eps
+
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        if grad_y is None:
+            return None, None, None, None, None, None, None
+        dx, dw, db = torch.ops.ahnet_fast.bn_relu_backward(grad_y, x, weight, bias, mean, var,
+                                                            ctx.use_batch_stats, ctx.eps)
+        return dx, dw, db, None, None, None, None
+
+    torch.library.register_autograd("ahnet_fast::bn_relu", backward, setup_context=setup_context)
+
+
+_register()

@@ -1,0 +1,28 @@
+// Operator schemas of ahnet_fast. Kernels register per device in csrc/cpu and csrc/cuda;
+// fake (meta) and autograd formulas are registered from Python (ahnet_fast/ops/*.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import ahnet_fast._C` only has to load this shared library so that the static
+// TORCH_LIBRARY registrations below run; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "ahnet_fast C++ operators (registered under torch.ops.ahnet_fast)", -1,
+      nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(ahnet_fast, m) {
+  // BatchNorm followed by ReLU, y = max(0, (x - mean) * invstd * weight + bias).
+  // training=True normalises with the batch statistics (biased variance) and returns them;
+  // training=False normalises with running_mean / running_var and returns those.
+  // Returns (y, mean, var): mean and var are float32 for reduced-precision inputs.
+  m.def(
+      "bn_relu(Tensor input, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
+      "bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // Gradient of bn_relu with respect to input, weight and bias. The ReLU mask is recomputed
+  // from the input, so the forward output need not be kept for backward.
+  m.def(
+      "bn_relu_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
+      "Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+}
