@@ -1,18 +1,29 @@
-"""Helpers shared by the op modules: is a compiled kernel there for this device?"""
+"""Helpers shared by the op modules: is a compiled kernel there for this device?
+
+Availability is looked up once per op when its module is imported, and kept in a plain dict, so
+that backend selection stays traceable by torch.compile (dynamo cannot trace the dispatcher query).
+"""
 from __future__ import annotations
 
 import torch
 
 from ahnet_fast._extension import extension_available, extension_error
 
-_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_compiled: dict[tuple[str, str], bool] = {}
+
+
+def note_compiled_kernels(qualname: str) -> None:
+    """Records for which device types `ahnet_fast::<qualname>` has a compiled kernel."""
+    for device_type, key in _DISPATCH_KEYS.items():
+        _compiled[(qualname, device_type)] = extension_available() and \
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"ahnet_fast::{qualname}", key)
 
 
 def cpp_kernel_reasons(qualname: str, device: torch.device) -> list[str]:
     """Why the compiled kernel `ahnet_fast::<qualname>` cannot run on `device` (empty if it can)."""
     if not extension_available():
         return [f"the compiled extension is not loaded ({extension_error()})"]
-    key = _DISPATCH_KEY.get(device.type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"ahnet_fast::{qualname}", key):
+    if not _compiled.get((qualname, device.type), False):
         return [f"ahnet_fast::{qualname} has no compiled kernel for {device.type} tensors in this build"]
     return []

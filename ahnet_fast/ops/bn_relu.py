@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops._registry import cpp_kernel_reasons
+from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_reference"]
 
@@ -105,6 +105,7 @@ def _stats_dtype(x):
 def _register():
     if not extension_available():
         return
+    note_compiled_kernels("bn_relu")
 
     @torch.library.register_fake("ahnet_fast::bn_relu")
     def _bn_relu_fake(x, weight, bias, running_mean, running_var, training, eps):

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+# Keep the suite quick and deterministic on the 2-core CI machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error of a against the reference b."""
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
+
+
+def assert_close_normwise(a, b, rtol, atol=0.0, what=""):
+    """||a - b|| <= rtol * ||b|| + atol (atol lets mathematically-zero references through)."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    err = (a - b).norm().item()
+    bound = rtol * b.norm().item() + atol
+    assert err <= bound, f"{what}: ||a-b|| = {err:.3e} > {bound:.3e} (rel {rel_err(a, b):.3e})"
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(1234)
+    return 1234
