@@ -13,7 +13,6 @@ environment variable, then ``auto``. Forcing a backend that cannot run a call ra
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,9 @@ import torch
 BACKENDS = ("auto", "reference", "cpp", "triton")
 ENV_VAR = "AHNET_FAST_BACKEND"
 
-_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("ahnet_fast_backend", default=None)
+# Stack of `with backend(...)` choices. A plain list (not a ContextVar) so that torch.compile can
+# trace backend selection; it is process-wide, like torch's own global flags.
+_stack: list[str] = []
 
 
 class BackendUnavailableError(RuntimeError):
@@ -40,9 +41,8 @@ def requested_backend(explicit: str | None = None) -> str:
     """The backend asked for: explicit argument, then context manager, then environment, then auto."""
     if explicit is not None:
         return _validate(explicit, "backend=")
-    ctx = _requested.get()
-    if ctx is not None:
-        return ctx
+    if _stack:
+        return _stack[-1]
     env = os.environ.get(ENV_VAR)
     if env:
         return _validate(env.strip().lower(), ENV_VAR)
@@ -52,11 +52,11 @@ def requested_backend(explicit: str | None = None) -> str:
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
     """``with ahnet_fast.backend("reference"): ...`` forces a backend for the ops called inside."""
-    token = _requested.set(_validate(name, "ahnet_fast.backend"))
+    _stack.append(_validate(name, "ahnet_fast.backend"))
     try:
         yield
     finally:
-        _requested.reset(token)
+        _stack.pop()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""Building blocks: float64 gradcheck, memory layouts, torch.compile, backend choice on the model."""
+import pytest
+import torch
+from torch import nn
+
+import ahnet_fast
+from ahnet_fast.nn import ahnet as A
+from ahnet_fast.nn import fcn as F2
+from tests._monai import flat, run_model
+from tests.conftest import assert_close_normwise, rel_err
+
+
+def _bottleneck_with_downsample():
+    ds = nn.Sequential(nn.Conv3d(4, 8, 1, stride=(2, 2, 1), bias=False), nn.MaxPool3d((1, 1, 2), (1, 1, 2)),
+                       nn.BatchNorm3d(8))
+    return A.Bottleneck3x3x1(3, 4, 2, (2, 2, 1), ds), (2, 4, 6, 4, 4)
+
+
+SMALL = {
+    "pseudo3d": lambda: (A.Pseudo3DLayer(3, 4, 3, 2, 0.0), (2, 4, 5, 4, 3)),
+    "bottleneck": lambda: (A.Bottleneck3x3x1(3, 8, 2), (2, 8, 4, 3, 3)),
+    "bottleneck_downsample": _bottleneck_with_downsample,
+    "up_transition": lambda: (A.UpTransition(3, 4, 3), (2, 4, 3, 2, 2)),
+    "up_transition_trilinear": lambda: (A.UpTransition(3, 4, 3, "trilinear"), (2, 4, 3, 2, 2)),
+    "final": lambda: (A.Final(3, 4, 2), (2, 4, 3, 3, 2)),
+    "projection": lambda: (A.Projection(3, 5, 3), (2, 5, 3, 3, 2)),
+    "psp_transpose": lambda: (A.PyramidVolumetricPooling(3, 2, 3), (1, 3, 16, 16, 2)),
+    "psp_nearest_2d": lambda: (A.PyramidVolumetricPooling(2, 1, 3, "nearest"), (2, 3, 16, 5)),
+    "refine": lambda: (F2.Refine(3), (2, 3, 5, 4)),
+    "gcn": lambda: (F2.GCN(3, 2, ks=3), (1, 3, 5, 6)),
+    "resnet_block": lambda: (F2.ResNet50Bottleneck(8, 2), (2, 8, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gradcheck_float64(name, train):
+    torch.manual_seed(0)
+    module, shape = SMALL[name]()
+    module = module.double().train(train)
+    for m in module.modules():  # non-trivial running statistics for eval mode
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    params = [p for p in module.parameters()]
+
+    def f(x, *ps):
+        # (training mode normalises with batch statistics, so the running-statistic updates of
+        # gradcheck's repeated calls do not change the function)
+        with torch.nn.utils.stateless._reparametrize_module(module, dict(zip([n for n, _ in module.named_parameters()],
+                                                                             ps))):
+            return module(x)
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+LAYOUTS = ["channels_last_3d", "non_contiguous", "model_channels_last_3d"]
+
+
+def _layout_run(net, x, layout):
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    if layout == "channels_last_3d":
+        xin = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "non_contiguous":
+        xin = torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)[..., ::2]
+        xin.copy_(x)
+        assert not xin.is_contiguous()
+    elif layout == "model_channels_last_3d":
+        net = net.to(memory_format=torch.channels_last_3d)
+        xin = x.contiguous(memory_format=torch.channels_last_3d)
+    else:
+        xin = x
+    out = run_model(net, xin)
+    net.to(memory_format=torch.contiguous_format).load_state_dict(state)
+    return out
+
+
+def _layout_net(dtype, train):
+    torch.manual_seed(0)
+    return ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=2, out_channels=2).to(dtype).train(train)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_memory_layouts_float64(layout, train):
+    net = _layout_net(torch.float64, train)
+    x = torch.randn(2, 1, 64, 32, 32, dtype=torch.float64)
+    ref, got = _layout_run(net, x, "contiguous"), _layout_run(net, x, layout)
+    assert_close_normwise(got[0], ref[0], 1e-10, what="output")
+    assert_close_normwise(got[1], ref[1], 1e-10, what="input grad")
+    atol = 1e-12 * flat(ref[2]).norm().item()
+    for name in ref[2]:
+        assert_close_normwise(got[2][name], ref[2][name], 1e-10, atol, what=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_layouts_float32_eval(layout):
+    """Outputs within 1e-5 of the contiguous run. Gradients: this randomly initialised network
+    amplifies float32 rounding in its gradients to ~1e-3 relative (channels-last convolutions, which
+    sum in another order, land elsewhere in that band), so the fused op is judged against PyTorch's own
+    ops in the same layout: its error against the float64 truth is at most 2x theirs, plus 1e-6."""
+    net = _layout_net(torch.float32, False)
+    x = torch.randn(2, 1, 64, 32, 32)
+    truth = _layout_run(net.double(), x.double(), "contiguous")
+    net.float()
+    contiguous = _layout_run(net, x, "contiguous")
+    fused = _layout_run(net.set_backend("cpp"), x, layout)
+    torch_ops = _layout_run(net.set_backend("reference"), x, layout)
+    assert_close_normwise(fused[0], contiguous[0], 1e-5, what="output")
+    for i, what in ((1, "input grad"), (2, "parameter grads")):
+        got, ref, t = (flat(r[i]) if i == 2 else r[i] for r in (fused, torch_ops, truth))
+        assert rel_err(got, t) <= 2 * rel_err(ref, t) + 1e-6, what
+
+
+def test_reference_and_fused_backends_agree_on_the_model():
+    torch.manual_seed(0)
+    net = ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=1).double()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    fused = run_model(net.set_backend("cpp"), x)
+    net.load_state_dict(state)
+    with ahnet_fast.backend("reference"):
+        ref = run_model(net.set_backend(None), x)
+    assert_close_normwise(fused[0], ref[0], 1e-10)
+    assert_close_normwise(fused[1], ref[1], 1e-10)
+
+
+def test_forcing_an_unavailable_backend_says_why():
+    net = ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=0, backend="triton")
+    with pytest.raises(ahnet_fast.BackendUnavailableError, match="triton.*batch_norm_relu"):
+        net(torch.randn(2, 1, 32, 32, 32))
+
+
+def test_torch_compile_dense_layer_without_graph_breaks():
+    """The fused op is opaque to dynamo (registered fake + autograd): a whole dense layer compiles as
+    one graph, and inductor's result matches eager."""
+    if not ahnet_fast.extension_available():
+        pytest.skip("compiled extension not built")
+    torch.manual_seed(0)
+    layer = A.Pseudo3DLayer(3, 8, 4, 2, 0.0)
+    x = torch.randn(2, 8, 6, 5, 4, requires_grad=True)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    eager_y = layer(x)
+    eager_g = torch.autograd.grad(eager_y.square().sum(), x)[0]
+    eager_stats = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    g = torch.autograd.grad(y.square().sum(), x)[0]
+    assert_close_normwise(y, eager_y, 1e-5)
+    assert_close_normwise(g, eager_g, 1e-5)
+    for k, v in layer.state_dict().items():  # the compiled graph updated the running statistics as eager did
+        assert_close_normwise(v.double(), eager_stats[k].double(), 1e-6, what=k)
