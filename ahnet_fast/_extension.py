@@ -16,6 +16,8 @@ def load_extension() -> bool:
     global _loaded, _error
     if _loaded is not None:
         return _loaded
+    import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
     try:
         from ahnet_fast import _C  # noqa: F401  (importing registers the TORCH_LIBRARY ops)
 

@@ -212,3 +212,16 @@ def test_missing_extension_warns_once_and_runs_reference():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert "ok (2, 1, 32, 32, 32)" in out.stdout
+
+
+def test_extension_loads_in_a_fresh_process_when_built():
+    """`import ahnet_fast` as a user's first import (torch not yet loaded) finds the built extension."""
+    import glob
+
+    pkg = os.path.dirname(ahnet_fast.__file__)
+    if not glob.glob(os.path.join(pkg, "_C*.so")) and not glob.glob(os.path.join(pkg, "_C*.pyd")):
+        pytest.skip("no built extension in the package directory")
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c",
+                          "import ahnet_fast; assert ahnet_fast.extension_available(), 'extension not loaded'"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

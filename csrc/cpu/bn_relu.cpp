@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -90,11 +91,18 @@ inline bool passes(opmath_t v) {
   return !(v <= opmath_t(0));
 }
 
-// Sums over every element of each channel of f(x_element, channel), for two functions at once.
-// Channel-first: each (n, c) plane is a contiguous run of S elements. Channels-last: each voxel is
-// a contiguous run of C elements. Per-thread partial sums keep the result independent of data races.
-template <typename F>
-void channel_sums(const Geometry& g, F&& f, std::vector<double>& sum_a, std::vector<double>& sum_b) {
+// Per-channel sums of two quantities over every element of each channel, in either layout.
+// The functor adds its two quantities into accumulators of type acc_t:
+//   plane(offset, channel, n, a, b): a contiguous run of n elements of one channel (channel-first);
+//   row(offset, C, a[], b[]):        one voxel's C channels (channels-last).
+// Inner loops accumulate in acc_t (float for float/half/bfloat16) over short blocks, with independent
+// lanes so that the compiler vectorises them without reassociating; blocks are summed in double,
+// per thread, then across threads in a fixed order (deterministic for a given thread count).
+constexpr int kLanes = 16;
+constexpr int64_t kBlock = 1024;  // elements per float block: rounding stays ~kBlock/kLanes ulps
+
+template <typename acc_t, typename F>
+void channel_sums(const Geometry& g, const F& f, std::vector<double>& sum_a, std::vector<double>& sum_b) {
   const int64_t C = g.C;
   const int nthreads = at::get_num_threads();
   std::vector<double> part_a(static_cast<size_t>(nthreads) * C, 0.0), part_b(static_cast<size_t>(nthreads) * C, 0.0);
@@ -104,19 +112,31 @@ void channel_sums(const Geometry& g, F&& f, std::vector<double>& sum_a, std::vec
       double* pb = part_b.data() + at::get_thread_num() * C;
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
-        double a = 0.0, b = 0.0;
-        f.plane(p * g.S, c, g.S, a, b);
-        pa[c] += a;
-        pb[c] += b;
+        for (int64_t i0 = 0; i0 < g.S; i0 += kBlock) {
+          const int64_t n = std::min(kBlock, g.S - i0);
+          acc_t a = 0, b = 0;
+          f.plane(p * g.S + i0, c, n, a, b);
+          pa[c] += static_cast<double>(a);
+          pb[c] += static_cast<double>(b);
+        }
       }
     });
   } else {
     const int64_t rows = g.N * g.S;
+    const int64_t rows_per_block = std::max<int64_t>(1, kBlock / kLanes);
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
       double* pa = part_a.data() + at::get_thread_num() * C;
       double* pb = part_b.data() + at::get_thread_num() * C;
-      for (int64_t r = begin; r < end; ++r) {
-        f.row(r * C, C, pa, pb);
+      std::vector<acc_t> fa(C), fb(C);
+      for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {
+        std::fill(fa.begin(), fa.end(), acc_t(0));
+        std::fill(fb.begin(), fb.end(), acc_t(0));
+        const int64_t r1 = std::min(end, r0 + rows_per_block);
+        for (int64_t r = r0; r < r1; ++r) f.row(r * C, C, fa.data(), fb.data());
+        for (int64_t c = 0; c < C; ++c) {
+          pa[c] += static_cast<double>(fa[c]);
+          pb[c] += static_cast<double>(fb[c]);
+        }
       }
     });
   }
@@ -130,9 +150,27 @@ void channel_sums(const Geometry& g, F&& f, std::vector<double>& sum_a, std::vec
   }
 }
 
-// Applies out[i] = f(in..., channel) elementwise in either layout.
+// Sums f(i, a, b) over i in [0, n) with kLanes independent accumulators per quantity.
+template <typename acc_t, typename F>
+inline void lane_sums(int64_t n, const F& f, acc_t& out_a, acc_t& out_b) {
+  acc_t la[kLanes] = {}, lb[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) f(i + k, la[k], lb[k]);
+  }
+  for (int k = 0; i < n; ++i, ++k) f(i, la[k], lb[k]);
+  acc_t a = 0, b = 0;
+  for (int k = 0; k < kLanes; ++k) {
+    a += la[k];
+    b += lb[k];
+  }
+  out_a = a;
+  out_b = b;
+}
+
+// Applies f elementwise in either layout: plane(offset, channel, n) or row(offset, C).
 template <typename F>
-void channel_map(const Geometry& g, F&& f) {
+void channel_map(const Geometry& g, const F& f) {
   if (!g.channels_last) {
     at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) f.plane(p * g.S, p % g.C, g.S);
@@ -145,38 +183,28 @@ void channel_map(const Geometry& g, F&& f) {
   }
 }
 
-// Pass 1 of the batch statistics: sum of x. Pass 2: sum of squared deviations from the mean
-// (two passes rather than sum of squares, which cancels badly for large means).
-template <typename scalar_t>
-struct SumX {
+// Batch statistics in one pass: sums of (x - K) and (x - K)^2 with K a sample of the channel
+// (its first element), which keeps the variance free of the cancellation that raw sums of
+// squares suffer when the mean is large compared with the spread.
+template <typename scalar_t, typename acc_t>
+struct ShiftedMoments {
   const scalar_t* x;
-  void plane(int64_t off, int64_t, int64_t n, double& a, double&) const {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[off + i]);
-    a = s;
+  const acc_t* shift;
+  void plane(int64_t off, int64_t c, int64_t n, acc_t& a, acc_t& b) const {
+    const scalar_t* xp = x + off;
+    const acc_t k = shift[c];
+    lane_sums<acc_t>(n, [&](int64_t i, acc_t& sa, acc_t& sb) {
+      const acc_t d = static_cast<acc_t>(xp[i]) - k;
+      sa += d;
+      sb += d * d;
+    }, a, b);
   }
-  void row(int64_t off, int64_t C, double* a, double*) const {
-    for (int64_t c = 0; c < C; ++c) a[c] += static_cast<double>(x[off + c]);
-  }
-};
-
-template <typename scalar_t>
-struct SumSqDev {
-  const scalar_t* x;
-  const double* mean;
-  void plane(int64_t off, int64_t c, int64_t n, double& a, double&) const {
-    const double m = mean[c];
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      const double d = static_cast<double>(x[off + i]) - m;
-      s += d * d;
-    }
-    a = s;
-  }
-  void row(int64_t off, int64_t C, double* a, double*) const {
+  void row(int64_t off, int64_t C, acc_t* a, acc_t* b) const {
+    const scalar_t* xp = x + off;
     for (int64_t c = 0; c < C; ++c) {
-      const double d = static_cast<double>(x[off + c]) - mean[c];
-      a[c] += d * d;
+      const acc_t d = static_cast<acc_t>(xp[c]) - shift[c];
+      a[c] += d;
+      b[c] += d * d;
     }
   }
 };
@@ -189,18 +217,22 @@ struct ApplyBnRelu {
   const opmath_t* shift;
   void plane(int64_t off, int64_t c, int64_t n) const {
     const opmath_t sc = scale[c], sh = shift[c];
+    const scalar_t* xp = x + off;
+    scalar_t* yp = y + off;
     for (int64_t i = 0; i < n; ++i) {
-      y[off + i] = static_cast<scalar_t>(relu(relu_pre(static_cast<opmath_t>(x[off + i]), sc, sh)));
+      yp[i] = static_cast<scalar_t>(relu(relu_pre(static_cast<opmath_t>(xp[i]), sc, sh)));
     }
   }
   void row(int64_t off, int64_t C) const {
+    const scalar_t* xp = x + off;
+    scalar_t* yp = y + off;
     for (int64_t c = 0; c < C; ++c) {
-      y[off + c] = static_cast<scalar_t>(relu(relu_pre(static_cast<opmath_t>(x[off + c]), scale[c], shift[c])));
+      yp[c] = static_cast<scalar_t>(relu(relu_pre(static_cast<opmath_t>(xp[c]), scale[c], shift[c])));
     }
   }
 };
 
-// Backward pass 1: sum of the masked gradient gm and of gm * (x - mean), per channel.
+// Backward pass 1: per channel, the sum of the masked gradient gm and of gm * (x - mean).
 template <typename scalar_t, typename opmath_t>
 struct GradSums {
   const scalar_t* x;
@@ -208,24 +240,27 @@ struct GradSums {
   const opmath_t* scale;
   const opmath_t* shift;
   const opmath_t* mean;
-  void plane(int64_t off, int64_t c, int64_t n, double& a, double& b) const {
+  void plane(int64_t off, int64_t c, int64_t n, opmath_t& a, opmath_t& b) const {
     const opmath_t sc = scale[c], sh = shift[c], m = mean[c];
-    double sa = 0.0, sb = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      const opmath_t xv = static_cast<opmath_t>(x[off + i]);
-      const opmath_t gm = passes(relu_pre(xv, sc, sh)) ? static_cast<opmath_t>(g[off + i]) : opmath_t(0);
-      sa += static_cast<double>(gm);
-      sb += static_cast<double>(gm) * static_cast<double>(xv - m);
-    }
-    a = sa;
-    b = sb;
+    const scalar_t* xp = x + off;
+    const scalar_t* gp = g + off;
+    lane_sums<opmath_t>(n, [&](int64_t i, opmath_t& sa, opmath_t& sb) {
+      const opmath_t xv = static_cast<opmath_t>(xp[i]);
+      const opmath_t gv = static_cast<opmath_t>(gp[i]);  // loaded unconditionally: a select, not a branch
+      const opmath_t gm = passes(relu_pre(xv, sc, sh)) ? gv : opmath_t(0);
+      sa += gm;
+      sb += gm * (xv - m);
+    }, a, b);
   }
-  void row(int64_t off, int64_t C, double* a, double* b) const {
+  void row(int64_t off, int64_t C, opmath_t* a, opmath_t* b) const {
+    const scalar_t* xp = x + off;
+    const scalar_t* gp = g + off;
     for (int64_t c = 0; c < C; ++c) {
-      const opmath_t xv = static_cast<opmath_t>(x[off + c]);
-      const opmath_t gm = passes(relu_pre(xv, scale[c], shift[c])) ? static_cast<opmath_t>(g[off + c]) : opmath_t(0);
-      a[c] += static_cast<double>(gm);
-      b[c] += static_cast<double>(gm) * static_cast<double>(xv - mean[c]);
+      const opmath_t xv = static_cast<opmath_t>(xp[c]);
+      const opmath_t gv = static_cast<opmath_t>(gp[c]);
+      const opmath_t gm = passes(relu_pre(xv, scale[c], shift[c])) ? gv : opmath_t(0);
+      a[c] += gm;
+      b[c] += gm * (xv - mean[c]);
     }
   }
 };
@@ -245,17 +280,25 @@ struct GradInput {
   const opmath_t* b;
   void plane(int64_t off, int64_t c, int64_t n) const {
     const opmath_t sc = scale[c], sh = shift[c], m = mean[c], kc = k[c], ac = a[c], bc = b[c];
+    const scalar_t* xp = x + off;
+    const scalar_t* gp = g + off;
+    scalar_t* dp = dx + off;
     for (int64_t i = 0; i < n; ++i) {
-      const opmath_t xv = static_cast<opmath_t>(x[off + i]);
-      const opmath_t gm = passes(relu_pre(xv, sc, sh)) ? static_cast<opmath_t>(g[off + i]) : opmath_t(0);
-      dx[off + i] = static_cast<scalar_t>(kc * gm + ac + bc * (xv - m));
+      const opmath_t xv = static_cast<opmath_t>(xp[i]);
+      const opmath_t gv = static_cast<opmath_t>(gp[i]);  // loaded unconditionally: a select, not a branch
+      const opmath_t gm = passes(relu_pre(xv, sc, sh)) ? gv : opmath_t(0);
+      dp[i] = static_cast<scalar_t>(kc * gm + ac + bc * (xv - m));
     }
   }
   void row(int64_t off, int64_t C) const {
+    const scalar_t* xp = x + off;
+    const scalar_t* gp = g + off;
+    scalar_t* dp = dx + off;
     for (int64_t c = 0; c < C; ++c) {
-      const opmath_t xv = static_cast<opmath_t>(x[off + c]);
-      const opmath_t gm = passes(relu_pre(xv, scale[c], shift[c])) ? static_cast<opmath_t>(g[off + c]) : opmath_t(0);
-      dx[off + c] = static_cast<scalar_t>(k[c] * gm + a[c] + b[c] * (xv - mean[c]));
+      const opmath_t xv = static_cast<opmath_t>(xp[c]);
+      const opmath_t gv = static_cast<opmath_t>(gp[c]);
+      const opmath_t gm = passes(relu_pre(xv, scale[c], shift[c])) ? gv : opmath_t(0);
+      dp[c] = static_cast<scalar_t>(k[c] * gm + a[c] + b[c] * (xv - mean[c]));
     }
   }
 };
@@ -284,19 +327,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(const at::Tensor& inp
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (use_batch_stats) {
-      std::vector<double> sum, unused, sqdev;
-      channel_sums(g, SumX<scalar_t>{xp}, sum, unused);
+      std::vector<opmath_t> first(g.C);
+      for (int64_t c = 0; c < g.C; ++c) {
+        first[c] = static_cast<opmath_t>(xp[g.channels_last ? c : c * g.S]);
+      }
+      std::vector<double> sum, sumsq;  // of (x - first) and its square
+      channel_sums<opmath_t>(g, ShiftedMoments<scalar_t, opmath_t>{xp, first.data()}, sum, sumsq);
       const double count = static_cast<double>(g.N * g.S);
-      std::vector<double> mean_d(g.C);
-      for (int64_t c = 0; c < g.C; ++c) mean_d[c] = sum[c] / count;
-      channel_sums(g, SumSqDev<scalar_t>{xp, mean_d.data()}, sqdev, unused);
       mean = at::empty({g.C}, x.options().dtype(sdt));
       var = at::empty({g.C}, x.options().dtype(sdt));
       auto* mp = mean.mutable_data_ptr<opmath_t>();
       auto* vp = var.mutable_data_ptr<opmath_t>();
       for (int64_t c = 0; c < g.C; ++c) {
-        mp[c] = static_cast<opmath_t>(mean_d[c]);
-        vp[c] = static_cast<opmath_t>(sqdev[c] / count);
+        const double d = sum[c] / count;
+        mp[c] = static_cast<opmath_t>(static_cast<double>(first[c]) + d);
+        vp[c] = static_cast<opmath_t>(std::max(sumsq[c] / count - d * d, 0.0));
       }
     } else {
       mean = running_mean->to(sdt).contiguous().clone();
@@ -336,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(const at::Te
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     std::vector<double> sum_g, sum_gd;  // sum of gm, sum of gm * (x - mean)
-    channel_sums(g, GradSums<scalar_t, opmath_t>{xp, gp, scale.data(), shift.data(), mp}, sum_g, sum_gd);
+    channel_sums<opmath_t>(g, GradSums<scalar_t, opmath_t>{xp, gp, scale.data(), shift.data(), mp}, sum_g, sum_gd);
     const double count = static_cast<double>(g.N * g.S);
     std::vector<opmath_t> k(g.C), a(g.C), bb(g.C);
     dw = at::empty({g.C}, weight.options());

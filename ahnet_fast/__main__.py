@@ -1,0 +1,5 @@
+import sys
+
+from ahnet_fast.cli import main
+
+sys.exit(main())
