@@ -1,0 +1,177 @@
+"""GPU check of what exists so far, for a lent GPU machine (run by benchmarks/gpu_check.sh).
+
+1. The machine's two ceilings, measured: device-to-device copy bandwidth and a large matmul rate.
+2. Correctness on the GPU: AHNet (fp32, train and eval) against the same network in float64 on
+   the CPU — output, input gradient, parameter gradients — with the backend `auto` picks there.
+3. Training step (forward, loss, backward, SGD) time and peak memory, fp32 and bf16 autocast,
+   ahnet_fast vs MONAI when MONAI is importable, in the same process, at 128x128x32 and 256x256x64.
+
+Writes a markdown table and JSON to --out. With --smoke it runs tiny sizes on whatever device
+exists (used on CPU to test this script before spending GPU time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ahnet_fast
+from ahnet_fast import backends
+from ahnet_fast.ops import bn_relu as bn_relu_op
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, warmup=2, repeats=7):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def ceilings(device, smoke):
+    n = (1 << 20) if smoke else (1 << 28)  # 1 GiB of fp32 on the GPU
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src), device)
+    m = 256 if smoke else 8192
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(m, m, device=device, dtype=dt), torch.randn(m, m, device=device, dtype=dt)
+    mm_ms = median_ms(lambda: a @ b, device)
+    return {"copy_GBps": 2 * src.numel() * 4 / copy_ms / 1e6, "matmul_TFLOPs": 2 * m ** 3 / mm_ms / 1e9,
+            "matmul_dtype": str(dt)}
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def correctness(device, smoke):
+    rows = []
+    shape = (2, 1, 32, 32, 32) if smoke else (2, 1, 128, 128, 32)
+    layers = (1, 1, 1, 1) if smoke else (3, 4, 6, 3)
+    psp = 0 if smoke else 4
+    for train in (False, True):
+        torch.manual_seed(0)
+        ref = ahnet_fast.AHNet(layers=layers, psp_block_num=psp, out_channels=3).double().train(train)
+        net = copy.deepcopy(ref).float().to(device).train(train)
+        x = torch.randn(shape, dtype=torch.float64)
+        g = torch.randn((shape[0], 3, *shape[2:]), dtype=torch.float64)
+        xr = x.clone().requires_grad_()
+        yr = ref(xr)
+        yr.backward(g)
+        xd = x.float().to(device).requires_grad_()
+        yd = net(xd)
+        yd.backward(g.float().to(device))
+        grads = torch.cat([p.grad.flatten().double().cpu() for p in net.parameters()])
+        grads_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+        chosen = backends.select("batch_norm_relu", bn_relu_op.IMPLEMENTATIONS, xd.device, (xd,))
+        rows.append({"mode": "train" if train else "eval", "backend": chosen, "out_rel": rel(yd, yr),
+                     "xgrad_rel": rel(xd.grad, xr.grad), "param_grad_rel": rel(grads, grads_ref)})
+    return rows
+
+
+def train_step_bench(device, smoke):
+    try:
+        from monai.networks.nets import AHNet as MonaiAHNet
+    except ImportError:
+        MonaiAHNet = None
+    sizes = [(2, 1, 32, 32, 32)] if smoke else [(1, 1, 128, 128, 32), (1, 1, 256, 256, 64)]
+    rows = []
+    for shape in sizes:
+        for amp in ("fp32", "bf16"):
+            if amp == "bf16" and device.type != "cuda":
+                continue
+            nets = [("ahnet_fast", ahnet_fast.AHNet)] + ([("MONAI", MonaiAHNet)] if MonaiAHNet else [])
+            for name, cls in nets:
+                torch.manual_seed(0)
+                kwargs = dict(out_channels=3, psp_block_num=0 if smoke else 4)
+                if smoke:
+                    kwargs["layers"] = (1, 1, 1, 1)
+                net = cls(**kwargs).to(device)
+                opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+                x = torch.randn(shape, device=device)
+                target = torch.randint(0, 3, (shape[0], *shape[2:]), device=device)
+
+                def step():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                        loss = F.cross_entropy(net(x).float(), target)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    ms = median_ms(step, device, warmup=2, repeats=3 if smoke else 5)
+                    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+                    rows.append({"shape": list(shape), "amp": amp, "net": name, "ms": ms, "peak_bytes": peak})
+                except torch.cuda.OutOfMemoryError:
+                    rows.append({"shape": list(shape), "amp": amp, "net": name, "ms": None, "peak_bytes": "OOM"})
+                del net, opt
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device: tests this script")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "extension": ahnet_fast.extension_available()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    print(json.dumps(info), flush=True)
+    result = {"info": info}
+    result["ceilings"] = ceilings(device, args.smoke)
+    print("ceilings", json.dumps(result["ceilings"]), flush=True)
+    result["correctness"] = correctness(device, args.smoke)
+    for r in result["correctness"]:
+        print("correctness", json.dumps(r), flush=True)
+    result["train_step"] = train_step_bench(device, args.smoke)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = [f"# GPU check: {info['device']}, torch {info['torch']}, triton {info['triton']}", "",
+             f"copy {result['ceilings']['copy_GBps']:.0f} GB/s (read+write); matmul "
+             f"{result['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s ({result['ceilings']['matmul_dtype']})", "",
+             "| mode | bn_relu backend | output rel err | input grad rel err | param grads rel err |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['backend']} | {r['out_rel']:.2e} | {r['xgrad_rel']:.2e} | {r['param_grad_rel']:.2e} |"
+              for r in result["correctness"]]
+    lines += ["", "| input | precision | network | ms/step (median) | peak allocated |", "|---|---|---|---|---|"]
+    for r in result["train_step"]:
+        peak = r["peak_bytes"]
+        peak_s = "n/a" if peak is None else (peak if isinstance(peak, str) else f"{peak / 2**30:.2f} GiB")
+        ms = "OOM" if r["ms"] is None else f"{r['ms']:.1f}"
+        lines.append(f"| {tuple(r['shape'])} | {r['amp']} | {r['net']} | {ms} | {peak_s} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
