@@ -4,12 +4,13 @@ from ahnet_fast._extension import extension_available, load_extension
 load_extension()  # registers torch.ops.ahnet_fast.*, or warns once that the reference path is used
 
 from ahnet_fast.backends import BACKENDS, BackendUnavailableError, backend  # noqa: E402
-from ahnet_fast.nn import AHNet, FCN, MCFCN, PyramidVolumetricPooling  # noqa: E402
+from ahnet_fast.nn import AHNet, FCN, MCFCN, FocalLoss, PyramidVolumetricPooling  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "AHNet",
     "FCN",
+    "FocalLoss",
     "MCFCN",
     "PyramidVolumetricPooling",
     "BACKENDS",

@@ -25,4 +25,14 @@ TORCH_LIBRARY(ahnet_fast, m) {
   m.def(
       "bn_relu_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
       "Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // Focal loss and its gradient in one pass over the logits (see ahnet_fast/ops/focal_loss.py).
+  // Classes first_channel..C-1 enter the loss. target: an integer label map with B*S elements
+  // (label_target) or a float tensor shaped like the logits. factor_pos / factor_neg: per-class
+  // factors (alpha times weight) for target 1 / 0 (softmax uses factor_pos). The gradient, when
+  // compute_grad, is multiplied by grad_scale[b] per sample. Returns (loss sum per sample, count of
+  // voxels that are not ignore_index per sample, gradient or an empty tensor, invalid-target count).
+  m.def(
+      "focal_loss_forward(Tensor logits, Tensor target, Tensor factor_pos, Tensor factor_neg, "
+      "Tensor grad_scale, float gamma, bool softmax, bool label_target, int first_channel, int ignore_index, "
+      "bool has_ignore, bool alpha_linear, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,5 +1,6 @@
 """Functional ops. Each op module holds its pure-PyTorch reference, the launcher that picks a
 backend, and the autograd/fake registration of its compiled kernels."""
 from ahnet_fast.ops.bn_relu import batch_norm_relu, batch_norm_relu_reference
+from ahnet_fast.ops.focal_loss import focal_loss
 
-__all__ = ["batch_norm_relu", "batch_norm_relu_reference"]
+__all__ = ["batch_norm_relu", "batch_norm_relu_reference", "focal_loss"]
