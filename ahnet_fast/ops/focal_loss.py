@@ -293,13 +293,19 @@ def _fused(p: _Problem) -> torch.Tensor:
     voxels = p.logits[0, 0].numel()
     n_classes = c - p.first
     need_grad = p.logits.requires_grad and torch.is_grad_enabled()
-    # Scale the stored gradient at forward time where the final factor is already known (no
-    # ignore_index): the backward then multiplies by the incoming gradient only (1.0 in training).
+    # The stored gradient carries the reduction's final scale, so that the backward of the usual
+    # loss.backward() (upstream gradient 1) returns it untouched. With ignore_index the scale
+    # depends on how many voxels count: one read of the label map counts them first.
+    eps = torch.finfo(torch.float32).eps
     if p.ignore_index is None:
         per = 1.0 / (b * n_classes * voxels) if p.reduction == "mean" else 1.0 / voxels
         grad_scale = torch.full((b,), per, dtype=torch.float64)
     else:
-        grad_scale = torch.ones(b, dtype=torch.float64)
+        counted = (p.target != p.ignore_index).reshape(b, -1).sum(1).to(torch.float64).cpu()
+        if p.reduction == "mean":
+            grad_scale = (1.0 / counted.sum().clamp(min=eps)).expand(b).clone()
+        else:
+            grad_scale = 1.0 / counted.clamp(min=eps)
     loss_sum, count, _, invalid = torch.ops.ahnet_fast.focal_loss_forward(
         p.logits, p.target, p.factor_pos, p.factor_neg, grad_scale, p.gamma, p.softmax, p.label, p.first,
         0 if p.ignore_index is None else p.ignore_index, p.ignore_index is not None, p.alpha_linear, need_grad)
@@ -308,7 +314,6 @@ def _fused(p: _Problem) -> torch.Tensor:
             _check_target_values(p)  # finds the range for the message
             raise ValueError(_label_range_message(p))
         raise ValueError("focal_loss: target values must be in [0, 1] (and not NaN)")
-    eps = torch.finfo(torch.float32).eps
     if p.reduction == "mean":
         denom = count.sum().clamp(min=eps) if p.ignore_index is not None else float(b * n_classes * voxels)
         return (loss_sum.sum() / denom).to(_compute_dtype(p.logits))
@@ -355,10 +360,8 @@ def _register():
                 logits.new_empty((), dtype=torch.int64))
 
     def setup_context(ctx, inputs, output):
-        _, grad = output[0], output[2]
-        ctx.save_for_backward(grad, inputs[4])  # the gradient, and the scale it already carries
+        ctx.save_for_backward(output[2], inputs[4])  # the gradient, and the scale it already carries
         ctx.compute_grad = inputs[12]
-        ctx.used = False
 
     def backward(ctx, grad_loss_sum, _count, _grad, _invalid):
         grad, grad_scale = ctx.saved_tensors
@@ -367,16 +370,15 @@ def _register():
         if not ctx.compute_grad:
             raise RuntimeError("focal_loss: the forward ran without computing the gradient (logits did not "
                                "require grad, or grad mode was off)")
-        if ctx.used:
-            raise RuntimeError("focal_loss: backward can run once per forward (its stored gradient is scaled in "
-                               "place); run the loss again instead of retain_graph=True")
-        ctx.used = True
-        factor = (grad_loss_sum.to(torch.float64) / grad_scale.to(grad_loss_sum.device))
+        # d(loss_sum[b]) / d(logits) = grad / grad_scale[b]
+        factor = grad_loss_sum.to(torch.float64) / grad_scale.to(grad_loss_sum.device)
         factor = factor.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-        if factor.device.type == "cpu" and bool((factor == 1).all()):
-            return (grad,) + (None,) * 12  # the usual loss.backward(): the gradient is already final
-        view = factor.view(-1, *([1] * (grad.dim() - 1)))
-        return (grad.mul_(view),) + (None,) * 12
+        # The usual case (upstream gradient 1, as loss.backward() gives): the stored gradient is final.
+        # Checked only on concrete CPU tensors: no device sync, nothing data-dependent while tracing.
+        if type(factor) is torch.Tensor and factor.device.type == "cpu" and bool((factor == 1).all()):
+            return (grad,) + (None,) * 12
+        # Otherwise a scaled copy: the stored gradient stays intact for another backward (retain_graph).
+        return (grad * factor.view(-1, *([1] * (grad.dim() - 1))),) + (None,) * 12
 
     torch.library.register_autograd("ahnet_fast::focal_loss_forward", backward, setup_context=setup_context)
 

@@ -261,7 +261,8 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
             se[t] += e[t];
           }
         }
-        for (int64_t t = 0; t < n; ++t) lse[t] = zmax[t] + flog(se[t]);
+        // log p = (z - max) - log(sum): never forms max + log(sum), which loses digits at large logits
+        for (int64_t t = 0; t < n; ++t) lse[t] = flog(se[t]);
 
         // G_c = A_c t_c F_c, F = (1-p)^g [1 - g p log(p) / (1-p)]; loss_c = -A_c t_c (1-p)^g log p;
         // dL/dz_j = -G_j + p_j * sum_c G_c.
@@ -282,7 +283,7 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
           }
           for (int64_t t = 0; t < n; ++t) {  // then the focal terms, vectorised
             acc_t loss_term;
-            const acc_t F = focal_terms(tv[t] - lse[t], loss_term);
+            const acc_t F = focal_terms((tv[t] - zmax[t]) - lse[t], loss_term);
             vloss[t] = d[t] * loss_term;
             gy[t] = d[t] * F;
           }
@@ -310,7 +311,7 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
               bad_count += bad;
               vmask[t] = bad ? acc_t(0) : vmask[t];
               acc_t loss_term;
-              const acc_t F = focal_terms(static_cast<acc_t>(xc[t * ss]) - lse[t], loss_term);
+              const acc_t F = focal_terms((static_cast<acc_t>(xc[t * ss]) - zmax[t]) - lse[t], loss_term);
               const acc_t G = A * tval * F;
               vloss[t] += A * tval * loss_term;
               gsum[t] += G;
