@@ -41,13 +41,12 @@ def make(shape, kind, seed=0):
     return x, onehot, onehot
 
 
-def loss_fn(impl, softmax):
-    if impl == "MONAI":
+def loss_fn(impl, softmax, kind):
+    if impl == "MONAI":  # MONAI one-hots a label map itself (to_onehot_y=True)
         from monai.losses import FocalLoss
 
-        m = FocalLoss(use_softmax=softmax, to_onehot_y=True)
-        return lambda x, t_ours, t_monai: m(x, t_monai) if t_monai.shape[1] == 1 else \
-            FocalLoss(use_softmax=softmax)(x, t_monai)
+        m = FocalLoss(use_softmax=softmax, to_onehot_y=kind == "labels")
+        return lambda x, t_ours, t_monai: m(x, t_monai)
     import ahnet_fast
 
     backend = "cpp" if impl == "fused" else "reference"
@@ -71,7 +70,7 @@ def rss_bytes(field):
 def measure_peak(impl, shape, softmax, kind):
     """Run in a fresh process (see main): extra peak memory of one forward+backward."""
     x, t_ours, t_monai = make(shape, kind)
-    f = loss_fn(impl, softmax)
+    f = loss_fn(impl, softmax, kind)
     step(f, x, t_ours, t_monai)  # warm-up, so one-time allocations are not counted
     x.grad = None
     with open("/proc/self/clear_refs", "w") as fh:
@@ -101,7 +100,7 @@ def main():
         x, t_ours, t_monai = make(shape, kind)
         times = {}
         for impl in IMPLS:
-            f = loss_fn(impl, softmax)
+            f = loss_fn(impl, softmax, kind)
             step(f, x, t_ours, t_monai)
             ts = []
             for _ in range(args.repeats):

@@ -362,6 +362,9 @@ def _register():
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[2], inputs[4])  # the gradient, and the scale it already carries
         ctx.compute_grad = inputs[12]
+        # Outputs other than the loss sums get no gradient; without this autograd would build a
+        # zero tensor shaped like the stored gradient (a whole logits-sized allocation) to pass in.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss_sum, _count, _grad, _invalid):
         grad, grad_scale = ctx.saved_tensors

@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "layout.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
@@ -25,22 +27,8 @@ struct Geometry {
   bool channels_last = false;
 };
 
-bool is_channels_last(const at::Tensor& x) {
-  return x.dim() >= 3 && !x.is_contiguous() && x.movedim(1, -1).is_contiguous();
-}
 
-// The input in a layout the loops below read directly.
-at::Tensor readable(const at::Tensor& x) {
-  return (x.is_contiguous() || is_channels_last(x)) ? x : x.contiguous();
-}
 
-// `t` laid out exactly like `like` (which is readable()).
-at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like) {
-  if (is_channels_last(like)) {
-    return t.movedim(1, -1).contiguous().movedim(-1, 1);
-  }
-  return t.contiguous();
-}
 
 Geometry geometry(const at::Tensor& x) {
   Geometry g;
