@@ -6,6 +6,11 @@ import torch
 # Keep the suite quick and deterministic on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; Triton reads this when
+# a kernel is defined, so it is set before any test imports ahnet_fast's kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error of a against the reference b."""

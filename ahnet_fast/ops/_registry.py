@@ -27,3 +27,23 @@ def cpp_kernel_reasons(qualname: str, device: torch.device) -> list[str]:
     if not _compiled.get((qualname, device.type), False):
         return [f"ahnet_fast::{qualname} has no compiled kernel for {device.type} tensors in this build"]
     return []
+
+
+def triton_available() -> bool:
+    """True when triton can be imported (looked up once)."""
+    global _triton
+    if _triton is None:
+        import importlib.util
+
+        _triton = importlib.util.find_spec("triton") is not None
+    return _triton
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the interpreter (CPU tensors): TRITON_INTERPRET=1."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_triton: bool | None = None

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels
+from ahnet_fast.ops._registry import (cpp_kernel_reasons, note_compiled_kernels, triton_available,
+                                      triton_interpreted)
 
 __all__ = ["focal_loss", "focal_loss_reference", "REDUCTIONS"]
 
@@ -265,8 +266,9 @@ def focal_loss_reference(p: _Problem) -> torch.Tensor:
 # Fused backends.
 
 
-def _cpp_reasons(p: _Problem) -> list[str]:
-    reasons = cpp_kernel_reasons("focal_loss_forward", p.logits.device)
+def _kernel_contract_reasons(p: _Problem) -> list[str]:
+    """What the fused kernels (C++ and Triton alike) do not cover."""
+    reasons = []
     if p.reduction == "none":
         reasons.append("reduction='none' returns a full-size loss; the fused kernel covers 'mean' and 'sum'")
     if not p.label and p.ignore_index is not None:
@@ -277,8 +279,22 @@ def _cpp_reasons(p: _Problem) -> list[str]:
     return reasons
 
 
+def _cpp_reasons(p: _Problem) -> list[str]:
+    return cpp_kernel_reasons("focal_loss_forward", p.logits.device) + _kernel_contract_reasons(p)
+
+
 def _triton_reasons(p: _Problem) -> list[str]:
-    return ["focal_loss has no Triton kernel yet"]
+    reasons = []
+    if not triton_available():
+        reasons.append("triton is not installed (pip install 'triton>=3.1')")
+    elif p.logits.device.type == "cpu" and not triton_interpreted():
+        reasons.append("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
+                       "importing ahnet_fast")
+    elif p.logits.device.type not in ("cpu", "cuda"):
+        reasons.append(f"the Triton kernel runs on CUDA tensors, not {p.logits.device.type}")
+    if p.logits.dtype == torch.bfloat16 and triton_interpreted():
+        reasons.append("the Triton interpreter has no bfloat16")
+    return reasons + _kernel_contract_reasons(p)
 
 
 IMPLEMENTATIONS = (
@@ -288,7 +304,7 @@ IMPLEMENTATIONS = (
 )
 
 
-def _fused(p: _Problem) -> torch.Tensor:
+def _fused(p: _Problem, op) -> torch.Tensor:
     b, c = p.logits.shape[:2]
     voxels = p.logits[0, 0].numel()
     n_classes = c - p.first
@@ -306,7 +322,7 @@ def _fused(p: _Problem) -> torch.Tensor:
             grad_scale = (1.0 / counted.sum().clamp(min=eps)).expand(b).clone()
         else:
             grad_scale = 1.0 / counted.clamp(min=eps)
-    loss_sum, count, _, invalid = torch.ops.ahnet_fast.focal_loss_forward(
+    loss_sum, count, _, invalid = op(
         p.logits, p.target, p.factor_pos, p.factor_neg, grad_scale, p.gamma, p.softmax, p.label, p.first,
         0 if p.ignore_index is None else p.ignore_index, p.ignore_index is not None, p.alpha_linear, need_grad)
     if int(invalid) > 0:
@@ -335,7 +351,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
                  ignore_index=ignore_index)
     chosen = backends.select("focal_loss", IMPLEMENTATIONS, p.logits.device, (p,), backend)
     if chosen == "cpp":
-        return _fused(p)
+        return _fused(p, torch.ops.ahnet_fast.focal_loss_forward)
+    if chosen == "triton":
+        return _fused(p, _triton_op())
     _check_target_values(p)
     return focal_loss_reference(p)
 
@@ -344,46 +362,74 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
 # Fake and autograd of the compiled op.
 
 
+def _fake(logits, target, factor_pos, factor_neg, grad_scale, gamma, softmax, label_target, first_channel,
+          ignore_index, has_ignore, alpha_linear, compute_grad):
+    from ahnet_fast.ops.bn_relu import _output_like
+
+    b = logits.shape[0]
+    grad = _output_like(logits) if compute_grad else logits.new_empty(0)
+    return (logits.new_empty(b, dtype=torch.float64), logits.new_empty(b, dtype=torch.float64), grad,
+            logits.new_empty((), dtype=torch.int64))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2], inputs[4])  # the gradient, and the scale it already carries
+    ctx.compute_grad = inputs[12]
+    # Outputs other than the loss sums get no gradient; without this autograd would build a
+    # zero tensor shaped like the stored gradient (a whole logits-sized allocation) to pass in.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss_sum, _count, _grad, _invalid):
+    grad, grad_scale = ctx.saved_tensors
+    if grad_loss_sum is None:
+        return (None,) * 13
+    if not ctx.compute_grad:
+        raise RuntimeError("focal_loss: the forward ran without computing the gradient (logits did not "
+                           "require grad, or grad mode was off)")
+    # d(loss_sum[b]) / d(logits) = grad / grad_scale[b]
+    factor = grad_loss_sum.to(torch.float64) / grad_scale.to(grad_loss_sum.device)
+    factor = factor.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    # The usual case (upstream gradient 1, as loss.backward() gives): the stored gradient is final.
+    # Checked only on concrete CPU tensors: no device sync, nothing data-dependent while tracing.
+    if type(factor) is torch.Tensor and factor.device.type == "cpu" and bool((factor == 1).all()):
+        return (grad,) + (None,) * 12
+    # Otherwise a scaled copy: the stored gradient stays intact for another backward (retain_graph).
+    return (grad * factor.view(-1, *([1] * (grad.dim() - 1))),) + (None,) * 12
+
+
+_TRITON_OP = None
+
+
+def _triton_op():
+    """``ahnet_fast::focal_loss_forward_triton``: the Triton kernel as a custom op (any device the kernel
+    runs on: CUDA, or CPU under TRITON_INTERPRET=1), sharing the C++ op's fake and autograd."""
+    global _TRITON_OP
+    if _TRITON_OP is None:
+        @torch.library.custom_op("ahnet_fast::focal_loss_forward_triton", mutates_args=())
+        def focal_loss_forward_triton(logits: torch.Tensor, target: torch.Tensor, factor_pos: torch.Tensor,
+                                      factor_neg: torch.Tensor, grad_scale: torch.Tensor, gamma: float,
+                                      softmax: bool, label_target: bool, first_channel: int, ignore_index: int,
+                                      has_ignore: bool, alpha_linear: bool, compute_grad: bool
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            from ahnet_fast.kernels.triton.focal_loss import focal_loss_forward
+
+            return focal_loss_forward(logits, target, factor_pos, factor_neg, grad_scale, gamma, softmax,
+                                      label_target, first_channel, ignore_index, has_ignore, alpha_linear,
+                                      compute_grad)
+
+        focal_loss_forward_triton.register_fake(_fake)
+        focal_loss_forward_triton.register_autograd(_backward, setup_context=_setup_context)
+        _TRITON_OP = torch.ops.ahnet_fast.focal_loss_forward_triton.default
+    return _TRITON_OP
+
+
 def _register():
     if not extension_available():
         return
     note_compiled_kernels("focal_loss_forward")
-
-    @torch.library.register_fake("ahnet_fast::focal_loss_forward")
-    def _fake(logits, target, factor_pos, factor_neg, grad_scale, gamma, softmax, label_target, first_channel,
-              ignore_index, has_ignore, alpha_linear, compute_grad):
-        from ahnet_fast.ops.bn_relu import _output_like
-
-        b = logits.shape[0]
-        grad = _output_like(logits) if compute_grad else logits.new_empty(0)
-        return (logits.new_empty(b, dtype=torch.float64), logits.new_empty(b, dtype=torch.float64), grad,
-                logits.new_empty((), dtype=torch.int64))
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[2], inputs[4])  # the gradient, and the scale it already carries
-        ctx.compute_grad = inputs[12]
-        # Outputs other than the loss sums get no gradient; without this autograd would build a
-        # zero tensor shaped like the stored gradient (a whole logits-sized allocation) to pass in.
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_loss_sum, _count, _grad, _invalid):
-        grad, grad_scale = ctx.saved_tensors
-        if grad_loss_sum is None:
-            return (None,) * 13
-        if not ctx.compute_grad:
-            raise RuntimeError("focal_loss: the forward ran without computing the gradient (logits did not "
-                               "require grad, or grad mode was off)")
-        # d(loss_sum[b]) / d(logits) = grad / grad_scale[b]
-        factor = grad_loss_sum.to(torch.float64) / grad_scale.to(grad_loss_sum.device)
-        factor = factor.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-        # The usual case (upstream gradient 1, as loss.backward() gives): the stored gradient is final.
-        # Checked only on concrete CPU tensors: no device sync, nothing data-dependent while tracing.
-        if type(factor) is torch.Tensor and factor.device.type == "cpu" and bool((factor == 1).all()):
-            return (grad,) + (None,) * 12
-        # Otherwise a scaled copy: the stored gradient stays intact for another backward (retain_graph).
-        return (grad * factor.view(-1, *([1] * (grad.dim() - 1))),) + (None,) * 12
-
-    torch.library.register_autograd("ahnet_fast::focal_loss_forward", backward, setup_context=setup_context)
+    torch.library.register_fake("ahnet_fast::focal_loss_forward")(_fake)
+    torch.library.register_autograd("ahnet_fast::focal_loss_forward", _backward, setup_context=_setup_context)
 
 
 _register()
