@@ -5,6 +5,9 @@
    the CPU — output, input gradient, parameter gradients — with the backend `auto` picks there.
 3. Training step (forward, loss, backward, SGD) time and peak memory, fp32 and bf16 autocast,
    ahnet_fast vs MONAI when MONAI is importable, in the same process, at 128x128x32 and 256x256x64.
+4. Focal loss forward+backward: the Triton kernel against the reference (and MONAI), correctness
+   against float64, time, peak memory, and the fraction of the measured copy bandwidth it reaches
+   for the bytes it must move (read logits and labels, write the gradient).
 
 Writes a markdown table and JSON to --out. With --smoke it runs tiny sizes on whatever device
 exists (used on CPU to test this script before spending GPU time).
@@ -129,6 +132,55 @@ def train_step_bench(device, smoke):
     return rows
 
 
+def focal_loss_bench(device, smoke, copy_gbps):
+    from ahnet_fast.ops import focal_loss
+
+    try:
+        from monai.losses import FocalLoss as MonaiFocalLoss
+    except ImportError:
+        MonaiFocalLoss = None
+    cases = [((2, 3, 16, 16, 8), True)] if smoke else [((2, 3, 192, 192, 64), True), ((2, 3, 192, 192, 64), False),
+                                                        ((1, 8, 128, 128, 64), True)]
+    rows = []
+    for shape, softmax in cases:
+        for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
+            g = torch.Generator().manual_seed(0)
+            x = (torch.randn(shape, generator=g) * 2).to(dtype).to(device)
+            labels = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g).to(device)
+            xd = x.detach().double().requires_grad_()
+            focal_loss(xd, labels, use_softmax=softmax, backend="reference").backward()
+            impls = ["triton", "reference"] if device.type == "cuda" else ["reference"]
+            if MonaiFocalLoss is not None and dtype == torch.float32:
+                impls.append("MONAI")
+            for impl in impls:
+                if impl == "MONAI":
+                    m = MonaiFocalLoss(use_softmax=softmax, to_onehot_y=True)
+                    fn = lambda a: m(a, labels.unsqueeze(1))  # noqa: E731
+                else:
+                    fn = lambda a, impl=impl: focal_loss(a, labels, use_softmax=softmax, backend=impl)  # noqa: E731
+                xi = x.detach().clone().requires_grad_()
+
+                def step():
+                    xi.grad = None
+                    fn(xi).backward()
+
+                step()
+                err = rel(xi.grad, xd.grad)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                ms = median_ms(step, device, warmup=2, repeats=5 if smoke else 20)
+                extra = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
+                min_bytes = 2 * x.numel() * x.element_size() + labels.numel() * labels.element_size()
+                gbps = min_bytes / ms / 1e6
+                rows.append({"shape": list(shape), "softmax": softmax, "dtype": str(dtype), "impl": impl, "ms": ms,
+                             "grad_rel_err": err, "extra_peak_bytes": extra, "GBps": gbps,
+                             "fraction_of_copy": gbps / copy_gbps})
+                print("focal_loss", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
@@ -151,6 +203,7 @@ def main():
     result["correctness"] = correctness(device, args.smoke)
     for r in result["correctness"]:
         print("correctness", json.dumps(r), flush=True)
+    result["focal_loss"] = focal_loss_bench(device, args.smoke, result["ceilings"]["copy_GBps"])
     result["train_step"] = train_step_bench(device, args.smoke)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -167,6 +220,13 @@ def main():
         peak_s = "n/a" if peak is None else (peak if isinstance(peak, str) else f"{peak / 2**30:.2f} GiB")
         ms = "OOM" if r["ms"] is None else f"{r['ms']:.1f}"
         lines.append(f"| {tuple(r['shape'])} | {r['amp']} | {r['net']} | {ms} | {peak_s} |")
+    lines += ["", "| focal loss | dtype | impl | ms (fwd+bwd) | grad rel err vs fp64 | extra peak | GB/s | of copy bw |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["focal_loss"]:
+        extra = "n/a" if r["extra_peak_bytes"] is None else f"{r['extra_peak_bytes'] / 2**20:.0f} MiB"
+        lines.append(f"| {tuple(r['shape'])} {'softmax' if r['softmax'] else 'sigmoid'} | {r['dtype']} | {r['impl']} | "
+                     f"{r['ms']:.2f} | {r['grad_rel_err']:.1e} | {extra} | {r['GBps']:.0f} | "
+                     f"{100 * r['fraction_of_copy']:.0f}% |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
         f.write(text)

@@ -73,13 +73,13 @@ inline T flog1p_small(T y) {
 }
 inline double flog1p_small(double y) { return std::log1p(y); }
 
-// 1 - exp(lp) for lp <= 0, accurate near lp = 0 (p close to 1).
+// 1 - p for p = exp(lp), lp <= 0, accurate near lp = 0 (p close to 1), where 1 - p cancels.
 template <typename T>
-inline T one_minus_exp(T lp) {
+inline T one_minus_exp(T lp, T p) {
   const T series = -lp * (T(1) + lp * (T(0.5) + lp * T(1.0 / 6.0)));
-  return lp > T(-1e-3) ? series : T(1) - fexp(lp);
+  return lp > T(-1e-3) ? series : T(1) - p;
 }
-inline double one_minus_exp(double lp) { return -std::expm1(lp); }
+inline double one_minus_exp(double lp, double) { return -std::expm1(lp); }
 
 // u^gamma for u in [0, 1].
 template <typename T>
@@ -182,38 +182,50 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
           const scalar_t* xc = xb + (c + o.first) * L.sc;
           for (int64_t t = 0; t < n; ++t) zmax[t] = std::max(zmax[t], static_cast<acc_t>(xc[t * ss]));
         }
-        for (int64_t t = 0; t < n; ++t) se[t] = 0;
+        // exp(z - max) per class; for label maps also pick, by selects rather than a gather, each
+        // voxel's own-class z - max (tv), exp (gy) and factor (d)
+        for (int64_t t = 0; t < n; ++t) {
+          se[t] = 0;
+          tv[t] = 0;
+          gy[t] = 0;
+          d[t] = 0;
+        }
         for (int64_t c = 0; c < Cu; ++c) {
           const scalar_t* xc = xb + (c + o.first) * L.sc;
           acc_t* e = ez.data() + c * kTile;
+          const int32_t c32 = static_cast<int32_t>(c);
+          const acc_t fc = fpos[c];
           for (int64_t t = 0; t < n; ++t) {
-            e[t] = fexp(static_cast<acc_t>(xc[t * ss]) - zmax[t]);
+            const acc_t zc = static_cast<acc_t>(xc[t * ss]) - zmax[t];
+            e[t] = fexp(zc);
             se[t] += e[t];
+            if (labels) {
+              const bool own = cls[t] == c32;
+              tv[t] = own ? zc : tv[t];
+              gy[t] = own ? e[t] : gy[t];
+              d[t] = own ? fc : d[t];
+            }
           }
         }
         // log p = (z - max) - log(sum): never forms max + log(sum), which loses digits at large logits
-        for (int64_t t = 0; t < n; ++t) lse[t] = flog(se[t]);
+        for (int64_t t = 0; t < n; ++t) {
+          lse[t] = flog(se[t]);
+          se[t] = acc_t(1) / se[t];  // from here on: the reciprocal, so p = e * se
+        }
 
         // G_c = A_c t_c F_c, F = (1-p)^g [1 - g p log(p) / (1-p)]; loss_c = -A_c t_c (1-p)^g log p;
         // dL/dz_j = -G_j + p_j * sum_c G_c.
-        auto focal_terms = [&](acc_t lp, acc_t& loss_term) -> acc_t {
-          const acc_t p = fexp(lp);
-          const acc_t u = one_minus_exp(lp);
+        auto focal_terms = [&](acc_t lp, acc_t p, acc_t& loss_term) -> acc_t {
+          const acc_t u = one_minus_exp(lp, p);
           const acc_t mod = pow_unit(u, gamma, gamma_is_two);
           const acc_t ratio = u > acc_t(0) ? lp / u : acc_t(-1);
           loss_term = -mod * lp;
           return mod * (acc_t(1) - gamma * p * ratio);
         };
         if (labels) {
-          for (int64_t t = 0; t < n; ++t) {  // gather each voxel's own-class logit and factor (scalar)
-            const bool hit = cls[t] >= 0;
-            const int32_t ci = hit ? cls[t] : 0;
-            tv[t] = static_cast<acc_t>(xb[(ci + o.first) * L.sc + t * ss]);
-            d[t] = hit ? fpos[ci] : acc_t(0);
-          }
-          for (int64_t t = 0; t < n; ++t) {  // then the focal terms, vectorised
+          for (int64_t t = 0; t < n; ++t) {  // own class: log p = (z - max) - lse, p = e / sum
             acc_t loss_term;
-            const acc_t F = focal_terms((tv[t] - zmax[t]) - lse[t], loss_term);
+            const acc_t F = focal_terms(tv[t] - lse[t], gy[t] * se[t], loss_term);
             vloss[t] = d[t] * loss_term;
             gy[t] = d[t] * F;
           }
@@ -223,7 +235,7 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
               scalar_t* gc = gb + (c + o.first) * L.sc;
               const int32_t c32 = static_cast<int32_t>(c);
               for (int64_t t = 0; t < n; ++t) {
-                const acc_t dd = e[t] / se[t] * gy[t] - (cls[t] == c32 ? gy[t] : acc_t(0));
+                const acc_t dd = e[t] * se[t] * gy[t] - (cls[t] == c32 ? gy[t] : acc_t(0));
                 gc[t * ss] = static_cast<scalar_t>(scale * dd * vmask[t]);
               }
             }
@@ -234,6 +246,7 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
             const target_t* tc = tgt + b * tgt_sb + (c + o.first) * tgt_sc + s0 * tss;
             const scalar_t* xc = xb + (c + o.first) * L.sc;
             acc_t* Gc = gbuf.data() + c * kTile;
+            const acc_t* e = ez.data() + c * kTile;
             const acc_t A = fpos[c];
             for (int64_t t = 0; t < n; ++t) {
               const acc_t tval = static_cast<acc_t>(tc[t * tss]);
@@ -241,7 +254,7 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
               bad_count += bad;
               vmask[t] = bad ? acc_t(0) : vmask[t];
               acc_t loss_term;
-              const acc_t F = focal_terms((static_cast<acc_t>(xc[t * ss]) - zmax[t]) - lse[t], loss_term);
+              const acc_t F = focal_terms((static_cast<acc_t>(xc[t * ss]) - zmax[t]) - lse[t], e[t] * se[t], loss_term);
               const acc_t G = A * tval * F;
               vloss[t] += A * tval * loss_term;
               gsum[t] += G;
@@ -254,7 +267,7 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
               const acc_t* e = ez.data() + c * kTile;
               scalar_t* gc = gb + (c + o.first) * L.sc;
               for (int64_t t = 0; t < n; ++t) {
-                const acc_t dd = e[t] / se[t] * gsum[t] - G[t];
+                const acc_t dd = e[t] * se[t] * gsum[t] - G[t];
                 gc[t * ss] = static_cast<scalar_t>(scale * dd * vmask[t]);
               }
             }
