@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 import ahnet_fast
 from ahnet_fast.ops import batch_norm_relu
+from _timing import median_seconds  # benchmarks/ is the script's folder, first on sys.path
 
 # (name, shape) of BN-ReLU inputs in AH-Net at 1x1x128x128x32
 SHAPES = [
@@ -30,16 +28,6 @@ SHAPES = [
     ("final norm", (1, 128, 64, 64, 16)),
     ("dense0 bn1", (1, 1084, 8, 8, 2)),
 ]
-
-
-def median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def saved_bytes(fn):
@@ -84,13 +72,13 @@ def bench(shape, layout, repeats):
         return run
 
     dst = torch.empty_like(x)
-    copy_t = median_time(lambda: dst.copy_(x.detach()), repeats)
+    copy_t = median_seconds(lambda: dst.copy_(x.detach()), repeats)
     nbytes = x.numel() * x.element_size()
     out = {
-        "train_torch": median_time(step(torch_train), repeats),
-        "train_fused": median_time(step(fused_train), repeats),
-        "eval_torch": median_time(eval_fwd("torch"), repeats),
-        "eval_fused": median_time(eval_fwd("fused"), repeats),
+        "train_torch": median_seconds(step(torch_train), repeats),
+        "train_fused": median_seconds(step(fused_train), repeats),
+        "eval_torch": median_seconds(eval_fwd("torch"), repeats),
+        "eval_fused": median_seconds(eval_fwd("fused"), repeats),
         "saved_torch": saved_bytes(torch_train),
         "saved_fused": saved_bytes(fused_train),
         "copy_gbps": 2 * nbytes / copy_t / 1e9,

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from _timing import median_seconds  # benchmarks/ is the script's folder, first on sys.path
 
 CASES = [  # (shape, softmax, target kind)
     ((2, 3, 192, 192, 64), True, "labels"),
@@ -101,22 +100,10 @@ def main():
         times = {}
         for impl in IMPLS:
             f = loss_fn(impl, softmax, kind)
-            step(f, x, t_ours, t_monai)
-            ts = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                step(f, x, t_ours, t_monai)
-                ts.append(time.perf_counter() - t0)
-            times[impl] = statistics.median(ts)
-        dst = torch.empty_like(x)
-        src = x.detach()
-        cts = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            cts.append(time.perf_counter() - t0)
+            times[impl] = median_seconds(lambda: step(f, x, t_ours, t_monai), args.repeats)
+        dst, src = torch.empty_like(x), x.detach()
         logits_bytes = x.numel() * 4
-        copy_gbps = 2 * logits_bytes / statistics.median(cts) / 1e9
+        copy_gbps = 2 * logits_bytes / median_seconds(lambda: dst.copy_(src), args.repeats) / 1e9
         min_bytes = 2 * logits_bytes + t_ours.numel() * t_ours.element_size()  # read x, t; write grad
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         case = f"{tuple(shape)} {'softmax' if softmax else 'sigmoid'} {kind}"

@@ -18,15 +18,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 import ahnet_fast
 from ahnet_fast import backends
 from ahnet_fast.ops import bn_relu as bn_relu_op
+from _timing import median_seconds  # benchmarks/ is the script's folder, first on sys.path
 
 
 def sync(device):
@@ -35,16 +33,7 @@ def sync(device):
 
 
 def median_ms(fn, device, warmup=2, repeats=7):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return 1e3 * median_seconds(fn, repeats, warmup, sync=lambda: sync(device))
 
 
 def ceilings(device, smoke):

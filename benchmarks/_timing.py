@@ -1,0 +1,24 @@
+"""Timing shared by the benchmark scripts: medians of repeated runs after a warm-up."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                   sync: Callable[[], object] | None = None) -> float:
+    """Median wall time of fn() over `repeats` runs; `sync` (e.g. torch.cuda.synchronize) is called
+    before reading the clock, so asynchronous device work is inside the measurement."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
