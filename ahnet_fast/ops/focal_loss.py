@@ -98,8 +98,6 @@ def _prepare(logits, target, *, gamma, alpha, weight, reduction, use_softmax, in
         label, target = False, target.to(logits.dtype)
     elif tuple(target.shape) == tuple(logits.shape) and not target.is_floating_point() and c > 1:
         label, target = False, target.to(torch.float32)  # an integer one-hot target
-    elif tuple(target.shape) == (b, 1, *spatial) and c == 1:
-        label = not target.is_floating_point()
     else:
         hint = ""
         if tuple(target.shape) in label_shapes and target.is_floating_point():
