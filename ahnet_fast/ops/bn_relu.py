@@ -49,7 +49,7 @@ def _cpp_reasons(x, *_):
 
 
 def _triton_reasons(*_):
-    return ["bn_relu has no Triton kernel yet (the fused training kernel is issue 5's work)"]
+    return ["bn_relu has no Triton kernel yet"]
 
 
 IMPLEMENTATIONS = (
