@@ -69,7 +69,7 @@ class Implementation:
 
 
 def device_preference(device: torch.device) -> Sequence[str]:
-    """Fastest-first order for ``auto``. Per-op tables may override this."""
+    """Fastest-first order for ``auto`` on this device."""
     if device.type == "cuda":
         return ("triton", "cpp", "reference")
     return ("cpp", "reference")
