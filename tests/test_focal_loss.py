@@ -342,3 +342,22 @@ def test_baseline_isa_variant_matches_reference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, AHNET_FAST_NO_AVX2="1"))
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_target_dtypes(backend):
+    """Label maps of any integer dtype (and bool for one channel), dense targets of any float dtype."""
+    if backend == "cpp" and not ahnet_fast.extension_available():
+        pytest.skip("compiled extension not built")
+    x, labels, onehot = data(seed=12)
+    ref = run(lambda a, t: ahnet_fast.ops.focal_loss(a, t, use_softmax=True, backend="reference"), x, labels)
+    for t in (labels.to(torch.int8), labels.to(torch.int16), labels.to(torch.int32), labels.to(torch.uint8),
+              onehot.to(torch.float16), onehot.to(torch.bfloat16), onehot.double(), onehot.bool()):
+        got = run(lambda a, tt: ahnet_fast.ops.focal_loss(a, tt, use_softmax=True, backend=backend), x, t)
+        assert_close_normwise(got[0], ref[0], 1e-5, what=str(t.dtype))
+        assert_close_normwise(got[1], ref[1], 1e-5, 1e-9, what=str(t.dtype))
+    x1 = x[:, :1]
+    binary = labels[:, None] % 2 == 1
+    ref1 = run(lambda a, t: ahnet_fast.ops.focal_loss(a, t, backend="reference"), x1, binary.float())
+    got1 = run(lambda a, t: ahnet_fast.ops.focal_loss(a, t, backend=backend), x1, binary)
+    assert_close_normwise(got1[1], ref1[1], 1e-5, 1e-9)

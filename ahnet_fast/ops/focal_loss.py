@@ -110,9 +110,11 @@ def _prepare(logits, target, *, gamma, alpha, weight, reduction, use_softmax, in
             if not torch.isfinite(target).all() or (target != torch.round(target)).any():
                 raise ValueError("focal_loss: a float label map (to_onehot_y=True) must hold integer class indices")
             target = target.long()
-        if target.dtype == torch.bool:
-            target = target.to(torch.uint8)
+        if target.dtype not in (torch.uint8, torch.int32, torch.int64):  # the kernels' label dtypes
+            target = target.to(torch.int32)
         target = target.reshape(b, *spatial)
+    elif target.dtype not in (torch.float32, logits.dtype):  # the kernels' dense-target dtypes
+        target = target.float()
 
     if to_onehot_y and c == 1:
         warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)

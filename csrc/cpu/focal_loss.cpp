@@ -26,6 +26,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------
@@ -156,16 +157,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cp
     using scalar_t_ = scalar_t;
     const scalar_t_* xp = logits.const_data_ptr<scalar_t_>();
     scalar_t_* gp = compute_grad ? grad.mutable_data_ptr<scalar_t_>() : nullptr;
+    auto run = [&](auto* tp) {
+      using target_t = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
+      run_tiles<scalar_t_, target_t>(L, xp, target.const_data_ptr<target_t>(), tgt_sb, tgt_sc, tgt_ss, gp, fpos,
+                                     fneg, scale, o, partials);
+    };
+    // Target dtypes compiled for (the Python launcher converts others): labels uint8/int32/int64;
+    // dense targets float32 or the logits' own dtype. Fewer instantiations, a shorter build.
+    const auto tdt = target.scalar_type();
     if (label_target) {
-      AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "focal_loss_cpu_labels", [&] {
-        run_tiles<scalar_t_, scalar_t>(L, xp, target.const_data_ptr<scalar_t>(), tgt_sb, tgt_sc, tgt_ss, gp, fpos, fneg,
-                                       scale, o, partials);
-      });
+      if (tdt == at::kLong) run(static_cast<const int64_t*>(nullptr));
+      else if (tdt == at::kInt) run(static_cast<const int32_t*>(nullptr));
+      else if (tdt == at::kByte) run(static_cast<const uint8_t*>(nullptr));
+      else TORCH_CHECK(false, "focal_loss_forward: label maps must be uint8, int32 or int64, got ", tdt);
     } else {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "focal_loss_cpu_dense", [&] {
-        run_tiles<scalar_t_, scalar_t>(L, xp, target.const_data_ptr<scalar_t>(), tgt_sb, tgt_sc, tgt_ss, gp, fpos, fneg,
-                                       scale, o, partials);
-      });
+      if (tdt == logits.scalar_type()) run(static_cast<const scalar_t_*>(nullptr));
+      else if (tdt == at::kFloat) run(static_cast<const float*>(nullptr));
+      else TORCH_CHECK(false, "focal_loss_forward: a dense target must be float32 or the logits' dtype, got ", tdt);
     }
   });
   at::Tensor loss_sum = at::zeros({L.B}, logits.options().dtype(at::kDouble));
