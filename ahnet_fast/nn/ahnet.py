@@ -197,7 +197,11 @@ class PyramidVolumetricPooling(nn.Module):
         if psp_block_num not in (0, 1, 2, 3, 4):
             raise ValueError(f"PyramidVolumetricPooling: psp_block_num must be an integer in [0, 4], got "
                              f"{psp_block_num!r}")
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"PyramidVolumetricPooling: upsample_mode must be one of {UPSAMPLE_MODES}, got "
+                             f"{upsample_mode!r}")
         conv, pool = _conv(spatial_dims), _maxpool(spatial_dims)
+        self.in_channels = in_channels
         self.up_modules = nn.ModuleList()
         self.pool_modules = nn.ModuleList()
         self.project_modules = nn.ModuleList()
@@ -215,7 +219,31 @@ class PyramidVolumetricPooling(nn.Module):
                 pad = (2 ** (i + 3), 2 ** (i + 3), 0)[-spatial_dims:]
                 self.up_modules.append(_conv_transpose(spatial_dims)(1, 1, kernel_size=size, stride=size, padding=pad))
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError naming the rule when the pooling cannot take ``x``: the in-plane axes (3D: the first
+        two spatial axes; 2D: the first) must be a multiple of the largest window, 2^(psp_block_num+2),
+        with "transpose" (its upsampling tiles the window exactly), and at least that window otherwise."""
+        name = (f"PyramidVolumetricPooling(spatial_dims={self.spatial_dims}, psp_block_num={self.psp_block_num}, "
+                f"upsample_mode={self.upsample_mode!r})")
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{name} expects (B, {self.in_channels}, {self.spatial_dims} spatial axes), got shape "
+                             f"{tuple(x.shape)}")
+        if self.psp_block_num == 0:
+            return
+        window = 2 ** (self.psp_block_num + 2)
+        inplane = x.shape[2:4] if self.spatial_dims == 3 else x.shape[2:3]
+        for axis, n in enumerate(inplane):
+            if self.upsample_mode == "transpose" and (n < window or n % window):
+                raise ValueError(f"{name} cannot take shape {tuple(x.shape)}: in-plane axis {axis} has size {n}; "
+                                 f"it must be a positive multiple of {window}, the largest pooling window")
+            if self.upsample_mode != "transpose" and n < window:
+                raise ValueError(f"{name} cannot take shape {tuple(x.shape)}: in-plane axis {axis} has size {n}; "
+                                 f"it must be at least {window}, the largest pooling window")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        if self.psp_block_num == 0:
+            return x.new_empty((x.shape[0], 0, *x.shape[2:]))
         outputs = []
         if self.upsample_mode == "transpose":
             for project, pool, up in zip(self.project_modules, self.pool_modules, self.up_modules):
