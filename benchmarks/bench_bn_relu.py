@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import ahnet_fast
 from ahnet_fast.ops import batch_norm_relu
-from _timing import median_seconds  # benchmarks/ is the script's folder, first on sys.path
+from _common import finish_report, median_seconds  # benchmarks/ is the script's folder, first on sys.path
 
 # (name, shape) of BN-ReLU inputs in AH-Net at 1x1x128x128x32
 SHAPES = [
@@ -115,9 +115,7 @@ def main():
                 f"{r['eval_torch'] / r['eval_fused']:.2f}x | {r['saved_torch'] / 2**20:.1f} MiB | "
                 f"{r['saved_fused'] / 2**20:.1f} MiB | {r['eval_fused_gbps']:.1f} | {r['copy_gbps']:.1f} |")
             print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    finish_report(lines, args.out)
 
 
 if __name__ == "__main__":

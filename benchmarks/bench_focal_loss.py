@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import torch
-from _timing import median_seconds  # benchmarks/ is the script's folder, first on sys.path
+from _common import finish_report, median_seconds  # benchmarks/ is the script's folder, first on sys.path
 
 CASES = [  # (shape, softmax, target kind)
     ((2, 3, 192, 192, 64), True, "labels"),
@@ -115,9 +115,7 @@ def main():
             lines.append(f"| {case} | {impl} | {times[impl] * 1e3:.0f} | {times['MONAI'] / times[impl]:.1f}x | "
                          f"{peak / 2**20:.0f} MiB | {peak / logits_bytes:.2f} | {gbps} | {copy_gbps:.1f} |")
             print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+    finish_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import ahnet_fast
 from ahnet_fast import backends
 from ahnet_fast.ops import bn_relu as bn_relu_op
-from _timing import median_seconds  # benchmarks/ is the script's folder, first on sys.path
+from _common import median_seconds  # benchmarks/ is the script's folder, first on sys.path
 
 
 def sync(device):

@@ -1,4 +1,4 @@
-"""Timing shared by the benchmark scripts: medians of repeated runs after a warm-up."""
+"""Shared by the benchmark scripts: medians of repeated runs after a warm-up, and writing the report."""
 from __future__ import annotations
 
 import statistics
@@ -22,3 +22,10 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
             sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def finish_report(lines: list[str], path: str | None) -> None:
+    """Writes the markdown report (the lines already printed as they were measured) when asked to."""
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
