@@ -5,12 +5,16 @@ that backend selection stays traceable by torch.compile (dynamo cannot trace the
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 from ahnet_fast._extension import extension_available, extension_error
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _compiled: dict[tuple[str, str], bool] = {}
+_triton: bool | None = None
 
 
 def note_compiled_kernels(qualname: str) -> None:
@@ -33,17 +37,11 @@ def triton_available() -> bool:
     """True when triton can be imported (looked up once)."""
     global _triton
     if _triton is None:
-        import importlib.util
-
         _triton = importlib.util.find_spec("triton") is not None
     return _triton
 
 
 def triton_interpreted() -> bool:
     """True when Triton kernels run in the interpreter (CPU tensors): TRITON_INTERPRET=1."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
-
-_triton: bool | None = None

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
+from ahnet_fast._layout import output_like
 from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_reference"]
@@ -89,15 +90,6 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
 # Fake (shape) functions and autograd of the compiled ops, registered when the extension loads.
 
 
-def _output_like(x: torch.Tensor) -> torch.Tensor:
-    """An empty tensor laid out as the C++ kernel lays out its output (see readable() there)."""
-    if x.is_contiguous():
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    if x.dim() >= 3 and x.movedim(1, -1).is_contiguous():
-        return torch.empty_like(x.movedim(1, -1), memory_format=torch.contiguous_format).movedim(-1, 1)
-    return x.new_empty(x.shape)
-
-
 def _stats_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -110,11 +102,11 @@ def _register():
     @torch.library.register_fake("ahnet_fast::bn_relu")
     def _bn_relu_fake(x, weight, bias, running_mean, running_var, training, eps):
         c = x.shape[1]
-        return _output_like(x), x.new_empty(c, dtype=_stats_dtype(x)), x.new_empty(c, dtype=_stats_dtype(x))
+        return output_like(x), x.new_empty(c, dtype=_stats_dtype(x)), x.new_empty(c, dtype=_stats_dtype(x))
 
     @torch.library.register_fake("ahnet_fast::bn_relu_backward")
     def _bn_relu_backward_fake(grad_out, x, weight, bias, mean, var, training, eps):
-        return _output_like(x), torch.empty_like(weight), torch.empty_like(bias)
+        return output_like(x), torch.empty_like(weight), torch.empty_like(bias)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, running_mean, running_var, training, eps = inputs

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
+from ahnet_fast._layout import output_like
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, note_compiled_kernels, triton_available,
                                       triton_interpreted)
 
@@ -364,10 +365,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
 
 def _fake(logits, target, factor_pos, factor_neg, grad_scale, gamma, softmax, label_target, first_channel,
           ignore_index, has_ignore, alpha_linear, compute_grad):
-    from ahnet_fast.ops.bn_relu import _output_like
-
     b = logits.shape[0]
-    grad = _output_like(logits) if compute_grad else logits.new_empty(0)
+    grad = output_like(logits) if compute_grad else logits.new_empty(0)
     return (logits.new_empty(b, dtype=torch.float64), logits.new_empty(b, dtype=torch.float64), grad,
             logits.new_empty((), dtype=torch.int64))
 

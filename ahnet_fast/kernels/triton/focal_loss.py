@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ahnet_fast._layout import is_channels_last
+
 BLOCK = 256
 NUM_WARPS = 4
 
@@ -180,9 +182,7 @@ def focal_loss_fwd_kernel(
 
 def _readable(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The tensor in a layout the kernel indexes with one voxel stride, and that stride."""
-    if x.is_contiguous():
-        return x, 1
-    if x.dim() >= 3 and x.movedim(1, -1).is_contiguous():
+    if is_channels_last(x):
         return x, x.shape[1]
     return x.contiguous(), 1
 
