@@ -1,9 +1,11 @@
-"""BatchNorm modules applied through the fused ops, with nn.BatchNorm's bookkeeping."""
+"""BatchNorm modules applied through the fused ops, with nn.BatchNorm's bookkeeping; the backend choice
+of a module tree."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ahnet_fast.backends import requested_backend
 from ahnet_fast.ops import batch_norm_relu
 
 
@@ -27,3 +29,14 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, backend: str |
         bn.eps,
         backend=backend,
     )
+
+
+def set_backend(root: nn.Module, backend: str | None) -> nn.Module:
+    """Validates ``backend`` (None: follow the global choice) and sets it on ``root`` and on every
+    submodule that calls the fused ops (those with a ``backend`` attribute)."""
+    if backend is not None:
+        requested_backend(backend)
+    for m in root.modules():
+        if m is root or hasattr(m, "backend"):
+            m.backend = backend
+    return root

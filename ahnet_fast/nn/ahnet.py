@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ahnet_fast.nn._bn import bn_relu
+from ahnet_fast.nn._bn import bn_relu, set_backend
 from ahnet_fast.nn.shapes import check_ahnet_input
 
 __all__ = ["AHNet", "AHnet", "Ahnet", "PyramidVolumetricPooling", "UPSAMPLE_MODES"]
@@ -314,10 +314,6 @@ class AHNet(nn.Module):
                 "ahnet_fast.FCN(), call fcn.load_resnet50_weights(path_to_your_resnet50.pth), then "
                 "AHNet(...).copy_from(fcn)."
             )
-        from ahnet_fast.backends import requested_backend
-
-        if backend is not None:
-            requested_backend(backend)  # validates the name now rather than at the first forward
         self.backend = backend
 
         conv, conv_t, norm, pool = _conv(spatial_dims), _conv_transpose(spatial_dims), _norm(spatial_dims), \
@@ -374,7 +370,7 @@ class AHNet(nn.Module):
             elif isinstance(m, norm):
                 m.weight.data.fill_(1)
                 m.bias.data.zero_()
-        self._propagate_backend()
+        set_backend(self, backend)  # validates the name now rather than at the first forward
 
     def _make_layer(self, block: type[Bottleneck3x3x1], planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -393,20 +389,9 @@ class AHNet(nn.Module):
             layers.append(block(sd, self.inplanes, planes))
         return nn.Sequential(*layers)
 
-    def _propagate_backend(self) -> None:
-        for m in self.modules():
-            if m is not self and hasattr(m, "backend"):
-                m.backend = self.backend
-
     def set_backend(self, backend: str | None) -> AHNet:
         """Sets the fused-op backend of every layer (None: follow the global choice)."""
-        from ahnet_fast.backends import requested_backend
-
-        if backend is not None:
-            requested_backend(backend)
-        self.backend = backend
-        self._propagate_backend()
-        return self
+        return set_backend(self, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)

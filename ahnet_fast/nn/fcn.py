@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ahnet_fast.nn._bn import bn_relu
+from ahnet_fast.nn._bn import bn_relu, set_backend
 from ahnet_fast.nn.shapes import ahnet_size_ok
 
 __all__ = ["FCN", "MCFCN", "GCN", "Refine", "ResNet50Bottleneck", "resnet50_layers"]
@@ -170,15 +170,8 @@ class FCN(nn.Module):
         self.set_backend(backend)
 
     def set_backend(self, backend: str | None):
-        from ahnet_fast.backends import requested_backend
-
-        if backend is not None:
-            requested_backend(backend)
-        self.backend = backend
-        for m in self.modules():
-            if m is not self and hasattr(m, "backend"):
-                m.backend = backend
-        return self
+        """Sets the fused-op backend of every layer (None: follow the global choice)."""
+        return set_backend(self, backend)
 
     def _check_input(self, x: torch.Tensor) -> None:
         name = type(self).__name__

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn.modules.loss import _Loss
 
+from ahnet_fast.nn._bn import set_backend
 from ahnet_fast.ops.focal_loss import REDUCTIONS, focal_loss
 
 __all__ = ["FocalLoss"]
@@ -50,11 +51,7 @@ class FocalLoss(_Loss):
             self.alpha = torch.as_tensor(alpha)
         self.register_buffer("class_weight", torch.as_tensor(weight) if weight is not None else None)
         self.ignore_index = ignore_index
-        if backend is not None:
-            from ahnet_fast.backends import requested_backend
-
-            requested_backend(backend)
-        self.backend = backend
+        set_backend(self, backend)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return focal_loss(input, target, gamma=self.gamma, alpha=self.alpha, weight=self.class_weight,
