@@ -35,4 +35,18 @@ TORCH_LIBRARY(ahnet_fast, m) {
       "focal_loss_forward(Tensor logits, Tensor target, Tensor factor_pos, Tensor factor_neg, "
       "Tensor grad_scale, float gamma, bool softmax, bool label_target, int first_channel, int ignore_index, "
       "bool has_ignore, bool alpha_linear, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Pyramid volumetric pooling (MONAI's PSP) in one pass over x (N, C, H, W, D); see
+  // csrc/cpu/pyramid_pool.cpp. Level l pools windows of 8<<l rows by 8<<l (pool_w) or 1 columns.
+  // Returns (out: [levels upsampled channels, then x when concat_input], pooled maxima per level,
+  // window positions of the maxima per level (int8 for level 0, int16 above), padded projections
+  // per level (float32, float64 for float64 x)).
+  m.def(
+      "psp_forward(Tensor x, Tensor proj_weight, Tensor proj_bias, Tensor? up_weight, Tensor? up_bias, "
+      "Tensor index_h, Tensor lambda_h, Tensor index_w, Tensor lambda_w, int levels, bool pool_w, bool linear, "
+      "bool concat_input) -> (Tensor, Tensor[], Tensor[], Tensor[])");
+  // Gradient of psp_forward with respect to x: grad_identity (the gradient of the concatenated x,
+  // or None) plus each level's pooled gradient routed to its argmax.
+  m.def(
+      "psp_backward(Tensor? grad_identity, Tensor[] grad_pooled, Tensor[] argmax, int[] size, bool pool_w, "
+      "ScalarType dtype, bool channels_last) -> Tensor");
 }

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-KERNEL_MODULES = ("ahnet_fast.kernels.triton.focal_loss",)
+KERNEL_MODULES = ("ahnet_fast.kernels.triton.focal_loss", "ahnet_fast.kernels.triton.pyramid_pool")
 
 
 def _ptxas() -> str:

@@ -17,10 +17,10 @@ from torch import nn
 
 from ahnet_fast.nn._bn import bn_relu, set_backend
 from ahnet_fast.nn.shapes import check_ahnet_input
+from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
 
 __all__ = ["AHNet", "AHnet", "Ahnet", "PyramidVolumetricPooling", "UPSAMPLE_MODES"]
 
-UPSAMPLE_MODES = ("transpose", "bilinear", "trilinear", "nearest")
 
 
 def _conv(spatial_dims: int) -> type[nn.Module]:
@@ -202,6 +202,7 @@ class PyramidVolumetricPooling(nn.Module):
                              f"{upsample_mode!r}")
         conv, pool = _conv(spatial_dims), _maxpool(spatial_dims)
         self.in_channels = in_channels
+        self.backend: str | None = None
         self.up_modules = nn.ModuleList()
         self.pool_modules = nn.ModuleList()
         self.project_modules = nn.ModuleList()
@@ -228,32 +229,23 @@ class PyramidVolumetricPooling(nn.Module):
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"{name} expects (B, {self.in_channels}, {self.spatial_dims} spatial axes), got shape "
                              f"{tuple(x.shape)}")
-        if self.psp_block_num == 0:
-            return
-        window = 2 ** (self.psp_block_num + 2)
-        inplane = x.shape[2:4] if self.spatial_dims == 3 else x.shape[2:3]
-        for axis, n in enumerate(inplane):
-            if self.upsample_mode == "transpose" and (n < window or n % window):
-                raise ValueError(f"{name} cannot take shape {tuple(x.shape)}: in-plane axis {axis} has size {n}; "
-                                 f"it must be a positive multiple of {window}, the largest pooling window")
-            if self.upsample_mode != "transpose" and n < window:
-                raise ValueError(f"{name} cannot take shape {tuple(x.shape)}: in-plane axis {axis} has size {n}; "
-                                 f"it must be at least {window}, the largest pooling window")
+        check_pyramid_pool_input(x, self.psp_block_num, self.upsample_mode, what=name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, concat_input: bool = False) -> torch.Tensor:
+        """The pyramid channels (B, psp_block_num, *spatial), as MONAI's PSP; with ``concat_input=True``,
+        ``torch.cat([that, x], 1)`` written in one buffer by the same pass that reads ``x``."""
         self.check_input(x)
-        if self.psp_block_num == 0:
-            return x.new_empty((x.shape[0], 0, *x.shape[2:]))
-        outputs = []
-        if self.upsample_mode == "transpose":
-            for project, pool, up in zip(self.project_modules, self.pool_modules, self.up_modules):
-                outputs.append(up(project(pool(x))))
-        else:
-            align_corners = True if self.upsample_mode in ("trilinear", "bilinear") else None
-            for project, pool in zip(self.project_modules, self.pool_modules):
-                outputs.append(F.interpolate(project(pool(x)), size=x.shape[2:], mode=self.upsample_mode,
-                                             align_corners=align_corners))
-        return torch.cat(outputs, dim=1)
+        transpose = self.upsample_mode == "transpose"
+        return pyramid_pool(
+            x,
+            [m.weight for m in self.project_modules],
+            [m.bias for m in self.project_modules],
+            [m.weight for m in self.up_modules] if transpose else None,
+            [m.bias for m in self.up_modules] if transpose else None,
+            upsample_mode=self.upsample_mode,
+            concat_input=concat_input,
+            backend=self.backend,
+        )
 
 
 # MONAI's name for the module.
@@ -411,7 +403,7 @@ class AHNet(nn.Module):
         d3 = self.dense3(self.trans1(d2) + pool_x)
         d4 = self.dense4(self.up3(d3) + conv_x)
         if self.psp_block_num > 0:
-            x = torch.cat((self.psp(d4), d4), dim=1)
+            x = self.psp(d4, concat_input=True)  # cat((psp(d4), d4), 1) in one buffer
         else:
             x = d4
         return self.final(x)
