@@ -104,6 +104,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="only the first case (a smoke test)")
+    parser.add_argument("--cases", type=int, nargs="+", help="indices into CASES to run (default: all)")
     parser.add_argument("--peak", nargs=4, help=argparse.SUPPRESS)  # internal: impl shape mode concat
     args = parser.parse_args()
     if args.peak:
@@ -121,7 +122,7 @@ def main():
              "| input | mode | use | impl | ms | speed-up vs MONAI | saved MiB (int64) | extra peak / input | "
              "GB/s (min bytes) | copy GB/s existing / fresh |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    cases = CASES[:1] if args.quick else CASES
+    cases = CASES[:1] if args.quick else [CASES[i] for i in args.cases] if args.cases else CASES
     for shape, mode, where in cases:
         theirs, ours = make_modules(mode, shape[1])
         x = torch.randn(shape).requires_grad_()

@@ -99,22 +99,37 @@ inline void max_update(const scalar_t* __restrict src, opmath_t* __restrict m, i
 // The same over a whole band of one channel, float, dense rows (row r at x + r * row_stride,
 // element (w, d) at w * D + d): the hot loop of the forward. Compiled twice, AVX2 and baseline,
 // picked once at load time (GCC function multiversioning).
+// With `out`, each element read is also written to out + a * out_row_stride + its offset (the fused
+// concatenation), from the same register.
 __attribute__((target_clones("avx2", "default"))) void band_max_f32(
     const float* __restrict x, int64_t row_stride, int64_t rows, int64_t sw, int64_t w0, int64_t D,
-    float* __restrict m, int32_t* __restrict idx) {
+    float* __restrict m, int32_t* __restrict idx, float* __restrict out, int64_t out_row_stride) {
   for (int64_t a = 0; a < rows; ++a)
     for (int64_t j = 0; j < w0; ++j)
       for (int64_t b = 0; b < sw; ++b) {
-        const float* src = x + a * row_stride + (j * sw + b) * D;
+        const int64_t offset = (j * sw + b) * D;
+        const float* src = x + a * row_stride + offset;
         float* mj = m + j * D;
         int32_t* ij = idx + j * D;
         const int32_t pos = static_cast<int32_t>(a * sw + b);
-        for (int64_t d = 0; d < D; ++d) {
-          const float v = src[d];
-          const float cur = mj[d];
-          const bool take = (v > cur) | (v != v);
-          mj[d] = take ? v : cur;
-          ij[d] = take ? pos : ij[d];
+        if (out != nullptr) {
+          float* dst = out + a * out_row_stride + offset;
+          for (int64_t d = 0; d < D; ++d) {
+            const float v = src[d];
+            dst[d] = v;
+            const float cur = mj[d];
+            const bool take = (v > cur) | (v != v);
+            mj[d] = take ? v : cur;
+            ij[d] = take ? pos : ij[d];
+          }
+        } else {
+          for (int64_t d = 0; d < D; ++d) {
+            const float v = src[d];
+            const float cur = mj[d];
+            const bool take = (v > cur) | (v != v);
+            mj[d] = take ? v : cur;
+            ij[d] = take ? pos : ij[d];
+          }
         }
       }
 }
@@ -130,7 +145,15 @@ void level0_band(const scalar_t* x, const Strides5& xs, scalar_t* out, const Str
   for (int64_t c = 0; c < g.C; ++c) {
     std::fill(m.begin(), m.end(), -std::numeric_limits<opmath_t>::infinity());
     std::fill(idx.begin(), idx.end(), 0);
-    for (int64_t a = 0; a < s; ++a) {
+    bool done = false;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (kContig && xs.w == D && (!copy || os.w == D)) {  // the vectorised band, copy fused in
+        band_max_f32(x + n * xs.n + c * xs.c + i * s * xs.h, xs.h, s, sw, w0, D, m.data(), idx.data(),
+                     copy ? out + n * os.n + (out_c0 + c) * os.c + i * s * os.h : nullptr, os.h);
+        done = true;  // columns right of the last whole window: copy_tail
+      }
+    }
+    for (int64_t a = 0; a < s && !done; ++a) {
       const int64_t hh = i * s + a;
       const scalar_t* row = x + n * xs.n + c * xs.c + hh * xs.h;
       if (copy) {
@@ -146,9 +169,6 @@ void level0_band(const scalar_t* x, const Strides5& xs, scalar_t* out, const Str
             }
           }
         }
-      }
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (kContig && xs.w == D) continue;  // band_max_f32 below
       }
       for (int64_t j = 0; j < w0; ++j) {
         opmath_t* mj = m.data() + j * D;
@@ -168,10 +188,6 @@ void level0_band(const scalar_t* x, const Strides5& xs, scalar_t* out, const Str
           }
         }
       }
-    }
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (kContig && xs.w == D)  // the band was just copied: read again from cache
-        band_max_f32(x + n * xs.n + c * xs.c + i * s * xs.h, xs.h, s, sw, w0, D, m.data(), idx.data());
     }
     // pooled and arg are contiguous (N, C, h0, w0, D)
     const int64_t base = ((n * g.C + c) * g.h[0] + i) * cells;
@@ -422,13 +438,20 @@ template <typename scalar_t, typename opmath_t>
 void route_band(const scalar_t* gid, const Strides5& gs, scalar_t* gx, const Strides5& xs,
                 const std::vector<const opmath_t*>& gp, const std::vector<const void*>& ap, const Geometry& g,
                 int64_t n, int64_t c, int64_t r0, int64_t r1, std::vector<opmath_t>& buf) {
-  // buf: rows r0..r1 of this (n, c) plane, (rows, W, D) in opmath_t
+  // Rows r0..r1 of this (n, c) plane are accumulated in place in gx when it holds opmath_t in dense
+  // rows (float32/float64, contiguous), else in buf (rows, W, D) and converted at the end.
   const int64_t W = g.W, D = g.D, WD = W * D;
+  const bool direct = std::is_same_v<scalar_t, opmath_t> && xs.d == 1 && xs.w == D;
+  auto work_row = [&](int64_t hh) -> opmath_t* {
+    return direct ? reinterpret_cast<opmath_t*>(gx + n * xs.n + c * xs.c + hh * xs.h) : buf.data() + (hh - r0) * WD;
+  };
   for (int64_t hh = r0; hh < r1; ++hh) {
-    opmath_t* b = buf.data() + (hh - r0) * WD;
+    opmath_t* b = work_row(hh);
     if (gid != nullptr) {
       const scalar_t* src = gid + n * gs.n + c * gs.c + hh * gs.h;
-      if (gs.d == 1) {
+      if (direct && gs.d == 1 && gs.w == D) {
+        std::copy(src, src + WD, reinterpret_cast<scalar_t*>(b));
+      } else if (gs.d == 1) {
         for (int64_t ww = 0; ww < W; ++ww)
           for (int64_t d = 0; d < D; ++d) b[ww * D + d] = static_cast<opmath_t>(src[ww * gs.w + d]);
       } else {
@@ -453,19 +476,14 @@ void route_band(const scalar_t* gid, const Strides5& gs, scalar_t* gx, const Str
         if (hh < r0 || hh >= r1) continue;
         const int64_t j = k / D, d = k % D;
         const int64_t ww = j * sw + p % sw;
-        buf[(hh - r0) * WD + ww * D + d] += gpl[k];
+        work_row(hh)[ww * D + d] += gpl[k];
       }
     }
   }
+  if (direct) return;
   for (int64_t hh = r0; hh < r1; ++hh) {
     const opmath_t* b = buf.data() + (hh - r0) * WD;
     scalar_t* dst = gx + n * xs.n + c * xs.c + hh * xs.h;
-    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-      if (xs.d == 1 && xs.w == D) {
-        std::copy(b, b + WD, dst);
-        continue;
-      }
-    }
     if (xs.d == 1) {
       for (int64_t ww = 0; ww < W; ++ww)
         for (int64_t d = 0; d < D; ++d) dst[ww * xs.w + d] = static_cast<scalar_t>(b[ww * D + d]);
