@@ -8,6 +8,10 @@
 4. Focal loss forward+backward: the Triton kernel against the reference (and MONAI), correctness
    against float64, time, peak memory, and the fraction of the measured copy bandwidth it reaches
    for the bytes it must move (read logits and labels, write the gradient).
+5. Pyramid volumetric pooling (AHNet.psp) forward+backward, alone and with the concatenation AH-Net
+   takes (``concat_input=True``): the Triton kernels against the reference (and MONAI's PSP + cat),
+   error against float64, time, peak memory, and the fraction of the copy bandwidth reached for
+   the minimum bytes (read x, write the output; read its gradient, write x's gradient).
 
 Writes a markdown table and JSON to --out. With --smoke it runs tiny sizes on whatever device
 exists (used on CPU to test this script before spending GPU time).
@@ -170,6 +174,63 @@ def focal_loss_bench(device, smoke, copy_gbps):
     return rows
 
 
+def psp_bench(device, smoke, copy_gbps):
+    try:
+        from monai.networks.nets.ahnet import PSP as MonaiPSP
+    except ImportError:
+        MonaiPSP = None
+    shape = (1, 6, 64, 64, 4) if smoke else (1, 124, 128, 128, 32)
+    rows = []
+    torch.manual_seed(0)
+    module = ahnet_fast.PyramidVolumetricPooling(3, 4, shape[1], "transpose")
+    for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+        for concat in (False, True):
+            exact = copy.deepcopy(module).double().to(device)
+            exact.backend = "reference"
+            xd = x.detach().double().requires_grad_()
+            yd = exact(xd, concat_input=concat)
+            gd = torch.randn(yd.shape, generator=torch.Generator().manual_seed(2)).double().to(device)
+            yd.backward(gd)
+            impls = ["triton", "reference"] if device.type == "cuda" else ["reference"]
+            if MonaiPSP is not None and dtype == torch.float32:
+                impls.append("MONAI")
+            for impl in impls:
+                net = copy.deepcopy(module).to(dtype).to(device)
+                if impl == "MONAI":
+                    theirs = MonaiPSP(3, 4, shape[1], "transpose").to(dtype).to(device)
+                    theirs.load_state_dict(net.state_dict())
+                    fn = (lambda a: torch.cat((theirs(a), a), 1)) if concat else theirs
+                else:
+                    net.backend = impl
+                    fn = lambda a, net=net: net(a, concat_input=concat)  # noqa: E731
+                xi = x.detach().clone().requires_grad_()
+                g = gd.to(dtype)
+
+                def step():
+                    xi.grad = None
+                    fn(xi).backward(g)
+
+                y = fn(xi)
+                y.backward(g)
+                out_err, grad_err = rel(y, yd), rel(xi.grad, xd.grad)
+                del y
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                ms = median_ms(step, device, warmup=2, repeats=5 if smoke else 20)
+                extra = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
+                x_bytes = x.numel() * x.element_size()
+                out_bytes = x_bytes * (4 + (shape[1] if concat else 0)) // shape[1]
+                gbps = 2 * (x_bytes + out_bytes) / ms / 1e6
+                rows.append({"shape": list(shape), "concat": concat, "dtype": str(dtype), "impl": impl, "ms": ms,
+                             "out_rel_err": out_err, "grad_rel_err": grad_err, "extra_peak_bytes": extra,
+                             "GBps": gbps, "fraction_of_copy": gbps / copy_gbps})
+                print("psp", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
@@ -193,6 +254,7 @@ def main():
     for r in result["correctness"]:
         print("correctness", json.dumps(r), flush=True)
     result["focal_loss"] = focal_loss_bench(device, args.smoke, result["ceilings"]["copy_GBps"])
+    result["psp"] = psp_bench(device, args.smoke, result["ceilings"]["copy_GBps"])
     result["train_step"] = train_step_bench(device, args.smoke)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -215,6 +277,13 @@ def main():
         extra = "n/a" if r["extra_peak_bytes"] is None else f"{r['extra_peak_bytes'] / 2**20:.0f} MiB"
         lines.append(f"| {tuple(r['shape'])} {'softmax' if r['softmax'] else 'sigmoid'} | {r['dtype']} | {r['impl']} | "
                      f"{r['ms']:.2f} | {r['grad_rel_err']:.1e} | {extra} | {r['GBps']:.0f} | "
+                     f"{100 * r['fraction_of_copy']:.0f}% |")
+    lines += ["", "| pyramid pooling | use | dtype | impl | ms (fwd+bwd) | out / grad rel err vs fp64 | extra peak | "
+              "GB/s | of copy bw |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["psp"]:
+        extra = "n/a" if r["extra_peak_bytes"] is None else f"{r['extra_peak_bytes'] / 2**20:.0f} MiB"
+        lines.append(f"| {tuple(r['shape'])} | {'PSP+cat' if r['concat'] else 'PSP'} | {r['dtype']} | {r['impl']} | "
+                     f"{r['ms']:.2f} | {r['out_rel_err']:.1e} / {r['grad_rel_err']:.1e} | {extra} | {r['GBps']:.0f} | "
                      f"{100 * r['fraction_of_copy']:.0f}% |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:

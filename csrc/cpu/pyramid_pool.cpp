@@ -97,11 +97,11 @@ inline void max_update(const scalar_t* __restrict src, opmath_t* __restrict m, i
 }
 
 // The same over a whole band of one channel, float, dense rows (row r at x + r * row_stride,
-// element (w, d) at w * D + d): the hot loop of the forward. Compiled twice, AVX2 and baseline,
+// element (w, d) at w * D + d): the hot loop of the forward. Compiled for AVX-512, AVX2 and baseline,
 // picked once at load time (GCC function multiversioning).
 // With `out`, each element read is also written to out + a * out_row_stride + its offset (the fused
 // concatenation), from the same register.
-__attribute__((target_clones("avx2", "default"))) void band_max_f32(
+__attribute__((target_clones("avx512f", "avx2", "default"))) void band_max_f32(
     const float* __restrict x, int64_t row_stride, int64_t rows, int64_t sw, int64_t w0, int64_t D,
     float* __restrict m, int32_t* __restrict idx, float* __restrict out, int64_t out_row_stride) {
   for (int64_t a = 0; a < rows; ++a)
