@@ -192,7 +192,8 @@ def psp_bench(device, smoke, copy_gbps):
             yd = exact(xd, concat_input=concat)
             gd = torch.randn(yd.shape, generator=torch.Generator().manual_seed(2)).double().to(device)
             yd.backward(gd)
-            impls = ["triton", "reference"] if device.type == "cuda" else ["reference"]
+            interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # --smoke on CPU: the Triton path too
+            impls = ["triton", "reference"] if device.type == "cuda" or interpreted else ["reference"]
             if MonaiPSP is not None and dtype == torch.float32:
                 impls.append("MONAI")
             for impl in impls:

@@ -186,11 +186,19 @@ class PyramidVolumetricPooling(nn.Module):
     quirk: it adds a border ring), upsample back to the input size, and concatenate the levels.
 
     Same parameter names as MONAI's ``PSP(spatial_dims, psp_block_num, in_ch, upsample_mode)``
-    (``project_modules.i``, ``up_modules.i``); here the channel count is ``in_channels``.
+    (``project_modules.i``, ``up_modules.i``); here the channel count is ``in_channels``. The work is
+    done by the op :func:`ahnet_fast.ops.pyramid_pool`: with the fused backends one read of the input
+    serves every level and no int64 index is kept for backward (``pool_modules`` stay, parameter-free,
+    for MONAI's module structure). ``forward(x, concat_input=True)`` returns ``cat([psp(x), x], 1)``,
+    the tensor AH-Net's final block takes, written in the same pass.
+
+    Keyword-only:
+        backend: "auto", "reference", "cpp" or "triton"; None follows ``ahnet_fast.backend(...)`` /
+            ``AHNET_FAST_BACKEND``.
     """
 
     def __init__(self, spatial_dims: int = 3, psp_block_num: int = 4, in_channels: int = 124,
-                 upsample_mode: str = "transpose"):
+                 upsample_mode: str = "transpose", *, backend: str | None = None):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"PyramidVolumetricPooling: spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -202,7 +210,7 @@ class PyramidVolumetricPooling(nn.Module):
                              f"{upsample_mode!r}")
         conv, pool = _conv(spatial_dims), _maxpool(spatial_dims)
         self.in_channels = in_channels
-        self.backend: str | None = None
+        self.backend = backend
         self.up_modules = nn.ModuleList()
         self.pool_modules = nn.ModuleList()
         self.project_modules = nn.ModuleList()
@@ -219,6 +227,7 @@ class PyramidVolumetricPooling(nn.Module):
                 size = (2 ** (i + 3), 2 ** (i + 3), 1)[-spatial_dims:]
                 pad = (2 ** (i + 3), 2 ** (i + 3), 0)[-spatial_dims:]
                 self.up_modules.append(_conv_transpose(spatial_dims)(1, 1, kernel_size=size, stride=size, padding=pad))
+        set_backend(self, backend)  # validates the name now
 
     def check_input(self, x: torch.Tensor) -> None:
         """ValueError naming the rule when the pooling cannot take ``x``: the in-plane axes (3D: the first
