@@ -24,6 +24,15 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return statistics.median(times)
 
 
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM"), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
 def finish_report(lines: list[str], path: str | None) -> None:
     """Writes the markdown report (the lines already printed as they were measured) when asked to."""
     if path:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import torch
-from _common import finish_report, median_seconds  # benchmarks/ is the script's folder, first on sys.path
+from _common import finish_report, median_seconds, rss_bytes  # benchmarks/ is the script's folder, first on sys.path
 
 CASES = [  # (shape, softmax, target kind)
     ((2, 3, 192, 192, 64), True, "labels"),
@@ -56,14 +56,6 @@ def loss_fn(impl, softmax, kind):
 def step(f, x, t_ours, t_monai):
     x.grad = None
     f(x, t_ours, t_monai).backward()
-
-
-def rss_bytes(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def measure_peak(impl, shape, softmax, kind):

@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 import torch
-from _common import finish_report, median_seconds  # benchmarks/ is the script's folder, first on sys.path
+from _common import finish_report, median_seconds, rss_bytes  # benchmarks/ is the script's folder, first on sys.path
 
 # (shape of the PSP input d4, upsample mode, where AH-Net meets it)
 CASES = [
@@ -74,14 +74,6 @@ def saved_bytes(f, x):
     total = sum(b for b, _ in seen.values())
     int64 = sum(b for b, dt in seen.values() if dt == torch.int64)
     return total, int64
-
-
-def rss_bytes(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def measure_peak(impl, shape, mode, concat):

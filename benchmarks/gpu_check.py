@@ -40,6 +40,17 @@ def median_ms(fn, device, warmup=2, repeats=7):
     return 1e3 * median_seconds(fn, repeats, warmup, sync=lambda: sync(device))
 
 
+def time_and_extra_peak(step, device, smoke):
+    """(median ms of step(), peak bytes allocated beyond what was allocated before; None off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    ms = median_ms(step, device, warmup=2, repeats=5 if smoke else 20)
+    extra = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
+    return ms, extra
+
+
 def ceilings(device, smoke):
     n = (1 << 20) if smoke else (1 << 28)  # 1 GiB of fp32 on the GPU
     src = torch.randn(n, device=device)
@@ -159,12 +170,7 @@ def focal_loss_bench(device, smoke, copy_gbps):
 
                 step()
                 err = rel(xi.grad, xd.grad)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                ms = median_ms(step, device, warmup=2, repeats=5 if smoke else 20)
-                extra = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
+                ms, extra = time_and_extra_peak(step, device, smoke)
                 min_bytes = 2 * x.numel() * x.element_size() + labels.numel() * labels.element_size()
                 gbps = min_bytes / ms / 1e6
                 rows.append({"shape": list(shape), "softmax": softmax, "dtype": str(dtype), "impl": impl, "ms": ms,
@@ -216,12 +222,7 @@ def psp_bench(device, smoke, copy_gbps):
                 y.backward(g)
                 out_err, grad_err = rel(y, yd), rel(xi.grad, xd.grad)
                 del y
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                ms = median_ms(step, device, warmup=2, repeats=5 if smoke else 20)
-                extra = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
+                ms, extra = time_and_extra_peak(step, device, smoke)
                 x_bytes = x.numel() * x.element_size()
                 out_bytes = x_bytes * (4 + (shape[1] if concat else 0)) // shape[1]
                 gbps = 2 * (x_bytes + out_bytes) / ms / 1e6

@@ -342,9 +342,7 @@ def test_triton_opcheck():
 def test_forced_triton_without_the_interpreter_says_why(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CUDA machine: Triton runs")
-    from ahnet_fast.ops import pyramid_pool as module
-
-    monkeypatch.setattr(module, "triton_interpreted", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _, ours = _pair(3, 1, "transpose", channels=2)
     with pytest.raises(ahnet_fast.BackendUnavailableError, match="TRITON_INTERPRET=1"):
         pyramid_pool(torch.randn(1, 2, 8, 8, 1), *_params(ours), backend="triton")

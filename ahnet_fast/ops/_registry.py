@@ -41,6 +41,21 @@ def triton_available() -> bool:
     return _triton
 
 
+def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why the Triton kernels cannot run on tensors of this device and dtype (empty if they can)."""
+    reasons = []
+    if not triton_available():
+        reasons.append("triton is not installed (pip install 'triton>=3.1')")
+    elif device.type == "cpu" and not triton_interpreted():
+        reasons.append("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
+                       "importing ahnet_fast")
+    elif device.type not in ("cpu", "cuda"):
+        reasons.append(f"the Triton kernels run on CUDA tensors, not {device.type}")
+    if dtype == torch.bfloat16 and triton_interpreted():
+        reasons.append("the Triton interpreter has no bfloat16")
+    return reasons
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run in the interpreter (CPU tensors): TRITON_INTERPRET=1."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import output_like
-from ahnet_fast.ops._registry import (cpp_kernel_reasons, note_compiled_kernels, triton_available,
-                                      triton_interpreted)
+from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels, triton_reasons
 
 __all__ = ["focal_loss", "focal_loss_reference", "REDUCTIONS"]
 
@@ -285,17 +284,7 @@ def _cpp_reasons(p: _Problem) -> list[str]:
 
 
 def _triton_reasons(p: _Problem) -> list[str]:
-    reasons = []
-    if not triton_available():
-        reasons.append("triton is not installed (pip install 'triton>=3.1')")
-    elif p.logits.device.type == "cpu" and not triton_interpreted():
-        reasons.append("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
-                       "importing ahnet_fast")
-    elif p.logits.device.type not in ("cpu", "cuda"):
-        reasons.append(f"the Triton kernel runs on CUDA tensors, not {p.logits.device.type}")
-    if p.logits.dtype == torch.bfloat16 and triton_interpreted():
-        reasons.append("the Triton interpreter has no bfloat16")
-    return reasons + _kernel_contract_reasons(p)
+    return triton_reasons(p.logits.device, p.logits.dtype) + _kernel_contract_reasons(p)
 
 
 IMPLEMENTATIONS = (

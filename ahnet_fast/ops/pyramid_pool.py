@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels, triton_available, triton_interpreted
+from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels, triton_reasons
 
 __all__ = ["UPSAMPLE_MODES", "check_pyramid_pool_input", "pyramid_pool", "pyramid_pool_reference"]
 
@@ -215,17 +215,7 @@ def _cpp_reasons(x) -> list[str]:
 
 
 def _triton_reasons(x) -> list[str]:
-    reasons = []
-    if not triton_available():
-        reasons.append("triton is not installed (pip install 'triton>=3.1')")
-    elif x.device.type == "cpu" and not triton_interpreted():
-        reasons.append("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
-                       "importing ahnet_fast")
-    elif x.device.type not in ("cpu", "cuda"):
-        reasons.append(f"the Triton kernels run on CUDA tensors, not {x.device.type}")
-    if x.dtype == torch.bfloat16 and triton_interpreted():
-        reasons.append("the Triton interpreter has no bfloat16")
-    return reasons + _dtype_reasons(x)
+    return triton_reasons(x.device, x.dtype) + _dtype_reasons(x)
 
 
 IMPLEMENTATIONS = (
