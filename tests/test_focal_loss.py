@@ -320,9 +320,9 @@ def test_module_state_dict_like_monai():
 
 
 @needs_ext
-def test_baseline_isa_variant_matches_reference():
-    """The kernel is built twice (baseline and AVX2+FMA, picked at run time); the suite runs the
-    AVX2 one where the CPU has it, so check the baseline one too, in a process that disables AVX2."""
+def test_narrower_isa_variants_match_reference():
+    """The kernel is built three times (baseline, AVX2+FMA, AVX-512; the widest the CPU has runs); the
+    suite runs that one, so check the narrower ones too, each in a process that disables the wider."""
     import os
     import subprocess
     import sys
@@ -339,9 +339,10 @@ def test_baseline_isa_variant_matches_reference():
         "    assert abs(la.item() - lb.item()) <= 1e-5 * abs(lb.item()), (la, lb)\n"
         "    assert (a.grad - b.grad).norm() <= 1e-5 * b.grad.norm()\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, AHNET_FAST_NO_AVX2="1"))
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    for switch in ("AHNET_FAST_NO_AVX2", "AHNET_FAST_NO_AVX512"):  # the baseline, then the AVX2 variant
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, **{switch: "1"}))
+        assert out.returncode == 0 and "ok" in out.stdout, (switch, out.stderr)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

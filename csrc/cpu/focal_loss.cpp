@@ -71,11 +71,12 @@ struct Partial {
 // The sigmoid focal loss of a run of n elements of one class: adds the loss to vloss and writes
 // dL/dx (unscaled) to d. loss = A * B * M with B = softplus(x) - x t (BCE with logits),
 
-// The kernels, compiled for the baseline ISA and, on x86-64 with GCC/Clang, for AVX2+FMA.
+// The kernels, compiled for the baseline ISA and, on x86-64 with GCC/Clang, for AVX2+FMA and for
+// AVX-512 (16-wide, mask registers).
 #define AHNET_FAST_ISA_NS isa_baseline
 #include "focal_loss_kernel.h"
 #undef AHNET_FAST_ISA_NS
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define AHNET_FAST_HAVE_AVX2_VARIANT 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -83,15 +84,32 @@ struct Partial {
 #include "focal_loss_kernel.h"
 #undef AHNET_FAST_ISA_NS
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")
+#define AHNET_FAST_ISA_NS isa_avx512
+#include "focal_loss_kernel.h"
+#undef AHNET_FAST_ISA_NS
+#pragma GCC pop_options
 #endif
 
-bool use_avx2() {
+// Which compiled variant runs: the widest the CPU has, unless AHNET_FAST_NO_AVX512=1 (then AVX2 at
+// most) or AHNET_FAST_NO_AVX2=1 (the baseline) says otherwise.
+enum class Isa { baseline, avx2, avx512 };
+
+Isa chosen_isa() {
 #ifdef AHNET_FAST_HAVE_AVX2_VARIANT
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::getenv("AHNET_FAST_NO_AVX2") == nullptr;
-  return ok;
+  static const Isa isa = [] {
+    if (std::getenv("AHNET_FAST_NO_AVX2") != nullptr) return Isa::baseline;
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return Isa::baseline;
+    if (std::getenv("AHNET_FAST_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
+      return Isa::avx512;
+    return Isa::avx2;
+  }();
+  return isa;
 #else
-  return false;
+  return Isa::baseline;
 #endif
 }
 
@@ -104,7 +122,12 @@ void run_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_t 
   const double* sp = scale.const_data_ptr<double>();
   const bool unit = L.ss == 1 && (o.label_target || tgt_ss == 1);
 #ifdef AHNET_FAST_HAVE_AVX2_VARIANT
-  if (use_avx2()) {
+  if (chosen_isa() == Isa::avx512) {
+    if (unit) isa_avx512::focal_tiles<scalar_t, target_t, true>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
+    else isa_avx512::focal_tiles<scalar_t, target_t, false>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
+    return;
+  }
+  if (chosen_isa() == Isa::avx2) {
     if (unit) isa_avx2::focal_tiles<scalar_t, target_t, true>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
     else isa_avx2::focal_tiles<scalar_t, target_t, false>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
     return;

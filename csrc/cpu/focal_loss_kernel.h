@@ -1,7 +1,8 @@
-// Included twice by focal_loss.cpp, each time inside another namespace (AHNET_FAST_ISA_NS): once
-// for the baseline instruction set and once under `#pragma GCC target("avx2,fma")`, so the hot
-// loops get 8-wide vectors with FMA where the CPU has them (chosen at run time). No include
-// guard on purpose. Everything here has internal linkage, so the two copies never clash.
+// Included three times by focal_loss.cpp, each time inside another namespace (AHNET_FAST_ISA_NS):
+// for the baseline instruction set, under `#pragma GCC target("avx2,fma")` and under an AVX-512
+// target, so the hot loops get 8- or 16-wide vectors with FMA where the CPU has them (chosen at run
+// time). No include guard on purpose. Everything here has internal linkage, so the copies never
+// clash.
 namespace AHNET_FAST_ISA_NS {
 
 // ---------------------------------------------------------------------------------------------
