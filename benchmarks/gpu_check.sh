@@ -3,7 +3,8 @@
 # On the device machine (torch with CUDA, triton, no network), from the repository root:
 #   bash benchmarks/gpu_check.sh            # results under $OUT (the device tool's output folder)
 #   bash benchmarks/gpu_check.sh --smoke    # tiny sizes on any device: tests this script on CPU
-# It runs benchmarks/gpu_check.py (Triton kernels and the reference path need no compiled
+# It runs the Triton kernels' tests on CUDA (when MONAI is importable: the test modules use it) and
+# benchmarks/gpu_check.py (Triton kernels and the reference path need no compiled
 # extension). Building the C++ extension there costs minutes of device time and measures nothing on
 # the GPU, so it is skipped unless AHNET_FAST_GPU_BUILD=1 (then the CPU op tests run there too).
 # Commit $OUT's gpu_check.md/json under benchmarks/results/. MONAI is not on the device image: carry a wheel in .device_wheels/ (ignored)
@@ -28,6 +29,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
       || { echo "BUILD FAILED (tail of build.log):"; tail -20 "$OUT/build.log"; }
     echo "== CPU op tests on this machine's torch"
     timeout 180 "$PY" -m pytest -q -x tests/test_bn_relu.py 2>&1 | tail -3
+  fi
+  if "$PY" -c "import monai" 2>/dev/null; then
+    echo "== Triton kernels against the reference on CUDA (fp32/fp16; bf16 where the tests take it)"
+    timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_focal_loss_triton.py tests/test_pyramid_pool.py \
+      -k "triton and not compile_check" 2>&1 | tail -5
+  else
+    echo "== (no MONAI on this machine: the Triton pytest checks need it; gpu_check.py still compares to the reference)"
   fi
   echo "== GPU check"
   timeout 420 "$PY" benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tail -40
