@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 
-KERNEL_MODULES = ("ahnet_fast.kernels.triton.focal_loss", "ahnet_fast.kernels.triton.pyramid_pool")
+KERNEL_MODULES = ("ahnet_fast.kernels.triton.bn_relu", "ahnet_fast.kernels.triton.focal_loss",
+                  "ahnet_fast.kernels.triton.pyramid_pool")
 
 
 def _ptxas() -> str:

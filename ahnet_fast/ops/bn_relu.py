@@ -8,6 +8,10 @@ statistics in place with ``momentum``; running statistics in eval). Backends:
 - ``cpp``: ``torch.ops.ahnet_fast.bn_relu`` (csrc/cpu/bn_relu.cpp): one pass for the statistics,
   one for normalise+ReLU, channel-first or channels-last read directly; its backward recomputes the
   ReLU mask from the input, so the activation is not saved for backward by this op.
+- ``triton`` (ahnet_fast/kernels/triton/bn_relu.py, registered as ``ahnet_fast::bn_relu_triton`` /
+  ``bn_relu_backward_triton`` with the same fake and autograd): the same contract on CUDA (or CPU
+  under TRITON_INTERPRET=1); statistics per channel with Chan's formula between blocks, so a large
+  mean does not cancel the variance.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import output_like
-from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels
+from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels, triton_reasons
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_reference"]
 
@@ -49,8 +53,11 @@ def _cpp_reasons(x, *_):
     return reasons
 
 
-def _triton_reasons(*_):
-    return ["bn_relu has no Triton kernel yet"]
+def _triton_reasons(x, *_):
+    reasons = triton_reasons(x.device, x.dtype)
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {x.dtype} is not a floating type the kernel handles")
+    return reasons
 
 
 IMPLEMENTATIONS = (
@@ -73,7 +80,8 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
     if bias is None:
         bias = torch.zeros_like(weight)
     use_batch_stats = training or running_mean is None or running_var is None
-    y, mean, var = torch.ops.ahnet_fast.bn_relu(
+    forward = torch.ops.ahnet_fast.bn_relu if chosen == "cpp" else _triton_ops()[0]
+    y, mean, var = forward(
         x, weight, bias, None if use_batch_stats else running_mean, None if use_batch_stats else running_var,
         use_batch_stats, eps,
     )
@@ -94,36 +102,75 @@ def _stats_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _register():
-    if not extension_available():
-        return
-    note_compiled_kernels("bn_relu")
+def _bn_relu_fake(x, weight, bias, running_mean, running_var, training, eps):
+    c = x.shape[1]
+    return output_like(x), x.new_empty(c, dtype=_stats_dtype(x)), x.new_empty(c, dtype=_stats_dtype(x))
 
-    @torch.library.register_fake("ahnet_fast::bn_relu")
-    def _bn_relu_fake(x, weight, bias, running_mean, running_var, training, eps):
-        c = x.shape[1]
-        return output_like(x), x.new_empty(c, dtype=_stats_dtype(x)), x.new_empty(c, dtype=_stats_dtype(x))
 
-    @torch.library.register_fake("ahnet_fast::bn_relu_backward")
-    def _bn_relu_backward_fake(grad_out, x, weight, bias, mean, var, training, eps):
-        return output_like(x), torch.empty_like(weight), torch.empty_like(bias)
+def _bn_relu_backward_fake(grad_out, x, weight, bias, mean, var, training, eps):
+    return output_like(x), torch.empty_like(weight), torch.empty_like(bias)
 
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, running_mean, running_var, training, eps = inputs
-        _, mean, var = output
-        ctx.save_for_backward(x, weight, bias, mean, var)
-        ctx.use_batch_stats = training or running_mean is None or running_var is None
-        ctx.eps = eps
 
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, training, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, bias, mean, var)
+    ctx.use_batch_stats = training or running_mean is None or running_var is None
+    ctx.eps = eps
+
+
+def _make_backward(backward_op):
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, bias, mean, var = ctx.saved_tensors
         if grad_y is None:
             return None, None, None, None, None, None, None
-        dx, dw, db = torch.ops.ahnet_fast.bn_relu_backward(grad_y, x, weight, bias, mean, var,
-                                                            ctx.use_batch_stats, ctx.eps)
+        dx, dw, db = backward_op(grad_y, x, weight, bias, mean, var, ctx.use_batch_stats, ctx.eps)
         return dx, dw, db, None, None, None, None
 
-    torch.library.register_autograd("ahnet_fast::bn_relu", backward, setup_context=setup_context)
+    return backward
+
+
+_TRITON_OPS = None
+
+
+def _triton_ops():
+    """``ahnet_fast::bn_relu_triton`` / ``bn_relu_backward_triton``: the Triton kernels as custom ops
+    (CUDA, or CPU under TRITON_INTERPRET=1), with the C++ ops' fakes and autograd."""
+    global _TRITON_OPS
+    if _TRITON_OPS is None:
+        from ahnet_fast.kernels.triton import bn_relu as kernels
+
+        @torch.library.custom_op("ahnet_fast::bn_relu_backward_triton", mutates_args=())
+        def bn_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                    bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, training: bool,
+                                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return kernels.bn_relu_backward(grad_out, x, weight, bias, mean, var, training, eps)
+
+        bn_relu_backward_triton.register_fake(_bn_relu_backward_fake)
+
+        @torch.library.custom_op("ahnet_fast::bn_relu_triton", mutates_args=())
+        def bn_relu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            y, mean, var = kernels.bn_relu_forward(x, weight, bias, running_mean, running_var, training, eps)
+            # outputs must not alias inputs (eval mode hands back the running statistics)
+            return y, mean.clone() if mean is running_mean else mean, var.clone() if var is running_var else var
+
+        bn_relu_triton.register_fake(_bn_relu_fake)
+        backward_op = torch.ops.ahnet_fast.bn_relu_backward_triton.default
+        bn_relu_triton.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
+        _TRITON_OPS = (torch.ops.ahnet_fast.bn_relu_triton.default, backward_op)
+    return _TRITON_OPS
+
+
+def _register():
+    if not extension_available():
+        return
+    note_compiled_kernels("bn_relu")
+    torch.library.register_fake("ahnet_fast::bn_relu")(_bn_relu_fake)
+    torch.library.register_fake("ahnet_fast::bn_relu_backward")(_bn_relu_backward_fake)
+    torch.library.register_autograd("ahnet_fast::bn_relu", _make_backward(torch.ops.ahnet_fast.bn_relu_backward),
+                                    setup_context=_setup_context)
 
 
 _register()
