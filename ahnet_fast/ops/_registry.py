@@ -60,3 +60,24 @@ def triton_interpreted() -> bool:
     """True when Triton kernels run in the interpreter (CPU tensors): TRITON_INTERPRET=1."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
+
+
+def register_compiled_pair(forward: str, backward: str, forward_fake, backward_fake, make_backward,
+                           setup_context) -> None:
+    """Fakes and autograd of a compiled forward op `ahnet_fast::<forward>` whose gradient is the
+    compiled op `ahnet_fast::<backward>` (schemas in csrc/ops.cpp)."""
+    note_compiled_kernels(forward)
+    torch.library.register_fake(f"ahnet_fast::{forward}")(forward_fake)
+    torch.library.register_fake(f"ahnet_fast::{backward}")(backward_fake)
+    torch.library.register_autograd(f"ahnet_fast::{forward}", make_backward(getattr(torch.ops.ahnet_fast, backward)),
+                                    setup_context=setup_context)
+
+
+def register_triton_pair(forward_op, backward_op, forward_fake, backward_fake, make_backward, setup_context):
+    """The same for a pair of Triton custom ops (torch.library.custom_op objects); returns their
+    OpOverloads (forward, backward)."""
+    backward_op.register_fake(backward_fake)
+    forward_op.register_fake(forward_fake)
+    backward_overload = getattr(torch.ops.ahnet_fast, backward_op._name).default
+    forward_op.register_autograd(make_backward(backward_overload), setup_context=setup_context)
+    return getattr(torch.ops.ahnet_fast, forward_op._name).default, backward_overload

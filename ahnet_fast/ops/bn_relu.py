@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import output_like
-from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels, triton_reasons
+from ahnet_fast.ops._registry import (cpp_kernel_reasons, register_compiled_pair, register_triton_pair,
+                                      triton_reasons)
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_reference"]
 
@@ -146,8 +147,6 @@ def _triton_ops():
                                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return kernels.bn_relu_backward(grad_out, x, weight, bias, mean, var, training, eps)
 
-        bn_relu_backward_triton.register_fake(_bn_relu_backward_fake)
-
         @torch.library.custom_op("ahnet_fast::bn_relu_triton", mutates_args=())
         def bn_relu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                            running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
@@ -156,21 +155,15 @@ def _triton_ops():
             # outputs must not alias inputs (eval mode hands back the running statistics)
             return y, mean.clone() if mean is running_mean else mean, var.clone() if var is running_var else var
 
-        bn_relu_triton.register_fake(_bn_relu_fake)
-        backward_op = torch.ops.ahnet_fast.bn_relu_backward_triton.default
-        bn_relu_triton.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
-        _TRITON_OPS = (torch.ops.ahnet_fast.bn_relu_triton.default, backward_op)
+        _TRITON_OPS = register_triton_pair(bn_relu_triton, bn_relu_backward_triton, _bn_relu_fake,
+                                           _bn_relu_backward_fake, _make_backward, _setup_context)
     return _TRITON_OPS
 
 
 def _register():
-    if not extension_available():
-        return
-    note_compiled_kernels("bn_relu")
-    torch.library.register_fake("ahnet_fast::bn_relu")(_bn_relu_fake)
-    torch.library.register_fake("ahnet_fast::bn_relu_backward")(_bn_relu_backward_fake)
-    torch.library.register_autograd("ahnet_fast::bn_relu", _make_backward(torch.ops.ahnet_fast.bn_relu_backward),
-                                    setup_context=_setup_context)
+    if extension_available():
+        register_compiled_pair("bn_relu", "bn_relu_backward", _bn_relu_fake, _bn_relu_backward_fake, _make_backward,
+                               _setup_context)
 
 
 _register()

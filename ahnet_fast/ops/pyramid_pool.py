@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels, triton_reasons
+from ahnet_fast.ops._registry import (cpp_kernel_reasons, register_compiled_pair, register_triton_pair,
+                                      triton_reasons)
 
 __all__ = ["UPSAMPLE_MODES", "check_pyramid_pool_input", "pyramid_pool", "pyramid_pool_reference"]
 
@@ -381,8 +382,6 @@ def _triton_ops():
                                 channels_last: bool) -> torch.Tensor:
             return kernels.psp_backward(grad_identity, grad_pooled, argmax, size, pool_w, dtype, channels_last)
 
-        psp_backward_triton.register_fake(_backward_fake)
-
         @torch.library.custom_op("ahnet_fast::psp_forward_triton", mutates_args=())
         def psp_forward_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
                                up_weight: torch.Tensor | None, up_bias: torch.Tensor | None, index_h: torch.Tensor,
@@ -392,21 +391,15 @@ def _triton_ops():
             return kernels.psp_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h, index_w,
                                        lambda_w, levels, pool_w, linear, concat_input)
 
-        psp_forward_triton.register_fake(_forward_fake)
-        backward_op = torch.ops.ahnet_fast.psp_backward_triton.default
-        psp_forward_triton.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
-        _TRITON_OPS = (torch.ops.ahnet_fast.psp_forward_triton.default, backward_op)
+        _TRITON_OPS = register_triton_pair(psp_forward_triton, psp_backward_triton, _forward_fake, _backward_fake,
+                                           _make_backward, _setup_context)
     return _TRITON_OPS
 
 
 def _register():
-    if not extension_available():
-        return
-    note_compiled_kernels("psp_forward")
-    torch.library.register_fake("ahnet_fast::psp_forward")(_forward_fake)
-    torch.library.register_fake("ahnet_fast::psp_backward")(_backward_fake)
-    torch.library.register_autograd("ahnet_fast::psp_forward", _make_backward(torch.ops.ahnet_fast.psp_backward),
-                                    setup_context=_setup_context)
+    if extension_available():
+        register_compiled_pair("psp_forward", "psp_backward", _forward_fake, _backward_fake, _make_backward,
+                               _setup_context)
 
 
 _register()

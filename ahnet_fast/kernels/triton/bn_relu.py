@@ -36,6 +36,13 @@ def _offsets(e, S, sn, ss):
 
 
 @triton.jit
+def _channel_params(mean_ptr, invstd_ptr, w_ptr, b_ptr, c):
+    """Channel c's mean, 1/std, weight and bias, in the statistics' precision."""
+    mean = tl.load(mean_ptr + c)
+    return mean, tl.load(invstd_ptr + c), tl.load(w_ptr + c).to(mean.dtype), tl.load(b_ptr + c).to(mean.dtype)
+
+
+@triton.jit
 def bn_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, S, sn, sc, ss, per_slice, SLICES,
                     BLOCK: tl.constexpr):
     c = tl.program_id(0)
@@ -72,10 +79,9 @@ def bn_relu_fwd_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, M, S, s
     c = tl.program_id(1)
     e = pid * BLOCK + tl.arange(0, BLOCK)
     mask = e < M
-    mean = tl.load(mean_ptr + c)
-    invstd = tl.load(invstd_ptr + c)
-    scale = tl.load(w_ptr + c).to(mean.dtype) * invstd
-    shift = tl.load(b_ptr + c).to(mean.dtype) - mean * scale
+    mean, invstd, w, b = _channel_params(mean_ptr, invstd_ptr, w_ptr, b_ptr, c)
+    scale = w * invstd
+    shift = b - mean * scale
     x = tl.load(x_ptr + c.to(tl.int64) * sxc + _offsets(e, S, sxn, sxs), mask=mask, other=0).to(mean.dtype)
     y = tl.maximum(x * scale + shift, 0)
     tl.store(y_ptr + c.to(tl.int64) * syc + _offsets(e, S, syn, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -86,10 +92,7 @@ def bn_relu_grad_sums_kernel(g_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s
                              sgn, sgc, sgs, sxn, sxc, sxs, per_slice, SLICES, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     k = tl.program_id(1)
-    mean = tl.load(mean_ptr + c)
-    invstd = tl.load(invstd_ptr + c)
-    w = tl.load(w_ptr + c).to(mean.dtype)
-    b = tl.load(b_ptr + c).to(mean.dtype)
+    mean, invstd, w, b = _channel_params(mean_ptr, invstd_ptr, w_ptr, b_ptr, c)
     lo = k * per_slice
     hi = tl.minimum(lo + per_slice, M)
     acc_g = tl.zeros([BLOCK], dtype=mean.dtype)
@@ -114,10 +117,7 @@ def bn_relu_bwd_kernel(g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
     c = tl.program_id(1)
     e = pid * BLOCK + tl.arange(0, BLOCK)
     mask = e < M
-    mean = tl.load(mean_ptr + c)
-    invstd = tl.load(invstd_ptr + c)
-    w = tl.load(w_ptr + c).to(mean.dtype)
-    b = tl.load(b_ptr + c).to(mean.dtype)
+    mean, invstd, w, b = _channel_params(mean_ptr, invstd_ptr, w_ptr, b_ptr, c)
     x = tl.load(x_ptr + c.to(tl.int64) * sxc + _offsets(e, S, sxn, sxs), mask=mask, other=0).to(mean.dtype)
     g = tl.load(g_ptr + c.to(tl.int64) * sgc + _offsets(e, S, sgn, sgs), mask=mask, other=0).to(mean.dtype)
     xhat = (x - mean) * invstd
