@@ -2,5 +2,6 @@
 backend, and the autograd/fake registration of its compiled kernels."""
 from ahnet_fast.ops.bn_relu import batch_norm_relu, batch_norm_relu_reference
 from ahnet_fast.ops.focal_loss import focal_loss
+from ahnet_fast.ops.pyramid_pool import pyramid_pool, pyramid_pool_reference
 
-__all__ = ["batch_norm_relu", "batch_norm_relu_reference", "focal_loss"]
+__all__ = ["batch_norm_relu", "batch_norm_relu_reference", "focal_loss", "pyramid_pool", "pyramid_pool_reference"]
