@@ -1,6 +1,7 @@
-"""The memory layouts the kernels read directly, in Python (the C++ twin is csrc/cpu/layout.h):
-contiguous channel-first, or channels-last (channels_last / channels_last_3d: C innermost).
-Anything else is made contiguous first."""
+"""The memory layouts and math precision the kernels use, in Python (the C++ twin is
+csrc/cpu/layout.h): contiguous channel-first, or channels-last (channels_last / channels_last_3d: C
+innermost). Anything else is made contiguous first. Shared by the op modules and the Triton
+launchers."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,22 @@ import torch
 
 def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def readable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in a layout the kernels read directly (contiguous or channels-last), copied if not."""
+    return x if x.is_contiguous() or is_channels_last(x) else x.contiguous()
+
+
+def channels_innermost(x: torch.Tensor) -> bool:
+    """Kernels that take any strides (pyramid pooling) give their outputs the channels-last format
+    when the input's channel stride is 1; the C++ kernel applies the same rule."""
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the kernels compute in: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def output_like(x: torch.Tensor) -> torch.Tensor:

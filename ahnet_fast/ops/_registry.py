@@ -41,6 +41,14 @@ def triton_available() -> bool:
     return _triton
 
 
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def dtype_reasons(dtype: torch.dtype) -> list[str]:
+    """Why the compiled and Triton kernels cannot take tensors of this dtype (empty if they can)."""
+    return [] if dtype in KERNEL_DTYPES else [f"dtype {dtype} is not a floating type the kernels handle"]
+
+
 def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why the Triton kernels cannot run on tensors of this device and dtype (empty if they can)."""
     reasons = []

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import output_like
-from ahnet_fast.ops._registry import (cpp_kernel_reasons, register_compiled_pair, register_triton_pair,
-                                      triton_reasons)
+from ahnet_fast._layout import opmath_dtype, output_like
+from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, register_compiled_pair,
+                                      register_triton_pair, triton_reasons)
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_reference"]
 
@@ -48,17 +48,11 @@ def _check(x, running_mean, running_var, weight, bias, training):
 
 
 def _cpp_reasons(x, *_):
-    reasons = cpp_kernel_reasons("bn_relu", x.device)
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        reasons.append(f"dtype {x.dtype} is not a floating type the kernel handles")
-    return reasons
+    return cpp_kernel_reasons("bn_relu", x.device) + dtype_reasons(x.dtype)
 
 
 def _triton_reasons(x, *_):
-    reasons = triton_reasons(x.device, x.dtype)
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        reasons.append(f"dtype {x.dtype} is not a floating type the kernel handles")
-    return reasons
+    return triton_reasons(x.device, x.dtype) + dtype_reasons(x.dtype)
 
 
 IMPLEMENTATIONS = (
@@ -77,7 +71,7 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
         return batch_norm_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
     channels = x.shape[1]
     if weight is None:
-        weight = x.new_ones(channels, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        weight = x.new_ones(channels, dtype=opmath_dtype(x.dtype))
     if bias is None:
         bias = torch.zeros_like(weight)
     use_batch_stats = training or running_mean is None or running_var is None
@@ -99,13 +93,9 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
 # Fake (shape) functions and autograd of the compiled ops, registered when the extension loads.
 
 
-def _stats_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _bn_relu_fake(x, weight, bias, running_mean, running_var, training, eps):
     c = x.shape[1]
-    return output_like(x), x.new_empty(c, dtype=_stats_dtype(x)), x.new_empty(c, dtype=_stats_dtype(x))
+    return output_like(x), x.new_empty(c, dtype=opmath_dtype(x.dtype)), x.new_empty(c, dtype=opmath_dtype(x.dtype))
 
 
 def _bn_relu_backward_fake(grad_out, x, weight, bias, mean, var, training, eps):

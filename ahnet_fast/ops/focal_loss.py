@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import output_like
+from ahnet_fast._layout import opmath_dtype, output_like
 from ahnet_fast.ops._registry import cpp_kernel_reasons, note_compiled_kernels, triton_reasons
 
 __all__ = ["focal_loss", "focal_loss_reference", "REDUCTIONS"]
@@ -222,7 +222,7 @@ def _dense_target_and_mask(p: _Problem):
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     # MONAI computes in float32 (fp16 logs underflow); float64 logits keep float64 (gradcheck).
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return opmath_dtype(logits.dtype)
 
 
 def focal_loss_reference(p: _Problem) -> torch.Tensor:
@@ -377,7 +377,7 @@ def _backward(ctx, grad_loss_sum, _count, _grad, _invalid):
                            "require grad, or grad mode was off)")
     # d(loss_sum[b]) / d(logits) = grad / grad_scale[b]
     factor = grad_loss_sum.to(torch.float64) / grad_scale.to(grad_loss_sum.device)
-    factor = factor.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    factor = factor.to(opmath_dtype(grad.dtype))
     # The usual case (upstream gradient 1, as loss.backward() gives): the stored gradient is final.
     # Checked only on concrete CPU tensors: no device sync, nothing data-dependent while tracing.
     if type(factor) is torch.Tensor and factor.device.type == "cpu" and bool((factor == 1).all()):

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops._registry import (cpp_kernel_reasons, register_compiled_pair, register_triton_pair,
-                                      triton_reasons)
+from ahnet_fast._layout import channels_innermost, opmath_dtype
+from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, register_compiled_pair,
+                                      register_triton_pair, triton_reasons)
 
 __all__ = ["UPSAMPLE_MODES", "check_pyramid_pool_input", "pyramid_pool", "pyramid_pool_reference"]
 
@@ -127,10 +128,6 @@ def pyramid_pool_reference(x, proj_weights, proj_biases, up_weights=None, up_bia
 # Arguments of the fused kernels.
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _axis_tables(out_size: int, pooled: int, pad: int, window: int, mode: str, dtype: torch.dtype,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """For one axis of one level: which padded cells (2, out_size) each output index reads, and the
@@ -175,7 +172,7 @@ class _Args:
         self.linear = upsample_mode in ("bilinear", "trilinear")
         self.transpose = upsample_mode == "transpose"
         n, c, h, w, d = self.x5.shape
-        op = _opmath(x.dtype)
+        op = opmath_dtype(x.dtype)
         self.proj_weight = torch.stack([pw.reshape(c) for pw in proj_weights])
         self.proj_bias = torch.cat([pb.reshape(1) for pb in proj_biases])
         if self.transpose:
@@ -205,18 +202,12 @@ class _Args:
 # Backend choice.
 
 
-def _dtype_reasons(x) -> list[str]:
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        return [f"dtype {x.dtype} is not one the kernels handle"]
-    return []
-
-
 def _cpp_reasons(x) -> list[str]:
-    return cpp_kernel_reasons("psp_forward", x.device) + _dtype_reasons(x)
+    return cpp_kernel_reasons("psp_forward", x.device) + dtype_reasons(x.dtype)
 
 
 def _triton_reasons(x) -> list[str]:
-    return triton_reasons(x.device, x.dtype) + _dtype_reasons(x)
+    return triton_reasons(x.device, x.dtype) + dtype_reasons(x.dtype)
 
 
 IMPLEMENTATIONS = (
@@ -254,14 +245,10 @@ def pyramid_pool(x: torch.Tensor, proj_weights: Sequence[torch.Tensor], proj_bia
 # Fake and autograd of the compiled ops.
 
 
-def _is_channels_last5(x: torch.Tensor) -> bool:
-    return x.stride(1) == 1 and x.shape[1] > 1
-
-
 def _forward_fake(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h, index_w, lambda_w, levels,
                   pool_w, linear, concat_input):
     n, c, h, w, d = x.shape
-    fmt = torch.channels_last_3d if _is_channels_last5(x) else torch.contiguous_format
+    fmt = torch.channels_last_3d if channels_innermost(x) else torch.contiguous_format
     out = torch.empty((n, levels + (c if concat_input else 0), h, w, d), dtype=x.dtype, device=x.device,
                       memory_format=fmt)
     pooled, args, proj = [], [], []
@@ -271,7 +258,7 @@ def _forward_fake(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda
         hl, wl = h // s, (w // s if pool_w else w)
         pooled.append(x.new_empty((n, c, hl, wl, d)))
         args.append(x.new_empty((n, c, hl, wl, d), dtype=torch.int8 if level == 0 else torch.int16))
-        proj.append(x.new_empty((n, hl + 2, wl + 2 * pad, d), dtype=_opmath(x.dtype)))
+        proj.append(x.new_empty((n, hl + 2, wl + 2 * pad, d), dtype=opmath_dtype(x.dtype)))
     return out, pooled, args, proj
 
 
@@ -295,7 +282,7 @@ def _setup_context(ctx, inputs, output):
     ctx.transpose = up_weight is not None
     ctx.size = tuple(x.shape)
     ctx.dtype = x.dtype
-    ctx.channels_last = _is_channels_last5(x)
+    ctx.channels_last = channels_innermost(x)
     ctx.param_dtypes = (proj_weight.dtype, proj_bias.dtype,
                         None if up_weight is None else up_weight.dtype, None if up_bias is None else up_bias.dtype)
     ctx.set_materialize_grads(False)
@@ -326,7 +313,7 @@ def _make_backward(backward_op):
         args = ctx.saved_tensors[6 + levels:6 + 2 * levels]
         proj = ctx.saved_tensors[6 + 2 * levels:]
         n, c, h, w, d = ctx.size
-        op = _opmath(ctx.dtype)
+        op = opmath_dtype(ctx.dtype)
         pad = 1 if ctx.pool_w else 0
         pw = proj_weight.to(op)
         g_pw, g_pb, g_uw, g_ub, g_pooled = [], [], [], [], []

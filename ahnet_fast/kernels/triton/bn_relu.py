@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ahnet_fast._layout import opmath_dtype, readable
+
 BLOCK = 1024
 NUM_WARPS = 4
 MAX_SLICES = 64  # programs per channel for the reductions
@@ -149,21 +151,11 @@ def _slices(m: int) -> tuple[int, int]:
     return per, triton.cdiv(m, per)
 
 
-def _stat_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _readable(t: torch.Tensor) -> torch.Tensor:
-    if t.is_contiguous() or (t.dim() >= 3 and t.movedim(1, -1).is_contiguous()):
-        return t
-    return t.contiguous()
-
-
 def bn_relu_forward(x, weight, bias, running_mean, running_var, training, eps):
-    x = _readable(x)
+    x = readable(x)
     n, c, s, (sn, sc, ss) = _ncs(x)
     m = n * s
-    sd = _stat_dtype(x)
+    sd = opmath_dtype(x.dtype)
     if training:
         per, slices = _slices(m)
         count = torch.empty(c * slices, dtype=torch.float32, device=x.device)
@@ -188,12 +180,12 @@ def bn_relu_forward(x, weight, bias, running_mean, running_var, training, eps):
 
 
 def bn_relu_backward(grad_out, x, weight, bias, mean, var, training, eps):
-    x = _readable(x)
-    grad_out = _readable(grad_out)
+    x = readable(x)
+    grad_out = readable(grad_out)
     n, c, s, (sxn, sxc, sxs) = _ncs(x)
     _, _, _, (sgn, sgc, sgs) = _ncs(grad_out)
     m = n * s
-    sd = _stat_dtype(x)
+    sd = opmath_dtype(x.dtype)
     mean = mean.to(sd).contiguous()
     invstd = torch.rsqrt(var.double() + eps).to(sd)
     w, b = weight.contiguous(), bias.contiguous()

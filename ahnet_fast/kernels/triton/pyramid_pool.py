@@ -29,8 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ahnet_fast._layout import channels_innermost, opmath_dtype
+
 BLOCK = 256
 NUM_WARPS = 4
+
+
+@triton.jit
+def _split(offs, W, D):
+    """Row, column and depth of flattened (row, column, depth) indices, depth fastest."""
+    t = offs // D
+    return t // W, t % W, offs % D
 
 
 @triton.jit
@@ -44,10 +53,7 @@ def psp_pool0_kernel(x_ptr, out_ptr, pooled_ptr, arg_ptr, C, h0, w0, D,
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     cells = h0 * w0 * D
     mask = offs < cells
-    d = offs % D
-    t = offs // D
-    j = t % w0
-    i = t // w0
+    i, j, d = _split(offs, w0, D)
     src = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + d.to(tl.int64) * sxd
     dst = out_ptr + n.to(tl.int64) * son + (c + out_c0).to(tl.int64) * soc + d.to(tl.int64) * sod
     m = tl.full([BLOCK], float("-inf"), x_ptr.dtype.element_ty)
@@ -89,10 +95,7 @@ def psp_coarsen_kernel(pin_ptr, ain_ptr, pout_ptr, aout_ptr, hi, wi, ho, wo, D,
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     cells = ho * wo * D
     mask = offs < cells
-    d = offs % D
-    t = offs // D
-    j = t % wo
-    i = t // wo
+    i, j, d = _split(offs, wo, D)
     SWB: tl.constexpr = CW * SWP
     best_v = tl.load(pin_ptr + ((nc * hi + 2 * i) * wi + j * CW) * D + d, mask=mask, other=0)
     p = tl.load(ain_ptr + ((nc * hi + 2 * i) * wi + j * CW) * D + d, mask=mask, other=0).to(tl.int32)
@@ -125,10 +128,7 @@ def psp_project_kernel(pooled_ptr, w_ptr, b_ptr, pp_ptr, C, h, w, D, PAD: tl.con
         v = tl.load(pooled_ptr + (n * C + c) * cells + offs, mask=mask, other=0)
         acc += wc * v.to(pp_ptr.dtype.element_ty)
     acc += tl.load(b_ptr)
-    d = offs % D
-    t = offs // D
-    j = t % w
-    i = t // w
+    i, j, d = _split(offs, w, D)
     wp = w + 2 * PAD
     tl.store(pp_ptr + ((n * (h + 2) + i + 1) * wp + j + PAD) * D + d, acc, mask=mask)
 
@@ -141,10 +141,7 @@ def psp_upsample_kernel(pp_ptr, out_ptr, ih_ptr, lh_ptr, iw_ptr, lw_ptr, upw_ptr
     n = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < H * W * D
-    d = offs % D
-    t = offs // D
-    ow = t % W
-    oh = t // W
+    oh, ow, d = _split(offs, W, D)
     i0 = tl.load(ih_ptr + oh, mask=mask, other=0)
     j0 = tl.load(iw_ptr + ow, mask=mask, other=0)
     row0 = pp_ptr + (n * hp + i0) * wp * D + d
@@ -193,10 +190,7 @@ def psp_route_kernel(gid_ptr, gx_ptr, gp0, a0, gp1, a1, gp2, a2, gp3, a3, C, H, 
     c = nc % C
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < H * W * D
-    d = offs % D
-    t = offs // D
-    ww = t % W
-    hh = t // W
+    hh, ww, d = _split(offs, W, D)
     acc = tl.zeros([BLOCK], dtype=gp0.dtype.element_ty)
     if HAS_ID:
         g = tl.load(gid_ptr + n * sgn + c * sgc + hh.to(tl.int64) * sgh + ww.to(tl.int64) * sgw
@@ -217,26 +211,18 @@ def psp_route_kernel(gid_ptr, gx_ptr, gp0, a0, gp1, a1, gp2, a2, gp3, a3, C, H, 
 # Launchers (arguments as the C++ ops take them).
 
 
-def _opmath(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_grid(planes):
     # (sample, channel) planes run on the grid's second axis, which CUDA caps at 65535
     if planes > 65535:
         raise ValueError(f"pyramid_pool (Triton): batch x channels = {planes} exceeds 65535; split the batch")
 
 
-def _channels_last(x):
-    return x.stride(1) == 1 and x.shape[1] > 1
-
-
 def psp_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h, index_w, lambda_w, levels, pool_w,
                 linear, concat_input):
     n, c, h, w, d = x.shape
     _check_grid(n * c)
-    op = _opmath(x.dtype)
-    fmt = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+    op = opmath_dtype(x.dtype)
+    fmt = torch.channels_last_3d if channels_innermost(x) else torch.contiguous_format
     out = torch.empty((n, levels + (c if concat_input else 0), h, w, d), dtype=x.dtype, device=x.device,
                       memory_format=fmt)
     pad = 1 if pool_w else 0
@@ -293,7 +279,7 @@ def psp_backward(grad_identity, grad_pooled, argmax, size, pool_w, dtype, channe
     n, c, h, w, d = size
     _check_grid(n * c)
     levels = len(grad_pooled)
-    op = _opmath(dtype)
+    op = opmath_dtype(dtype)
     gps = [g.to(op).contiguous() for g in grad_pooled]
     aps = [a.contiguous() for a in argmax]
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
