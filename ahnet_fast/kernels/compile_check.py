@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 KERNEL_MODULES = ("ahnet_fast.kernels.triton.bn_relu", "ahnet_fast.kernels.triton.focal_loss",
-                  "ahnet_fast.kernels.triton.pyramid_pool")
+                  "ahnet_fast.kernels.triton.pyramid_pool", "ahnet_fast.kernels.triton.aniso_conv")
 
 
 def _ptxas() -> str:
