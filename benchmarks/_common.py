@@ -33,6 +33,28 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(field)
 
 
+def saved_bytes(f: Callable[[], object], exclude=()) -> tuple[int, int]:
+    """(bytes, int64 bytes) of the distinct storages autograd keeps for the backward of ``f()``
+    (torch.autograd.graph.saved_tensors_hooks; a storage saved twice counts once). Tensors in
+    ``exclude`` (parameters: they exist whether or not backward runs) are not counted."""
+    import torch
+
+    seen = {}
+    skip = {(t.device.type, t.untyped_storage().data_ptr()) for t in exclude}
+
+    def pack(t):
+        if t.untyped_storage().nbytes() and (t.device.type, t.untyped_storage().data_ptr()) not in skip:
+            seen[(t.device.type, t.untyped_storage().data_ptr())] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = f()
+    del y
+    total = sum(b for b, _ in seen.values())
+    int64 = sum(b for b, dt in seen.values() if dt == torch.int64)
+    return total, int64
+
+
 def finish_report(lines: list[str], path: str | None) -> None:
     """Writes the markdown report (the lines already printed as they were measured) when asked to."""
     if path:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 import torch
-from _common import finish_report, median_seconds, rss_bytes  # benchmarks/ is the script's folder, first on sys.path
+from _common import finish_report, median_seconds, rss_bytes, saved_bytes  # benchmarks/ is the script's folder, first on sys.path
 
 # (shape of the PSP input d4, upsample mode, where AH-Net meets it)
 CASES = [
@@ -57,23 +57,6 @@ def forward_fn(impl, concat, theirs, ours):
 def step(f, x, grad):
     x.grad = None
     f(x).backward(grad)
-
-
-def saved_bytes(f, x):
-    """(bytes, int64 bytes) of the distinct storages autograd keeps for backward."""
-    seen = {}
-
-    def pack(t):
-        if t.device.type == "cpu" and t.untyped_storage().nbytes():
-            seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = f(x)
-    del y
-    total = sum(b for b, _ in seen.values())
-    int64 = sum(b for b, dt in seen.values() if dt == torch.int64)
-    return total, int64
 
 
 def measure_peak(impl, shape, mode, concat):
@@ -140,7 +123,7 @@ def main():
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             for impl in IMPLS:
                 f = forward_fn(impl, concat, theirs, ours)
-                saved, saved64 = saved_bytes(f, x)
+                saved, saved64 = saved_bytes(lambda: f(x))
                 if big and impl != "fused":
                     peak_txt = "not measured (size)"
                 else:

@@ -151,23 +151,32 @@ def _slices(m: int) -> tuple[int, int]:
     return per, triton.cdiv(m, per)
 
 
+def bn_stats(x):
+    """Per-channel batch mean and biased variance of ``x`` (N, C, ...) in the kernels' precision."""
+    x = readable(x)
+    n, c, s, (sn, sc, ss) = _ncs(x)
+    m = n * s
+    sd = opmath_dtype(x.dtype)
+    per, slices = _slices(m)
+    count = torch.empty(c * slices, dtype=torch.float32, device=x.device)
+    mean_p = torch.empty(c * slices, dtype=sd, device=x.device)
+    m2_p = torch.empty(c * slices, dtype=sd, device=x.device)
+    bn_stats_kernel[(c, slices)](x, count, mean_p, m2_p, m, s, sn, sc, ss, per, slices, BLOCK=BLOCK,
+                                 num_warps=NUM_WARPS)
+    # Chan's combination of the slices, in float64 (C x slices numbers)
+    count, mean_p, m2_p = (t.double().view(c, slices) for t in (count, mean_p, m2_p))
+    mean64 = (count * mean_p).sum(1) / m
+    var64 = (m2_p + count * (mean_p - mean64[:, None]) ** 2).sum(1) / m
+    return mean64.to(sd), var64.to(sd)
+
+
 def bn_relu_forward(x, weight, bias, running_mean, running_var, training, eps):
     x = readable(x)
     n, c, s, (sn, sc, ss) = _ncs(x)
     m = n * s
     sd = opmath_dtype(x.dtype)
     if training:
-        per, slices = _slices(m)
-        count = torch.empty(c * slices, dtype=torch.float32, device=x.device)
-        mean_p = torch.empty(c * slices, dtype=sd, device=x.device)
-        m2_p = torch.empty(c * slices, dtype=sd, device=x.device)
-        bn_stats_kernel[(c, slices)](x, count, mean_p, m2_p, m, s, sn, sc, ss, per, slices, BLOCK=BLOCK,
-                                     num_warps=NUM_WARPS)
-        # Chan's combination of the slices, in float64 (C x slices numbers)
-        count, mean_p, m2_p = (t.double().view(c, slices) for t in (count, mean_p, m2_p))
-        mean64 = (count * mean_p).sum(1) / m
-        var64 = (m2_p + count * (mean_p - mean64[:, None]) ** 2).sum(1) / m
-        mean, var = mean64.to(sd), var64.to(sd)
+        mean, var = bn_stats(x)
     else:
         mean, var = running_mean.to(sd), running_var.to(sd)
     invstd = torch.rsqrt(var.double() + eps).to(sd)

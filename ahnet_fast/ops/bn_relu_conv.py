@@ -1,0 +1,310 @@
+"""BatchNorm, ReLU and a convolution as one op that keeps only the BatchNorm input for backward.
+
+``bn_relu_conv(x, ...) = conv(relu(batch_norm(x)), weight)`` — the pre-activation unit of AH-Net's
+decoder (dense layers, transitions, the final block) and of its up/projection transitions. In
+eager PyTorch the normalised activation ``relu(batch_norm(x))`` is written, and kept for the
+convolution's backward next to ``x`` kept for the BatchNorm's: two full-size tensors. Here only
+``x`` (and two per-channel statistics) are saved; backward recomputes the activation from them
+(Pleiss et al., "Memory-Efficient Implementation of DenseNets", 2017), which costs one
+elementwise pass and saves one tensor of the input's size per unit.
+
+Backends:
+
+- ``reference``: ``F.conv{2,3}d(F.relu(F.batch_norm(x)))`` under autograd: the oracle, and what
+  runs when nothing faster can.
+- ``cpp``: the C++ BatchNorm+ReLU kernels (``ahnet_fast::bn_relu``, ``bn_relu_backward``) with the
+  convolution of ATen (oneDNN on CPU), the activation living only inside forward and inside
+  backward; registered as ``ahnet_fast::bn_relu_conv`` / ``bn_relu_conv_backward``.
+- ``triton``: the Triton BatchNorm statistics kernels and the Triton anisotropic convolution
+  (ahnet_fast/kernels/triton/aniso_conv.py) that applies BatchNorm+ReLU while loading its operand,
+  so the activation is never written at all; ``ahnet_fast::bn_relu_conv_triton`` / ``..._backward_triton``.
+
+The convolution takes any kernel of AH-Net (1x1x1, 3x3x1, 1x1x3, and the 2D (3, 1) / (1, 3)), stride
+1 or (2, 2, 1), and padding ``(k - 1) // 2`` (same-size output) unless given.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ahnet_fast import backends
+from ahnet_fast._extension import extension_available
+from ahnet_fast._layout import is_channels_last, opmath_dtype, output_like
+from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, note_compiled_kernels, triton_reasons
+
+__all__ = ["bn_relu_conv", "bn_relu_conv_reference", "same_padding"]
+
+
+def same_padding(weight: torch.Tensor) -> list[int]:
+    return [(k - 1) // 2 for k in weight.shape[2:]]
+
+
+def bn_relu_conv_reference(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, weight,
+                           stride=1, padding=None):
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    a = F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    return conv(a, weight, None, stride, same_padding(weight) if padding is None else padding)
+
+
+def _check(x, running_mean, running_var, bn_weight, bn_bias, training, weight, stride, padding):
+    if x.dim() not in (4, 5):
+        raise ValueError(f"bn_relu_conv: input must be (N, C, H, W) or (N, C, H, W, D), got {tuple(x.shape)}")
+    channels = x.shape[1]
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and t.numel() != channels:
+            raise ValueError(f"bn_relu_conv: {name} has {t.numel()} elements but the input has {channels} channels "
+                             f"(shape {tuple(x.shape)})")
+    if weight.dim() != x.dim() or weight.shape[1] != channels:
+        raise ValueError(f"bn_relu_conv: weight of shape {tuple(weight.shape)} does not take an input of shape "
+                         f"{tuple(x.shape)} (expected (C_out, {channels}, kernel...), groups=1)")
+    if training and x.numel() // max(channels, 1) <= 1:
+        raise ValueError(f"bn_relu_conv: expected more than 1 value per channel when training, got input of shape "
+                         f"{tuple(x.shape)}")
+    nd = x.dim() - 2
+    for name, v in (("stride", stride), ("padding", padding)):
+        if len(v) != nd or any((not isinstance(i, int)) or i < 0 for i in v):
+            raise ValueError(f"bn_relu_conv: {name} must be {nd} non-negative integers, got {v!r}")
+    if any(s == 0 for s in stride):
+        raise ValueError(f"bn_relu_conv: stride must be positive, got {stride!r}")
+
+
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The convolution output is channels-last exactly when the input is, else contiguous."""
+    if is_channels_last(x):
+        return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------------
+# The convolution itself: ATen's (oneDNN on CPU, cuDNN on CUDA), called without autograd.
+
+
+def conv_forward(a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]):
+    nd = a.dim() - 2
+    y = torch.ops.aten.convolution(a, weight, None, list(stride), list(padding), [1] * nd, False, [0] * nd, 1)
+    return y.contiguous(memory_format=output_format(a))
+
+
+def conv_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                  padding: Sequence[int], need_input_grad: bool = True):
+    nd = a.dim() - 2
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_y, a, weight, None, list(stride), list(padding), [1] * nd, False, [0] * nd, 1,
+        [need_input_grad, True, False])
+    return grad_a, grad_w
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: how one backend computes the unit's forward and backward. The dense block composes them.
+
+
+class CppEngine:
+    """C++ BatchNorm+ReLU and ATen's convolution; the activation is a temporary in both passes."""
+
+    @staticmethod
+    def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding):
+        a, mean, var = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, running_mean, running_var,
+                                                    use_batch_stats, eps)
+        y = conv_forward(a, weight, stride, padding)
+        return y.contiguous(memory_format=output_format(x)), mean, var
+
+    @staticmethod
+    def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding):
+        # the activation again, from the same statistics and the same arithmetic as forward
+        a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
+        grad_a, grad_w = conv_backward(grad_y, a, weight, stride, padding)
+        del a
+        grad_x, grad_bw, grad_bb = torch.ops.ahnet_fast.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var,
+                                                                         use_batch_stats, eps)
+        return grad_x, grad_bw, grad_bb, grad_w
+
+
+class TritonEngine:
+    """Triton: statistics pass, then a convolution that normalises while it loads (nothing written
+    between), and in backward the input gradient of the convolution followed by the BatchNorm+ReLU
+    backward, with the weight gradient recomputing the activation on load."""
+
+    @staticmethod
+    def _scale_shift(bn_weight, bn_bias, mean, var, eps):
+        invstd = torch.rsqrt(var.double() + eps)
+        scale = bn_weight.double() * invstd
+        shift = bn_bias.double() - mean.double() * scale
+        dt = opmath_dtype(mean.dtype)
+        return scale.to(dt).contiguous(), shift.to(dt).contiguous()
+
+    @staticmethod
+    def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding):
+        from ahnet_fast.kernels.triton import aniso_conv, bn_relu as bn_kernels
+
+        if use_batch_stats:
+            mean, var = bn_kernels.bn_stats(x)
+        else:
+            sd = opmath_dtype(x.dtype)
+            mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
+        scale, shift = TritonEngine._scale_shift(bn_weight, bn_bias, mean, var, eps)
+        y = aniso_conv.conv_forward(x, weight, scale, shift, tuple(stride), tuple(padding), precision=_precision(x))
+        return y, mean, var
+
+    @staticmethod
+    def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding):
+        from ahnet_fast.kernels.triton import aniso_conv, bn_relu as bn_kernels
+
+        scale, shift = TritonEngine._scale_shift(bn_weight, bn_bias, mean, var, eps)
+        prec = _precision(x)
+        grad_w = aniso_conv.conv_weight_grad(x, grad_y, scale, shift, tuple(weight.shape), tuple(stride),
+                                             tuple(padding), precision=prec).to(weight.dtype)
+        grad_a = aniso_conv.conv_input_grad(grad_y, weight, tuple(x.shape), tuple(stride), tuple(padding),
+                                            precision=prec)
+        grad_x, grad_bw, grad_bb = bn_kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var,
+                                                               use_batch_stats, eps)
+        return grad_x, grad_bw, grad_bb, grad_w
+
+
+def _precision(x: torch.Tensor) -> str:
+    """TF32 for float32 exactly when PyTorch's own cuDNN convolutions would use it."""
+    return "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+ENGINES = {"cpp": CppEngine, "triton": TritonEngine}
+
+
+def _cpp_reasons(x, *_):
+    return cpp_kernel_reasons("bn_relu", x.device) + dtype_reasons(x.dtype)
+
+
+def _triton_reasons(x, weight=None, *_):
+    reasons = triton_reasons(x.device, x.dtype) + dtype_reasons(x.dtype)
+    if x.dim() != 5:
+        reasons.append("the Triton convolution takes 5D (N, C, H, W, D) inputs")
+    elif weight is not None and tuple(weight.shape[2:]) not in ((1, 1, 1), (3, 3, 1), (1, 1, 3)):
+        reasons.append(f"the Triton convolution has no {tuple(weight.shape[2:])} kernel")
+    return reasons
+
+
+IMPLEMENTATIONS = (
+    backends.Implementation("reference", lambda *a: []),
+    backends.Implementation("cpp", _cpp_reasons),
+    backends.Implementation("triton", _triton_reasons),
+)
+
+
+def bn_relu_conv(x, running_mean, running_var, bn_weight, bn_bias, training: bool, momentum: float, eps: float,
+                 weight: torch.Tensor, stride: int | Sequence[int] = 1, padding: Sequence[int] | None = None, *,
+                 backend: str | None = None) -> torch.Tensor:
+    """``conv(relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)),
+    weight, stride, padding)`` with no bias; padding defaults to ``(k - 1) // 2`` per axis. Running
+    statistics are updated in place in training, as ``F.batch_norm`` does."""
+    nd = x.dim() - 2
+    stride = [stride] * nd if isinstance(stride, int) else list(stride)
+    padding = same_padding(weight) if padding is None else list(padding)
+    _check(x, running_mean, running_var, bn_weight, bn_bias, training, weight, stride, padding)
+    chosen = backends.select("bn_relu_conv", IMPLEMENTATIONS, x.device, (x, weight), backend)
+    if chosen == "reference":
+        return bn_relu_conv_reference(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+                                      weight, stride, padding)
+    if bn_weight is None:
+        bn_weight = x.new_ones(x.shape[1], dtype=opmath_dtype(x.dtype))
+    if bn_bias is None:
+        bn_bias = torch.zeros_like(bn_weight)
+    use_batch_stats = training or running_mean is None or running_var is None
+    op = torch.ops.ahnet_fast.bn_relu_conv if chosen == "cpp" else _triton_op()
+    y, mean, var = op(x, bn_weight, bn_bias, None if use_batch_stats else running_mean,
+                      None if use_batch_stats else running_var, use_batch_stats, eps, weight, stride, padding)
+    update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // x.shape[1])
+    return y
+
+
+def update_running_stats(running_mean, running_var, mean, var, training, momentum, count):
+    """nn.BatchNorm's update: the running variance takes the unbiased batch variance."""
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: one custom op per backend, with fake and autograd.
+
+_SCHEMA_DOC = ("(x, bn_weight, bn_bias, running_mean?, running_var?, use_batch_stats, eps, weight, stride, padding)"
+               " -> (y, mean, var)")
+
+
+def _out_size(size, k, s, p):
+    return (size + 2 * p - k) // s + 1
+
+
+def _forward_fake(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding):
+    spatial = [_out_size(n, k, s, p) for n, k, s, p in zip(x.shape[2:], weight.shape[2:], stride, padding)]
+    y = torch.empty((x.shape[0], weight.shape[0], *spatial), dtype=x.dtype, device=x.device,
+                    memory_format=output_format(x))
+    c = x.shape[1]
+    sd = opmath_dtype(x.dtype)
+    return y, x.new_empty(c, dtype=sd), x.new_empty(c, dtype=sd)
+
+
+def _backward_fake(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding):
+    return output_like(x), torch.empty_like(bn_weight), torch.empty_like(bn_bias), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, weight)
+    ctx.args = (use_batch_stats, eps, list(stride), list(padding))
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, bn_weight, bn_bias, mean, var, weight = ctx.saved_tensors
+        use_batch_stats, eps, stride, padding = ctx.args
+        gx, gbw, gbb, gw = backward_op(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight,
+                                       stride, padding)
+        return gx, gbw, gbb, None, None, None, None, gw, None, None
+
+    return backward
+
+
+def _define(name: str, engine):
+    """``ahnet_fast::<name>`` and ``<name>_backward`` as torch.library custom ops running ``engine``."""
+
+    @torch.library.custom_op(f"ahnet_fast::{name}_backward", mutates_args=())
+    def backward_op(grad_y: torch.Tensor, x: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                    mean: torch.Tensor, var: torch.Tensor, use_batch_stats: bool, eps: float, weight: torch.Tensor,
+                    stride: list[int], padding: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return engine.backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride,
+                               padding)
+
+    @torch.library.custom_op(f"ahnet_fast::{name}", mutates_args=())
+    def forward_op(x: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, use_batch_stats: bool,
+                   eps: float, weight: torch.Tensor, stride: list[int], padding: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, mean, var = engine.forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
+                                      weight, stride, padding)
+        # outputs must not alias inputs (eval mode hands back the running statistics)
+        return y, mean.clone() if mean is running_mean else mean, var.clone() if var is running_var else var
+
+    backward_op.register_fake(_backward_fake)
+    forward_op.register_fake(_forward_fake)
+    backward_overload = getattr(torch.ops.ahnet_fast, f"{name}_backward").default
+    forward_op.register_autograd(_make_backward(backward_overload), setup_context=_setup_context)
+    return getattr(torch.ops.ahnet_fast, name).default
+
+
+_TRITON_OP = None
+
+
+def _triton_op():
+    global _TRITON_OP
+    if _TRITON_OP is None:
+        _TRITON_OP = _define("bn_relu_conv_triton", TritonEngine)
+    return _TRITON_OP
+
+
+if extension_available():
+    _define("bn_relu_conv", CppEngine)
+    note_compiled_kernels("bn_relu")

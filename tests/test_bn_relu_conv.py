@@ -1,0 +1,206 @@
+"""BN-ReLU-convolution op (keeps only its input for backward) against the reference composition."""
+import os
+
+import pytest
+import torch
+
+import ahnet_fast
+from ahnet_fast.ops import bn_relu_conv, bn_relu_conv_reference
+from benchmarks._common import saved_bytes
+from tests.conftest import assert_close_normwise, rel_err
+
+needs_ext = pytest.mark.skipif(not ahnet_fast.extension_available(), reason="compiled extension not built")
+
+# (kernel, stride, input shape): every kernel AH-Net uses, its strided 3x3x1, odd sizes, and 2D
+CASES = [
+    ((1, 1, 1), (1, 1, 1), (2, 6, 5, 4, 3)),
+    ((3, 3, 1), (1, 1, 1), (2, 5, 7, 6, 3)),
+    ((1, 1, 3), (1, 1, 1), (1, 4, 5, 3, 7)),
+    ((3, 3, 1), (2, 2, 1), (2, 4, 7, 9, 2)),
+    ((1, 1, 1), (2, 2, 1), (1, 6, 6, 5, 2)),
+    ((3, 1), (1, 1), (2, 5, 7, 6)),
+    ((1, 3), (1, 1), (2, 3, 5, 6)),
+]
+IDS = ["1x1x1", "3x3x1", "1x1x3", "3x3x1-s2", "1x1x1-s2", "2d-3x1", "2d-1x3"]
+
+
+def params(channels, out_channels, kernel, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bw = (torch.rand(channels, generator=g, dtype=dtype) + 0.5)
+    bb = torch.randn(channels, generator=g, dtype=dtype) * 0.3
+    rm = torch.randn(channels, generator=g, dtype=dtype) * 0.2
+    rv = torch.rand(channels, generator=g, dtype=dtype) + 0.5
+    w = torch.randn(out_channels, channels, *kernel, generator=g, dtype=dtype) * 0.3
+    return bw, bb, rm, rv, w
+
+
+def run(backend, x, bw, bb, rm, rv, w, stride, training, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, bw, bb, w)]
+    rm, rv = rm.clone(), rv.clone()
+    y = bn_relu_conv(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5, leaves[3], stride, backend=backend)
+    grads = torch.autograd.grad(y, leaves, grad)
+    return y.detach(), grads, rm, rv
+
+
+def layout(x, kind):
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    if kind == "channel_prefix":  # the first channels of a bigger buffer, as a dense block reads them
+        buf = torch.zeros((x.shape[0], x.shape[1] + 3, *x.shape[2:]), dtype=x.dtype)
+        buf[:, :x.shape[1]].copy_(x)
+        return buf[:, :x.shape[1]]
+    if kind == "strided":
+        buf = torch.zeros((*x.shape[:-1], 2 * x.shape[-1]), dtype=x.dtype)[..., ::2]
+        buf.copy_(x)
+        return buf
+    return x
+
+
+@needs_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_reference_float64(case, training):
+    kernel, stride, shape = case
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    bw, bb, rm, rv, w = params(shape[1], 5, kernel)
+    ref_y = bn_relu_conv_reference(x, rm.clone(), rv.clone(), bw, bb, training, 0.1, 1e-5, w, stride)
+    grad = torch.randn(ref_y.shape, dtype=torch.float64)
+    ref = run("reference", x, bw, bb, rm, rv, w, stride, training, grad)
+    got = run("cpp", x, bw, bb, rm, rv, w, stride, training, grad)
+    assert_close_normwise(got[0], ref[0], 1e-12, what="y")
+    for a, b, name in zip(got[1], ref[1], ("dx", "d bn weight", "d bn bias", "d conv weight")):
+        assert_close_normwise(a, b, 1e-11, atol=1e-13, what=name)
+    assert_close_normwise(got[2], ref[2], 1e-14, what="running_mean")
+    assert_close_normwise(got[3], ref[3], 1e-14, what="running_var")
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["channels_last", "channel_prefix", "strided"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3], CASES[5]], ids=["3x3x1", "1x1x3", "3x3x1-s2", "2d"])
+def test_layouts_float32(case, kind):
+    """fp32 within 1e-5 of the float64 reference, whatever the input's layout; channels-last in,
+    channels-last out."""
+    kernel, stride, shape = case
+    x64 = torch.randn(shape, dtype=torch.float64)
+    bw, bb, rm, rv, w = params(shape[1], 4, kernel)
+    y64 = bn_relu_conv_reference(x64, rm.clone(), rv.clone(), bw, bb, True, 0.1, 1e-5, w, stride)
+    grad = torch.randn(y64.shape, dtype=torch.float64)
+    ref = run("reference", x64, bw, bb, rm, rv, w, stride, True, grad)
+    x = layout(x64.float(), kind)
+    got = run("cpp", x, *(t.float() for t in (bw, bb, rm, rv, w)), stride, True, grad.float())
+    assert_close_normwise(got[0], ref[0], 1e-5, what="y")
+    for a, b in zip(got[1], ref[1]):
+        assert_close_normwise(a, b, 1e-5, atol=1e-6)
+    if kind == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_torch_error(dtype):
+    """Judged as flash-attention is: error vs the float64 reference at most twice that of PyTorch's own
+    computation in the same dtype, plus a small atol."""
+    torch.manual_seed(3)
+    shape = (2, 8, 9, 7, 4)
+    x64 = torch.randn(shape, dtype=torch.float64)
+    bw, bb, rm, rv, w = params(8, 6, (3, 3, 1))
+    grad = torch.randn(2, 6, 9, 7, 4, dtype=torch.float64)
+    ref = run("reference", x64, bw, bb, rm, rv, w, (1, 1, 1), True, grad)
+    cast = [t.to(dtype) for t in (x64, bw, bb, rm, rv, w)]
+    theirs = run("reference", *cast, (1, 1, 1), True, grad.to(dtype))
+    ours = run("cpp", *cast, (1, 1, 1), True, grad.to(dtype))
+    for a, b, r in zip((ours[0], *ours[1]), (theirs[0], *theirs[1]), (ref[0], *ref[1])):
+        assert rel_err(a, r) <= 2 * rel_err(b, r) + 1e-3
+
+
+@needs_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3], CASES[6]], ids=["3x3x1", "1x1x3", "3x3x1-s2", "2d"])
+def test_gradcheck(case, training):
+    kernel, stride, shape = case
+    shape = (shape[0], 3, *shape[2:])
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    bw, bb, rm, rv, w = (t.requires_grad_() if i in (0, 1, 4) else t for i, t in enumerate(params(3, 2, kernel)))
+
+    def f(x, bw, bb, w):
+        return bn_relu_conv(x, rm.clone(), rv.clone(), bw, bb, training, 0.1, 1e-5, w, stride, backend="cpp")
+
+    assert torch.autograd.gradcheck(f, (x, bw, bb, w), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=["3x3x1", "3x3x1-s2", "2d"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_opcheck(case, kind):
+    kernel, stride, shape = case
+    x = layout(torch.randn(shape), kind)
+    bw, bb, rm, rv, w = (t.float() for t in params(shape[1], 3, kernel))
+    op = torch.ops.ahnet_fast.bn_relu_conv.default
+    stride, padding = list(stride), [(k - 1) // 2 for k in kernel]
+    torch.library.opcheck(op, (x, bw, bb, None, None, True, 1e-5, w, stride, padding))
+    torch.library.opcheck(op, (x, bw, bb, rm, rv, False, 1e-5, w, stride, padding))
+    leaves = [t.clone().requires_grad_() for t in (x, bw, bb, w)]
+    torch.library.opcheck(op, (leaves[0], leaves[1], leaves[2], None, None, True, 1e-5, leaves[3], stride, padding))
+
+
+@needs_ext
+def test_keeps_only_the_input():
+    """What autograd keeps: x, the parameters and two statistics; the reference also keeps the
+    normalised activation (one more tensor of x's size)."""
+    x = torch.randn(2, 16, 12, 10, 4, requires_grad=True)
+    bw, bb, rm, rv, w = (t.float() for t in params(16, 8, (3, 3, 1)))
+    bw.requires_grad_(), w.requires_grad_()
+    f = {b: (lambda b=b: bn_relu_conv(x, rm, rv, bw, bb, True, 0.1, 1e-5, w, backend=b)) for b in ("reference", "cpp")}
+    ours, _ = saved_bytes(f["cpp"], exclude=(bw, bb, w))
+    theirs, _ = saved_bytes(f["reference"], exclude=(bw, bb, w))
+    x_bytes = x.numel() * 4
+    assert ours <= x_bytes + 1024
+    assert theirs >= 2 * x_bytes
+
+
+def test_bad_input_is_a_value_error():
+    x = torch.randn(2, 4, 5, 5, 3)
+    bw, bb, rm, rv, w = (t.float() for t in params(4, 3, (3, 3, 1)))
+    with pytest.raises(ValueError, match="weight of shape"):
+        bn_relu_conv(x, rm, rv, bw, bb, True, 0.1, 1e-5, w[:, :3])
+    with pytest.raises(ValueError, match="bn_weight has 3 elements"):
+        bn_relu_conv(x, rm, rv, bw[:3], bb, True, 0.1, 1e-5, w)
+    with pytest.raises(ValueError, match="stride must be 3"):
+        bn_relu_conv(x, rm, rv, bw, bb, True, 0.1, 1e-5, w, stride=(1, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn_relu_conv(x[:1, :, :1, :1, :1], rm, rv, bw, bb, True, 0.1, 1e-5, w, padding=(0, 0, 0))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        bn_relu_conv(x[0, 0], rm, rv, bw, bb, True, 0.1, 1e-5, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreted on CPU; on CUDA on a GPU machine)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_here = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+@triton_here
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", CASES[:5], ids=IDS[:5])
+def test_triton_matches_reference(case, training):
+    pytest.importorskip("triton")
+    kernel, stride, shape = case
+    x64 = torch.randn(shape, dtype=torch.float64) + 0.3
+    bw, bb, rm, rv, w = params(shape[1], 5, kernel)
+    y64 = bn_relu_conv_reference(x64, rm.clone(), rv.clone(), bw, bb, training, 0.1, 1e-5, w, stride)
+    grad = torch.randn(y64.shape, dtype=torch.float64)
+    ref = run("reference", x64, bw, bb, rm, rv, w, stride, training, grad)
+    args = [t.float().to(DEVICE) for t in (x64, bw, bb, rm, rv, w)]
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # exact fp32 in the kernel for the 1e-5 comparison
+    try:
+        got = run("triton", *args, stride, training, grad.float().to(DEVICE))
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    assert_close_normwise(got[0].cpu(), ref[0], 1e-5, what="y")
+    for a, b, name in zip(got[1], ref[1], ("dx", "d bn weight", "d bn bias", "d conv weight")):
+        assert_close_normwise(a.cpu(), b, 1e-5, atol=1e-6, what=name)
+    assert_close_normwise(got[2].cpu(), ref[2], 1e-6, what="running_mean")
+    assert_close_normwise(got[3].cpu(), ref[3], 1e-6, what="running_var")
