@@ -7,28 +7,59 @@ from torch import nn
 
 from ahnet_fast.backends import requested_backend
 from ahnet_fast.ops import batch_norm_relu
+from ahnet_fast.ops.bn_relu_conv import bn_relu_conv as ops_bn_relu_conv
+from ahnet_fast.ops.dense_block import dense_block as ops_dense_block
 
 
-def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """``relu(bn(x))`` through the fused op, updating ``bn``'s running statistics and
-    ``num_batches_tracked`` exactly as ``bn.forward`` would."""
+def _bn_state(bn: nn.modules.batchnorm._BatchNorm):
+    """(running_mean, running_var, training, momentum) for the functional call, counting the batch in
+    ``num_batches_tracked`` exactly as ``bn.forward`` does."""
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep_running = not bn.training or bn.track_running_stats
-    return batch_norm_relu(
-        x,
-        bn.running_mean if keep_running else None,
-        bn.running_var if keep_running else None,
-        bn.weight,
-        bn.bias,
-        use_batch_stats,
-        momentum,
-        bn.eps,
-        backend=backend,
-    )
+    return (bn.running_mean if keep_running else None, bn.running_var if keep_running else None, use_batch_stats,
+            momentum)
+
+
+def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``relu(bn(x))`` through the fused op, updating ``bn``'s running statistics and
+    ``num_batches_tracked`` exactly as ``bn.forward`` would."""
+    running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
+    return batch_norm_relu(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps,
+                           backend=backend)
+
+
+def bn_relu_conv(bn: nn.modules.batchnorm._BatchNorm, conv: nn.modules.conv._ConvNd, x: torch.Tensor,
+                 backend: str | None = None) -> torch.Tensor:
+    """``conv(relu(bn(x)))`` through the op that keeps only ``x`` for backward (``conv`` without bias,
+    groups 1, dilation 1, zero padding)."""
+    if conv.bias is not None or conv.groups != 1 or any(d != 1 for d in conv.dilation) or \
+            conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"bn_relu_conv: {conv} must have no bias, groups=1, dilation 1 and numeric zero padding")
+    running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
+    return ops_bn_relu_conv(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps,
+                            conv.weight, list(conv.stride), list(conv.padding), backend=backend)
+
+
+def dense_block(layers, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """A sequence of AH-Net dense layers (modules with bn1..bn4 / conv1..conv4) as the one-buffer op."""
+    weights, means, variances, momenta = [], [], [], []
+    training = None
+    for layer in layers:
+        for bn, conv in ((layer.bn1, layer.conv1), (layer.bn2, layer.conv2), (layer.bn3, layer.conv3),
+                         (layer.bn4, layer.conv4)):
+            running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
+            if training is not None and use_batch_stats != training:
+                raise ValueError("dense_block: all BatchNorms of a block must be in the same mode (train/eval)")
+            training = use_batch_stats
+            weights += [bn.weight, bn.bias, conv.weight]
+            means.append(running_mean)
+            variances.append(running_var)
+            momenta.append(momentum)
+    return ops_dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend)
 
 
 def set_backend(root: nn.Module, backend: str | None) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ahnet_fast.nn._bn import bn_relu, set_backend
+from ahnet_fast.nn._bn import bn_relu, bn_relu_conv, dense_block, set_backend
 from ahnet_fast.nn.shapes import check_ahnet_input
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
 
@@ -68,9 +68,8 @@ class Bottleneck3x3x1(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = bn_relu(self.bn1, self.conv1(x), self.backend)
-        out = bn_relu(self.bn2, self.conv2(out), self.backend)
-        out = self.bn3(self.conv3(out))
+        out = bn_relu_conv(self.bn1, self.conv2, self.conv1(x), self.backend)
+        out = self.bn3(bn_relu_conv(self.bn2, self.conv3, out, self.backend))
         residual = x
         if self.downsample is not None:
             residual = self.downsample(x)
@@ -91,7 +90,7 @@ class Projection(nn.Sequential):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(bn_relu(self.norm, x, self.backend))
+        return bn_relu_conv(self.norm, self.conv, x, self.backend)
 
 
 class UpTransition(nn.Sequential):
@@ -112,7 +111,7 @@ class UpTransition(nn.Sequential):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.conv(bn_relu(self.norm, x, self.backend)))
+        return self.up(bn_relu_conv(self.norm, self.conv, x, self.backend))
 
 
 class Final(nn.Sequential):
@@ -134,7 +133,7 @@ class Final(nn.Sequential):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.conv(bn_relu(self.norm, x, self.backend)))
+        return self.up(bn_relu_conv(self.norm, self.conv, x, self.backend))
 
 
 class Pseudo3DLayer(nn.Module):
@@ -165,19 +164,27 @@ class Pseudo3DLayer(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.conv2(bn_relu(self.bn2, self.conv1(bn_relu(self.bn1, x, self.backend)), self.backend))
-        b = self.conv3(bn_relu(self.bn3, a, self.backend))
-        new_features = self.conv4(bn_relu(self.bn4, a + b, self.backend))
+        a = bn_relu_conv(self.bn2, self.conv2, bn_relu_conv(self.bn1, self.conv1, x, self.backend), self.backend)
+        b = bn_relu_conv(self.bn3, self.conv3, a, self.backend)
+        new_features = bn_relu_conv(self.bn4, self.conv4, a + b, self.backend)
         return torch.cat([x, new_features], 1)
 
 
 class DenseBlock(nn.Sequential):
+    """Pseudo-3D dense layers (``denselayer1..L``, MONAI's names) run as one op: the concatenation
+    lives in one buffer that every layer writes into, and BN-ReLU outputs are recomputed in backward
+    (:func:`ahnet_fast.ops.dense_block`)."""
+
     def __init__(self, spatial_dims: int, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
                  dropout_prob: float):
         super().__init__()
         for i in range(num_layers):
             self.add_module(f"denselayer{i + 1}", Pseudo3DLayer(spatial_dims, num_input_features + i * growth_rate,
                                                                 growth_rate, bn_size, dropout_prob))
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_block(list(self), x, self.backend)
 
 
 class PyramidVolumetricPooling(nn.Module):

@@ -1,0 +1,287 @@
+"""AH-Net's pseudo-3D dense block as one op, with one concatenation buffer and recomputation.
+
+A block of L dense layers maps x (N, C0, ...) to cat(x, f1, ..., fL) with g channels per f_i; layer
+i reads the first C_i = C0 + i*g channels of that concatenation and computes
+
+    c1 = conv1x1(relu(bn1(prefix)))   (4g channels)     a = conv3x3x1(relu(bn2(c1)))   (g)
+    b  = conv1x1x3(relu(bn3(a)))                        f = conv1x1(relu(bn4(a + b)))  (g)
+
+In eager PyTorch (MONAI) every layer writes a new concatenation (a copy of everything before it),
+and every BatchNorm keeps its input while the convolution after it keeps the normalised copy. Here
+(Pleiss et al., "Memory-Efficient Implementation of DenseNets", 2017):
+
+- the block's output is allocated once, x is copied into its first channels, and each layer reads
+  its prefix in place and writes its g new channels after it;
+- each BN-ReLU-conv unit keeps only its input (the buffer prefix, c1, a or a + b) and the batch
+  statistics; the activations are recomputed in backward;
+- backward runs on one gradient buffer of the output's shape: layer i's new channels hold their
+  complete gradient once layers i+1..L are done, and layer i adds its prefix's gradient in place.
+
+What the block keeps for backward is the output buffer plus 5g channels per layer (c1 and a; a + b
+is recomputed from a with the layer's cheapest convolution), against about three copies of every
+prefix in eager mode. The units run on an engine of
+``ahnet_fast.ops.bn_relu_conv`` (C++ BatchNorm + ATen convolution, or Triton with BatchNorm fused
+into the convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
+``dense_block_backward`` (and ``..._triton``): opaque to torch.compile, which sees no graph break.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ahnet_fast import backends
+from ahnet_fast._extension import extension_available
+from ahnet_fast._layout import is_channels_last, opmath_dtype
+from ahnet_fast.ops.bn_relu_conv import ENGINES, IMPLEMENTATIONS, output_format, same_padding, update_running_stats
+
+__all__ = ["dense_block", "dense_block_reference", "PARAMS_PER_LAYER", "BNS_PER_LAYER"]
+
+# Per layer: (bn1.weight, bn1.bias, conv1.weight, bn2..., conv2, bn3..., conv3, bn4..., conv4).
+PARAMS_PER_LAYER = 12
+BNS_PER_LAYER = 4
+
+
+def _split(weights: Sequence[torch.Tensor]):
+    """Per layer, four (bn_weight, bn_bias, conv_weight) units."""
+    return [[tuple(weights[i + 3 * u: i + 3 * u + 3]) for u in range(4)]
+            for i in range(0, len(weights), PARAMS_PER_LAYER)]
+
+
+def dense_block_reference(x, weights, running_means, running_vars, training, momenta, eps):
+    """MONAI's sequence of modules, as functions: the oracle."""
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    for layer, (rms, rvs, moms) in enumerate(zip(_chunks(running_means), _chunks(running_vars), _chunks(momenta))):
+        units = _split(weights)[layer]
+
+        def unit(t, u):
+            bw, bb, cw = units[u]
+            a = F.relu(F.batch_norm(t, rms[u], rvs[u], bw, bb, training, moms[u], eps))
+            return conv(a, cw, None, 1, same_padding(cw))
+
+        a = unit(unit(x, 0), 1)
+        f = unit(a + unit(a, 2), 3)
+        x = torch.cat([x, f], 1)
+    return x
+
+
+def _chunks(seq):
+    return [list(seq[i:i + BNS_PER_LAYER]) for i in range(0, len(seq), BNS_PER_LAYER)]
+
+
+def _check(x, weights, running_means, running_vars, momenta):
+    if x.dim() not in (4, 5):
+        raise ValueError(f"dense_block: input must be (N, C, H, W) or (N, C, H, W, D), got {tuple(x.shape)}")
+    if len(weights) == 0 or len(weights) % PARAMS_PER_LAYER:
+        raise ValueError(f"dense_block: weights must hold {PARAMS_PER_LAYER} tensors per layer, got {len(weights)}")
+    layers = len(weights) // PARAMS_PER_LAYER
+    for name, seq in (("running_means", running_means), ("running_vars", running_vars), ("momenta", momenta)):
+        if len(seq) != BNS_PER_LAYER * layers:
+            raise ValueError(f"dense_block: {name} must hold {BNS_PER_LAYER} entries per layer ({BNS_PER_LAYER * layers}),"
+                             f" got {len(seq)}")
+    channels = x.shape[1]
+    for i, units in enumerate(_split(weights)):
+        width = units[0][2].shape[0]
+        growth = units[3][2].shape[0]
+        expected_in = (channels, width, growth, growth)
+        for u, (bw, bb, cw) in enumerate(units):
+            if cw.dim() != x.dim() or cw.shape[1] != expected_in[u]:
+                raise ValueError(f"dense_block: layer {i + 1} convolution {u + 1} has weight {tuple(cw.shape)}, but "
+                                 f"its input has {expected_in[u]} channels" +
+                                 (f" (block input of shape {tuple(x.shape)})" if i == 0 and u == 0 else ""))
+            if bw.numel() != expected_in[u] or bb.numel() != expected_in[u]:
+                raise ValueError(f"dense_block: layer {i + 1} BatchNorm {u + 1} has {bw.numel()} channels, expected "
+                                 f"{expected_in[u]}")
+        if units[1][2].shape[0] != growth or units[2][2].shape[0] != growth:
+            raise ValueError(f"dense_block: layer {i + 1} convolutions 2-4 must all give {growth} channels")
+        channels += growth
+    if x.numel() // max(x.shape[1], 1) <= 1:
+        raise ValueError(f"dense_block: expected more than 1 value per channel, got input of shape {tuple(x.shape)}")
+
+
+def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor | None],
+                running_vars: Sequence[torch.Tensor | None], training: bool, momenta: Sequence[float], eps: float,
+                *, backend: str | None = None) -> torch.Tensor:
+    """``cat(x, f_1, ..., f_L)`` of AH-Net's pseudo-3D dense layers (see the module docstring).
+
+    weights: per layer bn1.weight, bn1.bias, conv1.weight, bn2.weight, bn2.bias, conv2.weight,
+    bn3..., conv3.weight, bn4..., conv4.weight (12 per layer). running_means / running_vars /
+    momenta: per layer one per BatchNorm (4 per layer); the running statistics are updated in
+    place in training, as ``F.batch_norm`` does.
+    """
+    _check(x, weights, running_means, running_vars, momenta)
+    chosen = backends.select("dense_block", IMPLEMENTATIONS, x.device, (x,), backend)
+    if chosen == "reference":
+        return dense_block_reference(x, list(weights), list(running_means), list(running_vars), training,
+                                     list(momenta), eps)
+    have_running = all(t is not None for t in running_means) and all(t is not None for t in running_vars)
+    use_batch_stats = training or not have_running
+    op = torch.ops.ahnet_fast.dense_block if chosen == "cpp" else _triton_op()
+    out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
+                    list(running_vars) if not use_batch_stats else [], use_batch_stats, eps)
+    if training and have_running:
+        stats = saved[2 * (len(weights) // PARAMS_PER_LAYER):]
+        count = x.numel() // x.shape[1]  # every unit keeps the spatial size
+        for u, (rm, rv, mom) in enumerate(zip(running_means, running_vars, momenta)):
+            update_running_stats(rm, rv, stats[2 * u], stats[2 * u + 1], training, mom, count)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: forward keeps (c1, a) per layer and the statistics; backward recomputes the rest.
+
+
+def _memory_format(x):
+    if is_channels_last(x):
+        return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty(x, channels):
+    """(N, channels, *x's spatial) laid out as x (channels-last stays channels-last)."""
+    return torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                       memory_format=_memory_format(x))
+
+
+def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps):
+    layers = _split(weights)
+    channels = [x.shape[1]]
+    for units in layers:
+        channels.append(channels[-1] + units[3][2].shape[0])
+    out = _empty(x, channels[-1])
+    out[:, :channels[0]].copy_(x)
+    inner, stats = [], []
+    for i, units in enumerate(layers):
+        rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
+        rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
+
+        def unit(t, u):
+            bw, bb, cw = units[u]
+            y, mean, var = engine.forward(t, bw, bb, rms[u], rvs[u], use_batch_stats, eps, cw, [1] * cw[0, 0].dim(),
+                                          same_padding(cw))
+            stats.extend((mean, var))
+            return y
+
+        c1 = unit(out[:, :channels[i]], 0)
+        a = unit(c1, 1)
+        s = unit(a, 2)
+        s.add_(a)
+        out[:, channels[i]:channels[i + 1]].copy_(unit(s, 3))
+        inner.extend((c1, a))  # a + b is recomputed in backward: its convolution is the block's cheapest
+    return out, inner + stats
+
+
+def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
+    layers = _split(weights)
+    inner, stats = saved[:2 * len(layers)], saved[2 * len(layers):]
+    channels = [channels0]
+    for units in layers:
+        channels.append(channels[-1] + units[3][2].shape[0])
+    grad = grad_out.clone(memory_format=_memory_format(out))  # accumulated in place, layer by layer
+    grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    for i in reversed(range(len(layers))):
+        units = layers[i]
+        c1, a = inner[2 * i: 2 * i + 2]
+        prefix = out[:, :channels[i]]
+        bw3, bb3, cw3 = units[2]
+        s, _, _ = engine.forward(a, bw3, bb3, stats[2 * (4 * i + 2)], stats[2 * (4 * i + 2) + 1], False, eps, cw3,
+                                 [1] * cw3[0, 0].dim(), same_padding(cw3))
+        s.add_(a)
+
+        def unit_backward(g, t, u):
+            bw, bb, cw = units[u]
+            mean, var = stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
+            gx, gbw, gbb, gcw = engine.backward(g, t, bw, bb, mean, var, use_batch_stats, eps, cw,
+                                                [1] * cw[0, 0].dim(), same_padding(cw))
+            base = PARAMS_PER_LAYER * i + 3 * u
+            grads_w[base], grads_w[base + 1], grads_w[base + 2] = gbw, gbb, gcw
+            return gx
+
+        grad_s = unit_backward(grad[:, channels[i]:channels[i + 1]], s, 3)
+        grad_a = unit_backward(grad_s, a, 2)
+        grad_a.add_(grad_s)
+        grad_c1 = unit_backward(grad_a, c1, 1)
+        grad[:, :channels[i]].add_(unit_backward(grad_c1, prefix, 0))
+    return grad[:, :channels0], grads_w
+
+
+def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps):
+    layers = _split(weights)
+    total = x.shape[1] + sum(units[3][2].shape[0] for units in layers)
+    out = _empty(x, total)
+    inner, stats = [], []
+    sd = opmath_dtype(x.dtype)
+    c = x.shape[1]
+    for units in layers:
+        width, growth = units[0][2].shape[0], units[3][2].shape[0]
+        # each unit's output takes its input's format (bn_relu_conv.output_format); the first reads a
+        # prefix of the buffer, which is channels-last only when it is the whole buffer
+        like = out[:, :c]
+        fmt = output_format(like)
+        inner += [torch.empty((x.shape[0], n, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+                  for n in (width, growth)]
+        for n in (c, width, growth, growth):
+            stats += [x.new_empty(n, dtype=sd), x.new_empty(n, dtype=sd)]
+        c += growth
+    return out, inner + stats
+
+
+def _backward_fake(grad_out, out, channels0, weights, saved, use_batch_stats, eps):
+    grad = torch.empty_like(out, memory_format=_memory_format(out))
+    return grad[:, :channels0], [torch.empty_like(w) for w in weights]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, running_means, running_vars, use_batch_stats, eps = inputs
+    out, saved = output
+    ctx.save_for_backward(out, *weights, *saved)
+    ctx.args = (x.shape[1], len(weights), use_batch_stats, eps, len(running_means), len(running_vars))
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, _grad_saved):
+        channels0, n_weights, use_batch_stats, eps, n_means, n_vars = ctx.args
+        out, *rest = ctx.saved_tensors
+        weights, saved = rest[:n_weights], rest[n_weights:]
+        grad_x, grads_w = backward_op(grad_out, out, channels0, weights, saved, use_batch_stats, eps)
+        return grad_x, grads_w, [None] * n_means, [None] * n_vars, None, None
+
+    return backward
+
+
+def _define(name: str, engine):
+    @torch.library.custom_op(f"ahnet_fast::{name}_backward", mutates_args=())
+    def backward_op(grad_out: torch.Tensor, out: torch.Tensor, channels0: int, weights: list[torch.Tensor],
+                    saved: list[torch.Tensor], use_batch_stats: bool, eps: float
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps)
+
+    @torch.library.custom_op(f"ahnet_fast::{name}", mutates_args=())
+    def forward_op(x: torch.Tensor, weights: list[torch.Tensor], running_means: list[torch.Tensor],
+                   running_vars: list[torch.Tensor], use_batch_stats: bool, eps: float
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out, saved = _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps)
+        # outputs must not alias inputs (eval mode hands back the running statistics)
+        ids = {id(t) for t in running_means} | {id(t) for t in running_vars}
+        return out, [t.clone() if id(t) in ids else t for t in saved]
+
+    backward_op.register_fake(_backward_fake)
+    forward_op.register_fake(_forward_fake)
+    backward_overload = getattr(torch.ops.ahnet_fast, f"{name}_backward").default
+    forward_op.register_autograd(_make_backward(backward_overload), setup_context=_setup_context)
+    return getattr(torch.ops.ahnet_fast, name).default
+
+
+_TRITON_OP = None
+
+
+def _triton_op():
+    global _TRITON_OP
+    if _TRITON_OP is None:
+        _TRITON_OP = _define("dense_block_triton", ENGINES["triton"])
+    return _TRITON_OP
+
+
+if extension_available():
+    _define("dense_block", ENGINES["cpp"])

@@ -1,0 +1,197 @@
+"""The one-buffer dense block against MONAI's layers and the reference composition."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import ahnet_fast
+from ahnet_fast.nn._bn import dense_block as module_dense_block
+from ahnet_fast.nn.ahnet import DenseBlock
+from ahnet_fast.ops import dense_block, dense_block_reference
+from benchmarks._common import saved_bytes
+from tests.conftest import assert_close_normwise, rel_err
+
+needs_ext = pytest.mark.skipif(not ahnet_fast.extension_available(), reason="compiled extension not built")
+
+
+def make_block(spatial_dims, channels, layers=3, growth=5, bn_size=4, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    block = DenseBlock(spatial_dims, layers, channels, bn_size, growth, 0.0).to(dtype)
+    for m in block.modules():  # non-trivial affine parameters and running statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.3, 0.3)
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return block
+
+
+def run(block, x, grad, backend):
+    block = copy.deepcopy(block)
+    block.backend = backend
+    xi = x.detach().clone().requires_grad_()
+    y = block(xi)
+    params = list(block.parameters())
+    grads = torch.autograd.grad(y, [xi, *params], grad)
+    return y.detach(), grads, {k: v.clone() for k, v in block.state_dict().items()}
+
+
+def layers_one_by_one(block, x):
+    for layer in block:
+        x = layer(x)
+    return x
+
+
+@needs_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("spatial_dims,shape", [(3, (2, 7, 6, 5, 4)), (3, (1, 9, 5, 7, 3)), (2, (2, 6, 7, 5))],
+                         ids=["3d", "3d-odd", "2d"])
+def test_matches_layer_by_layer_float64(spatial_dims, shape, training):
+    block = make_block(spatial_dims, shape[1]).train(training)
+    x = torch.randn(shape, dtype=torch.float64)
+    grad = torch.randn((shape[0], shape[1] + 15, *shape[2:]), dtype=torch.float64)
+    ref = run(block, x, grad, "reference")
+    got = run(block, x, grad, "cpp")
+    assert_close_normwise(got[0], ref[0], 1e-13, what="output")
+    for (name, _), a, b in zip([("x", None), *block.named_parameters()], got[1], ref[1]):
+        assert_close_normwise(a, b, 1e-11, atol=1e-14, what=name)
+    for k in ref[2]:
+        assert_close_normwise(got[2][k].double(), ref[2][k].double(), 1e-13, what=k)
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last_3d", "strided"])
+def test_float32_layouts(kind):
+    """fp32 within 1e-5 of the float64 oracle for every input layout; channels-last stays channels-last."""
+    block = make_block(3, 8)
+    x64 = torch.randn(2, 8, 6, 5, 4, dtype=torch.float64)
+    grad = torch.randn(2, 23, 6, 5, 4, dtype=torch.float64)
+    ref = run(block, x64, grad, "reference")
+    x = x64.float()
+    if kind == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif kind == "strided":
+        x = torch.zeros(2, 8, 6, 5, 8)[..., ::2].copy_(x)
+    got = run(block.float(), x, grad.float(), "cpp")
+    assert_close_normwise(got[0], ref[0], 1e-5)
+    for a, b in zip(got[1], ref[1]):
+        assert_close_normwise(a, b, 1e-5, atol=1e-6)
+    if kind == "channels_last_3d":
+        assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@needs_ext
+def test_matches_monai():
+    monai_ahnet = pytest.importorskip("monai.networks.nets.ahnet")
+    torch.manual_seed(0)
+    theirs = monai_ahnet.DenseBlock(3, 3, 12, 4, 6, 0.0).double()
+    ours = DenseBlock(3, 3, 12, 4, 6, 0.0).double()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 12, 6, 6, 4, dtype=torch.float64)
+    grad = torch.randn(2, 30, 6, 6, 4, dtype=torch.float64)
+    xt, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yt, yo = theirs(xt), ours(xo)
+    gt = torch.autograd.grad(yt, [xt, *theirs.parameters()], grad)
+    go = torch.autograd.grad(yo, [xo, *ours.parameters()], grad)
+    assert_close_normwise(yo, yt, 1e-13)
+    for a, b in zip(go, gt):
+        assert_close_normwise(a, b, 1e-11, atol=1e-14)
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b) if a.dtype == torch.int64 else rel_err(a, b) < 1e-13, k
+
+
+@needs_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(training):
+    block = make_block(3, 3, layers=2, growth=2, bn_size=2).train(training)
+    x = torch.randn(2, 3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in block.named_parameters()]
+
+    def f(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(block, dict(zip(names, ps))):
+            return block(x)
+
+    assert torch.autograd.gradcheck(f, (x, *block.parameters()), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _op_args(block, x, training):
+    weights, means, variances = [], [], []
+    for layer in block:
+        for bn, conv in ((layer.bn1, layer.conv1), (layer.bn2, layer.conv2), (layer.bn3, layer.conv3),
+                         (layer.bn4, layer.conv4)):
+            weights += [bn.weight.detach(), bn.bias.detach(), conv.weight.detach()]
+            means.append(bn.running_mean)
+            variances.append(bn.running_var)
+    return (x, weights, [] if training else means, [] if training else variances, training, 1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last_3d"])
+def test_opcheck(training, kind):
+    block = make_block(3, 4, layers=2, growth=3, bn_size=2, dtype=torch.float32)
+    x = torch.randn(2, 4, 5, 4, 3)
+    if kind == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    args = _op_args(block, x, training)
+    torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, args)
+    grad_args = (args[0].clone().requires_grad_(), [w.clone().requires_grad_() for w in args[1]], *args[2:])
+    torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, grad_args)
+
+
+@needs_ext
+def test_saved_bytes_at_most_0_4_of_monai_block():
+    """The issue's target, at AH-Net's last block (64 input channels, growth 20, bottleneck 80; the
+    ratio does not depend on the spatial size): the one-buffer block keeps at most 0.4x the bytes
+    MONAI's block keeps for backward (parameters not counted)."""
+    monai_ahnet = pytest.importorskip("monai.networks.nets.ahnet")
+    theirs_block = monai_ahnet.DenseBlock(3, 3, 64, 4, 20, 0.0)
+    block = make_block(3, 64, growth=20, dtype=torch.float32)
+    x = torch.randn(1, 64, 8, 8, 4, requires_grad=True)
+    ours, _ = saved_bytes(lambda: block(x), exclude=list(block.parameters()))
+    theirs, _ = saved_bytes(lambda: theirs_block(x), exclude=list(theirs_block.parameters()))
+    assert ours <= 0.4 * theirs, (ours, theirs)
+    # the output buffer and (c1, a) of each layer: (64 + 60) + 3 * (80 + 20) channels, and 8 floats of
+    # statistics per BatchNorm channel pair
+    per_channel = 8 * 8 * 4 * 4
+    assert (124 + 300) * per_channel <= ours <= (124 + 300) * per_channel + 8 * 1024
+
+
+def test_bad_input_is_a_value_error():
+    block = make_block(3, 4, layers=2, growth=3, bn_size=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"weight \(6, 4, 1, 1, 1\), but its input has 5 channels"):
+        block(torch.randn(2, 5, 4, 4, 3))
+    x = torch.randn(2, 4, 4, 4, 3)
+    args = _op_args(block, x, True)
+    with pytest.raises(ValueError, match="12 tensors per layer"):
+        dense_block(x, args[1][:-1], [None] * 8, [None] * 8, True, [0.1] * 8, 1e-5)
+    with pytest.raises(ValueError, match="momenta must hold 4 entries per layer"):
+        dense_block(x, args[1], [None] * 8, [None] * 8, True, [0.1] * 7, 1e-5)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        dense_block(x[0, 0], args[1], [None] * 8, [None] * 8, True, [0.1] * 8, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreted on CPU; on CUDA on a GPU machine)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_here = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+@triton_here
+def test_triton_block_matches_reference():
+    pytest.importorskip("triton")
+    block = make_block(3, 6, layers=2, growth=4, bn_size=2)
+    x = torch.randn(2, 6, 5, 4, 3, dtype=torch.float64)
+    grad = torch.randn(2, 14, 5, 4, 3, dtype=torch.float64)
+    ref = run(block, x, grad, "reference")
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        got = run(block.float().to(DEVICE), x.float().to(DEVICE), grad.float().to(DEVICE), "triton")
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    assert_close_normwise(got[0].cpu(), ref[0], 1e-5)
+    for a, b in zip(got[1], ref[1]):
+        assert_close_normwise(a.cpu(), b, 1e-5, atol=1e-6)
