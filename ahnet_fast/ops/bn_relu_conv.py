@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ahnet_fast import backends
+from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops.aniso_conv import output_format
 from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import is_channels_last, opmath_dtype, output_like
+from ahnet_fast._layout import opmath_dtype, output_like
 from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, note_compiled_kernels, triton_reasons
 
 __all__ = ["bn_relu_conv", "bn_relu_conv_reference", "same_padding"]
@@ -71,51 +73,27 @@ def _check(x, running_mean, running_var, bn_weight, bn_bias, training, weight, s
         raise ValueError(f"bn_relu_conv: stride must be positive, got {stride!r}")
 
 
-def output_format(x: torch.Tensor) -> torch.memory_format:
-    """The convolution output is channels-last exactly when the input is, else contiguous."""
-    if is_channels_last(x):
-        return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-    return torch.contiguous_format
-
-
-# ---------------------------------------------------------------------------------------------
-# The convolution itself: ATen's (oneDNN on CPU, cuDNN on CUDA), called without autograd.
-
-
-def conv_forward(a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]):
-    nd = a.dim() - 2
-    y = torch.ops.aten.convolution(a, weight, None, list(stride), list(padding), [1] * nd, False, [0] * nd, 1)
-    return y.contiguous(memory_format=output_format(a))
-
-
-def conv_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
-                  padding: Sequence[int], need_input_grad: bool = True):
-    nd = a.dim() - 2
-    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_y, a, weight, None, list(stride), list(padding), [1] * nd, False, [0] * nd, 1,
-        [need_input_grad, True, False])
-    return grad_a, grad_w
-
-
 # ---------------------------------------------------------------------------------------------
 # Engines: how one backend computes the unit's forward and backward. The dense block composes them.
 
 
 class CppEngine:
-    """C++ BatchNorm+ReLU and ATen's convolution; the activation is a temporary in both passes."""
+    """C++ BatchNorm+ReLU and a convolution path of :mod:`ahnet_fast.ops.aniso_conv` chosen per shape;
+    the activation is a temporary in both passes."""
 
     @staticmethod
     def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding):
         a, mean, var = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, running_mean, running_var,
                                                     use_batch_stats, eps)
-        y = conv_forward(a, weight, stride, padding)
+        y = aniso_conv.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
         return y.contiguous(memory_format=output_format(x)), mean, var
 
     @staticmethod
     def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding):
         # the activation again, from the same statistics and the same arithmetic as forward
         a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
-        grad_a, grad_w = conv_backward(grad_y, a, weight, stride, padding)
+        path = aniso_conv.choose("backward", a, weight, stride, padding)
+        grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
         del a
         grad_x, grad_bw, grad_bb = torch.ops.ahnet_fast.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var,
                                                                          use_batch_stats, eps)
@@ -123,9 +101,11 @@ class CppEngine:
 
 
 class TritonEngine:
-    """Triton: statistics pass, then a convolution that normalises while it loads (nothing written
-    between), and in backward the input gradient of the convolution followed by the BatchNorm+ReLU
-    backward, with the weight gradient recomputing the activation on load."""
+    """Triton: statistics pass, then (path "triton") a convolution that normalises while it loads,
+    nothing written between; in backward the convolution's input gradient, then the BatchNorm+ReLU
+    backward, with the weight gradient recomputing the activation on load. Where measuring shows
+    cuDNN faster for a shape (``AHNET_FAST_CONV_TUNE=1``), the activation is written by the Triton
+    BatchNorm kernel and the convolution is cuDNN's (``aten``/``folded``)."""
 
     @staticmethod
     def _scale_shift(bn_weight, bn_bias, mean, var, eps):
@@ -136,8 +116,25 @@ class TritonEngine:
         return scale.to(dt).contiguous(), shift.to(dt).contiguous()
 
     @staticmethod
+    def _path(direction, x, weight, stride, padding, scale, shift):
+        from ahnet_fast.kernels.triton import aniso_conv as kernels
+
+        prec = _precision(x)
+        if direction == "forward":
+            def fused():
+                return kernels.conv_forward(x, weight, scale, shift, tuple(stride), tuple(padding), precision=prec)
+        else:
+            def fused():  # measured only when tuning
+                g = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+                kernels.conv_weight_grad(x, g, scale, shift, tuple(weight.shape), tuple(stride), tuple(padding),
+                                         precision=prec)
+                return kernels.conv_input_grad(g, weight, tuple(x.shape), tuple(stride), tuple(padding),
+                                               precision=prec)
+        return aniso_conv.choose(direction, x, weight, stride, padding, extra={"triton": fused})
+
+    @staticmethod
     def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding):
-        from ahnet_fast.kernels.triton import aniso_conv, bn_relu as bn_kernels
+        from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
 
         if use_batch_stats:
             mean, var = bn_kernels.bn_stats(x)
@@ -145,19 +142,30 @@ class TritonEngine:
             sd = opmath_dtype(x.dtype)
             mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
         scale, shift = TritonEngine._scale_shift(bn_weight, bn_bias, mean, var, eps)
-        y = aniso_conv.conv_forward(x, weight, scale, shift, tuple(stride), tuple(padding), precision=_precision(x))
+        path = TritonEngine._path("forward", x, weight, stride, padding, scale, shift)
+        if path == "triton":
+            y = kernels.conv_forward(x, weight, scale, shift, tuple(stride), tuple(padding), precision=_precision(x))
+        else:
+            a, _, _ = bn_kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
+            y = aniso_conv.forward(path, a, weight, stride, padding).contiguous(memory_format=output_format(x))
         return y, mean, var
 
     @staticmethod
     def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding):
-        from ahnet_fast.kernels.triton import aniso_conv, bn_relu as bn_kernels
+        from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
 
         scale, shift = TritonEngine._scale_shift(bn_weight, bn_bias, mean, var, eps)
-        prec = _precision(x)
-        grad_w = aniso_conv.conv_weight_grad(x, grad_y, scale, shift, tuple(weight.shape), tuple(stride),
-                                             tuple(padding), precision=prec).to(weight.dtype)
-        grad_a = aniso_conv.conv_input_grad(grad_y, weight, tuple(x.shape), tuple(stride), tuple(padding),
-                                            precision=prec)
+        path = TritonEngine._path("backward", x, weight, stride, padding, scale, shift)
+        if path == "triton":
+            prec = _precision(x)
+            grad_w = kernels.conv_weight_grad(x, grad_y, scale, shift, tuple(weight.shape), tuple(stride),
+                                              tuple(padding), precision=prec).to(weight.dtype)
+            grad_a = kernels.conv_input_grad(grad_y, weight, tuple(x.shape), tuple(stride), tuple(padding),
+                                             precision=prec)
+        else:
+            a, _, _ = bn_kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
+            grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
+            del a
         grad_x, grad_bw, grad_bb = bn_kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var,
                                                                use_batch_stats, eps)
         return grad_x, grad_bw, grad_bb, grad_w

@@ -1,0 +1,308 @@
+"""How each anisotropic convolution of AH-Net is computed: one of several paths, chosen per shape.
+
+The convolutions that follow a BatchNorm+ReLU (``ahnet_fast.ops.bn_relu_conv`` and the dense
+block) call :func:`forward` / :func:`backward` here with the path :func:`choose` picks. Paths:
+
+- ``aten``: ``torch.ops.aten.convolution`` / ``convolution_backward`` (oneDNN on CPU, cuDNN
+  ``conv3d`` on CUDA).
+- ``matmul`` (1x1x1, stride 1): a batched matrix product. On CPU ATen sends these convolutions
+  (batch < 16) to an unfold-based path; MKL's sgemm measured 1.4-5.4x faster on every 1x1x1
+  shape of AH-Net.
+- ``shift`` (stride 1, same-size padding, channel-first): all T kernel taps in one matrix product
+  Z = W_all (T*Co x Ci) @ X (Ci x S), then the output is the sum of the T tap maps shifted into
+  place; backward stacks the T shifted copies of the output gradient (T*Co rows) and does two
+  matrix products. It wins where Co is small (AH-Net's final 3-class 3x3x1 convolution: 5x
+  forward, 3x backward) and, for the backward, on the dense layers' 3x3x1 (Co = 20).
+- ``folded`` (kernel k x k x 1 or 1 x 1 x k, stride 1, contiguous): a 2D convolution on a view with
+  the slice axis folded away (k x k x 1 as a (k, k) convolution dilated by D along W*D; 1 x 1 x k
+  as (1, k) on (H*W, D)), no copy. Measured slower than ``aten`` on CPU at AH-Net's large maps;
+  a candidate on CUDA, where cuDNN's 2D kernels are the most tuned.
+- ``triton`` (CUDA): the Triton kernel with the BatchNorm+ReLU on its operand load
+  (:class:`ahnet_fast.ops.bn_relu_conv.TritonEngine`); chosen by the engine, not run here.
+
+Choice: a static rule from the CPU measurements (``benchmarks/results/aniso_conv_cpu.md``) unless
+measuring is on (``AHNET_FAST_CONV_TUNE=1`` or :func:`set_tuning`), which times every candidate
+once per (device, dtype, shapes, stride, direction) and keeps the fastest. Every choice is
+recorded with its reason (:func:`choices`); :func:`save_choices` / :func:`load_choices` write and
+read them as JSON, so a run can be repeated with the same paths.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ahnet_fast._layout import is_channels_last
+
+__all__ = ["PATHS", "candidates", "forward", "backward", "choose", "choices", "save_choices", "load_choices",
+           "set_tuning"]
+
+PATHS = ("aten", "matmul", "shift", "folded", "triton")
+
+_choices: dict[str, dict] = {}
+_tuning: bool | None = None
+
+
+def set_tuning(enabled: bool | None) -> None:
+    """Measure candidates (True), use the static rule (False), or follow AHNET_FAST_CONV_TUNE (None)."""
+    global _tuning
+    _tuning = enabled
+
+
+def tuning() -> bool:
+    return _tuning if _tuning is not None else os.environ.get("AHNET_FAST_CONV_TUNE", "0") == "1"
+
+
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The convolution output is channels-last exactly when the input is, else contiguous."""
+    if is_channels_last(x):
+        return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return torch.contiguous_format
+
+
+def _same_size(weight, padding) -> bool:
+    return all(k % 2 == 1 and p == (k - 1) // 2 for k, p in zip(weight.shape[2:], padding))
+
+
+def candidates(a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> list[str]:
+    """The paths of this module that can compute this convolution (``triton`` is the engine's)."""
+    kernel = tuple(weight.shape[2:])
+    unit_stride = all(s == 1 for s in stride)
+    out = ["aten"]
+    if unit_stride and all(k == 1 for k in kernel) and not any(padding):
+        out.append("matmul")
+    if unit_stride and _same_size(weight, padding) and not is_channels_last(a) and any(k > 1 for k in kernel):
+        out.append("shift")
+    if unit_stride and a.dim() == 5 and a.is_contiguous() and _same_size(weight, padding) and \
+            (kernel[2] == 1 or kernel[:2] == (1, 1)) and any(k > 1 for k in kernel):
+        out.append("folded")
+    return out
+
+
+def _rule(direction: str, a: torch.Tensor, weight: torch.Tensor, paths: list[str]) -> str:
+    """The static choice, from the CPU measurements (benchmarks/results/aniso_conv_cpu.md)."""
+    if a.device.type != "cpu":
+        return "aten"
+    if "matmul" in paths:
+        return "matmul"
+    if "shift" in paths:
+        taps_x_out = weight.shape[0] * weight[0, 0].numel()
+        if taps_x_out <= (64 if direction == "forward" else 192):
+            return "shift"
+    return "aten"
+
+
+def _key(direction, a, weight, stride, padding) -> str:
+    layout = "channels_last" if is_channels_last(a) else "contiguous" if a.is_contiguous() else "strided"
+    device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
+    return (f"{direction}|{device}|{str(a.dtype).replace('torch.', '')}|{tuple(a.shape)}|{layout}|"
+            f"{tuple(weight.shape)}|s{tuple(stride)}|p{tuple(padding)}")
+
+
+def choose(direction: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+           extra: dict[str, Callable[[], object]] | None = None) -> str:
+    """The path for this call ("forward" or "backward"). ``extra`` adds engine-level candidates
+    (name -> a function running that candidate once), measured with the others when tuning."""
+    key = _key(direction, a, weight, stride, padding)
+    hit = _choices.get(key)
+    if hit is not None:
+        return hit["path"]
+    paths = candidates(a, weight, stride, padding) + list(extra or {})
+    if tuning() and len(paths) > 1:
+        times = {p: _measure(direction, p, a, weight, stride, padding, extra) for p in paths}
+        path = min(times, key=times.get)
+        _choices[key] = {"path": path, "reason": "measured", "ms": {p: round(t * 1e3, 3) for p, t in times.items()}}
+    else:
+        path = "triton" if extra and "triton" in extra else _rule(direction, a, weight, paths)
+        _choices[key] = {"path": path, "reason": "rule"}
+    return path
+
+
+def _measure(direction, path, a, weight, stride, padding, extra, repeats=3) -> float:
+    """Median seconds of one call on fresh data of the same shape (never the caller's tensors)."""
+    if extra and path in extra:
+        run = extra[path]
+    else:
+        x = torch.randn_like(a)
+        w = torch.randn_like(weight)
+        if direction == "forward":
+            def run():
+                return forward(path, x, w, stride, padding)
+        else:
+            g = forward("aten", x, w, stride, padding).normal_()
+
+            def run():
+                return backward(path, g, x, w, stride, padding)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    run()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def choices() -> dict[str, dict]:
+    """Every choice made so far: key -> {"path", "reason" ("rule", "measured" or "loaded"), "ms"?}."""
+    return {k: dict(v) for k, v in _choices.items()}
+
+
+def save_choices(path: str) -> None:
+    """Writes the choices as JSON (atomically: a temporary file, then a rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(_choices, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_choices(path: str) -> int:
+    """Reads choices saved by :func:`save_choices` (they take precedence over rule and tuning);
+    returns how many were loaded. ValueError on a file that is not such a table."""
+    with open(path) as f:
+        table = json.load(f)
+    if not isinstance(table, dict) or not all(isinstance(v, dict) and v.get("path") in PATHS for v in table.values()):
+        raise ValueError(f"{path} is not a table of convolution paths (expected key -> {{'path': one of {PATHS}}})")
+    for key, value in table.items():
+        _choices[key] = {**value, "reason": "loaded"}
+    return len(table)
+
+
+def clear_choices() -> None:
+    _choices.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The paths
+
+
+def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]):
+    if path == "matmul":
+        w = weight.view(weight.shape[0], weight.shape[1])
+        m, cl = _as_matrix(a)
+        return _from_matrix(torch.matmul(m, w.t()) if cl else _left_mm(w, m), a, weight.shape[0], cl)
+    if path == "shift":
+        return _shift_forward(a, weight)
+    if path == "folded":
+        xf, wf, pad, dil = _fold(a, weight)
+        return torch.ops.aten.convolution(xf, wf, None, [1, 1], pad, dil, False, [0, 0], 1).view(
+            a.shape[0], weight.shape[0], *a.shape[2:])
+    nd = a.dim() - 2
+    y = torch.ops.aten.convolution(a, weight, None, list(stride), list(padding), [1] * nd, False, [0] * nd, 1)
+    return y.contiguous(memory_format=output_format(a))
+
+
+def backward(path: str, grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+             padding: Sequence[int]):
+    """(grad_a, grad_weight)."""
+    if path == "matmul":
+        w = weight.view(weight.shape[0], weight.shape[1])
+        m, cl = _as_matrix(a)
+        gm, _ = _as_matrix(grad_y.contiguous(memory_format=output_format(a)))
+        if cl:  # rows are positions: grad_a = g W, grad_w = g^T a
+            grad_a = torch.matmul(gm, w)
+            grad_w = gm[0].t() @ m[0] if m.shape[0] == 1 else torch.matmul(gm.transpose(1, 2), m).sum(0)
+        else:  # columns are positions: grad_a = W^T g, grad_w = g a^T
+            grad_a = _left_mm(w.t(), gm)
+            grad_w = gm[0] @ m[0].t() if m.shape[0] == 1 else torch.matmul(gm, m.transpose(1, 2)).sum(0)
+        return _from_matrix(grad_a, a, a.shape[1], cl), grad_w.view_as(weight)
+    if path == "shift":
+        return _shift_backward(grad_y, a, weight)
+    if path == "folded":
+        xf, wf, pad, dil = _fold(a, weight)
+        gf = grad_y.contiguous().view(a.shape[0], weight.shape[0], *xf.shape[2:])
+        grad_a, grad_w, _ = torch.ops.aten.convolution_backward(gf, xf, wf, None, [1, 1], pad, dil, False, [0, 0], 1,
+                                                                [True, True, False])
+        return grad_a.view(a.shape), grad_w.view(weight.shape)
+    nd = a.dim() - 2
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_y, a, weight, None, list(stride), list(padding), [1] * nd, False, [0] * nd, 1, [True, True, False])
+    return grad_a, grad_w
+
+
+def _as_matrix(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """t (N, C, *spatial) as a batch of matrices, without a copy where the layout allows: (N, C, S)
+    channel-first, or (N, S, C) channels-last (the bool says which)."""
+    if is_channels_last(t):
+        return t.movedim(1, -1).reshape(t.shape[0], -1, t.shape[1]), True
+    return t.reshape(t.shape[0], t.shape[1], -1), False
+
+
+def _from_matrix(m: torch.Tensor, like: torch.Tensor, channels: int, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        return m.view(like.shape[0], *like.shape[2:], channels).movedim(-1, 1)
+    return m.view(like.shape[0], channels, *like.shape[2:])
+
+
+def _left_mm(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """w @ m[n] for every n (torch.matmul would fold the batch into rows by copying m transposed)."""
+    if m.shape[0] == 1:
+        return (w @ m[0]).unsqueeze(0)
+    return torch.bmm(w.expand(m.shape[0], -1, -1), m)
+
+
+def _taps(weight: torch.Tensor) -> list[tuple[int, ...]]:
+    """Offsets of the kernel taps from the centre, in the weight's (row-major) tap order."""
+    ks = weight.shape[2:]
+    return [tuple(i - (k - 1) // 2 for i, k in zip(idx, ks)) for idx in itertools.product(*[range(k) for k in ks])]
+
+
+def _shifted(size: int, offset: int) -> tuple[slice, slice]:
+    """Destination and source ranges along one axis for out[p] += z[p + offset] (inside bounds)."""
+    return slice(max(0, -offset), size - max(0, offset)), slice(max(0, offset), size - max(0, -offset))
+
+
+def _tap_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """(T * Co, Ci): the taps' weight matrices stacked, tap-major."""
+    co, ci = weight.shape[:2]
+    return weight.reshape(co, ci, -1).permute(2, 0, 1).reshape(-1, ci)
+
+
+def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    n, ci = a.shape[:2]
+    co, spatial = weight.shape[0], a.shape[2:]
+    taps = _taps(weight)
+    z = _left_mm(_tap_matrix(weight), a.reshape(n, ci, -1)).view(n, len(taps), co, *spatial)
+    centre = taps.index(tuple(0 for _ in spatial))
+    y = z[:, centre].clone()
+    for t, offset in enumerate(taps):
+        if t == centre:
+            continue
+        dst, src = zip(*(_shifted(size, o) for size, o in zip(spatial, offset)))
+        y[(slice(None), slice(None), *dst)] += z[(slice(None), t, slice(None), *src)]
+    return y
+
+
+def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor):
+    n, ci = a.shape[:2]
+    co, spatial = weight.shape[0], a.shape[2:]
+    taps = _taps(weight)
+    # stacked[t][q] = grad_y[q - offset_t] (zero outside), so grad_a = W_all^T stacked and
+    # grad_W_t = stacked_t a^T
+    stacked = grad_y.new_zeros((n, len(taps), co, *spatial))
+    for t, offset in enumerate(taps):
+        dst, src = zip(*(_shifted(size, -o) for size, o in zip(spatial, offset)))
+        stacked[(slice(None), t, slice(None), *dst)] = grad_y[(slice(None), slice(None), *src)]
+    g = stacked.view(n, len(taps) * co, -1)
+    m = a.reshape(n, ci, -1)
+    wall = _tap_matrix(weight)
+    grad_a = _left_mm(wall.t(), g).view(a.shape)
+    grad_wall = g[0] @ m[0].t() if n == 1 else torch.matmul(g, m.transpose(1, 2)).sum(0)
+    grad_w = grad_wall.view(len(taps), co, ci).permute(1, 2, 0).reshape(weight.shape)
+    return grad_a, grad_w
+
+
+def _fold(a: torch.Tensor, weight: torch.Tensor):
+    """(input view, weight view, padding, dilation) of the 2D convolution equal to this one."""
+    n, c, h, w, d = a.shape
+    kh, kw, kd = weight.shape[2:]
+    if kd == 1:  # (kh, kw) over (H, W*D), W-neighbours D apart
+        return a.view(n, c, h, w * d), weight.view(*weight.shape[:2], kh, kw), [(kh - 1) // 2, (kw - 1) // 2 * d], \
+            [1, d]
+    return a.view(n, c, h * w, d), weight.view(*weight.shape[:2], 1, kd), [0, (kd - 1) // 2], [1, 1]

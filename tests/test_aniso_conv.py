@@ -1,0 +1,116 @@
+"""The convolution paths of ahnet_fast.ops.aniso_conv against ATen, and the recorded, reproducible choice."""
+import json
+
+import pytest
+import torch
+
+from ahnet_fast.ops import aniso_conv
+from tests.conftest import assert_close_normwise
+
+A = torch.ops.aten
+
+# (kernel, input shape, out channels): AH-Net's kernels, odd sizes, batch > 1, 2D
+CASES = [
+    ((1, 1, 1), (1, 6, 5, 4, 3), 7),
+    ((1, 1, 1), (2, 6, 5, 4, 3), 3),
+    ((3, 3, 1), (1, 5, 7, 6, 3), 3),
+    ((3, 3, 1), (2, 8, 5, 9, 2), 4),
+    ((1, 1, 3), (2, 4, 5, 3, 7), 4),
+    ((3, 1), (2, 5, 7, 6), 3),
+    ((1, 3), (1, 3, 5, 6), 2),
+]
+IDS = ["1x1x1", "1x1x1-n2", "3x3x1", "3x3x1-n2", "1x1x3", "2d-3x1", "2d-1x3"]
+
+
+def aten_pair(x, w, g):
+    nd = x.dim() - 2
+    pad = [(k - 1) // 2 for k in w.shape[2:]]
+    y = A.convolution(x, w, None, [1] * nd, pad, [1] * nd, False, [0] * nd, 1)
+    ga, gw, _ = A.convolution_backward(g, x, w, None, [1] * nd, pad, [1] * nd, False, [0] * nd, 1, [True, True, False])
+    return y, ga, gw
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_every_candidate_matches_aten_float64(case, layout):
+    kernel, shape, co = case
+    x = torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    elif layout == "strided":
+        x = torch.zeros((*shape[:-1], 2 * shape[-1]), dtype=torch.float64)[..., ::2].copy_(x)
+    w = torch.randn(co, shape[1], *kernel, dtype=torch.float64)
+    pad = [(k - 1) // 2 for k in kernel]
+    stride = [1] * len(kernel)
+    ref_y = A.convolution(x.contiguous(), w, None, stride, pad, [1] * len(kernel), False, [0] * len(kernel), 1)
+    g = torch.randn(ref_y.shape, dtype=torch.float64)
+    _, ref_ga, ref_gw = aten_pair(x.contiguous(), w, g)
+    paths = aniso_conv.candidates(x, w, stride, pad)
+    assert "aten" in paths
+    if all(k == 1 for k in kernel):
+        assert "matmul" in paths
+    if layout != "channels_last" and any(k > 1 for k in kernel):
+        assert "shift" in paths
+    for path in paths:
+        y = aniso_conv.forward(path, x, w, stride, pad)
+        ga, gw = aniso_conv.backward(path, g, x, w, stride, pad)
+        assert_close_normwise(y, ref_y, 1e-13, what=f"{path} y")
+        assert_close_normwise(ga, ref_ga, 1e-13, what=f"{path} grad input")
+        assert_close_normwise(gw, ref_gw, 1e-13, what=f"{path} grad weight")
+        if layout == "channels_last" and path != "folded":
+            assert y.is_contiguous(memory_format=aniso_conv.output_format(x)), path
+
+
+def test_folded_is_a_candidate_for_contiguous_anisotropic_kernels():
+    x = torch.randn(1, 4, 6, 5, 3)
+    assert "folded" in aniso_conv.candidates(x, torch.randn(2, 4, 3, 3, 1), [1, 1, 1], [1, 1, 0])
+    assert "folded" in aniso_conv.candidates(x, torch.randn(2, 4, 1, 1, 3), [1, 1, 1], [0, 0, 1])
+    assert "folded" not in aniso_conv.candidates(x, torch.randn(2, 4, 3, 3, 1), [2, 2, 1], [1, 1, 0])
+    assert aniso_conv.candidates(x, torch.randn(2, 4, 3, 3, 1), [2, 2, 1], [1, 1, 0]) == ["aten"]
+
+
+@pytest.fixture
+def fresh_choices():
+    saved = aniso_conv.choices()
+    aniso_conv.clear_choices()
+    yield
+    aniso_conv.clear_choices()
+    aniso_conv.set_tuning(None)
+    aniso_conv._choices.update(saved)
+
+
+def test_static_rule_is_recorded(fresh_choices):
+    aniso_conv.set_tuning(False)
+    a = torch.randn(1, 16, 8, 8, 4)
+    assert aniso_conv.choose("forward", a, torch.randn(8, 16, 1, 1, 1), [1, 1, 1], [0, 0, 0]) == "matmul"
+    assert aniso_conv.choose("forward", a, torch.randn(3, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "shift"
+    assert aniso_conv.choose("forward", a, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "aten"
+    assert aniso_conv.choose("forward", a, torch.randn(8, 16, 3, 3, 1), [2, 2, 1], [1, 1, 0]) == "aten"
+    table = aniso_conv.choices()
+    assert len(table) == 4 and all(v["reason"] == "rule" for v in table.values())
+
+
+def test_tuning_measures_and_saved_choices_reload(fresh_choices, tmp_path):
+    aniso_conv.set_tuning(True)
+    a = torch.randn(1, 16, 8, 8, 4)
+    w = torch.randn(4, 16, 3, 3, 1)
+    path = aniso_conv.choose("backward", a, w, [1, 1, 1], [1, 1, 0])
+    (key, entry), = aniso_conv.choices().items()
+    assert entry["reason"] == "measured" and set(entry["ms"]) == {"aten", "shift", "folded"}
+    assert entry["path"] == path == min(entry["ms"], key=entry["ms"].get)
+    file = tmp_path / "paths.json"
+    aniso_conv.save_choices(str(file))
+    aniso_conv.clear_choices()
+    # a loaded table wins over measuring: the same path again, without timing anything
+    forced = {key: {"path": "aten"}}
+    file.write_text(json.dumps(forced))
+    assert aniso_conv.load_choices(str(file)) == 1
+    assert aniso_conv.choose("backward", a, w, [1, 1, 1], [1, 1, 0]) == "aten"
+    assert aniso_conv.choices()[key]["reason"] == "loaded"
+
+
+def test_load_rejects_a_file_that_is_not_a_table(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"k": {"path": "cudnn9"}}))
+    with pytest.raises(ValueError, match="not a table of convolution paths"):
+        aniso_conv.load_choices(str(bad))
