@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import ahnet_fast
+from ahnet_fast.ops import aniso_conv
 from tests._monai import deepcopy_to, flat, run_model, twins
 from tests.conftest import assert_close_normwise, rel_err
 
@@ -58,8 +59,23 @@ def test_float64_same_function(kwargs, shape, train):
 def test_float32_eval_within_1e5(kwargs, shape):
     theirs, ours = twins(monai_nets.AHNet, ahnet_fast.AHNet, kwargs)
     theirs.eval(), ours.eval()
-    x = _input(shape, torch.float32)
-    _compare(run_model(ours, x), run_model(theirs, x), 1e-5, 1e-7, "float32 eval")
+    _judge_float32_eval(theirs, ours, _input(shape, torch.float32))
+
+
+def _judge_float32_eval(theirs, ours, x):
+    """Float32 in eval mode: the output within 1e-5 of MONAI's with every convolution path; output,
+    gradients and buffers within 1e-5 with the convolutions in ATen's summation order.
+
+    With the faster paths (matrix products, shifted taps) the gradients are not compared at 1e-5: at
+    random initialisation they are discontinuous (ReLU and max-pool kinks), and the float64 network
+    itself moves its input gradient by ~2e-3 when its input moves by 1e-6 relative (a kink flips) —
+    the size of the float32 rounding of a forward summed in another order. Those paths are checked
+    per convolution instead (tests/test_aniso_conv.py, float32 within 2x ATen's own error)."""
+    got = run_model(ours, x)
+    ref = run_model(theirs, x)
+    assert_close_normwise(got[0], ref[0], 1e-5, what="float32 eval output")
+    with aniso_conv.use_path("aten"):
+        _compare(run_model(ours, x), ref, 1e-5, 1e-7, "float32 eval (ATen convolution order)")
 
 
 @pytest.mark.parametrize("kwargs,shape", CONFIGS[:3] + CONFIGS[5:6], ids=IDS[:3] + IDS[5:6])
@@ -107,8 +123,7 @@ def test_full_size_default_network_float64(train):
 def test_full_size_default_network_float32_eval():
     theirs, ours = twins(monai_nets.AHNet, ahnet_fast.AHNet, FULL[0])
     theirs.eval(), ours.eval()
-    x = _input(FULL[1], torch.float32)
-    _compare(run_model(ours, x), run_model(theirs, x), 1e-5, 1e-7, "full float32 eval")
+    _judge_float32_eval(theirs, ours, _input(FULL[1], torch.float32))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(upsample_mode="trilinear", out_channels=3), dict(spatial_dims=2),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ahnet_fast.ops import aniso_conv
-from tests.conftest import assert_close_normwise
+from tests.conftest import assert_close_normwise, rel_err
 
 A = torch.ops.aten
 
@@ -114,3 +114,34 @@ def test_load_rejects_a_file_that_is_not_a_table(tmp_path):
     bad.write_text(json.dumps({"k": {"path": "cudnn9"}}))
     with pytest.raises(ValueError, match="not a table of convolution paths"):
         aniso_conv.load_choices(str(bad))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_float32_within_twice_aten_error(case):
+    """Each path in float32 is as accurate as ATen's float32 (at most 2x its error vs float64 + 1e-7)."""
+    kernel, shape, co = case
+    g = torch.Generator().manual_seed(7)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64).relu() * 100
+    w64 = torch.randn(co, shape[1], *kernel, generator=g, dtype=torch.float64)
+    stride, pad = [1] * len(kernel), [(k - 1) // 2 for k in kernel]
+    gy64 = torch.randn(aniso_conv.forward("aten", x64, w64, stride, pad).shape, generator=g, dtype=torch.float64)
+    truth = (aniso_conv.forward("aten", x64, w64, stride, pad), *aniso_conv.backward("aten", gy64, x64, w64, stride, pad))
+    x, w, gy = x64.float(), w64.float(), gy64.float()
+    aten = (aniso_conv.forward("aten", x, w, stride, pad), *aniso_conv.backward("aten", gy, x, w, stride, pad))
+    for path in aniso_conv.candidates(x, w, stride, pad):
+        got = (aniso_conv.forward(path, x, w, stride, pad), *aniso_conv.backward(path, gy, x, w, stride, pad))
+        for a, b, t, name in zip(got, aten, truth, ("y", "grad input", "grad weight")):
+            assert rel_err(a, t) <= 2 * rel_err(b, t) + 1e-7, f"{path} {name}: {rel_err(a, t):.2e} vs aten {rel_err(b, t):.2e}"
+
+
+def test_use_path_forces_and_records_nothing(fresh_choices):
+    a = torch.randn(1, 16, 8, 8, 4)
+    w = torch.randn(3, 16, 3, 3, 1)
+    with aniso_conv.use_path("aten"):
+        assert aniso_conv.choose("forward", a, w, [1, 1, 1], [1, 1, 0]) == "aten"
+    with aniso_conv.use_path("matmul"):  # not a candidate for a 3x3x1 kernel: ATen
+        assert aniso_conv.choose("forward", a, w, [1, 1, 1], [1, 1, 0]) == "aten"
+    assert aniso_conv.choices() == {}
+    with pytest.raises(ValueError, match="unknown path"):
+        with aniso_conv.use_path("cudnn"):
+            pass

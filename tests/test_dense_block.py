@@ -151,10 +151,10 @@ def test_saved_bytes_at_most_0_4_of_monai_block():
     ours, _ = saved_bytes(lambda: block(x), exclude=list(block.parameters()))
     theirs, _ = saved_bytes(lambda: theirs_block(x), exclude=list(theirs_block.parameters()))
     assert ours <= 0.4 * theirs, (ours, theirs)
-    # the output buffer and (c1, a) of each layer: (64 + 60) + 3 * (80 + 20) channels, and 8 floats of
+    # the output buffer and a of each layer: (64 + 60) + 3 * 20 channels, and 8 floats of
     # statistics per BatchNorm channel pair
     per_channel = 8 * 8 * 4 * 4
-    assert (124 + 300) * per_channel <= ours <= (124 + 300) * per_channel + 8 * 1024
+    assert (124 + 60) * per_channel <= ours <= (124 + 60) * per_channel + 8 * 1024
 
 
 def test_bad_input_is_a_value_error():

@@ -17,6 +17,7 @@ from torch import nn
 
 from ahnet_fast.nn._bn import bn_relu, bn_relu_conv, dense_block, set_backend
 from ahnet_fast.nn.shapes import check_ahnet_input
+from ahnet_fast.ops.slice_pool import slice_max_pool
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
 
 __all__ = ["AHNet", "AHnet", "Ahnet", "PyramidVolumetricPooling", "UPSAMPLE_MODES"]
@@ -42,6 +43,22 @@ def _maxpool(spatial_dims: int) -> type[nn.Module]:
 def _upsample(upsample_mode: str) -> nn.Upsample:
     align_corners = True if upsample_mode in ("trilinear", "bilinear") else None
     return nn.Upsample(scale_factor=2, mode=upsample_mode, align_corners=align_corners)
+
+
+def slice_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``pool(x)`` for AH-Net's slice-axis max pools ((1, 1, k) windows, stride = window) through the op
+    that keeps one byte per output for backward; any other pool runs as is."""
+    kernel = _as_tuple(pool.kernel_size, x.dim() - 2)
+    if isinstance(pool, (nn.MaxPool2d, nn.MaxPool3d)) and kernel == _as_tuple(pool.stride, x.dim() - 2) and \
+            all(k == 1 for k in kernel[:-1]) and not any(_as_tuple(pool.padding, x.dim() - 2)) and \
+            all(d == 1 for d in _as_tuple(pool.dilation, x.dim() - 2)) and not pool.ceil_mode and \
+            not pool.return_indices and x.shape[-1] >= kernel[-1]:
+        return slice_max_pool(x, kernel[-1])
+    return pool(x)
+
+
+def _as_tuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
 class Bottleneck3x3x1(nn.Module):
@@ -72,9 +89,12 @@ class Bottleneck3x3x1(nn.Module):
         out = self.bn3(bn_relu_conv(self.bn2, self.conv3, out, self.backend))
         residual = x
         if self.downsample is not None:
-            residual = self.downsample(x)
+            residual = x
+            for module in self.downsample:  # (conv, slice pool, BN); a (1, 1, 1) pool is the identity
+                residual = slice_pool(module, residual) if isinstance(module, (nn.MaxPool2d, nn.MaxPool3d)) \
+                    else module(residual)
             if out.shape != residual.shape:
-                out = self.pool(out)
+                out = slice_pool(self.pool, out)
         return torch.relu_(out + residual)
 
 
@@ -403,7 +423,7 @@ class AHNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
-        x = bn_relu(self.bn0, self.pool1(self.conv1(x)), self.backend)
+        x = bn_relu(self.bn0, slice_pool(self.pool1, self.conv1(x)), self.backend)
         conv_x = x
         x = self.maxpool(x)
         pool_x = x

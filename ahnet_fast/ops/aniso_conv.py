@@ -28,6 +28,7 @@ read them as JSON, so a run can be repeated with the same paths.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -39,12 +40,27 @@ import torch
 from ahnet_fast._layout import is_channels_last
 
 __all__ = ["PATHS", "candidates", "forward", "backward", "choose", "choices", "save_choices", "load_choices",
-           "set_tuning"]
+           "set_tuning", "use_path"]
 
 PATHS = ("aten", "matmul", "shift", "folded", "triton")
 
 _choices: dict[str, dict] = {}
 _tuning: bool | None = None
+_forced: str | None = None
+
+
+@contextlib.contextmanager
+def use_path(path: str | None):
+    """Within the block every convolution takes ``path`` where it is a candidate (else ``aten``),
+    nothing recorded: e.g. ``use_path("aten")`` reproduces eager PyTorch's arithmetic exactly."""
+    global _forced
+    if path is not None and path not in PATHS:
+        raise ValueError(f"use_path: unknown path {path!r}; the paths are {PATHS}")
+    previous, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 def set_tuning(enabled: bool | None) -> None:
@@ -107,6 +123,10 @@ def choose(direction: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequen
            extra: dict[str, Callable[[], object]] | None = None) -> str:
     """The path for this call ("forward" or "backward"). ``extra`` adds engine-level candidates
     (name -> a function running that candidate once), measured with the others when tuning."""
+    if _forced is not None:
+        if _forced == "triton" and extra and "triton" in extra:
+            return "triton"
+        return _forced if _forced in candidates(a, weight, stride, padding) else "aten"
     key = _key(direction, a, weight, stride, padding)
     hit = _choices.get(key)
     if hit is not None:

@@ -12,14 +12,14 @@ and every BatchNorm keeps its input while the convolution after it keeps the nor
 
 - the block's output is allocated once, x is copied into its first channels, and each layer reads
   its prefix in place and writes its g new channels after it;
-- each BN-ReLU-conv unit keeps only its input (the buffer prefix, c1, a or a + b) and the batch
-  statistics; the activations are recomputed in backward;
+- each BN-ReLU-conv unit's input is the buffer prefix, c1, a or a + b; of these only the buffer and
+  a are kept (with the batch statistics): the normalised activations, c1 = conv1x1(...) and
+  a + b are recomputed in backward (1x1x1 and 1x1x3 convolutions, the layer's cheapest);
 - backward runs on one gradient buffer of the output's shape: layer i's new channels hold their
   complete gradient once layers i+1..L are done, and layer i adds its prefix's gradient in place.
 
-What the block keeps for backward is the output buffer plus 5g channels per layer (c1 and a; a + b
-is recomputed from a with the layer's cheapest convolution), against about three copies of every
-prefix in eager mode. The units run on an engine of
+What the block keeps for backward is the output buffer plus g channels per layer (a), against
+about three copies of every prefix plus 7g channels per layer in eager mode. The units run on an engine of
 ``ahnet_fast.ops.bn_relu_conv`` (C++ BatchNorm + ATen convolution, or Triton with BatchNorm fused
 into the convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
 ``dense_block_backward`` (and ``..._triton``): opaque to torch.compile, which sees no graph break.
@@ -121,7 +121,7 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
                     list(running_vars) if not use_batch_stats else [], use_batch_stats, eps)
     if training and have_running:
-        stats = saved[2 * (len(weights) // PARAMS_PER_LAYER):]
+        stats = saved[len(weights) // PARAMS_PER_LAYER:]
         count = x.numel() // x.shape[1]  # every unit keeps the spatial size
         for u, (rm, rv, mom) in enumerate(zip(running_means, running_vars, momenta)):
             update_running_stats(rm, rv, stats[2 * u], stats[2 * u + 1], training, mom, count)
@@ -129,7 +129,7 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
 
 
 # ---------------------------------------------------------------------------------------------
-# The op: forward keeps (c1, a) per layer and the statistics; backward recomputes the rest.
+# The op: forward keeps a per layer and the statistics; backward recomputes the rest.
 
 
 def _memory_format(x):
@@ -168,13 +168,13 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         s = unit(a, 2)
         s.add_(a)
         out[:, channels[i]:channels[i + 1]].copy_(unit(s, 3))
-        inner.extend((c1, a))  # a + b is recomputed in backward: its convolution is the block's cheapest
+        inner.append(a)  # c1 and a + b are recomputed in backward (1x1x1 and 1x1x3 convolutions)
     return out, inner + stats
 
 
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
     layers = _split(weights)
-    inner, stats = saved[:2 * len(layers)], saved[2 * len(layers):]
+    inner, stats = saved[:len(layers)], saved[len(layers):]
     channels = [channels0]
     for units in layers:
         channels.append(channels[-1] + units[3][2].shape[0])
@@ -182,12 +182,16 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     for i in reversed(range(len(layers))):
         units = layers[i]
-        c1, a = inner[2 * i: 2 * i + 2]
+        a = inner[i]
         prefix = out[:, :channels[i]]
-        bw3, bb3, cw3 = units[2]
-        s, _, _ = engine.forward(a, bw3, bb3, stats[2 * (4 * i + 2)], stats[2 * (4 * i + 2) + 1], False, eps, cw3,
-                                 [1] * cw3[0, 0].dim(), same_padding(cw3))
-        s.add_(a)
+
+        def recompute(t, u):
+            bw, bb, cw = units[u]
+            y, _, _ = engine.forward(t, bw, bb, stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1], False, eps, cw,
+                                     [1] * cw[0, 0].dim(), same_padding(cw))
+            return y
+
+        s = recompute(a, 2).add_(a)
 
         def unit_backward(g, t, u):
             bw, bb, cw = units[u]
@@ -201,7 +205,8 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
         grad_s = unit_backward(grad[:, channels[i]:channels[i + 1]], s, 3)
         grad_a = unit_backward(grad_s, a, 2)
         grad_a.add_(grad_s)
-        grad_c1 = unit_backward(grad_a, c1, 1)
+        del s
+        grad_c1 = unit_backward(grad_a, recompute(prefix, 0), 1)
         grad[:, :channels[i]].add_(unit_backward(grad_c1, prefix, 0))
     return grad[:, :channels0], grads_w
 
@@ -219,8 +224,8 @@ def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps)
         # prefix of the buffer, which is channels-last only when it is the whole buffer
         like = out[:, :c]
         fmt = output_format(like)
-        inner += [torch.empty((x.shape[0], n, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=fmt)
-                  for n in (width, growth)]
+        inner.append(torch.empty((x.shape[0], growth, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                                 memory_format=fmt))
         for n in (c, width, growth, growth):
             stats += [x.new_empty(n, dtype=sd), x.new_empty(n, dtype=sd)]
         c += growth

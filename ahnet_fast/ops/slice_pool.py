@@ -1,0 +1,77 @@
+"""Max pooling along the slice axis only (windows (1, 1, k), stride (1, 1, k)), keeping one byte per
+output for backward.
+
+AH-Net pools the slice axis alone three ways: after conv1 (``pool1``, (1, 1, 2)), in the
+downsample branches ((1, 1, stride)) and on a bottleneck's main branch when the two branches'
+shapes differ. ``F.max_pool3d`` keeps its input and int64 indices for backward (twice the input's
+bytes for fp32 and k = 2): at conv1's output, the model's largest map, that is 64 MiB at a
+128x128x32 input. This op keeps only the winning position in each window as uint8 (1/8 of the
+input's bytes for fp32 and k = 2), and routes the gradient from it.
+
+Ties and NaN follow ``F.max_pool3d`` on CPU and CUDA: the first maximum in the window wins, and a
+NaN wins over any number (the last NaN if several). Windows that would run past the end are dropped
+(floor mode), as in ``nn.MaxPool3d(ceil_mode=False)``. A window of 1 is the identity.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["slice_max_pool", "slice_max_pool_reference"]
+
+
+def slice_max_pool_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    window = (1,) * (x.dim() - 3) + (k,)
+    return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, window, window)
+
+
+def _check(x, k):
+    if x.dim() not in (4, 5):
+        raise ValueError(f"slice_max_pool: input must be (N, C, H, W) or (N, C, H, W, D), got {tuple(x.shape)}")
+    if not isinstance(k, int) or not 1 <= k <= 255:
+        raise ValueError(f"slice_max_pool: window must be an integer in [1, 255], got {k!r}")
+    if x.shape[-1] < k:
+        raise ValueError(f"slice_max_pool: the last axis ({x.shape[-1]}) is shorter than the window ({k})")
+
+
+class _SliceMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k):
+        d_out = x.shape[-1] // k
+        windows = x[..., :d_out * k].unflatten(-1, (d_out, k))
+        best = windows[..., 0]
+        position = torch.zeros(best.shape, dtype=torch.uint8, device=x.device)
+        for i in range(1, k):
+            v = windows[..., i]
+            take = (v > best) | v.isnan()  # max_pool's rule: strictly greater, or NaN
+            best = torch.where(take, v, best)
+            position.masked_fill_(take, i)
+        fmt = torch.channels_last_3d if x.dim() == 5 and _channels_last(x) else \
+            torch.channels_last if x.dim() == 4 and _channels_last(x) else torch.contiguous_format
+        ctx.save_for_backward(position)
+        ctx.shape, ctx.k = x.shape, k
+        return best.contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (position,) = ctx.saved_tensors
+        k = ctx.k
+        grad_x = grad.new_zeros(ctx.shape)
+        d_out = position.shape[-1]
+        windows = grad_x[..., :d_out * k].unflatten(-1, (d_out, k))
+        for i in range(k):
+            windows[..., i] = torch.where(position == i, grad, 0)
+        return grad_x, None
+
+
+def _channels_last(x):
+    return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+
+
+def slice_max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``max_pool3d(x, (1, 1, k), (1, 1, k))`` (2D: ``max_pool2d(x, (1, k), (1, k))``), keeping a uint8
+    window position per output for backward instead of the input and int64 indices."""
+    _check(x, k)
+    if k == 1:
+        return x
+    return _SliceMaxPool.apply(x, k)
