@@ -155,3 +155,28 @@ def test_torch_compile_dense_layer_without_graph_breaks():
     assert_close_normwise(g, eager_g, 1e-5)
     for k, v in layer.state_dict().items():  # the compiled graph updated the running statistics as eager did
         assert_close_normwise(v.double(), eager_stats[k].double(), 1e-6, what=k)
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+def test_torch_compile_whole_ahnet_without_graph_breaks(spatial_dims):
+    """The whole model traces as one graph: every fused op (BN-ReLU, BN-ReLU-conv, dense block,
+    pyramid pooling, slice pooling) is a custom op with a fake or a traceable Function. aot_eager
+    runs the registered fakes and autograd formulas; its output and gradients equal eager's."""
+    if not ahnet_fast.extension_available():
+        pytest.skip("compiled extension not built")
+    torch.manual_seed(0)
+    net = ahnet_fast.AHNet(layers=(1, 1, 1, 1), spatial_dims=spatial_dims, psp_block_num=2, out_channels=2)
+    shape = (2, 1, 64, 64, 32) if spatial_dims == 3 else (2, 1, 64, 64)
+    x = torch.randn(shape, requires_grad=True)
+    explanation = torch._dynamo.explain(net)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    eager_y = net(x)
+    eager_g = torch.autograd.grad(eager_y.square().mean(), x)[0]
+    net.load_state_dict(state)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    g = torch.autograd.grad(y.square().mean(), x)[0]
+    assert_close_normwise(y, eager_y, 1e-6)
+    assert_close_normwise(g, eager_g, 1e-5)

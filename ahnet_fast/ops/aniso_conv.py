@@ -305,10 +305,17 @@ def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor)
     taps = _taps(weight)
     # stacked[t][q] = grad_y[q - offset_t] (zero outside), so grad_a = W_all^T stacked and
     # grad_W_t = stacked_t a^T
-    stacked = grad_y.new_zeros((n, len(taps), co, *spatial))
+    stacked = grad_y.new_empty((n, len(taps), co, *spatial))
     for t, offset in enumerate(taps):
         dst, src = zip(*(_shifted(size, -o) for size, o in zip(spatial, offset)))
         stacked[(slice(None), t, slice(None), *dst)] = grad_y[(slice(None), slice(None), *src)]
+        # zero only the strips the shifted copy did not reach (a full zero fill costs as much as the copy)
+        for axis, (size, o) in enumerate(zip(spatial, offset)):
+            if o:
+                edge = slice(0, o) if o > 0 else slice(size + o, size)
+                index = [slice(None)] * len(spatial)
+                index[axis] = edge
+                stacked[(slice(None), t, slice(None), *index)] = 0
     g = stacked.view(n, len(taps) * co, -1)
     m = a.reshape(n, ci, -1)
     wall = _tap_matrix(weight)

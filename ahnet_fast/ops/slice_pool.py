@@ -40,12 +40,18 @@ class _SliceMaxPool(torch.autograd.Function):
         d_out = x.shape[-1] // k
         windows = x[..., :d_out * k].unflatten(-1, (d_out, k))
         best = windows[..., 0]
-        position = torch.zeros(best.shape, dtype=torch.uint8, device=x.device)
-        for i in range(1, k):
-            v = windows[..., i]
+        if k == 2:  # one comparison; the position is the comparison itself
+            v = windows[..., 1]
             take = (v > best) | v.isnan()  # max_pool's rule: strictly greater, or NaN
             best = torch.where(take, v, best)
-            position.masked_fill_(take, i)
+            position = take.to(torch.uint8)
+        else:
+            position = torch.zeros(best.shape, dtype=torch.uint8, device=x.device)
+            for i in range(1, k):
+                v = windows[..., i]
+                take = (v > best) | v.isnan()
+                best = torch.where(take, v, best)
+                position.masked_fill_(take, i)
         fmt = torch.channels_last_3d if x.dim() == 5 and _channels_last(x) else \
             torch.channels_last if x.dim() == 4 and _channels_last(x) else torch.contiguous_format
         ctx.save_for_backward(position)
@@ -56,11 +62,15 @@ class _SliceMaxPool(torch.autograd.Function):
     def backward(ctx, grad):
         (position,) = ctx.saved_tensors
         k = ctx.k
-        grad_x = grad.new_zeros(ctx.shape)
         d_out = position.shape[-1]
-        windows = grad_x[..., :d_out * k].unflatten(-1, (d_out, k))
-        for i in range(k):
-            windows[..., i] = torch.where(position == i, grad, 0)
+        if ctx.shape[-1] == d_out * k:  # no leftover slices: build the gradient without a zero fill
+            parts = [torch.where(position == i, grad, 0) for i in range(k)]
+            grad_x = torch.stack(parts, -1).flatten(-2)
+        else:
+            grad_x = grad.new_zeros(ctx.shape)
+            windows = grad_x[..., :d_out * k].unflatten(-1, (d_out, k))
+            for i in range(k):
+                windows[..., i] = torch.where(position == i, grad, 0)
         return grad_x, None
 
 

@@ -1,0 +1,196 @@
+"""End to end: an AH-Net training step (forward + focal loss + backward + optimizer) and inference,
+ahnet_fast vs MONAI's AHNet + FocalLoss, side by side in one run.
+
+Each (implementation, size) runs in two fresh processes, each building the model (MONAI's
+initialisation, loaded into ahnet_fast's with strict=True, so both start from the same weights) and
+the batch, then one warm-up step (it also creates the optimizer state):
+- time: ``--repeats`` steps timed, with the default allocator settings;
+- peak: glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=65536, so freed blocks go back to the
+  system the same way every run; it also makes every large allocation fault fresh pages, which is
+  why time is measured separately), the peak of one step = VmHWM after it minus the RSS before it
+  (/proc/self/clear_refs); on CUDA torch.cuda.max_memory_allocated minus memory_allocated.
+Inference: forward under no_grad in eval mode, same measurements.
+
+    python benchmarks/e2e.py [--sizes 128 128 32 [256 256 32 ...]] [--repeats 5] [--device cpu|cuda]
+        [--amp off|bf16] [--out benchmarks/results/e2e_cpu.md] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+IMPLS = ("MONAI", "ahnet_fast")
+
+
+def _rss(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def _build(impl, size, out_channels, device, seed=0):
+    """(model, loss) of one implementation with the same initial weights and the same batch."""
+    from monai.networks.nets import AHNet as MonaiAHNet
+
+    torch.manual_seed(seed)
+    monai_net = MonaiAHNet(in_channels=1, out_channels=out_channels, psp_block_num=4)
+    if impl == "MONAI":
+        from monai.losses import FocalLoss as MonaiFocalLoss
+
+        net, loss = monai_net, MonaiFocalLoss(to_onehot_y=True, use_softmax=True)
+    else:
+        import ahnet_fast
+
+        net = ahnet_fast.AHNet(in_channels=1, out_channels=out_channels, psp_block_num=4)
+        net.load_state_dict(monai_net.state_dict(), strict=True)
+        loss = ahnet_fast.FocalLoss(to_onehot_y=True, use_softmax=True)
+        del monai_net
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, 1, *size, generator=g)
+    y = torch.randint(0, out_channels, (1, 1, *size), generator=g)
+    return net.to(device), loss, x.to(device), y.to(device)
+
+
+def run_one(impl, size, mode, repeats, device, amp, out_channels=3):
+    """In a fresh process: {"ms": [...], "peak_bytes": int, "first_loss": float} (repeats = 0: peak only)."""
+    device = torch.device(device)
+    net, loss_fn, x, y = _build(impl, size, out_channels, device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    if mode == "train":
+        net.train()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                out = net(x)
+            loss = loss_fn(out.float(), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+    else:
+        net.eval()
+
+        def step():
+            with torch.no_grad(), autocast:
+                return net(x).float().mean()
+
+    first = float(step())  # warm-up (and the optimizer state)
+    sync()
+    if repeats:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return {"ms": [t * 1e3 for t in times], "first_loss": first}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _rss("VmRSS")
+        step()
+        peak = _rss("VmHWM") - before
+    return {"peak_bytes": peak, "first_loss": first}
+
+
+def _quantile(v, q):
+    v = sorted(v)
+    return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 128, 32], help="H W D [H W D ...]")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="off", choices=("off", "bf16"))
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: impl size mode repeats
+    args = parser.parse_args()
+    if args.one:
+        impl, size, mode, repeats = args.one
+        print(json.dumps(run_one(impl, tuple(json.loads(size)), mode, int(repeats), args.device, args.amp)))
+        return
+    if len(args.sizes) % 3:
+        parser.error("--sizes takes H W D triples")
+    sizes = [tuple(args.sizes[i:i + 3]) for i in range(0, len(args.sizes), 3)]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    lines = [f"# AH-Net end to end, ahnet_fast vs MONAI — {datetime.date.today()}, {name} ({args.device}), torch "
+             f"{torch.__version__}, {torch.get_num_threads()} threads, amp {args.amp}", "",
+             "Training step = forward + focal loss (softmax, 3 classes) + backward + Adam, batch 1; inference = "
+             f"forward under no_grad. Median of {args.repeats} (20th-80th percentile), each implementation in a "
+             "fresh process; peak = memory the step adds over what exists before it (CPU: VmHWM - RSS with "
+             "MALLOC_MMAP_THRESHOLD_=65536; CUDA: max_memory_allocated - memory_allocated). Same initial "
+             "weights and batch: 'first loss' is the warm-up step's loss of each.", "",
+             "| mode | input | impl | ms (p20-p80) | voxels/s | speed vs MONAI | peak MiB | peak vs MONAI | first loss (infer: mean output) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    records = []
+    for mode in args.modes:
+        for size in sizes:
+            res = {}
+            for impl in IMPLS:
+                res[impl] = {}
+                for repeats, environment in ((args.repeats, None), (0, env)):
+                    cmd = [sys.executable, __file__, "--device", args.device, "--amp", args.amp, "--one", impl,
+                           json.dumps(list(size)), mode, str(repeats)]
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=environment)
+                    if out.returncode != 0:
+                        raise RuntimeError(f"{impl} {mode} {size} failed:\n{out.stderr[-3000:]}")
+                    res[impl].update(json.loads(out.stdout.strip().splitlines()[-1]))
+            base = res["MONAI"]
+            voxels = size[0] * size[1] * size[2]
+            for impl in IMPLS:
+                r = res[impl]
+                med = statistics.median(r["ms"])
+                lines.append(f"| {mode} | 1x1x{size[0]}x{size[1]}x{size[2]} | {impl} | {med:.0f} "
+                             f"({_quantile(r['ms'], 0.2):.0f}-{_quantile(r['ms'], 0.8):.0f}) | "
+                             f"{voxels / med * 1e3 / 1e6:.2f} M | {statistics.median(base['ms']) / med:.2f}x | "
+                             f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / base['peak_bytes']:.2f}x | "
+                             f"{r['first_loss']:.6f} |")
+                print(lines[-1], flush=True)
+                records.append(dict(mode=mode, shape=[1, 1, *size], impl=impl, median_ms=med,
+                                    p20_ms=_quantile(r["ms"], 0.2), p80_ms=_quantile(r["ms"], 0.8), ms=r["ms"],
+                                    peak_bytes=r["peak_bytes"], first_loss=r["first_loss"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    if args.json:
+        import importlib.util
+
+        triton_version = None
+        if importlib.util.find_spec("triton") is not None:
+            import triton
+
+            triton_version = triton.__version__
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, device_type=args.device, torch=torch.__version__, triton=triton_version,
+                           date=str(datetime.date.today()), amp=args.amp, threads=torch.get_num_threads(),
+                           results=records), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
