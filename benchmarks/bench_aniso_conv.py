@@ -71,6 +71,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--max-shapes", type=int, default=None, help="only the N most expensive shapes per size")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -88,7 +89,8 @@ def main():
     records = []
     sizes = [(128, 128, 32)] + ([(512, 512, 64)] if args.large else [])
     for size in sizes:
-        for (xs, ws, stride, padding), count in sorted(conv_shapes(size).items(), key=lambda kv: -flops(*kv[0][:3])):
+        shapes = sorted(conv_shapes(size).items(), key=lambda kv: -flops(*kv[0][:3]))[:args.max_shapes]
+        for (xs, ws, stride, padding), count in shapes:
             x = torch.randn(xs, device=device)
             w = torch.randn(ws, device=device) * 0.05
             stride, padding = list(stride), list(padding)

@@ -30,13 +30,20 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     echo "== CPU op tests on this machine's torch"
     timeout 180 "$PY" -m pytest -q -x tests/test_bn_relu.py 2>&1 | tail -3
   fi
+  echo "== Triton kernels against the reference on CUDA: anisotropic convolutions, BN-ReLU-conv, dense block"
+  timeout 200 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_aniso_conv_triton.py tests/test_bn_relu_conv.py \
+    tests/test_dense_block.py -k "triton or Triton or aniso" 2>&1 | tail -5
   if "$PY" -c "import monai" 2>/dev/null; then
-    echo "== Triton kernels against the reference on CUDA (fp32/fp16; bf16 where the tests take it)"
+    echo "== Triton focal loss and pyramid pooling against the reference on CUDA (fp32/fp16; bf16 where the tests take it)"
     timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_focal_loss_triton.py tests/test_pyramid_pool.py \
       -k "triton and not compile_check" 2>&1 | tail -5
   else
-    echo "== (no MONAI on this machine: the Triton pytest checks need it; gpu_check.py still compares to the reference)"
+    echo "== (no MONAI on this machine: the focal-loss/pyramid Triton pytest checks need it; gpu_check.py still compares to the reference)"
   fi
+  echo "== every AH-Net convolution shape: Triton vs cuDNN conv3d vs folded conv2d"
+  if [ "${1:-}" = "--smoke" ]; then conv_args="--max-shapes 3"; else conv_args="--large"; fi
+  timeout 120 "$PY" benchmarks/bench_aniso_conv.py $conv_args --repeats 3 --out "$OUT/aniso_conv.md" \
+    --json "$OUT/aniso_conv.json" 2>&1 | tail -12
   echo "== GPU check"
-  timeout 420 "$PY" benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tail -40
+  timeout 240 "$PY" benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tail -40
 } 2>&1 | tee "$OUT/gpu_check.log"
