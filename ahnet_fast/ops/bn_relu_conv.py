@@ -89,9 +89,20 @@ class CppEngine:
         return y.contiguous(memory_format=output_format(x)), mean, var
 
     @staticmethod
-    def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding):
-        # the activation again, from the same statistics and the same arithmetic as forward
+    def recompute(x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding):
+        """(the unit's output, its activation) from saved statistics: the dense block's backward
+        needs both, and passes the activation on to :meth:`backward` instead of recomputing it twice."""
         a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
+        y = aniso_conv.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
+        return y.contiguous(memory_format=output_format(x)), a
+
+    @staticmethod
+    def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
+                 activation=None):
+        # the activation again, from the same statistics and the same arithmetic as forward
+        a = activation
+        if a is None:
+            a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
         path = aniso_conv.choose("backward", a, weight, stride, padding)
         grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
         del a
@@ -151,7 +162,14 @@ class TritonEngine:
         return y, mean, var
 
     @staticmethod
-    def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding):
+    def recompute(x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding):
+        """(the unit's output, None): nothing to hand on, the activation is never written."""
+        y, _, _ = TritonEngine.forward(x, bn_weight, bn_bias, mean, var, False, eps, weight, stride, padding)
+        return y, None
+
+    @staticmethod
+    def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
+                 activation=None):
         from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
 
         scale, shift = TritonEngine._scale_shift(bn_weight, bn_bias, mean, var, eps)

@@ -187,27 +187,29 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
 
         def recompute(t, u):
             bw, bb, cw = units[u]
-            y, _, _ = engine.forward(t, bw, bb, stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1], False, eps, cw,
-                                     [1] * cw[0, 0].dim(), same_padding(cw))
-            return y
+            return engine.recompute(t, bw, bb, stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1], eps, cw,
+                                    [1] * cw[0, 0].dim(), same_padding(cw))
 
-        s = recompute(a, 2).add_(a)
-
-        def unit_backward(g, t, u):
+        def unit_backward(g, t, u, activation):
             bw, bb, cw = units[u]
             mean, var = stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
             gx, gbw, gbb, gcw = engine.backward(g, t, bw, bb, mean, var, use_batch_stats, eps, cw,
-                                                [1] * cw[0, 0].dim(), same_padding(cw))
+                                                [1] * cw[0, 0].dim(), same_padding(cw), activation)
             base = PARAMS_PER_LAYER * i + 3 * u
             grads_w[base], grads_w[base + 1], grads_w[base + 2] = gbw, gbb, gcw
             return gx
 
-        grad_s = unit_backward(grad[:, channels[i]:channels[i + 1]], s, 3)
-        grad_a = unit_backward(grad_s, a, 2)
+        b, act_a = recompute(a, 2)
+        s = b.add_(a)
+        grad_s = unit_backward(grad[:, channels[i]:channels[i + 1]], s, 3, None)
+        del s, b
+        grad_a = unit_backward(grad_s, a, 2, act_a)
         grad_a.add_(grad_s)
-        del s
-        grad_c1 = unit_backward(grad_a, recompute(prefix, 0), 1)
-        grad[:, :channels[i]].add_(unit_backward(grad_c1, prefix, 0))
+        del act_a, grad_s
+        c1, act_prefix = recompute(prefix, 0)
+        grad_c1 = unit_backward(grad_a, c1, 1, None)
+        del c1, grad_a
+        grad[:, :channels[i]].add_(unit_backward(grad_c1, prefix, 0, act_prefix))
     return grad[:, :channels0], grads_w
 
 
