@@ -121,7 +121,8 @@ def _quantile(v, q):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 128, 32], help="H W D [H W D ...]")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=2, help="timing processes per implementation, alternated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="off", choices=("off", "bf16"))
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
@@ -141,8 +142,8 @@ def main():
     lines = [f"# AH-Net end to end, ahnet_fast vs MONAI — {datetime.date.today()}, {name} ({args.device}), torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads, amp {args.amp}", "",
              "Training step = forward + focal loss (softmax, 3 classes) + backward + Adam, batch 1; inference = "
-             f"forward under no_grad. Median of {args.repeats} (20th-80th percentile), each implementation in a "
-             "fresh process; peak = memory the step adds over what exists before it (CPU: VmHWM - RSS with "
+             f"forward under no_grad. Median of {args.rounds} x {args.repeats} steps (20th-80th percentile), "
+             "fresh processes alternating the implementations; peak = memory the step adds over what exists before it (CPU: VmHWM - RSS with "
              "MALLOC_MMAP_THRESHOLD_=65536; CUDA: max_memory_allocated - memory_allocated). Same initial "
              "weights and batch: 'first loss' is the warm-up step's loss of each.", "",
              "| mode | input | impl | ms (p20-p80) | voxels/s | speed vs MONAI | peak MiB | peak vs MONAI | first loss (infer: mean output) |",
@@ -151,16 +152,25 @@ def main():
     records = []
     for mode in args.modes:
         for size in sizes:
-            res = {}
+            res = {impl: {"ms": []} for impl in IMPLS}
+
+            def one(impl, repeats, environment):
+                cmd = [sys.executable, __file__, "--device", args.device, "--amp", args.amp, "--one", impl,
+                       json.dumps(list(size)), mode, str(repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=environment)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{impl} {mode} {size} failed:\n{out.stderr[-3000:]}")
+                return json.loads(out.stdout.strip().splitlines()[-1])
+
+            # timing rounds alternate the implementations, so that a slow spell of a shared machine
+            # falls on both; the peak is measured once each, in its own process
+            for _ in range(args.rounds):
+                for impl in IMPLS:
+                    r = one(impl, args.repeats, None)
+                    res[impl]["ms"] += r["ms"]
+                    res[impl]["first_loss"] = r["first_loss"]
             for impl in IMPLS:
-                res[impl] = {}
-                for repeats, environment in ((args.repeats, None), (0, env)):
-                    cmd = [sys.executable, __file__, "--device", args.device, "--amp", args.amp, "--one", impl,
-                           json.dumps(list(size)), mode, str(repeats)]
-                    out = subprocess.run(cmd, capture_output=True, text=True, env=environment)
-                    if out.returncode != 0:
-                        raise RuntimeError(f"{impl} {mode} {size} failed:\n{out.stderr[-3000:]}")
-                    res[impl].update(json.loads(out.stdout.strip().splitlines()[-1]))
+                res[impl]["peak_bytes"] = one(impl, 0, env)["peak_bytes"]
             base = res["MONAI"]
             voxels = size[0] * size[1] * size[2]
             for impl in IMPLS:
