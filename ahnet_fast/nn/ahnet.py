@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahnet_fast.nn._bn import bn_relu, bn_relu_conv, dense_block, set_backend
+from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment
 from ahnet_fast.nn.shapes import check_ahnet_input
 from ahnet_fast.ops.slice_pool import slice_max_pool
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
@@ -308,6 +309,11 @@ class AHNet(nn.Module):
     Keyword-only:
         backend: backend of the fused ops ("auto", "reference", "cpp", "triton"); None follows
             ``ahnet_fast.backend(...)`` / ``AHNET_FAST_BACKEND``.
+        checkpoint: activation checkpointing (non-reentrant, in training with gradients): "none";
+            "encoder" (every bottleneck block); "decoder" (every decoder stage: up-transition, skip
+            sum and dense block; and the pyramid pooling with the final block); "all" (both, and
+            the stem). Activations inside a segment are recomputed in backward; the gradients and
+            the BatchNorm running statistics equal those without checkpointing.
 
     Input sizes (see :mod:`ahnet_fast.nn.shapes`): with c = ceil(n/2) for an in-plane size n, c
     must be a multiple of 16, and with psp_block_num = p > 0 also a multiple of 2^(p+2) in
@@ -319,9 +325,13 @@ class AHNet(nn.Module):
 
     def __init__(self, layers: tuple = (3, 4, 6, 3), spatial_dims: int = 3, in_channels: int = 1,
                  out_channels: int = 1, psp_block_num: int = 4, upsample_mode: str = "transpose",
-                 pretrained: bool = False, progress: bool = True, *, backend: str | None = None):
+                 pretrained: bool = False, progress: bool = True, *, backend: str | None = None,
+                 checkpoint: str = "none"):
         self.inplanes = 64
         super().__init__()
+        if checkpoint not in POLICIES:
+            raise ValueError(f"AHNet: checkpoint must be one of {POLICIES}, got {checkpoint!r}")
+        self.checkpoint = checkpoint
         if spatial_dims not in (2, 3):
             raise ValueError(f"AHNet: spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if psp_block_num not in (0, 1, 2, 3, 4):
@@ -423,26 +433,40 @@ class AHNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
-        x = bn_relu(self.bn0, slice_pool(self.pool1, self.conv1(x)), self.backend)
-        conv_x = x
-        x = self.maxpool(x)
+        policy = self.checkpoint
+        encoder, decoder, stem = policy in ("encoder", "all"), policy in ("decoder", "all"), policy == "all"
+
+        def segment(enabled, fn, modules, *args):
+            return checkpoint_segment(fn, modules, *args) if enabled and self.training else fn(*args)
+
+        conv_x = segment(stem, self._stem, (self.conv1, self.bn0), x)
+        x = self.maxpool(conv_x)
         pool_x = x
 
-        fm1 = self.layer1(x)
-        fm2 = self.layer2(fm1)
-        fm3 = self.layer3(fm2)
-        fm4 = self.layer4(fm3)
+        features = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x = segment(encoder, block, (block,), x)
+            features.append(x)
+        fm1, fm2, fm3, fm4 = features
 
-        d0 = self.dense0(self.up0(fm4) + fm3)
-        d1 = self.dense1(self.up1(d0) + fm2)
-        d2 = self.dense2(self.up2(d1) + fm1)
-        d3 = self.dense3(self.trans1(d2) + pool_x)
-        d4 = self.dense4(self.up3(d3) + conv_x)
+        def stage(up, dense):
+            return lambda a, skip: dense(up(a) + skip)
+
+        d0 = segment(decoder, stage(self.up0, self.dense0), (self.up0, self.dense0), fm4, fm3)
+        d1 = segment(decoder, stage(self.up1, self.dense1), (self.up1, self.dense1), d0, fm2)
+        d2 = segment(decoder, stage(self.up2, self.dense2), (self.up2, self.dense2), d1, fm1)
+        d3 = segment(decoder, stage(self.trans1, self.dense3), (self.trans1, self.dense3), d2, pool_x)
+        d4 = segment(decoder, stage(self.up3, self.dense4), (self.up3, self.dense4), d3, conv_x)
+        return segment(decoder, self._head, (self.psp, self.final), d4)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_relu(self.bn0, slice_pool(self.pool1, self.conv1(x)), self.backend)
+
+    def _head(self, d4: torch.Tensor) -> torch.Tensor:
         if self.psp_block_num > 0:
-            x = self.psp(d4, concat_input=True)  # cat((psp(d4), d4), 1) in one buffer
-        else:
-            x = d4
-        return self.final(x)
+            d4 = self.psp(d4, concat_input=True)  # cat((psp(d4), d4), 1) in one buffer
+        return self.final(d4)
 
     @torch.no_grad()
     def copy_from(self, net) -> AHNet:

@@ -308,10 +308,11 @@ def _make_backward(backward_op):
         if grad_out is None:
             return (None,) * 13
         levels = ctx.levels
-        proj_weight, up_weight, index_h, lambda_h, index_w, lambda_w = ctx.saved_tensors[:6]
-        pooled = ctx.saved_tensors[6:6 + levels]
-        args = ctx.saved_tensors[6 + levels:6 + 2 * levels]
-        proj = ctx.saved_tensors[6 + 2 * levels:]
+        saved = ctx.saved_tensors  # once: activation checkpointing allows a single unpack
+        proj_weight, up_weight, index_h, lambda_h, index_w, lambda_w = saved[:6]
+        pooled = saved[6:6 + levels]
+        args = saved[6 + levels:6 + 2 * levels]
+        proj = saved[6 + 2 * levels:]
         n, c, h, w, d = ctx.size
         op = opmath_dtype(ctx.dtype)
         pad = 1 if ctx.pool_w else 0

@@ -1,0 +1,51 @@
+"""Activation checkpointing of model segments that keeps BatchNorm's bookkeeping exact.
+
+``torch.utils.checkpoint`` (non-reentrant) runs a segment's forward a second time in backward to
+rebuild what it dropped. A training-mode BatchNorm would then update its running statistics and
+``num_batches_tracked`` twice per step, and the model would drift from the one without
+checkpointing. :func:`checkpoint_segment` snapshots the segment's BatchNorm buffers before the
+recomputation and puts them back after it; the recomputed values themselves are bitwise those of
+the first forward (the kernels are deterministic, and the RNG state is restored by
+``torch.utils.checkpoint``), so the gradients equal those of the model without checkpointing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+POLICIES = ("none", "encoder", "decoder", "all")
+
+
+def _bn_buffers(modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    out = []
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                out += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    return out
+
+
+def checkpoint_segment(fn: Callable[..., torch.Tensor], modules: tuple[nn.Module, ...], *args: torch.Tensor):
+    """``fn(*args)`` with its activations dropped after forward and recomputed in backward;
+    ``modules`` are those ``fn`` runs (their BatchNorm buffers are restored after the recomputation)."""
+    calls = [0]
+
+    def run(*inputs):
+        calls[0] += 1
+        if calls[0] == 1:
+            return fn(*inputs)
+        snapshot = [(b, b.clone()) for b in _bn_buffers(modules)]
+        try:
+            return fn(*inputs)
+        finally:
+            with torch.no_grad():
+                for buffer, value in snapshot:
+                    buffer.copy_(value)
+
+    if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) and \
+            not any(p.requires_grad for m in modules for p in m.parameters()):
+        return fn(*args)
+    return checkpoint(run, *args, use_reentrant=False)

@@ -1,0 +1,80 @@
+"""AHNet(checkpoint=...): activations recomputed in backward give the same gradients and the same
+BatchNorm bookkeeping as the model without checkpointing."""
+import copy
+
+import pytest
+import torch
+
+import ahnet_fast
+from benchmarks._common import saved_bytes
+from tests._monai import run_model
+
+POLICIES = ["encoder", "decoder", "all"]
+
+
+def make(dtype, checkpoint="none", **kw):
+    torch.manual_seed(0)
+    kwargs = dict(layers=(1, 2, 1, 1), psp_block_num=2, out_channels=2)  # layer2: a block without downsample
+    kwargs.update(kw)
+    return ahnet_fast.AHNet(**kwargs, checkpoint=checkpoint).to(dtype)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_same_step_as_without_checkpointing(policy, dtype):
+    """Output, input and parameter gradients, running statistics and batch counts after two
+    training steps: equal (bitwise: the recomputation repeats the same deterministic kernels)."""
+    plain = make(dtype)
+    ckpt = copy.deepcopy(plain)
+    ckpt.checkpoint = policy
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    for step in range(2):
+        a = run_model(plain, x, grad_seed=step)
+        b = run_model(ckpt, x, grad_seed=step)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert list(a[2]) == list(b[2])
+        for name in a[2]:
+            assert torch.equal(a[2][name], b[2][name]), name
+        for name in a[3]:
+            assert torch.equal(a[3][name], b[3][name]), name
+
+
+@pytest.mark.parametrize("kw", [dict(spatial_dims=2), dict(upsample_mode="trilinear", psp_block_num=3)],
+                         ids=["2d", "trilinear"])
+def test_other_configurations(kw):
+    plain = make(torch.float64, **kw)
+    ckpt = copy.deepcopy(plain)
+    ckpt.checkpoint = "all"
+    shape = (2, 1, 64, 64) if kw.get("spatial_dims") == 2 else (1, 1, 64, 64, 32)  # psp 3 needs 64 in-plane
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    a, b = run_model(plain, x), run_model(ckpt, x)
+    for name in a[2]:
+        assert torch.equal(a[2][name], b[2][name]), name
+    for name in a[3]:
+        assert torch.equal(a[3][name], b[3][name]), name
+
+
+def test_checkpointing_drops_what_backward_would_keep():
+    """What autograd keeps outside the segments: with "all" only the segments' inputs (the stage
+    boundaries); everything inside is dropped (checkpoint's own hooks take it) and recomputed."""
+    x = torch.randn(2, 1, 32, 32, 32, requires_grad=True)
+    kept = {}
+    for policy in ["none"] + POLICIES:
+        net = make(torch.float32, checkpoint=policy)
+        params = list(net.parameters())
+        kept[policy], _ = saved_bytes(lambda: net(x), exclude=params)
+    assert kept["encoder"] < kept["none"] and kept["decoder"] < kept["none"]
+    assert kept["all"] < min(kept["encoder"], kept["decoder"]) and kept["all"] < 0.5 * kept["none"], kept
+
+
+def test_eval_and_no_grad_do_not_checkpoint():
+    net = make(torch.float32, checkpoint="all").eval()
+    ref = make(torch.float32).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), ref(x))
+
+
+def test_bad_policy_is_a_value_error():
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        ahnet_fast.AHNet(checkpoint="everything")
