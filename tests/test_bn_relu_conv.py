@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ahnet_fast
-from ahnet_fast.ops import bn_relu_conv, bn_relu_conv_reference
+from ahnet_fast.ops import aniso_conv, bn_relu_conv, bn_relu_conv_reference
 from benchmarks._common import saved_bytes
 from tests.conftest import assert_close_normwise, rel_err
 
@@ -129,7 +129,8 @@ def test_gradcheck(case, training):
 
 
 @needs_ext
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=["3x3x1", "3x3x1-s2", "2d"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[3], CASES[5]],
+                         ids=["1x1x1", "3x3x1", "1x1x3", "3x3x1-s2", "2d"])
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
 def test_opcheck(case, kind):
     kernel, stride, shape = case
@@ -141,6 +142,12 @@ def test_opcheck(case, kind):
     torch.library.opcheck(op, (x, bw, bb, rm, rv, False, 1e-5, w, stride, padding))
     leaves = [t.clone().requires_grad_() for t in (x, bw, bb, w)]
     torch.library.opcheck(op, (leaves[0], leaves[1], leaves[2], None, None, True, 1e-5, leaves[3], stride, padding))
+    # the backward op too (autograd calls it; torch.compile traces it through its fake)
+    y, mean, var = op(x, bw, bb, None, None, True, 1e-5, w, stride, padding)
+    grad = torch.randn(y.shape).contiguous(memory_format=aniso_conv.output_format(x))
+    for training in (True, False):
+        torch.library.opcheck(torch.ops.ahnet_fast.bn_relu_conv_backward.default,
+                              (grad, x, bw, bb, mean, var, training, 1e-5, w, stride, padding))
 
 
 @needs_ext

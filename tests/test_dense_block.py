@@ -137,6 +137,9 @@ def test_opcheck(training, kind):
     torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, args)
     grad_args = (args[0].clone().requires_grad_(), [w.clone().requires_grad_() for w in args[1]], *args[2:])
     torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, grad_args)
+    out, saved = torch.ops.ahnet_fast.dense_block.default(*args)
+    torch.library.opcheck(torch.ops.ahnet_fast.dense_block_backward.default,
+                          (torch.randn_like(out), out, x.shape[1], args[1], saved, training, 1e-5))
 
 
 @needs_ext

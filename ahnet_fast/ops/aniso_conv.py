@@ -321,7 +321,7 @@ def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor)
     wall = _tap_matrix(weight)
     grad_a = _left_mm(wall.t(), g).view(a.shape)
     grad_wall = g[0] @ m[0].t() if n == 1 else torch.matmul(g, m.transpose(1, 2)).sum(0)
-    grad_w = grad_wall.view(len(taps), co, ci).permute(1, 2, 0).reshape(weight.shape)
+    grad_w = grad_wall.view(len(taps), co, ci).permute(1, 2, 0).contiguous().view(weight.shape)
     return grad_a, grad_w
 
 

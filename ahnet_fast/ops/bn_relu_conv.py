@@ -108,7 +108,7 @@ class CppEngine:
         del a
         grad_x, grad_bw, grad_bb = torch.ops.ahnet_fast.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var,
                                                                          use_batch_stats, eps)
-        return grad_x, grad_bw, grad_bb, grad_w
+        return grad_x, grad_bw, grad_bb, grad_w.contiguous()  # the fake promises the weight's layout
 
 
 class TritonEngine:
@@ -186,7 +186,7 @@ class TritonEngine:
             del a
         grad_x, grad_bw, grad_bb = bn_kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var,
                                                                use_batch_stats, eps)
-        return grad_x, grad_bw, grad_bb, grad_w
+        return grad_x, grad_bw, grad_bb, grad_w.contiguous()
 
 
 def _precision(x: torch.Tensor) -> str:
