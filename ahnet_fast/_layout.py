@@ -32,3 +32,14 @@ def output_like(x: torch.Tensor) -> torch.Tensor:
     if is_channels_last(x):
         return torch.empty_like(x.movedim(1, -1), memory_format=torch.contiguous_format).movedim(-1, 1)
     return x.new_empty(x.shape)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs convolutions in on ``x``'s device, or None when autocast is
+    off. The custom ops are opaque to autocast, so their Python wrappers apply its policy themselves:
+    convolution operands in this dtype, BatchNorm parameters and statistics kept in float32."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and x.is_floating_point() and \
+            x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return None

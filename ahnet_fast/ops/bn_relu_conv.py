@@ -33,7 +33,7 @@ from ahnet_fast import backends
 from ahnet_fast.ops import aniso_conv
 from ahnet_fast.ops.aniso_conv import output_format
 from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import opmath_dtype, output_like
+from ahnet_fast._layout import autocast_dtype, opmath_dtype, output_like
 from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, note_compiled_kernels, triton_reasons
 
 __all__ = ["bn_relu_conv", "bn_relu_conv_reference", "same_padding"]
@@ -227,6 +227,9 @@ def bn_relu_conv(x, running_mean, running_var, bn_weight, bn_bias, training: boo
     stride = [stride] * nd if isinstance(stride, int) else list(stride)
     padding = same_padding(weight) if padding is None else list(padding)
     _check(x, running_mean, running_var, bn_weight, bn_bias, training, weight, stride, padding)
+    cast = autocast_dtype(x)
+    if cast is not None:  # a convolution under autocast: its operands in the low precision
+        x, weight = x.to(cast), weight.to(cast)
     chosen = backends.select("bn_relu_conv", IMPLEMENTATIONS, x.device, (x, weight), backend)
     if chosen == "reference":
         return bn_relu_conv_reference(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import is_channels_last, opmath_dtype
+from ahnet_fast._layout import autocast_dtype, is_channels_last, opmath_dtype
 from ahnet_fast.ops.bn_relu_conv import ENGINES, IMPLEMENTATIONS, output_format, same_padding, update_running_stats
 
 __all__ = ["dense_block", "dense_block_reference", "PARAMS_PER_LAYER", "BNS_PER_LAYER"]
@@ -111,6 +111,10 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     place in training, as ``F.batch_norm`` does.
     """
     _check(x, weights, running_means, running_vars, momenta)
+    cast = autocast_dtype(x)
+    if cast is not None:  # convolutions under autocast: input and convolution weights in the low precision
+        x = x.to(cast)
+        weights = [w.to(cast) if i % 3 == 2 else w for i, w in enumerate(weights)]
     chosen = backends.select("dense_block", IMPLEMENTATIONS, x.device, (x,), backend)
     if chosen == "reference":
         return dense_block_reference(x, list(weights), list(running_means), list(running_vars), training,

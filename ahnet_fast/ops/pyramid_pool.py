@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import channels_innermost, opmath_dtype
+from ahnet_fast._layout import autocast_dtype, channels_innermost, opmath_dtype
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, register_compiled_pair,
                                       register_triton_pair, triton_reasons)
 
@@ -229,6 +229,9 @@ def pyramid_pool(x: torch.Tensor, proj_weights: Sequence[torch.Tensor], proj_bia
     levels = len(proj_weights)
     check_pyramid_pool_input(x, levels, upsample_mode)
     _check_params(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode)
+    cast = autocast_dtype(x)
+    if cast is not None:  # MONAI's PSP under autocast runs its convolutions, so its output, in this dtype
+        x = x.to(cast)
     if levels == 0:
         return x.clone() if concat_input else x.new_empty((x.shape[0], 0, *x.shape[2:]))
     chosen = backends.select("pyramid_pool", IMPLEMENTATIONS, x.device, (x,), backend)
