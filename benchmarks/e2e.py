@@ -39,7 +39,7 @@ def _rss(field):
     raise RuntimeError(field)
 
 
-def _build(impl, size, out_channels, device, seed=0):
+def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
     """(model, loss) of one implementation with the same initial weights and the same batch."""
     from monai.networks.nets import AHNet as MonaiAHNet
 
@@ -52,7 +52,7 @@ def _build(impl, size, out_channels, device, seed=0):
     else:
         import ahnet_fast
 
-        net = ahnet_fast.AHNet(in_channels=1, out_channels=out_channels, psp_block_num=4)
+        net = ahnet_fast.AHNet(in_channels=1, out_channels=out_channels, psp_block_num=4, checkpoint=checkpoint)
         net.load_state_dict(monai_net.state_dict(), strict=True)
         loss = ahnet_fast.FocalLoss(to_onehot_y=True, use_softmax=True)
         del monai_net
@@ -62,10 +62,10 @@ def _build(impl, size, out_channels, device, seed=0):
     return net.to(device), loss, x.to(device), y.to(device)
 
 
-def run_one(impl, size, mode, repeats, device, amp, out_channels=3):
+def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="none"):
     """In a fresh process: {"ms": [...], "peak_bytes": int, "first_loss": float} (repeats = 0: peak only)."""
     device = torch.device(device)
-    net, loss_fn, x, y = _build(impl, size, out_channels, device)
+    net, loss_fn, x, y = _build(impl, size, out_channels, device, checkpoint=checkpoint)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
@@ -126,13 +126,16 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="off", choices=("off", "bf16"))
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
+    parser.add_argument("--checkpoint", nargs="+", default=["none"], choices=("none", "encoder", "decoder", "all"),
+                        help="ahnet_fast's checkpoint policies to run (each its own rows)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: impl size mode repeats
     args = parser.parse_args()
     if args.one:
         impl, size, mode, repeats = args.one
-        print(json.dumps(run_one(impl, tuple(json.loads(size)), mode, int(repeats), args.device, args.amp)))
+        print(json.dumps(run_one(impl.split(":")[0], tuple(json.loads(size)), mode, int(repeats), args.device, args.amp,
+                                 checkpoint=impl.split(":")[1] if ":" in impl else "none")))
         return
     if len(args.sizes) % 3:
         parser.error("--sizes takes H W D triples")
@@ -152,7 +155,9 @@ def main():
     records = []
     for mode in args.modes:
         for size in sizes:
-            res = {impl: {"ms": []} for impl in IMPLS}
+            impls = ["MONAI"] + [f"ahnet_fast:{c}" if c != "none" else "ahnet_fast" for c in args.checkpoint
+                                 if mode == "train" or c == "none"]
+            res = {impl: {"ms": []} for impl in impls}
 
             def one(impl, repeats, environment):
                 cmd = [sys.executable, __file__, "--device", args.device, "--amp", args.amp, "--one", impl,
@@ -165,15 +170,15 @@ def main():
             # timing rounds alternate the implementations, so that a slow spell of a shared machine
             # falls on both; the peak is measured once each, in its own process
             for _ in range(args.rounds):
-                for impl in IMPLS:
+                for impl in impls:
                     r = one(impl, args.repeats, None)
                     res[impl]["ms"] += r["ms"]
                     res[impl]["first_loss"] = r["first_loss"]
-            for impl in IMPLS:
+            for impl in impls:
                 res[impl]["peak_bytes"] = one(impl, 0, env)["peak_bytes"]
             base = res["MONAI"]
             voxels = size[0] * size[1] * size[2]
-            for impl in IMPLS:
+            for impl in impls:
                 r = res[impl]
                 med = statistics.median(r["ms"])
                 lines.append(f"| {mode} | 1x1x{size[0]}x{size[1]}x{size[2]} | {impl} | {med:.0f} "
