@@ -155,6 +155,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import torch
+
+    from ahnet_fast import AHNet
+    from ahnet_fast.memory import parse_bytes, plan
+
+    budget = parse_bytes(args.budget)
+    with torch.device("meta"):
+        model = AHNet(in_channels=args.in_channels, out_channels=args.out_channels, psp_block_num=args.psp_block_num)
+    result = plan(budget, tuple(args.shape), model=model, max_batch=args.max_batch, optimizer=args.optimizer,
+                  precisions=tuple(args.precisions))
+    gib = 2**30
+    print(f"AH-Net training step on {' x '.join(map(str, args.shape))} voxels per sample ({args.in_channels} input "
+          f"channel(s), {args.out_channels} classes), {args.optimizer}; budget {budget / gib:.2f} GiB\n")
+    print(f"{'precision':<10} {'checkpoint':<11} {'batch':>5} {'peak GiB':>9} {'fits':>5} {'rel. speed':>10}")
+    for row in result["table"]:
+        print(f"{row['precision']:<10} {row['checkpoint']:<11} {row['batch']:>5} {row['total'] / gib:>9.2f} "
+              f"{'yes' if row['fits'] else 'no':>5} {row['relative_speed']:>10.2f}")
+    est = result["estimate"]
+    print(f"\nchosen: {result['precision']}, checkpoint={result['checkpoint']!r}, batch {result['batch']}: predicted "
+          f"peak {est.total / gib:.2f} GiB = parameters {est.parameters / gib:.2f} + gradients {est.gradients / gib:.2f}"
+          f" + optimizer state {est.optimizer_state / gib:.2f} + activations {est.activations / gib:.2f} + workspace "
+          f"{est.workspace / gib:.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ahnet-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--compare-monai", action="store_true", help="also run MONAI's AHNet for a side-by-side ratio")
     demo.set_defaults(func=cmd_demo)
+    plan_p = sub.add_parser("plan", help="the fastest training configuration that fits a memory budget",
+                            description="Estimates the peak memory of AH-Net training steps (parameters, gradients, "
+                                        "optimizer state, activations traced on fake tensors, workspace) for each "
+                                        "precision, checkpoint policy and batch size, and picks the fastest that "
+                                        "fits the budget.")
+    plan_p.add_argument("--budget", required=True, help="memory budget, e.g. 16GB or 512MB")
+    plan_p.add_argument("--shape", type=int, nargs=3, required=True, metavar=("H", "W", "D"),
+                        help="spatial size of one sample; D is the slice axis")
+    plan_p.add_argument("--in-channels", type=int, default=1)
+    plan_p.add_argument("--out-channels", type=int, default=3)
+    plan_p.add_argument("--psp-block-num", type=int, default=4)
+    plan_p.add_argument("--max-batch", type=int, default=4)
+    plan_p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd", "sgd_momentum"))
+    plan_p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp16", "fp32"))
+    plan_p.set_defaults(func=cmd_plan)
     return parser
 
 

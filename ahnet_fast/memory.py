@@ -1,0 +1,252 @@
+"""How much memory an AH-Net training step needs, before running it, and which configuration fits.
+
+:func:`estimate_training_memory` traces one forward of the model's configuration on fake tensors
+(``FakeTensorMode``: shapes only, no memory, ~2 s), with the same fused ops, backend and
+checkpoint policy the real step would use, and counts what autograd keeps for backward
+(``saved_tensors_hooks``, each storage once, parameters excluded). With checkpointing, the
+segments' insides are dropped by ``torch.utils.checkpoint`` and only their boundaries are counted;
+the largest segment is rebuilt during backward, so its inside (counted in a second trace, per
+segment) is added. The workspace term covers what the trace does not see: backward's transients
+and forward temporaries alive next to the kept tensors, by a calibration on the CPU step (see
+``STEP_FACTOR``) checked against measured peaks (``benchmarks/bench_memory.py``,
+``benchmarks/results/memory_cpu.md``); under autocast it includes the 16-bit weight copies.
+
+Parameters, gradients and optimizer state are counted exactly (float32 master weights; Adam keeps
+two moments, SGD with momentum one, plain SGD none). Under bf16/fp16 autocast the activations are
+traced in that dtype.
+
+:func:`plan` searches precision x checkpoint policy x batch size for the fastest configuration that
+fits a budget; ``ahnet-fast plan --budget 16GB --shape 512 512 64`` prints it as a table.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["MemoryEstimate", "estimate_training_memory", "plan", "parse_bytes", "WORKSPACE_FACTOR"]
+
+# The step's peak over the traced bytes kept for backward: backward's transients (1.7x the largest
+# kept tensor: an input gradient next to its tensor, a recomputed activation), then 1.47x that plus
+# 44 MiB for what the trace does not see (forward temporaries alive next to the kept tensors,
+# allocator fragmentation, library workspaces). Calibrated on the CPU step at 1x1x128x128x32 and
+# 1x1x256x256x32 without checkpointing; validated on the other configurations of
+# benchmarks/bench_memory.py (benchmarks/results/memory_cpu.md).
+WORKSPACE_FACTOR = 1.7
+STEP_FACTOR = 1.47
+STEP_OVERHEAD = 44 * 2**20
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
+# relative step time of each choice (measured on CPU, benchmarks/results/e2e_cpu.md; on GPUs bf16 is
+# the faster precision): the planner's order of preference, fastest first
+CHECKPOINT_COST = {"none": 1.0, "encoder": 1.15, "decoder": 1.25, "all": 1.35}
+PRECISION_COST = {"bf16": 0.5, "fp16": 0.5, "fp32": 1.0}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one training step; ``total`` is what the process needs at its peak."""
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_state + self.activations + self.workspace
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'16GB', '16 GiB', '512MB', '1.5e9' or an int -> bytes (GB = GiB = 2**30 here, as GPUs are sold)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    for suffix, scale in (("TIB", 2**40), ("TB", 2**40), ("GIB", 2**30), ("GB", 2**30), ("G", 2**30),
+                          ("MIB", 2**20), ("MB", 2**20), ("M", 2**20), ("KIB", 2**10), ("KB", 2**10), ("B", 1)):
+        if s.endswith(suffix):
+            try:
+                return int(float(s[:-len(suffix)]) * scale)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size: use e.g. '16GB', '512MB' or a number of bytes") from None
+
+
+def _config(model: nn.Module) -> dict:
+    from ahnet_fast.nn.ahnet import AHNet
+
+    if not isinstance(model, AHNet):
+        raise ValueError(f"estimate_training_memory takes an ahnet_fast.AHNet, got {type(model).__name__}")
+    return dict(layers=tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5)), spatial_dims=model.spatial_dims,
+                in_channels=model.in_channels, out_channels=model.out_channels, psp_block_num=model.psp_block_num,
+                upsample_mode=model.upsample_mode)
+
+
+def _trace(config: dict, shape: tuple[int, ...], dtype: torch.dtype, checkpoint: str, per_segment: bool = False):
+    """(bytes kept outside checkpointed segments, largest kept tensor, {segment: bytes kept inside})."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ahnet_fast.nn.ahnet import AHNet
+
+    seen: dict[int, int] = {}
+    largest = [0]
+    inside: dict[str, int] = {}
+    current: list[str] = []
+    # fake CPU tensors: the CUDA path's ops keep the same tensors (same custom ops, other kernels), and
+    # this way a machine without a GPU can plan for one
+    with FakeTensorMode(), torch.device("cpu"):
+        net = AHNet(**config, checkpoint=checkpoint).train()
+        params = {p.untyped_storage()._cdata for p in net.parameters()}
+        x = torch.empty(shape, requires_grad=True)
+        # autocast keeps activations in its 16-bit dtype (statistics and indices keep theirs): traced in
+        # float32 and counted at the 16-bit size
+        scale = 0.5 if dtype in (torch.bfloat16, torch.float16) else 1.0
+
+        def pack(t):
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key not in params and key not in seen:
+                n = int(storage.nbytes() * scale) if t.dtype == torch.float32 and t.dim() > 1 else storage.nbytes()
+                seen[key] = n
+                largest[0] = max(largest[0], n)
+                if current:
+                    inside[current[-1]] = inside.get(current[-1], 0) + n
+            return t
+
+        hooks = []
+        if per_segment:
+            for name, module in net.named_modules():
+                segment = _segment_of(name)
+                if segment is not None:
+                    hooks.append(module.register_forward_pre_hook(lambda m, a, n=segment: current.append(n)))
+                    hooks.append(module.register_forward_hook(lambda m, a, o: current.pop() and None))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(x)
+        for h in hooks:
+            h.remove()
+    return sum(seen.values()), largest[0], inside
+
+
+_STAGE_OF = {"up0": "stage0", "dense0": "stage0", "up1": "stage1", "dense1": "stage1", "up2": "stage2",
+             "dense2": "stage2", "trans1": "stage3", "dense3": "stage3", "up3": "stage4", "dense4": "stage4",
+             "psp": "head", "final": "head", "conv1": "stem", "bn0": "stem"}
+
+
+def _segment_of(name: str) -> str | None:
+    """The checkpoint segment (AHNet.forward's) a top-level module or bottleneck block belongs to."""
+    parts = name.split(".")
+    if len(parts) == 2 and parts[0].startswith("layer"):
+        return name
+    return _STAGE_OF.get(name) if len(parts) == 1 else None
+
+
+_SEGMENT_GROUPS = {
+    "encoder": lambda n: n.startswith("layer"),
+    "decoder": lambda n: n.startswith(("stage", "head")),
+    "stem": lambda n: n == "stem",
+}
+
+
+def estimate_training_memory(model: nn.Module, input_shape, *, dtype: str | torch.dtype = "fp32",
+                             checkpoint: str | None = None, optimizer: str = "adam") -> MemoryEstimate:
+    """Bytes of a training step of ``model``'s configuration on an input of ``input_shape`` (N, C, ...).
+
+    dtype: "fp32", or "bf16" / "fp16" for autocast (master weights stay float32).
+    checkpoint: the policy ("none", "encoder", "decoder", "all"); None takes the model's own.
+    optimizer: "adam", "adamw", "sgd" or "sgd_momentum".
+
+    The same for CPU and CUDA steps (the CUDA ops keep the same tensors for backward); framework
+    overheads (cuDNN workspaces, the CUDA context, allocator rounding) are not included.
+    """
+    config = _config(model)
+    precision = _precision_name(dtype)
+    policy = model.checkpoint if checkpoint is None else checkpoint
+    from ahnet_fast.nn._checkpoint import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"estimate_training_memory: checkpoint must be one of {POLICIES}, got {policy!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"estimate_training_memory: optimizer must be one of {tuple(OPTIMIZER_STATES)}, got "
+                         f"{optimizer!r}")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != config["spatial_dims"] + 2 or shape[1] != config["in_channels"]:
+        raise ValueError(f"estimate_training_memory: input_shape must be (N, {config['in_channels']}, "
+                         f"{config['spatial_dims']} spatial sizes), got {shape}")
+    from ahnet_fast.nn.shapes import check_ahnet_input
+
+    check_ahnet_input(torch.empty(shape, device="meta"), config["spatial_dims"], config["in_channels"],
+                      config["psp_block_num"], config["upsample_mode"])
+    params = sum(p.numel() * 4 for p in model.parameters())
+    kept, largest, _ = _trace(config, shape, PRECISIONS[precision], policy)
+    rebuilt = 0
+    if policy != "none":
+        _, _, inside = _trace(config, shape, PRECISIONS[precision], "none", per_segment=True)
+        groups = ["encoder", "decoder", "stem"] if policy == "all" else [policy]
+        rebuilt = max((b for name, b in inside.items() if any(_SEGMENT_GROUPS[g](name) for g in groups)), default=0)
+    activations = kept + rebuilt
+    step_peak = STEP_FACTOR * (activations + WORKSPACE_FACTOR * largest) + STEP_OVERHEAD
+    if precision != "fp32":  # autocast keeps a 16-bit copy of every weight for the step
+        step_peak += params // 2
+    return MemoryEstimate(parameters=params, gradients=params,
+                          optimizer_state=OPTIMIZER_STATES[optimizer] * params,
+                          activations=activations, workspace=int(step_peak) - activations)
+
+
+def _precision_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        for name, dt in PRECISIONS.items():
+            if dt == dtype:
+                return name
+    elif dtype in PRECISIONS:
+        return dtype
+    raise ValueError(f"dtype must be one of {tuple(PRECISIONS)} (or the torch dtypes), got {dtype!r}")
+
+
+def plan(budget_bytes, input_shape, *, model: nn.Module | None = None, precisions=("bf16", "fp32"),
+         checkpoints=("none", "encoder", "decoder", "all"), max_batch: int = 8, optimizer: str = "adam") -> dict:
+    """The fastest (precision, checkpoint policy, batch size) whose estimated peak fits the budget.
+
+    ``input_shape`` is one sample's (C, *spatial) or (*spatial) with one input channel. Returns a dict
+    with "precision", "checkpoint", "batch", "estimate" (a :class:`MemoryEstimate`) and "table" (every
+    configuration tried, fitting or not); raises ValueError when nothing fits, saying the smallest need.
+    Faster = more samples per second by the relative costs measured for precision and checkpointing
+    (``PRECISION_COST``, ``CHECKPOINT_COST``)."""
+    from ahnet_fast.nn.ahnet import AHNet
+
+    budget = parse_bytes(budget_bytes)
+    if model is None:
+        with torch.device("meta"):
+            model = AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+    sample = tuple(int(s) for s in input_shape)
+    if len(sample) == model.spatial_dims:
+        sample = (model.in_channels, *sample)
+    table = []
+    best = None
+    for precision in precisions:
+        for policy in checkpoints:
+            for batch in range(1, max_batch + 1):
+                est = estimate_training_memory(model, (batch, *sample), dtype=precision, checkpoint=policy,
+                                               optimizer=optimizer)
+                fits = est.total <= budget
+                speed = batch / (PRECISION_COST[precision] * CHECKPOINT_COST[policy])
+                table.append(dict(precision=precision, checkpoint=policy, batch=batch, total=est.total, fits=fits,
+                                  relative_speed=speed))
+                if not fits:
+                    break  # a larger batch needs more
+                if best is None or speed > best[0]:
+                    best = (speed, dict(precision=precision, checkpoint=policy, batch=batch, estimate=est))
+    if best is None:
+        smallest = min(table, key=lambda r: r["total"])
+        raise ValueError(f"plan: nothing fits {budget / 2**30:.2f} GiB; the smallest configuration "
+                         f"({smallest['precision']}, checkpoint={smallest['checkpoint']}, batch 1) needs "
+                         f"{smallest['total'] / 2**30:.2f} GiB")
+    return {**best[1], "table": table}
+
