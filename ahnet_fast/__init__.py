@@ -5,6 +5,7 @@ load_extension()  # registers torch.ops.ahnet_fast.*, or warns once that the ref
 
 from ahnet_fast.backends import BACKENDS, BackendUnavailableError, backend  # noqa: E402
 from ahnet_fast.nn import AHNet, FCN, MCFCN, FocalLoss, PyramidVolumetricPooling  # noqa: E402
+from ahnet_fast import memory  # noqa: E402  (also resolves AHNet(checkpoint="auto"))
 
 __version__ = "0.1.0"
 __all__ = [

@@ -171,8 +171,8 @@ def estimate_training_memory(model: nn.Module, input_shape, *, dtype: str | torc
     policy = model.checkpoint if checkpoint is None else checkpoint
     from ahnet_fast.nn._checkpoint import POLICIES
 
-    if policy not in POLICIES:
-        raise ValueError(f"estimate_training_memory: checkpoint must be one of {POLICIES}, got {policy!r}")
+    if policy not in POLICIES or policy == "auto":
+        raise ValueError(f"estimate_training_memory: checkpoint must be one of {POLICIES[:-1]}, got {policy!r}")
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"estimate_training_memory: optimizer must be one of {tuple(OPTIMIZER_STATES)}, got "
                          f"{optimizer!r}")
@@ -250,3 +250,56 @@ def plan(budget_bytes, input_shape, *, model: nn.Module | None = None, precision
                          f"{smallest['total'] / 2**30:.2f} GiB")
     return {**best[1], "table": table}
 
+
+
+def device_budget(device: torch.device) -> int:
+    """Memory a training step may use on ``device``: CUDA total memory, or on CPU the memory available
+    plus this process's resident set; 10% kept free."""
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    info = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    with open("/proc/self/status") as fh:
+        rss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+    return int(0.9 * (info.get("MemAvailable", info.get("MemFree", 0)) + rss))
+
+
+def auto_checkpoint_policy(model: nn.Module, x: torch.Tensor) -> str:
+    """checkpoint="auto": the cheapest policy (none, encoder, decoder, all) whose estimated peak fits
+    ``model.memory_budget`` (default :func:`device_budget`) for this input and autocast precision,
+    assuming Adam; "all" with a warning when nothing fits. Cached per (shape, dtype, device)."""
+    device_type = x.device.type
+    precision = "fp32"
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        precision = _precision_name(torch.get_autocast_dtype(device_type))
+    key = (tuple(x.shape), precision, str(x.device))
+    hit = model.auto_choices.get(key)
+    if hit is not None:
+        return hit["policy"]
+    budget = parse_bytes(model.memory_budget) if model.memory_budget is not None else device_budget(x.device)
+    tried = {}
+    for policy in ("none", "encoder", "decoder", "all"):
+        est = estimate_training_memory(model, tuple(x.shape), dtype=precision, checkpoint=policy)
+        tried[policy] = est.total
+        if est.total <= budget:
+            break
+    else:
+        import warnings
+
+        warnings.warn(f"AHNet(checkpoint='auto'): no policy fits {budget / 2**30:.2f} GiB for input {tuple(x.shape)} "
+                      f"({precision}); the smallest, 'all', is estimated at {tried['all'] / 2**30:.2f} GiB. Using it.",
+                      stacklevel=3)
+    model.auto_choices[key] = {"policy": policy, "budget": budget, "estimates": tried}
+    return policy
+
+
+def _register():
+    from ahnet_fast.nn._checkpoint import set_auto_resolver
+
+    set_auto_resolver(auto_checkpoint_policy)
+
+
+_register()

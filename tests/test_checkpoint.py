@@ -78,3 +78,33 @@ def test_eval_and_no_grad_do_not_checkpoint():
 def test_bad_policy_is_a_value_error():
     with pytest.raises(ValueError, match="checkpoint must be one of"):
         ahnet_fast.AHNet(checkpoint="everything")
+
+
+def test_auto_picks_the_cheapest_policy_that_fits():
+    """checkpoint="auto" asks the planner once per input shape: "none" when the budget is ample, a
+    checkpointing policy when only that fits, "all" with a warning when nothing does; the gradients
+    are those of the model without checkpointing either way."""
+    from ahnet_fast.memory import estimate_training_memory
+
+    plain = make(torch.float32)
+    x = torch.randn(2, 1, 32, 32, 32)
+    need = {p: estimate_training_memory(plain, tuple(x.shape), checkpoint=p).total
+            for p in ("none", "encoder", "decoder", "all")}
+    ample = copy.deepcopy(plain)
+    ample.checkpoint, ample.memory_budget = "auto", "64GB"
+    tight = copy.deepcopy(plain)
+    tight.checkpoint, tight.memory_budget = "auto", need["all"] + 1
+    assert need["all"] < min(need["encoder"], need["decoder"], need["none"])  # so "all" is the one that fits
+    tiny = copy.deepcopy(plain)
+    tiny.checkpoint, tiny.memory_budget = "auto", 1
+    ref = run_model(plain, x)
+    for net, expected in ((ample, "none"), (tight, "all"), (tiny, "all")):
+        if net is tiny:
+            with pytest.warns(UserWarning, match="no policy fits"):
+                got = run_model(net, x)
+        else:
+            got = run_model(net, x)
+        (choice,) = net.auto_choices.values()
+        assert choice["policy"] == expected
+        for name in ref[2]:
+            assert torch.equal(got[2][name], ref[2][name]), name

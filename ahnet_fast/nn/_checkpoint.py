@@ -16,7 +16,22 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-POLICIES = ("none", "encoder", "decoder", "all")
+POLICIES = ("none", "encoder", "decoder", "all", "auto")
+
+# checkpoint="auto" asks the memory planner, which sits above the modules (ahnet_fast.memory
+# registers itself here when imported), for the cheapest policy that fits the memory budget
+_auto_resolver: Callable | None = None
+
+
+def set_auto_resolver(fn: Callable) -> None:
+    global _auto_resolver
+    _auto_resolver = fn
+
+
+def resolve_auto(model: nn.Module, x: torch.Tensor) -> str:
+    if _auto_resolver is None:
+        import ahnet_fast.memory  # noqa: F401  (registers the resolver)
+    return _auto_resolver(model, x)
 
 
 def _bn_buffers(modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:

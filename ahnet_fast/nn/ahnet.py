@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahnet_fast.nn._bn import bn_relu, bn_relu_conv, dense_block, set_backend
-from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment
+from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
 from ahnet_fast.ops.slice_pool import slice_max_pool
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
@@ -313,7 +313,11 @@ class AHNet(nn.Module):
             "encoder" (every bottleneck block); "decoder" (every decoder stage: up-transition, skip
             sum and dense block; and the pyramid pooling with the final block); "all" (both, and
             the stem). Activations inside a segment are recomputed in backward; the gradients and
-            the BatchNorm running statistics equal those without checkpointing.
+            the BatchNorm running statistics equal those without checkpointing. "auto": at the first
+            training forward of each input shape and precision, the memory planner
+            (:mod:`ahnet_fast.memory`) picks the cheapest of those that fits ``memory_budget``.
+        memory_budget: bytes (or "16GB") for checkpoint="auto"; None = the device's memory (CUDA:
+            total memory; CPU: memory available plus this process's resident set), with 10% kept free.
 
     Input sizes (see :mod:`ahnet_fast.nn.shapes`): with c = ceil(n/2) for an in-plane size n, c
     must be a multiple of 16, and with psp_block_num = p > 0 also a multiple of 2^(p+2) in
@@ -326,12 +330,14 @@ class AHNet(nn.Module):
     def __init__(self, layers: tuple = (3, 4, 6, 3), spatial_dims: int = 3, in_channels: int = 1,
                  out_channels: int = 1, psp_block_num: int = 4, upsample_mode: str = "transpose",
                  pretrained: bool = False, progress: bool = True, *, backend: str | None = None,
-                 checkpoint: str = "none"):
+                 checkpoint: str = "none", memory_budget: int | str | None = None):
         self.inplanes = 64
         super().__init__()
         if checkpoint not in POLICIES:
             raise ValueError(f"AHNet: checkpoint must be one of {POLICIES}, got {checkpoint!r}")
         self.checkpoint = checkpoint
+        self.memory_budget = memory_budget
+        self.auto_choices: dict = {}  # checkpoint="auto": (shape, dtype, device) -> policy chosen
         if spatial_dims not in (2, 3):
             raise ValueError(f"AHNet: spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if psp_block_num not in (0, 1, 2, 3, 4):
@@ -434,6 +440,8 @@ class AHNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
         policy = self.checkpoint
+        if policy == "auto":
+            policy = resolve_auto(self, x) if self.training and torch.is_grad_enabled() else "none"
         encoder, decoder, stem = policy in ("encoder", "all"), policy in ("decoder", "all"), policy == "all"
 
         def segment(enabled, fn, modules, *args):
