@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import torch
+from _common import rss_bytes  # benchmarks/ is the script's folder, first on sys.path
 
 CONFIGS = [  # (input shape, checkpoint, precision)
     ((1, 1, 128, 128, 32), "none", "fp32"),
@@ -43,7 +44,7 @@ def measure(shape, checkpoint, precision):
     loss_fn = ahnet_fast.FocalLoss(to_onehot_y=True, use_softmax=True)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    before = _rss("VmRSS")
+    before = rss_bytes("VmRSS")
     net = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4, checkpoint=checkpoint)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     for _ in range(2):  # the second step has the gradients and Adam's moments from the first
@@ -52,15 +53,7 @@ def measure(shape, checkpoint, precision):
             out = net(x)
         loss_fn(out.float(), y).backward()
         opt.step()
-    return _rss("VmHWM") - before
-
-
-def _rss(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+    return rss_bytes("VmHWM") - before
 
 
 def main():

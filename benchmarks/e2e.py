@@ -27,16 +27,9 @@ import sys
 import time
 
 import torch
+from _common import rss_bytes  # benchmarks/ is the script's folder, first on sys.path
 
 IMPLS = ("MONAI", "ahnet_fast")
-
-
-def _rss(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
@@ -107,9 +100,9 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
     else:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-        before = _rss("VmRSS")
+        before = rss_bytes("VmRSS")
         step()
-        peak = _rss("VmHWM") - before
+        peak = rss_bytes("VmHWM") - before
     return {"peak_bytes": peak, "first_loss": first}
 
 

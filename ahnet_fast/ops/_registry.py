@@ -82,8 +82,9 @@ def register_compiled_pair(forward: str, backward: str, forward_fake, backward_f
 
 
 def register_triton_pair(forward_op, backward_op, forward_fake, backward_fake, make_backward, setup_context):
-    """The same for a pair of Triton custom ops (torch.library.custom_op objects); returns their
-    OpOverloads (forward, backward)."""
+    """The same for a pair of Python custom ops (torch.library.custom_op objects: the Triton kernels,
+    and the ops composed in Python such as bn_relu_conv and dense_block); returns their OpOverloads
+    (forward, backward)."""
     backward_op.register_fake(backward_fake)
     forward_op.register_fake(forward_fake)
     backward_overload = getattr(torch.ops.ahnet_fast, backward_op._name).default

@@ -34,7 +34,8 @@ from ahnet_fast.ops import aniso_conv
 from ahnet_fast.ops.aniso_conv import output_format
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype, output_like
-from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, note_compiled_kernels, triton_reasons
+from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, note_compiled_kernels, register_triton_pair,
+                                      triton_reasons)
 
 __all__ = ["bn_relu_conv", "bn_relu_conv_reference", "same_padding"]
 
@@ -317,11 +318,8 @@ def _define(name: str, engine):
         # outputs must not alias inputs (eval mode hands back the running statistics)
         return y, mean.clone() if mean is running_mean else mean, var.clone() if var is running_var else var
 
-    backward_op.register_fake(_backward_fake)
-    forward_op.register_fake(_forward_fake)
-    backward_overload = getattr(torch.ops.ahnet_fast, f"{name}_backward").default
-    forward_op.register_autograd(_make_backward(backward_overload), setup_context=_setup_context)
-    return getattr(torch.ops.ahnet_fast, name).default
+    return register_triton_pair(forward_op, backward_op, _forward_fake, _backward_fake, _make_backward,
+                                _setup_context)[0]
 
 
 _TRITON_OP = None

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, is_channels_last, opmath_dtype
+from ahnet_fast.ops._registry import register_triton_pair
 from ahnet_fast.ops.bn_relu_conv import ENGINES, IMPLEMENTATIONS, output_format, same_padding, update_running_stats
 
 __all__ = ["dense_block", "dense_block_reference", "PARAMS_PER_LAYER", "BNS_PER_LAYER"]
@@ -277,11 +278,8 @@ def _define(name: str, engine):
         ids = {id(t) for t in running_means} | {id(t) for t in running_vars}
         return out, [t.clone() if id(t) in ids else t for t in saved]
 
-    backward_op.register_fake(_backward_fake)
-    forward_op.register_fake(_forward_fake)
-    backward_overload = getattr(torch.ops.ahnet_fast, f"{name}_backward").default
-    forward_op.register_autograd(_make_backward(backward_overload), setup_context=_setup_context)
-    return getattr(torch.ops.ahnet_fast, name).default
+    return register_triton_pair(forward_op, backward_op, _forward_fake, _backward_fake, _make_backward,
+                                _setup_context)[0]
 
 
 _TRITON_OP = None
