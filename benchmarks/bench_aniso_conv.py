@@ -127,11 +127,12 @@ def main():
                                 gflop_forward=fl / 1e9, ms={p: [t[0] * 1e3, t[1] * 1e3] for p, t in times.items()},
                                 rule=list(rule)))
             del x, w, g
-    finish_report(lines, args.out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, date=str(datetime.date.today()),
-                           matmul_peak_gflops=peak / 1e9, shapes=records), f, indent=1)
+            # written after every shape: a time cap on a lent GPU still leaves what was measured
+            finish_report(lines, args.out)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(device=name, torch=torch.__version__, date=str(datetime.date.today()),
+                                   matmul_peak_gflops=peak / 1e9, shapes=records), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 
 import torch
@@ -59,6 +60,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--large", action="store_true", help="also the blocks of a 1x1x256x256x32 input")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     lines = [f"# Dense blocks (3 layers, growth 20), CPU fp32 — {datetime.date.today()}, {platform.processor() or platform.machine()}, "
@@ -67,6 +69,7 @@ def main():
              "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     scales = (1, 2) if args.large else (1,)
+    records = []
     for scale in scales:
         for name, channels, (h, w, d) in BLOCKS:
             shape = (1, channels, h * scale, w * scale, d)
@@ -83,11 +86,18 @@ def main():
 
                 rows[impl] = (saved, median_seconds(step, args.repeats))
             base = rows.get("MONAI", rows["layers"])
+            records.extend(dict(block=name, shape=list(shape), impl=impl, saved_bytes=saved, ms=t * 1e3)
+                           for impl, (saved, t) in rows.items())
             for impl, (saved, t) in rows.items():
                 lines.append(f"| {name} | {shape} | {impl} | {saved / 2**20:.1f} | {saved / base[0]:.2f}x | "
                              f"{t * 1e3:.1f} | {base[1] / t:.2f}x |")
                 print(lines[-1], flush=True)
     finish_report(lines, args.out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=platform.processor() or platform.machine(), torch=torch.__version__,
+                           date=str(datetime.date.today()), threads=torch.get_num_threads(), results=records), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

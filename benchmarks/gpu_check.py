@@ -8,7 +8,10 @@
 4. Focal loss forward+backward: the Triton kernel against the reference (and MONAI), correctness
    against float64, time, peak memory, and the fraction of the measured copy bandwidth it reaches
    for the bytes it must move (read logits and labels, write the gradient).
-5. Pyramid volumetric pooling (AHNet.psp) forward+backward, alone and with the concatenation AH-Net
+5. The memory planner: its estimate against torch.cuda.max_memory_allocated for AHNet + Adam and two
+   training steps (fp32/bf16, checkpoint policies, up to the 512x512x64 bf16 slab of issue 6), with
+   the step time; and which convolution path each shape took.
+6. Pyramid volumetric pooling (AHNet.psp) forward+backward, alone and with the concatenation AH-Net
    takes (``concat_input=True``): the Triton kernels against the reference (and MONAI's PSP + cat),
    error against float64, time, peak memory, and the fraction of the copy bandwidth reached for
    the minimum bytes (read x, write the output; read its gradient, write x's gradient).
@@ -22,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import time
 import torch
 import torch.nn.functional as F
 
@@ -133,6 +137,58 @@ def train_step_bench(device, smoke):
                 except torch.cuda.OutOfMemoryError:
                     rows.append({"shape": list(shape), "amp": amp, "net": name, "ms": None, "peak_bytes": "OOM"})
                 del net, opt
+    return rows
+
+
+def planner_check(device, smoke):
+    """The memory planner on the GPU: estimate vs torch.cuda.max_memory_allocated of building AHNet +
+    Adam and two training steps (bf16/fp32, checkpoint policies), and the issue's 512x512x64 bf16 slab.
+    Off CUDA (smoke) it only runs the estimates."""
+    from ahnet_fast.memory import estimate_training_memory
+
+    configs = [((2, 1, 32, 32, 32), "none", "fp32")] if smoke else [
+        ((1, 1, 128, 128, 32), "none", "fp32"), ((1, 1, 128, 128, 32), "all", "fp32"),
+        ((1, 1, 128, 128, 32), "none", "bf16"), ((2, 1, 256, 256, 64), "none", "bf16"),
+        ((1, 1, 256, 256, 64), "all", "fp32"), ((1, 1, 512, 512, 64), "none", "bf16"),
+        ((1, 1, 512, 512, 64), "all", "bf16")]
+    rows = []
+    for shape, policy, precision in configs:
+        kwargs = dict(in_channels=1, out_channels=3, psp_block_num=0 if smoke else 4, checkpoint=policy)
+        if smoke:
+            kwargs["layers"] = (1, 1, 1, 1)
+        with torch.device("meta"):
+            est = estimate_training_memory(ahnet_fast.AHNet(**kwargs), shape, dtype=precision)
+        row = {"shape": list(shape), "checkpoint": policy, "precision": precision, "estimate": est.as_dict(),
+               "measured": None, "ms": None}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            try:
+                net = ahnet_fast.AHNet(**kwargs).to(device)
+                opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+                x = torch.randn(shape, device=device)
+                target = torch.randint(0, 3, (shape[0], *shape[2:]), device=device)
+
+                def step():
+                    opt.zero_grad()
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        out = net(x)
+                    F.cross_entropy(out.float(), target).backward()
+                    opt.step()
+
+                step()
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                row["ms"] = 1e3 * (time.perf_counter() - t0)
+                row["measured"] = torch.cuda.max_memory_allocated() - base
+                del net, opt, x, target
+            except torch.cuda.OutOfMemoryError:
+                row["measured"] = "OOM"
+        rows.append(row)
+        print("planner", json.dumps(row), flush=True)
     return rows
 
 
@@ -250,14 +306,31 @@ def main():
         info["triton"] = None
     print(json.dumps(info), flush=True)
     result = {"info": info}
+    path = os.path.join(args.out, "gpu_check.json")
+
+    def save():  # after every section: a time-out later still leaves what was measured
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
     result["ceilings"] = ceilings(device, args.smoke)
     print("ceilings", json.dumps(result["ceilings"]), flush=True)
+    save()
     result["correctness"] = correctness(device, args.smoke)
     for r in result["correctness"]:
         print("correctness", json.dumps(r), flush=True)
-    result["focal_loss"] = focal_loss_bench(device, args.smoke, result["ceilings"]["copy_GBps"])
-    result["psp"] = psp_bench(device, args.smoke, result["ceilings"]["copy_GBps"])
+    save()
+    # the issue-6 planner check first among the benchmarks: it is the one a GPU is needed for most
+    result["planner"] = planner_check(device, args.smoke)
+    save()
     result["train_step"] = train_step_bench(device, args.smoke)
+    save()
+    result["focal_loss"] = focal_loss_bench(device, args.smoke, result["ceilings"]["copy_GBps"])
+    save()
+    result["psp"] = psp_bench(device, args.smoke, result["ceilings"]["copy_GBps"])
+    save()
+    from ahnet_fast.ops import aniso_conv
+
+    result["conv_paths"] = aniso_conv.choices()  # which convolution path each shape took
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)
     lines = [f"# GPU check: {info['device']}, torch {info['torch']}, triton {info['triton']}", "",
@@ -273,6 +346,16 @@ def main():
         peak_s = "n/a" if peak is None else (peak if isinstance(peak, str) else f"{peak / 2**30:.2f} GiB")
         ms = "OOM" if r["ms"] is None else f"{r['ms']:.1f}"
         lines.append(f"| {tuple(r['shape'])} | {r['amp']} | {r['net']} | {ms} | {peak_s} |")
+    lines += ["", "| planner: input | checkpoint | precision | estimated GiB | measured GiB (max_memory_allocated) | "
+              "estimate / measured | ms/step |", "|---|---|---|---|---|---|---|"]
+    for r in result["planner"]:
+        m = r["measured"]
+        est = r["estimate"]["total"]
+        meas = "n/a" if m is None else (m if isinstance(m, str) else f"{m / 2**30:.2f}")
+        ratio = f"{est / m:.2f}" if isinstance(m, int) and m else ""
+        ms = "" if r["ms"] is None else f"{r['ms']:.0f}"
+        lines.append(f"| {tuple(r['shape'])} | {r['checkpoint']} | {r['precision']} | {est / 2**30:.2f} | {meas} | "
+                     f"{ratio} | {ms} |")
     lines += ["", "| focal loss | dtype | impl | ms (fwd+bwd) | grad rel err vs fp64 | extra peak | GB/s | of copy bw |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["focal_loss"]:

@@ -7,7 +7,9 @@
 # benchmarks/gpu_check.py (Triton kernels and the reference path need no compiled
 # extension). Building the C++ extension there costs minutes of device time and measures nothing on
 # the GPU, so it is skipped unless AHNET_FAST_GPU_BUILD=1 (then the CPU op tests run there too).
-# Commit $OUT's gpu_check.md/json under benchmarks/results/. MONAI is not on the device image: carry a wheel in .device_wheels/ (ignored)
+# Time caps (s): Triton tests 110 + focal/pyramid tests 70 + convolution shapes 80 + gpu_check.py 200 = 460,
+# under the 8-minute rule; gpu_check.py writes its JSON after every section, so a cap still leaves
+# what was measured. Commit $OUT's gpu_check.md/json and aniso_conv.md/json under benchmarks/results/. MONAI is not on the device image: carry a wheel in .device_wheels/ (ignored)
 # with `pip download --no-deps -d .device_wheels monai==1.6.1` to get MONAI rows too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,19 +33,19 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     timeout 180 "$PY" -m pytest -q -x tests/test_bn_relu.py 2>&1 | tail -3
   fi
   echo "== Triton kernels against the reference on CUDA: anisotropic convolutions, BN-ReLU-conv, dense block"
-  timeout 200 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_aniso_conv_triton.py tests/test_bn_relu_conv.py \
+  timeout 110 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_aniso_conv_triton.py tests/test_bn_relu_conv.py \
     tests/test_dense_block.py -k "triton or Triton or aniso" 2>&1 | tail -5
   if "$PY" -c "import monai" 2>/dev/null; then
     echo "== Triton focal loss and pyramid pooling against the reference on CUDA (fp32/fp16; bf16 where the tests take it)"
-    timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_focal_loss_triton.py tests/test_pyramid_pool.py \
+    timeout 70 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_focal_loss_triton.py tests/test_pyramid_pool.py \
       -k "triton and not compile_check" 2>&1 | tail -5
   else
     echo "== (no MONAI on this machine: the focal-loss/pyramid Triton pytest checks need it; gpu_check.py still compares to the reference)"
   fi
   echo "== every AH-Net convolution shape: Triton vs cuDNN conv3d vs folded conv2d"
   if [ "${1:-}" = "--smoke" ]; then conv_args="--max-shapes 3"; else conv_args="--large"; fi
-  timeout 120 "$PY" benchmarks/bench_aniso_conv.py $conv_args --repeats 3 --out "$OUT/aniso_conv.md" \
+  timeout 80 "$PY" benchmarks/bench_aniso_conv.py $conv_args --repeats 3 --out "$OUT/aniso_conv.md" \
     --json "$OUT/aniso_conv.json" 2>&1 | tail -12
   echo "== GPU check"
-  timeout 240 "$PY" benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tail -40
+  timeout 200 "$PY" benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tail -40
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -26,3 +26,12 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     torch.save(monai_nets.AHNet(out_channels=3).state_dict(), "monai_ahnet.pt")
     torch.save(RefResNet50().state_dict(), "resnet50-0676ba61.pth")
     exec(compile(python_blocks()[index], f"README.md example {index}", "exec"), {})
+
+
+def test_results_table_is_generated_from_the_committed_json():
+    """The README's results table is what benchmarks/report.py makes of benchmarks/results/*.json."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "benchmarks/report.py", "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, "README's results table is stale: run python benchmarks/report.py"

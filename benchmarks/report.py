@@ -1,0 +1,123 @@
+"""The README's results table, generated from the committed JSON under benchmarks/results/.
+
+Every number carries the date and device of the run it comes from; each target of the issues that
+has a JSON measurement is shown met or missed, and by how much. Rewrites the part of README.md
+between the markers ``<!-- results:begin -->`` and ``<!-- results:end -->``.
+
+    python benchmarks/report.py [--readme README.md] [--check]   # --check: exit 1 if README is stale
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _latest(pattern):
+    files = sorted(glob.glob(os.path.join(HERE, "results", pattern)))
+    if not files:
+        return None, None
+    with open(files[-1]) as f:
+        return json.load(f), os.path.relpath(files[-1], os.path.dirname(HERE))
+
+
+def _verdict(value, target, higher_is_better):
+    met = value >= target if higher_is_better else value <= target
+    return "met" if met else f"**missed** by {abs(value - target):.2f}"
+
+
+def rows():
+    out = []
+    e2e, e2e_path = _latest("e2e_cpu_*.json")
+    if e2e:
+        where = f"{e2e['date']}, {e2e['device']} ({e2e['threads']} threads), torch {e2e['torch']}"
+        by = {(r["mode"], r["impl"]): r for r in e2e["results"]}
+        monai = by.get(("train", "MONAI"))
+        ours = by.get(("train", "ahnet_fast"))
+        if monai and ours:
+            speed = monai["median_ms"] / ours["median_ms"]
+            peak = ours["peak_bytes"] / monai["peak_bytes"]
+            out.append(("5", "CPU training step 1x1x128x128x32, speed vs MONAI", f"{speed:.2f}x", "≥ 1.5x",
+                        _verdict(speed, 1.5, True), where, e2e_path))
+            out.append(("5, 6", "CPU training step peak memory vs MONAI (default)", f"{peak:.2f}x", "≤ 0.6x",
+                        _verdict(peak, 0.6, False), where, e2e_path))
+        full = by.get(("train", "ahnet_fast:all"))
+        if monai and full:
+            peak = full["peak_bytes"] / monai["peak_bytes"]
+            out.append(("6", "CPU training step peak memory vs MONAI, checkpoint=\"all\"", f"{peak:.2f}x", "≤ 0.2x",
+                        _verdict(peak, 0.2, False), where, e2e_path))
+        mi, oi = by.get(("infer", "MONAI")), by.get(("infer", "ahnet_fast"))
+        if mi and oi:
+            out.append(("8", "CPU inference 1x1x128x128x32, speed vs MONAI", f"{mi['median_ms'] / oi['median_ms']:.2f}x",
+                        "—", "", where, e2e_path))
+    dense, dense_path = _latest("dense_block_cpu_*.json")
+    if dense:
+        by = {(r["block"], r["impl"]): r for r in dense["results"]}
+        ratios = [by[(b, "block")]["saved_bytes"] / by[(b, "MONAI")]["saved_bytes"]
+                  for b, impl in by if impl == "MONAI" and (b, "block") in by]
+        if ratios:
+            out.append(("5", f"bytes a decoder dense block keeps for backward vs MONAI's ({len(ratios)} blocks)",
+                        f"{min(ratios):.2f}–{max(ratios):.2f}x", "≤ 0.4x", _verdict(max(ratios), 0.4, False),
+                        f"{dense['date']}, {dense['device']}, torch {dense['torch']}", dense_path))
+    mem, mem_path = _latest("memory_cpu_*.json")
+    if mem:
+        ratios = [r["estimate"]["total"] / r["measured_step_peak"] for r in mem["results"]]
+        worst = max(abs(r - 1) for r in ratios)
+        out.append(("6", f"memory planner vs measured peak ({len(ratios)} CPU configurations, 2 used to calibrate)",
+                    f"{min(ratios):.2f}–{max(ratios):.2f}x", "within 15%", _verdict(worst, 0.15, False),
+                    f"{mem['date']}, {mem['device']}, torch {mem['torch']}", mem_path))
+    conv, conv_path = _latest("aniso_conv_cpu*.json")
+    if conv:
+        gains = []
+        for r in conv["shapes"]:
+            aten = sum(r["ms"]["aten"])
+            best = min(sum(v) for v in r["ms"].values())
+            gains.append(aten / best)
+        out.append(("5", f"CPU convolution paths vs ATen over {len(gains)} AH-Net shapes (fwd+bwd, best path)",
+                    f"median {statistics.median(gains):.2f}x, max {max(gains):.2f}x", "—", "",
+                    f"{conv['date']}, {conv['device']}, torch {conv['torch']}", conv_path))
+    gpu, gpu_path = _latest("gpu_check*.json")
+    if gpu:
+        info = gpu.get("info", {})
+        out.append(("8", "GPU check", "see file", "", "", f"{info.get('device')}, torch {info.get('torch')}", gpu_path))
+    else:
+        out.append(("5, 6, 8", "GPU targets (Triton vs cuDNN per shape, bf16 step ≥ 2x MONAI, planner on GPU)",
+                    "not measured", "", "no GPU has been lent yet", "", "benchmarks/gpu_check.sh"))
+    return out
+
+
+def table() -> str:
+    lines = [BEGIN, "", "| issue | measurement | value | target | verdict | date, device | source |",
+             "|---|---|---|---|---|---|---|"]
+    for issue, what, value, target, verdict, where, source in rows():
+        lines.append(f"| {issue} | {what} | {value} | {target} | {verdict} | {where} | `{source}` |")
+    lines += ["", "Generated by `python benchmarks/report.py` from the JSON files named in the last column.", "",
+              END]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"))
+    parser.add_argument("--check", action="store_true", help="exit 1 when the README's table is not up to date")
+    args = parser.parse_args()
+    with open(args.readme) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} markers")
+    new = text[:text.index(BEGIN)] + table() + text[text.index(END) + len(END):]
+    if args.check:
+        sys.exit(0 if new == text else 1)
+    with open(args.readme, "w") as f:
+        f.write(new)
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
