@@ -19,9 +19,10 @@ and every BatchNorm keeps its input while the convolution after it keeps the nor
   complete gradient once layers i+1..L are done, and layer i adds its prefix's gradient in place.
 
 What the block keeps for backward is the output buffer plus g channels per layer (a), against
-about three copies of every prefix plus 7g channels per layer in eager mode. The units run on an engine of
-``ahnet_fast.ops.bn_relu_conv`` (C++ BatchNorm + ATen convolution, or Triton with BatchNorm fused
-into the convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
+about three copies of every prefix plus 7g channels per layer in eager mode. The units run on an
+engine of ``ahnet_fast.ops.bn_relu_conv`` (C++ BatchNorm + the convolution path
+``ahnet_fast.ops.aniso_conv`` picks per shape, or Triton with BatchNorm fused into the
+convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
 ``dense_block_backward`` (and ``..._triton``): opaque to torch.compile, which sees no graph break.
 """
 from __future__ import annotations
