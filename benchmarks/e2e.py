@@ -29,9 +29,6 @@ import time
 import torch
 from _common import rss_bytes  # benchmarks/ is the script's folder, first on sys.path
 
-IMPLS = ("MONAI", "ahnet_fast")
-
-
 def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
     """(model, loss) of one implementation with the same initial weights and the same batch."""
     from monai.networks.nets import AHNet as MonaiAHNet

@@ -331,8 +331,7 @@ def main():
     from ahnet_fast.ops import aniso_conv
 
     result["conv_paths"] = aniso_conv.choices()  # which convolution path each shape took
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    save()
     lines = [f"# GPU check: {info['device']}, torch {info['torch']}, triton {info['triton']}", "",
              f"copy {result['ceilings']['copy_GBps']:.0f} GB/s (read+write); matmul "
              f"{result['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s ({result['ceilings']['matmul_dtype']})", "",

@@ -80,13 +80,17 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
         x, weight, bias, None if use_batch_stats else running_mean, None if use_batch_stats else running_var,
         use_batch_stats, eps,
     )
+    update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // channels)
+    return y
+
+
+def update_running_stats(running_mean, running_var, mean, var, training, momentum, count):
+    """nn.BatchNorm's update of the running statistics from a batch's biased mean and variance over
+    ``count`` values per channel: the running variance takes the unbiased batch variance."""
     if training and running_mean is not None and running_var is not None:
-        # nn.BatchNorm's update: the running variance takes the unbiased batch variance.
-        count = x.numel() // channels
         with torch.no_grad():
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
-    return y
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops.aniso_conv import output_format
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype, output_like
@@ -247,20 +248,8 @@ def bn_relu_conv(x, running_mean, running_var, bn_weight, bn_bias, training: boo
     return y
 
 
-def update_running_stats(running_mean, running_var, mean, var, training, momentum, count):
-    """nn.BatchNorm's update: the running variance takes the unbiased batch variance."""
-    if training and running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
-
-
 # ---------------------------------------------------------------------------------------------
 # Registration: one custom op per backend, with fake and autograd.
-
-_SCHEMA_DOC = ("(x, bn_weight, bn_bias, running_mean?, running_var?, use_batch_stats, eps, weight, stride, padding)"
-               " -> (y, mean, var)")
-
 
 def _out_size(size, k, s, p):
     return (size + 2 * p - k) // s + 1

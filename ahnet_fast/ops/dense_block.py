@@ -34,9 +34,10 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import autocast_dtype, is_channels_last, opmath_dtype
+from ahnet_fast._layout import autocast_dtype, opmath_dtype
 from ahnet_fast.ops._registry import register_triton_pair
-from ahnet_fast.ops.bn_relu_conv import ENGINES, IMPLEMENTATIONS, output_format, same_padding, update_running_stats
+from ahnet_fast.ops.bn_relu import update_running_stats
+from ahnet_fast.ops.bn_relu_conv import ENGINES, IMPLEMENTATIONS, output_format, same_padding
 
 __all__ = ["dense_block", "dense_block_reference", "PARAMS_PER_LAYER", "BNS_PER_LAYER"]
 
@@ -138,16 +139,10 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
 # The op: forward keeps a per layer and the statistics; backward recomputes the rest.
 
 
-def _memory_format(x):
-    if is_channels_last(x):
-        return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-    return torch.contiguous_format
-
-
 def _empty(x, channels):
     """(N, channels, *x's spatial) laid out as x (channels-last stays channels-last)."""
     return torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
-                       memory_format=_memory_format(x))
+                       memory_format=output_format(x))
 
 
 def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps):
@@ -184,7 +179,7 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     channels = [channels0]
     for units in layers:
         channels.append(channels[-1] + units[3][2].shape[0])
-    grad = grad_out.clone(memory_format=_memory_format(out))  # accumulated in place, layer by layer
+    grad = grad_out.clone(memory_format=output_format(out))  # accumulated in place, layer by layer
     grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     for i in reversed(range(len(layers))):
         units = layers[i]
@@ -241,7 +236,7 @@ def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps)
 
 
 def _backward_fake(grad_out, out, channels0, weights, saved, use_batch_stats, eps):
-    grad = torch.empty_like(out, memory_format=_memory_format(out))
+    grad = torch.empty_like(out, memory_format=output_format(out))
     return grad[:, :channels0], [torch.empty_like(w) for w in weights]
 
 
