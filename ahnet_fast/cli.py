@@ -1,13 +1,20 @@
 """Command line: ``ahnet-fast`` (or ``python -m ahnet_fast``).
 
-``ahnet-fast demo`` runs AH-Net training steps (forward, loss, backward) on a synthetic anisotropic
-volume and prints time per step, voxels per second, activation bytes saved for backward and peak memory;
-``--compare-monai`` runs MONAI's AHNet on the same input in the same process for a side-by-side
-ratio. The training, inference, planning and benchmark subcommands arrive with their issues.
+Subcommands (each has ``--help``):
+
+- ``train``: the paper's schedule (2D network on slices, 3D decoder on the transferred encoder,
+  then end to end) on synthetic CT-like volumes or a Decathlon / LiTS folder; checkpoints, metrics,
+  plots; ``torchrun --nproc_per_node=N -m ahnet_fast train ...`` for many processes.
+- ``infer``: whole-volume sliding-window segmentation of a NIfTI file with a trained checkpoint.
+- ``plan``: the fastest configuration that fits a memory budget.
+- ``parity``: trains the fast model, the pure-PyTorch reference and MONAI's AHNet side by side.
+- ``bench``: the end-to-end benchmark against MONAI (benchmarks/e2e.py of a source checkout).
+- ``demo``: a few timed training steps with memory figures.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -181,6 +188,73 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _train_config(args):
+    from ahnet_fast.training.config import TrainConfig
+
+    return TrainConfig(
+        data=args.data, stage="finetune" if args.stage == "all" else args.stage, init=args.init, steps=args.steps,
+        patch=tuple(args.patch), batch=args.batch, micro_batch=args.micro_batch, lr=args.lr, amp=args.amp,
+        checkpoint=args.checkpoint, seed=args.seed, device=args.device, out=args.out, resume=args.resume,
+        num_classes=args.num_classes, psp_block_num=args.psp_block_num, backend=args.backend,
+        data_seed=args.data_seed, train_cases=args.train_cases, val_cases=args.val_cases, max_cases=args.max_cases,
+        synthetic_size_xy=args.synthetic_size, spacing_xy=None if args.spacing <= 0 else args.spacing,
+        window=tuple(args.window), foreground_ratio=args.foreground_ratio, eval_every=args.eval_every,
+        save_every=args.save_every, overlap=args.overlap, window_batch=args.window_batch,
+        progress=not args.no_progress, plots=not args.no_plots)
+
+
+def cmd_train(args) -> int:
+    from ahnet_fast.training import train, train_schedule
+
+    cfg = _train_config(args)
+    if args.stage == "all":
+        steps = {"2d": args.steps_2d or args.steps, "3d": args.steps_3d or args.steps, "finetune": args.steps}
+        results = train_schedule(cfg, steps=steps)
+    else:
+        results = [train(cfg)]
+    for r in results:
+        if "dice" in r:
+            print(json.dumps({"out": r["out"], "step": r["step"], "loss": r["loss"], **r["dice"]}))
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from ahnet_fast.training.infer import infer_file
+
+    summary = infer_file(args.model, args.input, args.output, overlap=args.overlap, window_batch=args.window_batch,
+                         amp=args.amp, device=args.device, stitch=args.stitch, probabilities=args.probabilities,
+                         progress=not args.no_progress)
+    voxels = ", ".join(f"{k} {v}" for k, v in summary["voxels"].items())
+    print(f"wrote {summary['output']} ({' x '.join(map(str, summary['shape']))} voxels; {voxels}) in "
+          f"{summary['seconds']:.1f} s")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from ahnet_fast.training.parity import run_parity
+
+    report = run_parity(steps=args.steps, loss_steps=args.loss_steps, patch=tuple(args.patch),
+                        psp_block_num=args.psp_block_num, lr=args.lr, seed=args.seed, out=args.out,
+                        monai=not args.no_monai, train_cases=args.train_cases, val_cases=args.val_cases,
+                        synthetic_size_xy=args.synthetic_size, control=not args.no_control,
+                        progress=not args.no_progress)
+    print(report["summary"])
+    return 0 if report["passed"] else 1
+
+
+def cmd_bench(args) -> int:
+    import os
+    import runpy
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "e2e.py")
+    if not os.path.isfile(script):
+        raise ValueError(f"bench runs benchmarks/e2e.py of a source checkout; {script} is not there "
+                         "(clone the repository and install it with pip install -e .)")
+    sys.argv = [script, *args.bench_args]
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ahnet-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +287,107 @@ def build_parser() -> argparse.ArgumentParser:
     plan_p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd", "sgd_momentum"))
     plan_p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp16", "fp32"))
     plan_p.set_defaults(func=cmd_plan)
+
+    train_p = sub.add_parser("train", help="train AH-Net (the paper's 2D->3D schedule) on synthetic or real CT",
+                             description="Trains one stage of the paper's schedule, or all three (--stage all): 2d "
+                                         "(MCFCN on three adjacent slices as channels), 3d (AHNet whose encoder is "
+                                         "transferred from --init and frozen; the decoder trains), finetune (all "
+                                         "weights). Writes OUT/last.pt, OUT/metrics.jsonl, OUT/curves.png and "
+                                         "OUT/montage.png, and prints the held-out Dice.")
+    train_p.add_argument("--data", default="synthetic",
+                         help="'synthetic' (default: CT-like volumes made from --data-seed), a Medical Segmentation "
+                              "Decathlon task folder (dataset.json), or a folder of LiTS volume-N.nii / "
+                              "segmentation-N.nii pairs")
+    train_p.add_argument("--stage", default="all", choices=("2d", "3d", "finetune", "all"),
+                         help="all (default) runs 2d, 3d and finetune in OUT/2d, OUT/3d, OUT/finetune")
+    train_p.add_argument("--init", default=None, help="checkpoint to start from: a stage-2d last.pt for stage 3d "
+                                                      "(its encoder is transferred), a 3d one for finetune")
+    train_p.add_argument("--steps", type=int, default=200, help="optimizer steps (per stage with --stage all)")
+    train_p.add_argument("--steps-2d", type=int, default=None, help="--stage all: steps of the 2d stage")
+    train_p.add_argument("--steps-3d", type=int, default=None, help="--stage all: steps of the 3d stage")
+    train_p.add_argument("--patch", type=int, nargs=3, default=(128, 128, 32), metavar=("H", "W", "D"),
+                         help="training patch; D is the slice axis (2d stage: H W slices)")
+    train_p.add_argument("--batch", type=int, default=1, help="global batch per optimizer step")
+    train_p.add_argument("--micro-batch", type=int, default=None,
+                         help="samples per forward pass (BatchNorm statistics group); default batch / processes")
+    train_p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train_p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
+                         help="autocast precision; fp16 (CUDA) uses a GradScaler")
+    train_p.add_argument("--checkpoint", default="none", choices=("none", "encoder", "decoder", "all", "auto"),
+                         help="activation checkpointing of AHNet (auto: the memory planner picks)")
+    train_p.add_argument("--seed", type=int, default=0, help="initial weights and batch sampling")
+    train_p.add_argument("--device", default="cpu", help="cpu or cuda")
+    train_p.add_argument("--out", default="runs/ahnet", help="output folder")
+    train_p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt exactly")
+    train_p.add_argument("--num-classes", type=int, default=3, help="classes including background (default 3: "
+                                                                   "background, liver, lesion)")
+    train_p.add_argument("--psp-block-num", type=int, default=4, help="AHNet pyramid pooling levels (0-4)")
+    train_p.add_argument("--backend", default=None, choices=("auto", "reference", "cpp", "triton"))
+    train_p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic volumes")
+    train_p.add_argument("--train-cases", type=int, default=8, help="synthetic: training volumes")
+    train_p.add_argument("--val-cases", type=int, default=2, help="held-out volumes (real data: the last ones)")
+    train_p.add_argument("--max-cases", type=int, default=None, help="real data: read at most this many cases")
+    train_p.add_argument("--synthetic-size", type=int, default=256, help="synthetic: in-plane voxels at ~0.8 mm")
+    train_p.add_argument("--spacing", type=float, default=1.6,
+                         help="in-plane spacing (mm) to resample to; 0 keeps the native spacing")
+    train_p.add_argument("--window", type=float, nargs=2, default=(-200.0, 250.0), metavar=("LOW", "HIGH"),
+                         help="CT window in HU, scaled to [0, 1]")
+    train_p.add_argument("--foreground-ratio", type=float, default=0.67,
+                         help="fraction of patches centred on a foreground voxel")
+    train_p.add_argument("--eval-every", type=int, default=0, help="held-out Dice every N steps (0: at the end)")
+    train_p.add_argument("--save-every", type=int, default=25, help="write OUT/last.pt every N steps")
+    train_p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in evaluation")
+    train_p.add_argument("--window-batch", type=int, default=1, help="windows per forward in evaluation")
+    train_p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train_p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    train_p.set_defaults(func=cmd_train)
+
+    infer_p = sub.add_parser("infer", help="segment a NIfTI volume with a trained checkpoint",
+                             description="Whole-volume sliding-window inference (Gaussian blending) with the "
+                                         "preprocessing stored in the checkpoint; writes a uint8 label map with "
+                                         "the input's affine and header.")
+    infer_p.add_argument("--model", required=True, help="a training checkpoint (OUT/last.pt)")
+    infer_p.add_argument("input", help="input volume (.nii or .nii.gz)")
+    infer_p.add_argument("output", help="output label map (.nii or .nii.gz)")
+    infer_p.add_argument("--overlap", type=float, default=None, help="window overlap (default: the training one)")
+    infer_p.add_argument("--window-batch", type=int, default=1, help="windows per forward pass")
+    infer_p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    infer_p.add_argument("--device", default="cpu", help="cpu or cuda")
+    infer_p.add_argument("--stitch", default="auto", choices=("auto", "device", "cpu"),
+                         help="where the blended output is accumulated (auto: on the CPU when it does not fit "
+                              "the device)")
+    infer_p.add_argument("--probabilities", default=None, metavar="PATH",
+                         help="also write the class probabilities (classes on a 4th axis)")
+    infer_p.add_argument("--no-progress", action="store_true")
+    infer_p.set_defaults(func=cmd_infer)
+
+    parity_p = sub.add_parser("parity", help="train the fast model and the references side by side",
+                              description="Trains ahnet_fast's AHNet, the same network on the pure-PyTorch "
+                                          "reference path, and MONAI's AHNet + FocalLoss (when installed) from the "
+                                          "same initial weights on the same batches, fp32; compares per-step losses "
+                                          "and the final held-out Dice; writes a JSON / Markdown report and the "
+                                          "overlaid curves. Exit status 1 when a tolerance is exceeded.")
+    parity_p.add_argument("--steps", type=int, default=100, help="training steps of each model")
+    parity_p.add_argument("--loss-steps", type=int, default=50, help="steps whose losses must agree within 1e-3")
+    parity_p.add_argument("--patch", type=int, nargs=3, default=(96, 96, 32), metavar=("H", "W", "D"))
+    parity_p.add_argument("--psp-block-num", type=int, default=2)
+    parity_p.add_argument("--lr", type=float, default=1e-3)
+    parity_p.add_argument("--seed", type=int, default=0)
+    parity_p.add_argument("--train-cases", type=int, default=6)
+    parity_p.add_argument("--val-cases", type=int, default=2)
+    parity_p.add_argument("--synthetic-size", type=int, default=192)
+    parity_p.add_argument("--out", default="benchmarks/results/parity", help="report folder")
+    parity_p.add_argument("--no-monai", action="store_true", help="skip MONAI even when installed")
+    parity_p.add_argument("--no-control", action="store_true",
+                          help="skip the control run (MONAI with its first input scaled by 1+1e-7)")
+    parity_p.add_argument("--no-progress", action="store_true")
+    parity_p.set_defaults(func=cmd_parity)
+
+    bench_p = sub.add_parser("bench", help="end-to-end benchmark against MONAI (benchmarks/e2e.py)",
+                             description="Runs benchmarks/e2e.py of a source checkout; arguments after 'bench' "
+                                         "go to it (ahnet-fast bench -- --help lists them).")
+    bench_p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/e2e.py")
+    bench_p.set_defaults(func=cmd_bench)
     return parser
 
 

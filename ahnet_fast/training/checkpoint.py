@@ -1,0 +1,64 @@
+"""Checkpoints that survive a kill at any moment.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts) so that
+``torch.load(path, weights_only=True)`` reads it: no pickled classes, nothing executed on load.
+It is written to a temporary file in the same folder, flushed and fsync'ed, then renamed over the
+old one (``os.replace`` is atomic on POSIX and Windows): a reader sees either the previous complete
+checkpoint or the new complete one, never a torn file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "optimizer", "step", "config")
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` through a temporary file and a rename; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a failed or interrupted write leaves the previous checkpoint untouched
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
+    """Reads a training checkpoint with ``weights_only=True``; ValueError naming the file when it is
+    missing, unreadable or not an ahnet_fast training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {str(path)!r} is not an ahnet_fast training checkpoint: it needs the keys "
+                         f"{list(REQUIRED_KEYS)}, it has {have}")
+    return ckpt

@@ -1,0 +1,311 @@
+"""The reference training loop: one stage of the paper's schedule, or all three in turn.
+
+Every batch is a pure function of (seed, step) (see :mod:`ahnet_fast.data.sampling`) and the model
+has no other randomness, so ``resume`` continues exactly where a run stopped and torchrun's ranks
+together compute the same step as one process (see :class:`TrainConfig`'s ``micro_batch``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ahnet_fast
+from ahnet_fast.data import (PatchSampler, Preprocessing, SliceSampler, discover_cases, load_case, preprocess,
+                             synthetic_cases)
+from ahnet_fast.nn import FocalLoss
+from ahnet_fast.training import distributed
+from ahnet_fast.training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_checkpoint
+from ahnet_fast.training.config import TrainConfig
+from ahnet_fast.training.evaluate import AMP_DTYPES, evaluate_cases
+from ahnet_fast.training.models import (build_model, freeze_encoder, initialise_from, model_spec, set_train_mode,
+                                        trainable_parameters)
+
+# configuration fields that must not change when a run is resumed: they define the batches and model
+RESUME_INVARIANTS = ("data", "stage", "patch", "batch", "micro_batch", "seed", "data_seed", "num_classes",
+                     "psp_block_num", "train_cases", "val_cases", "max_cases", "synthetic_size_xy", "spacing_xy",
+                     "window", "foreground_ratio", "lr", "weight_decay", "amp", "init")
+
+
+def _tqdm():
+    from tqdm.auto import tqdm
+    return tqdm
+
+
+def _say(msg: str, main: bool = True) -> None:
+    if main:
+        _tqdm().write(msg, file=sys.stderr)
+
+
+def load_datasets(cfg: TrainConfig, *, progress: bool = True):
+    """(train cases, held-out cases), preprocessed (in-plane spacing, CT window to [0, 1])."""
+    prep = Preprocessing(spacing_xy=cfg.spacing_xy, window=tuple(cfg.window))
+    tqdm = _tqdm()
+    if cfg.data == "synthetic":
+        raw = synthetic_cases(cfg.train_cases + cfg.val_cases, seed=cfg.data_seed, size_xy=cfg.synthetic_size_xy)
+        cases = [preprocess(c, prep) for c in raw]
+        return cases[:cfg.train_cases], cases[cfg.train_cases:]
+    root = Path(cfg.data)
+    if not root.exists():
+        raise ValueError(f"--data {cfg.data!r}: no such folder (give 'synthetic', a Decathlon task folder with "
+                         "dataset.json, or a folder of LiTS volume-N.nii / segmentation-N.nii pairs)")
+    paths = discover_cases(root)
+    if cfg.max_cases:
+        paths = paths[:cfg.max_cases]
+    if any(p.label is None for p in paths):
+        missing = [p.name for p in paths if p.label is None]
+        raise ValueError(f"--data {cfg.data!r}: cases without a label cannot be used for training: {missing[:5]}")
+    if len(paths) <= cfg.val_cases:
+        raise ValueError(f"--data {cfg.data!r}: {len(paths)} case(s) found, but {cfg.val_cases} are held out for "
+                         "validation (--val-cases): at least one must remain for training")
+    cases = [preprocess(load_case(p, cfg.num_classes), prep)
+             for p in tqdm(paths, desc="reading cases", unit="case", disable=not progress, file=sys.stderr)]
+    return cases[:-cfg.val_cases], cases[-cfg.val_cases:]
+
+
+def _check_resume(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    diffs = []
+    for key in RESUME_INVARIANTS:
+        a, b = saved.get(key), cfg.to_dict().get(key)
+        if a != b:
+            diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    if diffs:
+        raise ValueError(f"--resume: {path} was written by a run with other settings, so it cannot continue exactly: "
+                         + "; ".join(diffs))
+
+
+def _rewrite_metrics(path: Path, keep_until: int) -> list[dict]:
+    """Records of a resumed run up to its checkpoint's step (a killed run may have logged later steps)."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if rec.get("step", 0) <= keep_until:
+                records.append(rec)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _plots(out: Path, records: list[dict], montage=None, main=True) -> list[Path]:
+    if not main:
+        return []
+    from ahnet_fast import plots
+
+    written = []
+    plots.plot_curves(records, out / "curves.png")
+    written.append(out / "curves.png")
+    if montage is not None:
+        image, label, pred, names, title = montage
+        plots.plot_montage(image, label, pred, out / "montage.png", class_names=names, title=title)
+        written.append(out / "montage.png")
+    return written
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs one stage; returns {"step", "loss", "dice", "out", "checkpoint"}. Writes DIR/last.pt,
+    DIR/metrics.jsonl, DIR/curves.png and DIR/montage.png (rank 0)."""
+    cfg.validate()
+    device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to this torch")
+    info, dist_device = distributed.setup(device_type)
+    try:
+        return _train(cfg, info, dist_device or torch.device(cfg.device))
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -> dict:
+    main = info.is_main
+    out = Path(cfg.out)
+    if cfg.batch % info.world_size:
+        raise ValueError(f"--batch {cfg.batch} must be divisible by the number of processes ({info.world_size})")
+    local_batch = cfg.batch // info.world_size
+    micro = cfg.micro_batch or local_batch
+    if local_batch % micro:
+        raise ValueError(f"--micro-batch {micro} must divide the per-process batch {local_batch}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    show = cfg.progress and main
+
+    train_cases, val_cases = load_datasets(cfg, progress=show)
+    if cfg.stage == "2d":
+        sampler = SliceSampler(train_cases, cfg.patch[:2], foreground_ratio=cfg.foreground_ratio, seed=cfg.seed)
+        voxels_per_sample = cfg.patch[0] * cfg.patch[1]
+    else:
+        sampler = PatchSampler(train_cases, cfg.patch, foreground_ratio=cfg.foreground_ratio, seed=cfg.seed)
+        voxels_per_sample = math.prod(cfg.patch)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    ckpt_path = out / "last.pt"
+    resume = None
+    if cfg.resume and ckpt_path.exists():
+        resume = load_checkpoint(ckpt_path)
+        _check_resume(resume["config"], cfg, ckpt_path)
+    elif cfg.init:
+        _say(f"[{cfg.stage}] {initialise_from(model, cfg.init)}", main)
+    frozen = freeze_encoder(model) if cfg.stage == "3d" else []
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        start = int(resume["step"])
+        _say(f"[{cfg.stage}] resuming {ckpt_path} at step {start}", main)
+    elif cfg.resume:
+        _say(f"[{cfg.stage}] --resume: no {ckpt_path} yet, starting from step 0", main)
+
+    net = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+    loss_fn = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, backend=cfg.backend)
+    amp_dtype = AMP_DTYPES[cfg.amp]
+
+    metrics_path = out / "metrics.jsonl"
+    records = _rewrite_metrics(metrics_path, start) if (main and resume is not None) else []
+    if main and resume is None:
+        metrics_path.write_text("")
+    log = open(metrics_path, "a") if main else None
+
+    def write(rec):
+        records.append(rec)
+        if log is not None:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+
+    def save(step):
+        if main:
+            atomic_torch_save({
+                "format": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
+                "config": cfg.to_dict(), "model_spec": model_spec(cfg), "frozen": list(frozen),
+                "versions": {"ahnet_fast": str(ahnet_fast.__version__), "torch": str(torch.__version__)},
+            }, ckpt_path)
+        distributed.barrier(info)
+
+    def evaluate(step):
+        if main:
+            tracker, preds = evaluate_cases(model, val_cases, cfg.patch, num_classes=cfg.num_classes,
+                                            class_names=cfg.class_names, overlap=cfg.overlap,
+                                            window_batch=cfg.window_batch, amp=cfg.amp, device=device)
+            summary = tracker.summary()
+            rec = {"step": step, "kind": "eval"}
+            rec.update({f"dice/{name}": float(v) for name, v in zip(cfg.class_names, tracker.mean_per_case())
+                        if name != cfg.class_names[0]})
+            rec.update(summary)
+            write(rec)
+            result = (rec, preds)
+        else:
+            result = (None, None)
+        distributed.barrier(info)
+        return result
+
+    tqdm = _tqdm()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=not show,
+               file=sys.stderr, dynamic_ncols=True)
+    n_micro = local_batch // micro
+    last_loss = float("nan")
+    try:
+        for step in range(start, cfg.steps):
+            set_train_mode(model, frozen)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            x, y = sampler.batch(step, cfg.batch, rank=info.rank, world_size=info.world_size)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            for i in range(n_micro):
+                xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
+                sync = net.no_sync() if (info.enabled and i < n_micro - 1) else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = net(xs)
+                    # the focal loss in float32: its logs underflow in 16 bits
+                    loss = loss_fn(logits.float(), ys.unsqueeze(1)) / n_micro
+                    scaler.scale(loss).backward()
+                total += loss.detach()
+            step_loss = distributed.mean_across_ranks(total.item(), info, device)
+            if not math.isfinite(step_loss) and not scaler.is_enabled():
+                raise RuntimeError(f"[{cfg.stage}] the loss is {step_loss} at step {step + 1}: training diverged "
+                                   f"(try a lower --lr than {cfg.lr}); the last good checkpoint is {ckpt_path}")
+            scaler.step(optimizer)
+            scaler.update()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            last_loss = step_loss
+            write({"step": step + 1, "kind": "train", "loss": step_loss, "lr": cfg.lr, "seconds": dt,
+                   "voxels_per_s": cfg.batch * voxels_per_sample / dt})
+            bar.set_postfix(loss=f"{step_loss:.4f}", vox_s=f"{cfg.batch * voxels_per_sample / dt:,.0f}")
+            bar.update(1)
+            done = step + 1
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                save(done)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                rec, _ = evaluate(done)
+                if rec is not None:
+                    bar.write(f"[{cfg.stage}] step {done}: " + _dice_line(rec, cfg), file=sys.stderr)
+                    if cfg.plots:
+                        _plots(out, records)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if start >= cfg.steps and resume is not None:
+        _say(f"[{cfg.stage}] {ckpt_path} is already at step {start} of {cfg.steps}: nothing to train", main)
+
+    log = open(metrics_path, "a") if main else None
+    rec, preds = evaluate(cfg.steps)
+    if log is not None:
+        log.close()
+    result = {"step": cfg.steps, "loss": last_loss, "out": str(out), "checkpoint": str(ckpt_path)}
+    if main:
+        result["dice"] = {k: v for k, v in rec.items() if k not in ("step", "kind")}
+        _say(f"[{cfg.stage}] final ({cfg.steps} steps) on {len(val_cases)} held-out case(s): "
+             + _dice_line(rec, cfg), main)
+        if cfg.plots:
+            case = val_cases[0]
+            title = f"{cfg.stage}: {case.name}, step {cfg.steps}"
+            written = _plots(out, records, (case.image, case.label, preds[0], list(cfg.class_names), title))
+            result["plots"] = [str(p) for p in written]
+            _say(f"[{cfg.stage}] wrote {ckpt_path}, {metrics_path}, " + ", ".join(str(p) for p in written), main)
+    return result
+
+
+def _dice_line(rec: dict, cfg: TrainConfig) -> str:
+    parts = []
+    for name in cfg.class_names[1:]:
+        case, glob = rec.get(f"dice_case/{name}"), rec.get(f"dice_global/{name}")
+        if case is not None:
+            parts.append(f"{name} Dice {case:.3f} per case, {glob:.3f} global")
+    return "; ".join(parts)
+
+
+def train_schedule(cfg: TrainConfig, stages=("2d", "3d", "finetune"), steps: dict | None = None) -> list[dict]:
+    """The paper's schedule: 2D network on slices, then the 3D decoder on the transferred frozen
+    encoder, then everything; each stage in its own folder under ``cfg.out``, each taking the previous
+    stage's last.pt as --init."""
+    results = []
+    init = cfg.init
+    for stage in stages:
+        sub = TrainConfig.from_dict({**cfg.to_dict(), "stage": stage, "out": str(Path(cfg.out) / stage),
+                                     "init": init, "steps": (steps or {}).get(stage, cfg.steps)})
+        results.append(train(sub))
+        init = results[-1]["checkpoint"]
+    return results

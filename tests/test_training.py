@@ -1,0 +1,289 @@
+"""The training pipeline: checkpoints, resume, the 2D->3D schedule, DDP, inference, CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ahnet_fast.training import TrainConfig, train, train_schedule
+from ahnet_fast.training.checkpoint import atomic_torch_save, load_checkpoint
+from ahnet_fast.training.models import ENCODER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small AH-Net input (psp_block_num 0: in-plane and slice sizes multiples of 32; 64 in-plane so the
+# deepest BatchNorm sees more than one value per channel) on small
+# synthetic volumes kept at their native spacing: a step takes a fraction of a second.
+TINY = dict(patch=(64, 64, 32), psp_block_num=0, train_cases=2, val_cases=1, synthetic_size_xy=64,
+            spacing_xy=None, progress=False, plots=False, save_every=2)
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out": str(tmp_path / "run"), **kw})
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _tiny_args(out, steps=2, extra=()):
+    return ["train", "--stage", "finetune", "--steps", str(steps), "--patch", "64", "64", "32", "--psp-block-num", "0",
+            "--train-cases", "2", "--val-cases", "1", "--synthetic-size", "64", "--spacing", "0", "--save-every", "1",
+            "--no-progress", "--no-plots", "--out", str(out), *extra]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_atomic_save_keeps_previous_checkpoint_when_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"model": {"w": torch.ones(2)}, "optimizer": {}, "step": 1, "config": {}}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"model": {"w": torch.zeros(2)}, "optimizer": {}, "step": 2, "config": {}}, path)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "the temporary file must be removed"
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="nope.pt.*does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt.*cannot be read"):
+        load_checkpoint(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(1)}, other)
+    with pytest.raises(ValueError, match="other.pt.*not an ahnet_fast training checkpoint"):
+        load_checkpoint(other)
+
+
+# ---------------------------------------------------------------- config errors
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(stage="3d"), "--init"),
+    (dict(patch=(48, 64, 32)), "axis 0"),
+    (dict(patch=(64, 64, 40)), "axis 2"),
+    (dict(amp="fp16"), "fp16"),
+    (dict(batch=3, micro_batch=2), "micro-batch"),
+    (dict(overlap=1.0), "overlap"),
+    (dict(stage="2x"), "stage"),
+])
+def test_bad_configuration_raises_value_error(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(tmp_path, **kw).validate()
+
+
+def test_cli_reports_bad_arguments_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ahnet_fast", "train", "--stage", "3d", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 2
+    assert "--init" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_help_of_every_subcommand():
+    for cmd in ("train", "infer", "plan", "bench", "parity", "demo"):
+        r = subprocess.run([sys.executable, "-m", "ahnet_fast", cmd, "--help"], capture_output=True, text=True,
+                           env=_env(), timeout=120)
+        assert r.returncode == 0 and "usage: ahnet-fast " + cmd in r.stdout, r.stderr
+
+
+# ---------------------------------------------------------------- training, resume
+
+def _final_state(out: Path) -> dict:
+    return load_checkpoint(out / "last.pt")["model"]
+
+
+def test_train_writes_checkpoint_metrics_and_plots(tmp_path):
+    cfg = tiny(tmp_path, steps=3, plots=True, eval_every=2)
+    result = train(cfg)
+    out = Path(cfg.out)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 3 and set(ckpt) >= {"model", "optimizer", "step", "config", "model_spec"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["voxels_per_s"] > 0 for r in records if r["kind"] == "train")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 3]
+    assert {"dice/liver", "dice/lesion", "dice_case/liver", "dice_global/lesion"} <= set(evals[-1])
+    assert 0.0 <= result["dice"]["dice_case/liver"] <= 1.0
+    for name in ("curves.png", "montage.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = tiny(tmp_path / "a", steps=4)
+    train(straight)
+    interrupted = tiny(tmp_path / "b", steps=2)
+    train(interrupted)
+    resumed = tiny(tmp_path / "b", steps=4, resume=True)
+    train(resumed)
+    a, b = _final_state(Path(straight.out)), _final_state(Path(resumed.out))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    la = [json.loads(x)["loss"] for x in (Path(straight.out) / "metrics.jsonl").read_text().splitlines()
+          if json.loads(x)["kind"] == "train"]
+    lb = [json.loads(x)["loss"] for x in (Path(resumed.out) / "metrics.jsonl").read_text().splitlines()
+          if json.loads(x)["kind"] == "train"]
+    assert la == pytest.approx(lb, rel=1e-6, abs=0)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(tiny(tmp_path, steps=2))
+    with pytest.raises(ValueError, match="lr"):
+        train(tiny(tmp_path, steps=3, resume=True, lr=5e-4))
+
+
+def test_killed_run_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL at several moments during training (steps, checkpoint writes): last.pt always loads
+    with weights_only=True, and --resume finishes the run."""
+    out = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "ahnet_fast", *_tiny_args(out, steps=40, extra=["--resume"])],
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(float(rng.uniform(0.0, 1.5)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = load_checkpoint(out / "last.pt")
+        assert 1 <= ckpt["step"] <= 40
+    r = subprocess.run([sys.executable, "-m", "ahnet_fast", *_tiny_args(out, steps=40, extra=["--resume"])],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 40
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == list(range(1, 41)), "each step logged exactly once across the kills"
+
+
+def test_bf16_autocast_step_on_cpu(tmp_path):
+    result = train(tiny(tmp_path, steps=1, amp="bf16"))
+    assert np.isfinite(result["loss"])
+
+
+# ---------------------------------------------------------------- the paper's schedule
+
+def test_schedule_2d_then_3d_with_frozen_encoder_then_finetune(tmp_path):
+    cfg = tiny(tmp_path, steps=2)
+    r2d, r3d, rft = train_schedule(cfg, steps={"2d": 2, "3d": 2, "finetune": 1})
+    net2d = load_checkpoint(r2d["checkpoint"])
+    c3d = load_checkpoint(r3d["checkpoint"])
+    assert net2d["model_spec"]["kind"] == "MCFCN" and c3d["model_spec"]["kind"] == "AHNet"
+    assert c3d["frozen"] == list(ENCODER)
+    # stage 3d: the encoder is the transferred 2D encoder, untouched by training (BN statistics too)
+    from ahnet_fast import AHNet
+    from ahnet_fast.training.models import build_from_spec
+
+    net = build_from_spec(net2d["model_spec"])
+    net.load_state_dict(net2d["model"])
+    expected = AHNet(in_channels=1, out_channels=3, psp_block_num=0).copy_from(net).state_dict()
+    for k, v in c3d["model"].items():
+        if k.split(".")[0] in ENCODER:
+            torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
+    moved = [k for k, v in c3d["model"].items() if k.split(".")[0] not in ENCODER and v.is_floating_point()
+             and not torch.equal(v, expected[k])]
+    assert moved, "the decoder trains in stage 3d"
+    # finetune starts from the 3d weights and changes the encoder too
+    cft = load_checkpoint(rft["checkpoint"])
+    assert not torch.equal(cft["model"]["layer1.0.conv1.weight"], c3d["model"]["layer1.0.conv1.weight"])
+
+
+# ---------------------------------------------------------------- many processes
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    common = _tiny_args(one, steps=2)[1:]
+    single = [sys.executable, "-m", "ahnet_fast", "train", *common, "--batch", "2", "--micro-batch", "1"]
+    r = subprocess.run(single, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    multi = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+             "-m", "ahnet_fast", "train", *_tiny_args(two, steps=2)[1:], "--batch", "2"]
+    r = subprocess.run(multi, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_checkpoint(one / "last.pt")["model"], load_checkpoint(two / "last.pt")["model"]
+    params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for k in params:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    la = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    lb = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert lb == pytest.approx(la, rel=1e-5)
+    assert not any((two / n).exists() for n in ("last.pt.rank1",)), "only rank 0 writes"
+
+
+# ---------------------------------------------------------------- inference and parity
+
+def test_infer_cli_writes_labels_on_the_input_grid(tmp_path):
+    import nibabel as nib
+
+    from ahnet_fast.data import make_synthetic_case, save_nifti
+
+    train(tiny(tmp_path, steps=1, spacing_xy=1.2, synthetic_size_xy=96))
+    case = make_synthetic_case(123, size_xy=80)
+    src = tmp_path / "ct.nii.gz"
+    save_nifti(src, case.image, case.affine)
+    dst, probs = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
+    r = subprocess.run([sys.executable, "-m", "ahnet_fast", "infer", "--model", str(tmp_path / "run" / "last.pt"),
+                        str(src), str(dst), "--overlap", "0.5", "--window-batch", "2", "--stitch", "cpu",
+                        "--probabilities", str(probs), "--no-progress"],
+                       capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote" in r.stdout
+    seg = nib.load(str(dst))
+    assert seg.shape == case.image.shape and seg.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(seg.affine, nib.load(str(src)).affine, atol=1e-5)
+    labels = np.asarray(seg.dataobj)
+    assert labels.max() < 3
+    p = np.asarray(nib.load(str(probs)).dataobj)
+    assert p.shape == (*case.image.shape, 3)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(p.argmax(-1) == labels, True)
+
+
+def test_infer_errors_name_the_file(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ahnet_fast", "infer", "--model", str(tmp_path / "missing.pt"),
+                        str(tmp_path / "in.nii.gz"), str(tmp_path / "out.nii.gz")],
+                       capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 2 and "missing.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_parity_report_tiny(tmp_path):
+    """The parity harness: four runs from the same weights on the same batches, report and plot. The
+    pure-PyTorch reference path computes MONAI's arithmetic exactly (equal losses); the fast path's
+    first loss (the forward, before any update) agrees to 1e-5."""
+    from ahnet_fast.training.parity import CONTROL, run_parity
+
+    report = run_parity(steps=2, loss_steps=2, patch=(64, 64, 32), psp_block_num=0, train_cases=1, val_cases=1,
+                        synthetic_size_xy=64, out=tmp_path, progress=False, spacing_xy=None)
+    assert set(report["runs"]) == {"ahnet_fast", "reference", "MONAI", CONTROL}
+    assert report["runs"]["reference"]["losses"] == report["runs"]["MONAI"]["losses"]
+    assert report["runs"][CONTROL]["losses"][0] != report["runs"]["MONAI"]["losses"][0]
+    for name in ("reference", "MONAI"):
+        assert report["comparisons"][name]["first_loss_ok"], report["summary"]
+    assert report["comparisons"][CONTROL]["against"] == "MONAI"
+    assert (tmp_path / "parity.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "parity.md").read_text()
+    assert "| ahnet_fast |" in md and CONTROL in md
+    saved = json.loads((tmp_path / "parity.json").read_text())
+    assert saved["passed"] == report["passed"]
