@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity_p.add_argument("--seed", type=int, default=0)
     parity_p.add_argument("--train-cases", type=int, default=6)
     parity_p.add_argument("--val-cases", type=int, default=2)
-    parity_p.add_argument("--synthetic-size", type=int, default=192)
+    parity_p.add_argument("--synthetic-size", type=int, default=256)
     parity_p.add_argument("--out", default="benchmarks/results/parity", help="report folder")
     parity_p.add_argument("--no-monai", action="store_true", help="skip MONAI even when installed")
     parity_p.add_argument("--no-control", action="store_true",

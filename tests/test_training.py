@@ -122,7 +122,7 @@ def test_train_writes_checkpoint_metrics_and_plots(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["voxels_per_s"] > 0 for r in records if r["kind"] == "train")
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [2, 3]
-    assert {"dice/liver", "dice/lesion", "dice_case/liver", "dice_global/lesion"} <= set(evals[-1])
+    assert {"dice_case/liver", "dice_case/lesion", "dice_global/liver", "dice_global/lesion"} <= set(evals[-1])
     assert 0.0 <= result["dice"]["dice_case/liver"] <= 1.0
     for name in ("curves.png", "montage.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -204,10 +204,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
                                             class_names=cfg.class_names, overlap=cfg.overlap,
                                             window_batch=cfg.window_batch, amp=cfg.amp, device=device)
             summary = tracker.summary()
-            rec = {"step": step, "kind": "eval"}
-            rec.update({f"dice/{name}": float(v) for name, v in zip(cfg.class_names, tracker.mean_per_case())
-                        if name != cfg.class_names[0]})
-            rec.update(summary)
+            rec = {"step": step, "kind": "eval", **summary}  # dice_case/<class>, dice_global/<class>
             write(rec)
             result = (rec, preds)
         else:

@@ -84,7 +84,7 @@ def _monai_available() -> bool:
 
 def run_parity(*, steps: int = 100, loss_steps: int = 50, patch=(96, 96, 32), psp_block_num: int = 2,
                lr: float = 1e-3, seed: int = 0, out="benchmarks/results/parity", monai: bool = True,
-               train_cases: int = 6, val_cases: int = 2, synthetic_size_xy: int = 192,
+               train_cases: int = 6, val_cases: int = 2, synthetic_size_xy: int = 256,
                spacing_xy: float | None = 1.6, control: bool = True, progress: bool = True) -> dict:
     if loss_steps > steps:
         raise ValueError(f"parity: --loss-steps ({loss_steps}) cannot exceed --steps ({steps})")
