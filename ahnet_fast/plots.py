@@ -10,14 +10,13 @@ training never reads half a file.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ahnet_fast._atomic import atomic_path
 from ahnet_fast.metrics import default_class_names
 
 __all__ = ["plot_curves", "plot_montage"]
@@ -54,18 +53,9 @@ def _new_figure(figsize, layout=None):
 
 
 def _save_png(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:

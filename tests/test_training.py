@@ -50,7 +50,8 @@ def test_atomic_save_keeps_previous_checkpoint_when_write_fails(tmp_path, monkey
     atomic_torch_save({"model": {"w": torch.ones(2)}, "optimizer": {}, "step": 1, "config": {}}, path)
 
     def broken_save(obj, f, *a, **k):
-        f.write(b"partial bytes")
+        with open(f, "wb") as fh:
+            fh.write(b"partial bytes")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

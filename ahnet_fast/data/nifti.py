@@ -8,15 +8,14 @@ first second with "segmentation-87.nii: shape (512, 512, 124) does not match vol
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ahnet_fast._atomic import atomic_path
 from ahnet_fast.data.case import Case, spacing_from_affine
 
 __all__ = ["load_nifti", "save_nifti", "CasePaths", "discover_cases", "load_case"]
@@ -120,20 +119,9 @@ def save_nifti(path, array, affine, header=None) -> None:
     img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
     img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _nifti_suffix(path)
-    # a fresh hidden name beside the target (same file system, so os.replace is atomic); created by
-    # nibabel itself, so the file gets the usual permissions (mkstemp's would be 0600)
-    tmp = path.parent / f".{path.name[: -len(suffix)]}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
-    try:
+    # the temporary name keeps the .nii/.nii.gz suffix: nibabel picks the format (and gzip) from it
+    with atomic_path(path, suffix=_nifti_suffix(path)) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 @dataclass
