@@ -60,3 +60,25 @@ def finish_report(lines: list[str], path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def smoke() -> bool:
+    """AHNET_FAST_BENCH_SMOKE=1: the pytest-benchmark files run tiny shapes (tests/test_benchmarks.py
+    runs them so, with --benchmark-disable, to keep them working; the timings mean nothing then)."""
+    import os
+
+    return os.environ.get("AHNET_FAST_BENCH_SMOKE", "") == "1"
+
+
+def assert_matches(ours, reference, what: str, rtol: float = 1e-4) -> None:
+    """Before timing an implementation, its result against the reference (normwise, float32): a
+    benchmark of a wrong answer must fail, not report a speed."""
+    import torch
+
+    pairs = list(zip(ours, reference)) if isinstance(ours, (tuple, list)) else [(ours, reference)]
+    for i, (a, b) in enumerate(pairs):
+        if a is None and b is None:
+            continue
+        err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
+        if not torch.isfinite(err) or err > rtol:
+            raise AssertionError(f"{what}[{i}]: relative error {float(err):.2e} > {rtol:.0e}")

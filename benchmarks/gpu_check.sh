@@ -7,9 +7,9 @@
 # benchmarks/gpu_check.py (Triton kernels and the reference path need no compiled
 # extension). Building the C++ extension there costs minutes of device time and measures nothing on
 # the GPU, so it is skipped unless AHNET_FAST_GPU_BUILD=1 (then the CPU op tests run there too).
-# Time caps (s): Triton tests 110 + focal/pyramid tests 70 + convolution shapes 80 + gpu_check.py 200 = 460,
+# Time caps (s): Triton tests 110 + focal/pyramid tests 70 + convolution shapes 80 + gpu_check.py 160 + roofline 40 = 460,
 # under the 8-minute rule; gpu_check.py writes its JSON after every section, so a cap still leaves
-# what was measured. Commit $OUT's gpu_check.md/json and aniso_conv.md/json under benchmarks/results/. MONAI is not on the device image: carry a wheel in .device_wheels/ (ignored)
+# what was measured. Commit $OUT's gpu_check.md/json, aniso_conv.md/json and roofline.md/json under benchmarks/results/. MONAI is not on the device image: carry a wheel in .device_wheels/ (ignored)
 # with `pip download --no-deps -d .device_wheels monai==1.6.1` to get MONAI rows too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,5 +47,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   timeout 80 "$PY" benchmarks/bench_aniso_conv.py $conv_args --repeats 3 --out "$OUT/aniso_conv.md" \
     --json "$OUT/aniso_conv.json" 2>&1 | tail -12
   echo "== GPU check"
-  timeout 200 "$PY" benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tail -40
+  timeout 160 "$PY" benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tail -40
+  echo "== roofline: every op and the training step against the measured matmul rate and copy bandwidth"
+  if [ "${1:-}" = "--smoke" ]; then roof_args="--smoke --repeats 1"; else roof_args="--repeats 5"; fi
+  timeout 40 "$PY" benchmarks/roofline.py $roof_args --out "$OUT/roofline.md" --json "$OUT/roofline.json" 2>&1 | tail -14
 } 2>&1 | tee "$OUT/gpu_check.log"

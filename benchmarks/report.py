@@ -52,10 +52,18 @@ def rows():
             peak = full["peak_bytes"] / monai["peak_bytes"]
             out.append(("6", "CPU training step peak memory vs MONAI, checkpoint=\"all\"", f"{peak:.2f}x", "≤ 0.2x",
                         _verdict(peak, 0.2, False), where, e2e_path))
-        mi, oi = by.get(("infer", "MONAI")), by.get(("infer", "ahnet_fast"))
-        if mi and oi:
-            out.append(("8", "CPU inference 1x1x128x128x32, speed vs MONAI", f"{mi['median_ms'] / oi['median_ms']:.2f}x",
-                        "—", "", where, e2e_path))
+        sizes = sorted({tuple(r["shape"]) for r in e2e["results"]}, key=lambda t: t[2] * t[3] * t[4])
+        for mode in ("train", "infer"):
+            for shape in sizes:
+                mi = next((r for r in e2e["results"] if r["mode"] == mode and tuple(r["shape"]) == shape
+                           and r["impl"] == "MONAI"), None)
+                oi = next((r for r in e2e["results"] if r["mode"] == mode and tuple(r["shape"]) == shape
+                           and r["impl"] == "ahnet_fast"), None)
+                if mi and oi and (mode, shape) != ("train", (1, 1, 128, 128, 32)):
+                    out.append(("8", f"CPU {'training step' if mode == 'train' else 'inference'} "
+                                     f"{'x'.join(map(str, shape))}: speed / peak memory vs MONAI",
+                                f"{mi['median_ms'] / oi['median_ms']:.2f}x / {oi['peak_bytes'] / mi['peak_bytes']:.2f}x",
+                                "—", "", where, e2e_path))
     dense, dense_path = _latest("dense_block_cpu_*.json")
     if dense:
         by = {(r["block"], r["impl"]): r for r in dense["results"]}
@@ -82,14 +90,50 @@ def rows():
         out.append(("5", f"CPU convolution paths vs ATen over {len(gains)} AH-Net shapes (fwd+bwd, best path)",
                     f"median {statistics.median(gains):.2f}x, max {max(gains):.2f}x", "—", "",
                     f"{conv['date']}, {conv['device']}, torch {conv['torch']}", conv_path))
+    roof, roof_path = _latest("roofline_cpu_*.json")
+    if roof:
+        step = next((r for r in roof["results"] if r["op"] == "training step"), None)
+        if step:
+            out.append(("8", f"roofline, CPU training step {step['shape']}: FLOP rate (% of the fp32 matmul peak "
+                             "measured in the same run)",
+                        f"{step['gflops_per_s']:.0f} GFLOP/s ({step['pct_matmul_peak']:.0f}%)", "—", "",
+                        f"{roof['date']}, {roof['device']} ({roof['threads']} threads), torch {roof['torch']}",
+                        roof_path))
     gpu, gpu_path = _latest("gpu_check*.json")
     if gpu:
         info = gpu.get("info", {})
         out.append(("8", "GPU check", "see file", "", "", f"{info.get('device')}, torch {info.get('torch')}", gpu_path))
     else:
-        out.append(("5, 6, 8", "GPU targets (Triton vs cuDNN per shape, bf16 step ≥ 2x MONAI, planner on GPU)",
-                    "not measured", "", "no GPU has been lent yet", "", "benchmarks/gpu_check.sh"))
+        for issue, what, target in (
+                ("5", "GPU: each anisotropic convolution vs cuDNN, every AH-Net shape", "≥ 1.0x"),
+                ("5", "GPU: bf16 training step vs MONAI", "≥ 2x"),
+                ("6", "GPU: planner vs torch.cuda.max_memory_allocated", "within 15%"),
+                ("6", "GPU: batch-1 bf16 step on a 512x512x64 slab, run and measured", "fits 16 GB")):
+            out.append((issue, what, "not measured", target, "no GPU lent to any session so far", "",
+                        "benchmarks/gpu_check.sh"))
     return out
+
+
+def roofline_table() -> list[str]:
+    """The per-op roofline of the latest CPU (and GPU, when there is one) run."""
+    lines = []
+    for pattern in ("roofline_cpu_*.json", "roofline_gpu_*.json"):
+        roof, path = _latest(pattern)
+        if not roof:
+            continue
+        c = roof["ceilings"]
+        lines += ["", f"Roofline, {roof['date']}, {roof['device']} ({roof.get('threads')} threads), torch {roof['torch']}: "
+                      f"fp32 matmul {c['matmul_fp32_GFLOPs']:.0f} GFLOP/s and copy {c['copy_GBps']:.1f} GB/s measured "
+                      f"in the same run; forward + backward; 'of roof' = max(FLOPs / matmul rate, min bytes / copy "
+                      f"bandwidth) / time (`{path}`, method in `benchmarks/roofline.py`).", "",
+                  "| op | shape | GFLOP | min MB | ms | GFLOP/s | GB/s | bound | of roof | vs baseline |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in roof["results"]:
+            vs = f"{r['speedup']:.2f}x {r['baseline']}" if r.get("speedup") else "—"
+            lines.append(f"| {r['op']} | {r['shape']} | {r['flops'] / 1e9:.3f} | {r['min_bytes'] / 1e6:.1f} | "
+                         f"{r['ms']:.1f} | {r['gflops_per_s']:.1f} | {r['gbytes_per_s']:.1f} | {r['bound']} | "
+                         f"{100 * r['fraction_of_roof']:.0f}% | {vs} |")
+    return lines
 
 
 def table() -> str:
@@ -97,7 +141,8 @@ def table() -> str:
              "|---|---|---|---|---|---|---|"]
     for issue, what, value, target, verdict, where, source in rows():
         lines.append(f"| {issue} | {what} | {value} | {target} | {verdict} | {where} | `{source}` |")
-    lines += ["", "Generated by `python benchmarks/report.py` from the JSON files named in the last column.", "",
+    lines += roofline_table()
+    lines += ["", "Generated by `python benchmarks/report.py` from the JSON files named in the tables.", "",
               END]
     return "\n".join(lines)
 

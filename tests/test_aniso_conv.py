@@ -61,6 +61,38 @@ def test_every_candidate_matches_aten_float64(case, layout):
             assert y.is_contiguous(memory_format=aniso_conv.output_format(x)), path
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if any(k > 1 for k in c[0])],
+                         ids=[i for c, i in zip(CASES, IDS) if any(k > 1 for k in c[0])])
+@pytest.mark.parametrize("chunks", [2, 3, 9])
+def test_shift_backward_in_tap_groups_matches_aten_float64(case, chunks):
+    # Large convolutions run the shift path's backward in groups of taps (grad_a accumulated in
+    # place, batch 1 and batch > 1 taking different in-place products); tiny test shapes would
+    # never reach the size threshold, so the grouping is forced here.
+    kernel, shape, co = case
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(co, shape[1], *kernel, dtype=torch.float64)
+    g = torch.randn((shape[0], co, *shape[2:]), dtype=torch.float64)
+    _, ref_ga, ref_gw = aten_pair(x, w, g)
+    ga, gw = aniso_conv._shift_backward(g, x, w, chunks=chunks)
+    assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
+    assert_close_normwise(gw, ref_gw, 1e-13, what="grad weight")
+
+
+def test_shift_backward_groups_taps_past_the_size_threshold(monkeypatch):
+    x = torch.randn(1, 4, 6, 5, 3, dtype=torch.float64)
+    w = torch.randn(3, 4, 3, 3, 1, dtype=torch.float64)
+    g = torch.randn(1, 3, 6, 5, 3, dtype=torch.float64)
+    added = []
+    real_addmm_ = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a: added.append(1) or real_addmm_(self, *a))
+    monkeypatch.setattr(aniso_conv, "SHIFT_CHUNK_BYTES", g.numel() * 8 * 3)  # three taps per group
+    ga, gw = aniso_conv._shift_backward(g, x, w)
+    _, ref_ga, ref_gw = aten_pair(x, w, g)
+    assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
+    assert_close_normwise(gw, ref_gw, 1e-13, what="grad weight")
+    assert len(added) == 2  # the first group of three taps allocates grad_a; the other two add into it
+
+
 def test_folded_is_a_candidate_for_contiguous_anisotropic_kernels():
     x = torch.randn(1, 4, 6, 5, 3)
     assert "folded" in aniso_conv.candidates(x, torch.randn(2, 4, 3, 3, 1), [1, 1, 1], [1, 1, 0])

@@ -222,16 +222,7 @@ def backward(path: str, grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Ten
              padding: Sequence[int]):
     """(grad_a, grad_weight)."""
     if path == "matmul":
-        w = weight.view(weight.shape[0], weight.shape[1])
-        m, cl = _as_matrix(a)
-        gm, _ = _as_matrix(grad_y.contiguous(memory_format=output_format(a)))
-        if cl:  # rows are positions: grad_a = g W, grad_w = g^T a
-            grad_a = torch.matmul(gm, w)
-            grad_w = gm[0].t() @ m[0] if m.shape[0] == 1 else torch.matmul(gm.transpose(1, 2), m).sum(0)
-        else:  # columns are positions: grad_a = W^T g, grad_w = g a^T
-            grad_a = _left_mm(w.t(), gm)
-            grad_w = gm[0] @ m[0].t() if m.shape[0] == 1 else torch.matmul(gm, m.transpose(1, 2)).sum(0)
-        return _from_matrix(grad_a, a, a.shape[1], cl), grad_w.view_as(weight)
+        return matmul_input_grad(grad_y, a, weight), matmul_weight_grad(grad_y, a, weight)
     if path == "shift":
         return _shift_backward(grad_y, a, weight)
     if path == "folded":
@@ -244,6 +235,29 @@ def backward(path: str, grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Ten
     grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_y, a, weight, None, list(stride), list(padding), [1] * nd, False, [0] * nd, 1, [True, True, False])
     return grad_a, grad_w
+
+
+def matmul_weight_grad(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The 1x1x1 convolution's weight gradient (path "matmul"): g a^T summed over the batch. Apart
+    from :func:`matmul_input_grad`, so that a caller that owns ``a`` can free it before the input
+    gradient is allocated (the dense block's backward does)."""
+    m, cl = _as_matrix(a)
+    gm, _ = _as_matrix(grad_y.contiguous(memory_format=output_format(a)))
+    if cl:  # rows are positions
+        grad_w = gm[0].t() @ m[0] if m.shape[0] == 1 else torch.matmul(gm.transpose(1, 2), m).sum(0)
+    else:  # columns are positions
+        grad_w = gm[0] @ m[0].t() if m.shape[0] == 1 else torch.matmul(gm, m.transpose(1, 2)).sum(0)
+    return grad_w.view_as(weight)
+
+
+def matmul_input_grad(grad_y: torch.Tensor, like: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The 1x1x1 convolution's input gradient (path "matmul"), shaped and laid out as ``like`` (the
+    input, or any tensor of its shape and layout)."""
+    w = weight.view(weight.shape[0], weight.shape[1])
+    cl = is_channels_last(like)
+    gm, _ = _as_matrix(grad_y.contiguous(memory_format=output_format(like)))
+    grad_a = torch.matmul(gm, w) if cl else _left_mm(w.t(), gm)
+    return _from_matrix(grad_a, like, like.shape[1], cl)
 
 
 def _as_matrix(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -299,30 +313,52 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor):
+SHIFT_CHUNK_BYTES = 16 << 20
+
+
+def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, chunks: int | None = None):
     n, ci = a.shape[:2]
     co, spatial = weight.shape[0], a.shape[2:]
     taps = _taps(weight)
     # stacked[t][q] = grad_y[q - offset_t] (zero outside), so grad_a = W_all^T stacked and
-    # grad_W_t = stacked_t a^T
-    stacked = grad_y.new_empty((n, len(taps), co, *spatial))
-    for t, offset in enumerate(taps):
-        dst, src = zip(*(_shifted(size, -o) for size, o in zip(spatial, offset)))
-        stacked[(slice(None), t, slice(None), *dst)] = grad_y[(slice(None), slice(None), *src)]
-        # zero only the strips the shifted copy did not reach (a full zero fill costs as much as the copy)
-        for axis, (size, o) in enumerate(zip(spatial, offset)):
-            if o:
-                edge = slice(0, o) if o > 0 else slice(size + o, size)
-                index = [slice(None)] * len(spatial)
-                index[axis] = edge
-                stacked[(slice(None), t, slice(None), *index)] = 0
-    g = stacked.view(n, len(taps) * co, -1)
+    # grad_W_t = stacked_t a^T. All taps at once, the stacked copy is taps x grad_y (9x for a 3x3x1
+    # kernel): the largest temporary of a dense layer's backward. Past SHIFT_CHUNK_BYTES the taps go
+    # in groups, grad_a accumulating in place (measured: as fast or faster at those sizes, the
+    # groups' GEMMs staying large; below it one group is faster).
+    if chunks is None:
+        stacked_bytes = grad_y.numel() * grad_y.element_size() * len(taps)
+        chunks = max(1, min(len(taps), -(-stacked_bytes // SHIFT_CHUNK_BYTES)))
     m = a.reshape(n, ci, -1)
     wall = _tap_matrix(weight)
-    grad_a = _left_mm(wall.t(), g).view(a.shape)
-    grad_wall = g[0] @ m[0].t() if n == 1 else torch.matmul(g, m.transpose(1, 2)).sum(0)
+    grad_wall = weight.new_empty((len(taps) * co, ci))
+    grad_a = None
+    per = -(-len(taps) // chunks)
+    for first in range(0, len(taps), per):
+        group = list(enumerate(taps))[first:first + per]
+        stacked = grad_y.new_empty((n, len(group), co, *spatial))
+        for j, (_, offset) in enumerate(group):
+            dst, src = zip(*(_shifted(size, -o) for size, o in zip(spatial, offset)))
+            stacked[(slice(None), j, slice(None), *dst)] = grad_y[(slice(None), slice(None), *src)]
+            # zero only the strips the shifted copy did not reach (a full zero fill costs as much as the copy)
+            for axis, (size, o) in enumerate(zip(spatial, offset)):
+                if o:
+                    edge = slice(0, o) if o > 0 else slice(size + o, size)
+                    index = [slice(None)] * len(spatial)
+                    index[axis] = edge
+                    stacked[(slice(None), j, slice(None), *index)] = 0
+        g = stacked.view(n, len(group) * co, -1)
+        rows = slice(first * co, (first + len(group)) * co)
+        w_t = wall[rows].t()
+        if grad_a is None:
+            grad_a = _left_mm(w_t, g)
+        elif n == 1:
+            grad_a[0].addmm_(w_t, g[0])
+        else:
+            grad_a.baddbmm_(w_t.expand(n, -1, -1), g)
+        grad_wall[rows] = g[0] @ m[0].t() if n == 1 else torch.matmul(g, m.transpose(1, 2)).sum(0)
+        del stacked, g
     grad_w = grad_wall.view(len(taps), co, ci).permute(1, 2, 0).contiguous().view(weight.shape)
-    return grad_a, grad_w
+    return grad_a.view(a.shape), grad_w
 
 
 def _fold(a: torch.Tensor, weight: torch.Tensor):

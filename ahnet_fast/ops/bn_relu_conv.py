@@ -91,26 +91,45 @@ class CppEngine:
         return y.contiguous(memory_format=output_format(x)), mean, var
 
     @staticmethod
-    def recompute(x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding):
+    def recompute(x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, keep_activation=True):
         """(the unit's output, its activation) from saved statistics: the dense block's backward
-        needs both, and passes the activation on to :meth:`backward` instead of recomputing it twice."""
+        needs both, and passes the activation on to :meth:`conv_backward` instead of recomputing it
+        (keep_activation=False: None, when holding it would cost more memory than recomputing it)."""
         a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
         y = aniso_conv.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
-        return y.contiguous(memory_format=output_format(x)), a
+        return y.contiguous(memory_format=output_format(x)), (a if keep_activation else None)
 
     @staticmethod
-    def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
-                 activation=None):
-        # the activation again, from the same statistics and the same arithmetic as forward
+    def conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, activation=None):
+        """(gradient of the activation, weight gradient); the activation is recomputed when not given,
+        from the same statistics and the same arithmetic as forward."""
+        owned = activation is None
         a = activation
-        if a is None:
+        if owned:
             a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
         path = aniso_conv.choose("backward", a, weight, stride, padding)
-        grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
-        del a
-        grad_x, grad_bw, grad_bb = torch.ops.ahnet_fast.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var,
-                                                                         use_batch_stats, eps)
-        return grad_x, grad_bw, grad_bb, grad_w.contiguous()  # the fake promises the weight's layout
+        if owned and path == "matmul":
+            # weight gradient first, then the activation is freed before its gradient is allocated
+            grad_w = aniso_conv.matmul_weight_grad(grad_y, a, weight)
+            like = torch.empty_like(a, device="meta")  # the activation's shape and layout, no storage
+            del a
+            grad_a = aniso_conv.matmul_input_grad(grad_y, like, weight)
+        else:
+            grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
+        return grad_a, grad_w.contiguous()  # the fake promises the weight's layout
+
+    @staticmethod
+    def bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
+        return torch.ops.ahnet_fast.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+
+    @classmethod
+    def backward(cls, grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
+                 activation=None):
+        grad_a, grad_w = cls.conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding,
+                                           activation)
+        del activation
+        grad_x, grad_bw, grad_bb = cls.bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+        return grad_x, grad_bw, grad_bb, grad_w
 
 
 class TritonEngine:
@@ -164,14 +183,13 @@ class TritonEngine:
         return y, mean, var
 
     @staticmethod
-    def recompute(x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding):
+    def recompute(x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, keep_activation=True):
         """(the unit's output, None): nothing to hand on, the activation is never written."""
         y, _, _ = TritonEngine.forward(x, bn_weight, bn_bias, mean, var, False, eps, weight, stride, padding)
         return y, None
 
     @staticmethod
-    def backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
-                 activation=None):
+    def conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, activation=None):
         from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
 
         scale, shift = TritonEngine._scale_shift(bn_weight, bn_bias, mean, var, eps)
@@ -185,10 +203,20 @@ class TritonEngine:
         else:
             a, _, _ = bn_kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
             grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
-            del a
-        grad_x, grad_bw, grad_bb = bn_kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var,
-                                                               use_batch_stats, eps)
-        return grad_x, grad_bw, grad_bb, grad_w.contiguous()
+        return grad_a, grad_w.contiguous()
+
+    @staticmethod
+    def bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
+        from ahnet_fast.kernels.triton import bn_relu as bn_kernels
+
+        return bn_kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+
+    @classmethod
+    def backward(cls, grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
+                 activation=None):
+        grad_a, grad_w = cls.conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding)
+        grad_x, grad_bw, grad_bb = cls.bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+        return grad_x, grad_bw, grad_bb, grad_w
 
 
 def _precision(x: torch.Tensor) -> str:

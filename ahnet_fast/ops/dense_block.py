@@ -181,36 +181,61 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
         channels.append(channels[-1] + units[3][2].shape[0])
     grad = grad_out.clone(memory_format=output_format(out))  # accumulated in place, layer by layer
     grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    # The order below frees each temporary as soon as it is used: the peak of the block's backward
+    # is the last layer's 1x1x1 unit over the widest prefix, where the normalised prefix, c1 and
+    # their gradients would otherwise all be alive at once. The normalised prefix is recomputed for
+    # that unit's backward (one BatchNorm+ReLU pass) rather than kept through the 3x3x1 unit's.
     for i in reversed(range(len(layers))):
         units = layers[i]
         a = inner[i]
         prefix = out[:, :channels[i]]
 
-        def recompute(t, u):
+        def args(u):
             bw, bb, cw = units[u]
-            return engine.recompute(t, bw, bb, stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1], eps, cw,
-                                    [1] * cw[0, 0].dim(), same_padding(cw))
+            return bw, bb, stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
 
-        def unit_backward(g, t, u, activation):
-            bw, bb, cw = units[u]
-            mean, var = stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
-            gx, gbw, gbb, gcw = engine.backward(g, t, bw, bb, mean, var, use_batch_stats, eps, cw,
-                                                [1] * cw[0, 0].dim(), same_padding(cw), activation)
+        def conv_grad(g, t, u, activation):
+            bw, bb, mean, var = args(u)
+            cw = units[u][2]
+            gt, gcw = engine.conv_backward(g, t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(),
+                                           same_padding(cw), activation)
+            grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw
+            return gt
+
+        def bn_grad(g, t, u):
+            bw, bb, mean, var = args(u)
+            gx, gbw, gbb = engine.bn_backward(g, t, bw, bb, mean, var, use_batch_stats, eps)
             base = PARAMS_PER_LAYER * i + 3 * u
-            grads_w[base], grads_w[base + 1], grads_w[base + 2] = gbw, gbb, gcw
+            grads_w[base], grads_w[base + 1] = gbw, gbb
             return gx
+
+        def recompute(t, u, keep_activation=True):
+            bw, bb, mean, var = args(u)
+            cw = units[u][2]
+            return engine.recompute(t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(), same_padding(cw),
+                                    keep_activation)
 
         b, act_a = recompute(a, 2)
         s = b.add_(a)
-        grad_s = unit_backward(grad[:, channels[i]:channels[i + 1]], s, 3, None)
-        del s, b
-        grad_a = unit_backward(grad_s, a, 2, act_a)
+        del b
+        g = conv_grad(grad[:, channels[i]:channels[i + 1]], s, 3, None)
+        grad_s = bn_grad(g, s, 3)
+        del g, s
+        g = conv_grad(grad_s, a, 2, act_a)
+        del act_a
+        grad_a = bn_grad(g, a, 2)
+        del g
         grad_a.add_(grad_s)
-        del act_a, grad_s
-        c1, act_prefix = recompute(prefix, 0)
-        grad_c1 = unit_backward(grad_a, c1, 1, None)
-        del c1, grad_a
-        grad[:, :channels[i]].add_(unit_backward(grad_c1, prefix, 0, act_prefix))
+        del grad_s
+        c1, _ = recompute(prefix, 0, keep_activation=False)
+        g = conv_grad(grad_a, c1, 1, None)
+        del grad_a
+        grad_c1 = bn_grad(g, c1, 1)
+        del g, c1
+        g = conv_grad(grad_c1, prefix, 0, None)
+        del grad_c1
+        grad[:, :channels[i]].add_(bn_grad(g, prefix, 0))
+        del g
     return grad[:, :channels0], grads_w
 
 

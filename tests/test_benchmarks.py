@@ -1,0 +1,51 @@
+"""The pytest-benchmark microbenchmarks (benchmarks/test_bench_*.py) stay runnable: each is run on
+tiny shapes with timing off, which still runs the check of every implementation's result against
+its reference that precedes the timing, and the roofline script runs end to end on tiny sizes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def test_every_op_has_a_microbenchmark():
+    ops = [f[:-3] for f in os.listdir(os.path.join(ROOT, "ahnet_fast", "ops"))
+           if f.endswith(".py") and not f.startswith("_")]
+    missing = [op for op in ops if not os.path.exists(os.path.join(BENCH, f"test_bench_{op}.py"))]
+    assert not missing, f"ops without a pytest-benchmark file in benchmarks/: {missing}"
+
+
+def test_microbenchmarks_run_and_check_their_results():
+    pytest.importorskip("pytest_benchmark")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          "-W", "ignore::pytest_benchmark.logger.PytestBenchmarkWarning", BENCH],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, AHNET_FAST_BENCH_SMOKE="1"), timeout=900)
+    tail = out.stdout[-3000:] + out.stderr[-2000:]
+    assert out.returncode == 0, tail
+    summary = out.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
+
+
+def test_roofline_script_measures_every_op_and_the_step(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "roofline.py"), "--smoke", "--repeats", "1",
+                          "--json", str(tmp_path / "roof.json"), "--out", str(tmp_path / "roof.md")],
+                         capture_output=True, text=True, cwd=BENCH, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "roof.json").read_text())
+    assert report["ceilings"]["copy_GBps"] > 0 and report["ceilings"]["matmul_fp32_GFLOPs"] > 0
+    by_op = {r["op"].split()[0]: r for r in report["results"]}
+    ops = {f[:-3] for f in os.listdir(os.path.join(ROOT, "ahnet_fast", "ops")) if f.endswith(".py") and f[0] != "_"}
+    assert ops <= set(by_op), f"ops missing from the roofline: {ops - set(by_op)}"
+    step = by_op["training"]
+    # convolutions and the step do FLOPs (FlopCounterMode over the reference path); BN/pooling/loss
+    # count none; every op moves bytes and its fraction of the roof is a fraction
+    assert by_op["aniso_conv"]["flops"] > 0 and by_op["dense_block"]["flops"] > 0 and step["flops"] > 0
+    assert by_op["bn_relu"]["flops"] == 0 and by_op["bn_relu"]["bound"] == "memory"
+    for r in report["results"]:
+        assert r["min_bytes"] > 0 and 0 < r["fraction_of_roof"] <= 1.5, r
+    assert "training step" in (tmp_path / "roof.md").read_text()
