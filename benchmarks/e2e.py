@@ -52,10 +52,13 @@ def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
     return net.to(device), loss, x.to(device), y.to(device)
 
 
-def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="none"):
+def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="none", layout="contiguous"):
     """In a fresh process: {"ms": [...], "peak_bytes": int, "first_loss": float} (repeats = 0: peak only)."""
     device = torch.device(device)
     net, loss_fn, x, y = _build(impl, size, out_channels, device, checkpoint=checkpoint)
+    if layout == "channels_last_3d":  # model and input, as a user would switch it
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
@@ -118,14 +121,18 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
     parser.add_argument("--checkpoint", nargs="+", default=["none"], choices=("none", "encoder", "decoder", "all"),
                         help="ahnet_fast's checkpoint policies to run (each its own rows)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also MONAI and ahnet_fast with model and input in channels_last_3d (rows '@channels_last_3d')")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: impl size mode repeats
     args = parser.parse_args()
     if args.one:
         impl, size, mode, repeats = args.one
-        print(json.dumps(run_one(impl.split(":")[0], tuple(json.loads(size)), mode, int(repeats), args.device, args.amp,
-                                 checkpoint=impl.split(":")[1] if ":" in impl else "none")))
+        name, _, layout = impl.partition("@")
+        print(json.dumps(run_one(name.split(":")[0], tuple(json.loads(size)), mode, int(repeats), args.device, args.amp,
+                                 checkpoint=name.split(":")[1] if ":" in name else "none",
+                                 layout=layout or "contiguous")))
         return
     if len(args.sizes) % 3:
         parser.error("--sizes takes H W D triples")
@@ -147,6 +154,8 @@ def main():
         for size in sizes:
             impls = ["MONAI"] + [f"ahnet_fast:{c}" if c != "none" else "ahnet_fast" for c in args.checkpoint
                                  if mode == "train" or c == "none"]
+            if args.channels_last:
+                impls += ["MONAI@channels_last_3d", "ahnet_fast@channels_last_3d"]
             res = {impl: {"ms": []} for impl in impls}
 
             def one(impl, repeats, environment):

@@ -176,10 +176,10 @@ def choices() -> dict[str, dict]:
 
 def save_choices(path: str) -> None:
     """Writes the choices as JSON (atomically: a temporary file, then a rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    from ahnet_fast._atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(_choices, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def load_choices(path: str) -> int:
