@@ -82,3 +82,20 @@ def assert_matches(ours, reference, what: str, rtol: float = 1e-4) -> None:
         err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
         if not torch.isfinite(err) or err > rtol:
             raise AssertionError(f"{what}[{i}]: relative error {float(err):.2e} > {rtol:.0e}")
+
+
+def run_info(device: str, name: str) -> dict:
+    """The header of every results JSON: what ran where (device name and type, torch and triton
+    versions, date, threads)."""
+    import datetime
+    import importlib.util
+
+    import torch
+
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    return dict(device=name, device_type=device, torch=torch.__version__, triton=triton_version,
+                date=str(datetime.date.today()), threads=torch.get_num_threads())

@@ -27,7 +27,7 @@ import sys
 import time
 
 import torch
-from _common import rss_bytes  # benchmarks/ is the script's folder, first on sys.path
+from _common import rss_bytes, run_info  # benchmarks/ is the script's folder, first on sys.path
 
 def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
     """(model, loss) of one implementation with the same initial weights and the same batch."""
@@ -193,17 +193,8 @@ def main():
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
     if args.json:
-        import importlib.util
-
-        triton_version = None
-        if importlib.util.find_spec("triton") is not None:
-            import triton
-
-            triton_version = triton.__version__
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, device_type=args.device, torch=torch.__version__, triton=triton_version,
-                           date=str(datetime.date.today()), amp=args.amp, threads=torch.get_num_threads(),
-                           results=records), f, indent=1)
+            json.dump(dict(run_info(args.device, name), amp=args.amp, results=records), f, indent=1)
 
 
 if __name__ == "__main__":

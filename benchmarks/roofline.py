@@ -31,7 +31,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from _common import finish_report, median_seconds, saved_bytes  # benchmarks/ is the script's folder
+from _common import finish_report, median_seconds, run_info, saved_bytes  # benchmarks/ is the script's folder
 
 import ahnet_fast
 from ahnet_fast.nn.ahnet import DenseBlock, PyramidVolumetricPooling
@@ -351,17 +351,8 @@ def main():
 def save(args, lines, name, device, roof, records):
     finish_report(lines, args.out)
     if args.json:
-        import importlib.util
-
-        triton_version = None
-        if importlib.util.find_spec("triton") is not None:
-            import triton
-
-            triton_version = triton.__version__
         with open(args.json, "w") as f:
-            json.dump(dict(device=name, device_type=device.type, torch=torch.__version__, triton=triton_version,
-                           date=str(datetime.date.today()), threads=torch.get_num_threads(), ceilings=roof,
-                           results=records), f, indent=1)
+            json.dump(dict(run_info(device.type, name), ceilings=roof, results=records), f, indent=1)
 
 
 if __name__ == "__main__":
