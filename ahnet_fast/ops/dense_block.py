@@ -181,10 +181,11 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
         channels.append(channels[-1] + units[3][2].shape[0])
     grad = grad_out.clone(memory_format=output_format(out))  # accumulated in place, layer by layer
     grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
-    # The order below frees each temporary as soon as it is used: the peak of the block's backward
-    # is the last layer's 1x1x1 unit over the widest prefix, where the normalised prefix, c1 and
-    # their gradients would otherwise all be alive at once. The normalised prefix is recomputed for
-    # that unit's backward (one BatchNorm+ReLU pass) rather than kept through the 3x3x1 unit's.
+    # The order below frees each temporary as soon as it is used. Held longer, the last layer's
+    # normalised prefix, c1, c1's activation and their gradients were alive together with the 3x3x1
+    # unit's shifted gradient copies (aniso_conv._shift_backward): that was the block's peak. So
+    # the normalised prefix is recomputed for the first unit's backward (one BatchNorm+ReLU pass)
+    # rather than kept through the 3x3x1 unit's, and each gradient is dropped once consumed.
     for i in reversed(range(len(layers))):
         units = layers[i]
         a = inner[i]
