@@ -334,9 +334,9 @@ def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     grad_a = None
     per = -(-len(taps) // chunks)
     for first in range(0, len(taps), per):
-        group = list(enumerate(taps))[first:first + per]
+        group = taps[first:first + per]
         stacked = grad_y.new_empty((n, len(group), co, *spatial))
-        for j, (_, offset) in enumerate(group):
+        for j, offset in enumerate(group):
             dst, src = zip(*(_shifted(size, -o) for size, o in zip(spatial, offset)))
             stacked[(slice(None), j, slice(None), *dst)] = grad_y[(slice(None), slice(None), *src)]
             # zero only the strips the shifted copy did not reach (a full zero fill costs as much as the copy)

@@ -79,7 +79,21 @@ def _check(x, running_mean, running_var, bn_weight, bn_bias, training, weight, s
 # Engines: how one backend computes the unit's forward and backward. The dense block composes them.
 
 
-class CppEngine:
+class _Engine:
+    """What an engine's unit backward is, whichever engine: the convolution's gradients (its
+    ``conv_backward``), then the BatchNorm+ReLU's (its ``bn_backward``). The dense block calls the
+    two halves itself, to free temporaries between them."""
+
+    @classmethod
+    def backward(cls, grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
+                 activation=None):
+        grad_a, grad_w = cls.conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding,
+                                           activation)
+        grad_x, grad_bw, grad_bb = cls.bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+        return grad_x, grad_bw, grad_bb, grad_w
+
+
+class CppEngine(_Engine):
     """C++ BatchNorm+ReLU and a convolution path of :mod:`ahnet_fast.ops.aniso_conv` chosen per shape;
     the activation is a temporary in both passes."""
 
@@ -122,17 +136,8 @@ class CppEngine:
     def bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
         return torch.ops.ahnet_fast.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
 
-    @classmethod
-    def backward(cls, grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
-                 activation=None):
-        grad_a, grad_w = cls.conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding,
-                                           activation)
-        del activation
-        grad_x, grad_bw, grad_bb = cls.bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
-        return grad_x, grad_bw, grad_bb, grad_w
 
-
-class TritonEngine:
+class TritonEngine(_Engine):
     """Triton: statistics pass, then (path "triton") a convolution that normalises while it loads,
     nothing written between; in backward the convolution's input gradient, then the BatchNorm+ReLU
     backward, with the weight gradient recomputing the activation on load. Where measuring shows
@@ -210,13 +215,6 @@ class TritonEngine:
         from ahnet_fast.kernels.triton import bn_relu as bn_kernels
 
         return bn_kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
-
-    @classmethod
-    def backward(cls, grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
-                 activation=None):
-        grad_a, grad_w = cls.conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding)
-        grad_x, grad_bw, grad_bb = cls.bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
-        return grad_x, grad_bw, grad_bb, grad_w
 
 
 def _precision(x: torch.Tensor) -> str:
