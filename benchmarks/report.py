@@ -37,10 +37,11 @@ def rows():
     e2e, e2e_path = _latest("e2e_cpu_*.json")
     if e2e:
         where = f"{e2e['date']}, {e2e['device']} ({e2e['threads']} threads), torch {e2e['torch']}"
+        runs = {(r["mode"], tuple(r["shape"]), r["impl"]): r for r in e2e["results"]}
         # the issues' targets are stated at 1x1x128x128x32; the other sizes get rows of their own below
-        by = {(r["mode"], r["impl"]): r for r in e2e["results"] if tuple(r["shape"]) == (1, 1, 128, 128, 32)}
-        monai = by.get(("train", "MONAI"))
-        ours = by.get(("train", "ahnet_fast"))
+        target_shape = (1, 1, 128, 128, 32)
+        monai = runs.get(("train", target_shape, "MONAI"))
+        ours = runs.get(("train", target_shape, "ahnet_fast"))
         if monai and ours:
             speed = monai["median_ms"] / ours["median_ms"]
             peak = ours["peak_bytes"] / monai["peak_bytes"]
@@ -48,27 +49,25 @@ def rows():
                         _verdict(speed, 1.5, True), where, e2e_path))
             out.append(("5, 6", "CPU training step peak memory vs MONAI (default)", f"{peak:.2f}x", "≤ 0.6x",
                         _verdict(peak, 0.6, False), where, e2e_path))
-        full = by.get(("train", "ahnet_fast:all"))
+        full = runs.get(("train", target_shape, "ahnet_fast:all"))
         if monai and full:
             peak = full["peak_bytes"] / monai["peak_bytes"]
             out.append(("6", "CPU training step peak memory vs MONAI, checkpoint=\"all\"", f"{peak:.2f}x", "≤ 0.2x",
                         _verdict(peak, 0.2, False), where, e2e_path))
-        sizes = sorted({tuple(r["shape"]) for r in e2e["results"]}, key=lambda t: t[2] * t[3] * t[4])
+        sizes = sorted({shape for _, shape, _ in runs}, key=lambda t: t[2] * t[3] * t[4])
         for shape in sizes:
-            pair = {r["impl"]: r for r in e2e["results"] if r["mode"] == "train" and tuple(r["shape"]) == shape}
-            if "ahnet_fast@channels_last_3d" in pair and "ahnet_fast" in pair:
-                speed = pair["ahnet_fast"]["median_ms"] / pair["ahnet_fast@channels_last_3d"]["median_ms"]
+            contiguous = runs.get(("train", shape, "ahnet_fast"))
+            channels_last = runs.get(("train", shape, "ahnet_fast@channels_last_3d"))
+            if contiguous and channels_last:
+                speed = contiguous["median_ms"] / channels_last["median_ms"]
                 out.append(("6", f"CPU training step {'x'.join(map(str, shape))}: channels_last_3d (model and input) "
                                  "vs contiguous, ahnet_fast", f"{speed:.2f}x speed",
                             "used where faster", "contiguous stays the default" if speed < 1 else "faster", where,
                             e2e_path))
         for mode in ("train", "infer"):
             for shape in sizes:
-                mi = next((r for r in e2e["results"] if r["mode"] == mode and tuple(r["shape"]) == shape
-                           and r["impl"] == "MONAI"), None)
-                oi = next((r for r in e2e["results"] if r["mode"] == mode and tuple(r["shape"]) == shape
-                           and r["impl"] == "ahnet_fast"), None)
-                if mi and oi and (mode, shape) != ("train", (1, 1, 128, 128, 32)):
+                mi, oi = runs.get((mode, shape, "MONAI")), runs.get((mode, shape, "ahnet_fast"))
+                if mi and oi and (mode, shape) != ("train", target_shape):
                     out.append(("8", f"CPU {'training step' if mode == 'train' else 'inference'} "
                                      f"{'x'.join(map(str, shape))}: speed / peak memory vs MONAI",
                                 f"{mi['median_ms'] / oi['median_ms']:.2f}x / {oi['peak_bytes'] / mi['peak_bytes']:.2f}x",
