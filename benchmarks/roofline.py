@@ -111,7 +111,7 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
     bw, bb = (randn(c).abs() + 0.5).requires_grad_(), randn(c).requires_grad_()
     gy = randn(1, c, *s)
 
-    def bn(backend, x=x, bw=bw, bb=bb):
+    def bn(backend, bw=bw, bb=bb):
         return lambda t: batch_norm_relu(t, torch.zeros(c, device=device), torch.ones(c, device=device), bw, bb,
                                          True, 0.1, 1e-5, backend=backend)
 
@@ -152,10 +152,10 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
     gy = randn(1, cin + 60, *s)
     params = list(block.parameters())
 
-    def with_backend(m, backend):
+    def with_backend(m, backend, **kwargs):
         def run(t):
             m.backend = backend
-            return m(t)
+            return m(t, **kwargs)
         return run
 
     baseline, baseline_name = None, "—"
@@ -180,12 +180,6 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
     gy = randn(1, cp + 4, *ps)
     params = list(psp.parameters())
 
-    def psp_run(backend):
-        def run(t):
-            psp.backend = backend
-            return psp(t, concat_input=True)
-        return run
-
     baseline, baseline_name = None, "—"
     try:
         from monai.networks.nets.ahnet import PSP
@@ -197,8 +191,8 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
     except ImportError:
         pass
     cases.append(dict(op="pyramid_pool", shape=f"{cp}->{cp + 4} @{'x'.join(map(str, ps))}",
-                      run=_fwd_bwd(psp_run(fused_backend), x, gy, params),
-                      reference=_fwd_bwd(psp_run("reference"), x, gy, params), baseline=baseline,
+                      run=_fwd_bwd(with_backend(psp, fused_backend, concat_input=True), x, gy, params),
+                      reference=_fwd_bwd(with_backend(psp, "reference", concat_input=True), x, gy, params), baseline=baseline,
                       baseline_name=baseline_name, min_bytes=nbytes(x, gy) + nbytes(gy, x, x)))
 
     # focal loss over the logits of a 128x128x32 input; slice pooling of conv1's output

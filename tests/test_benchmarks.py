@@ -12,10 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
 
+def _ops() -> set[str]:
+    """The op modules of ahnet_fast/ops/ (one per op, by the project's layout)."""
+    return {f[:-3] for f in os.listdir(os.path.join(ROOT, "ahnet_fast", "ops")) if f.endswith(".py") and f[0] != "_"}
+
+
 def test_every_op_has_a_microbenchmark():
-    ops = [f[:-3] for f in os.listdir(os.path.join(ROOT, "ahnet_fast", "ops"))
-           if f.endswith(".py") and not f.startswith("_")]
-    missing = [op for op in ops if not os.path.exists(os.path.join(BENCH, f"test_bench_{op}.py"))]
+    missing = [op for op in sorted(_ops()) if not os.path.exists(os.path.join(BENCH, f"test_bench_{op}.py"))]
     assert not missing, f"ops without a pytest-benchmark file in benchmarks/: {missing}"
 
 
@@ -39,8 +42,7 @@ def test_roofline_script_measures_every_op_and_the_step(tmp_path):
     report = json.loads((tmp_path / "roof.json").read_text())
     assert report["ceilings"]["copy_GBps"] > 0 and report["ceilings"]["matmul_fp32_GFLOPs"] > 0
     by_op = {r["op"].split()[0]: r for r in report["results"]}
-    ops = {f[:-3] for f in os.listdir(os.path.join(ROOT, "ahnet_fast", "ops")) if f.endswith(".py") and f[0] != "_"}
-    assert ops <= set(by_op), f"ops missing from the roofline: {ops - set(by_op)}"
+    assert _ops() <= set(by_op), f"ops missing from the roofline: {_ops() - set(by_op)}"
     step = by_op["training"]
     # convolutions and the step do FLOPs (FlopCounterMode over the reference path); BN/pooling/loss
     # count none; every op moves bytes and its fraction of the roof is a fraction
