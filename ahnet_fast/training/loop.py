@@ -71,8 +71,9 @@ def load_datasets(cfg: TrainConfig, *, progress: bool = True):
 
 def _check_resume(saved: dict, cfg: TrainConfig, path: Path) -> None:
     diffs = []
+    now = cfg.to_dict()
     for key in RESUME_INVARIANTS:
-        a, b = saved.get(key), cfg.to_dict().get(key)
+        a, b = saved.get(key), now.get(key)
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
     if diffs:
