@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from _common import assert_matches, smoke
 
-from ahnet_fast.ops.slice_pool import slice_max_pool
+from ahnet_fast.ops.slice_pool import _SliceMaxPool, slice_max_pool
 
 pytest.importorskip("pytest_benchmark")
 
@@ -22,17 +22,24 @@ if smoke():
     CASES = {k: (1, 3, 5, 4, 6) for k in CASES}
 
 
-@pytest.mark.parametrize("impl", ["torch", "fused"])
+@pytest.mark.parametrize("impl", ["torch", "fused", "composed"])
+@pytest.mark.parametrize("layout", ["contiguous", "slice_major"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_slice_pool_forward_backward(benchmark, case, impl):
+def test_slice_pool_forward_backward(benchmark, case, layout, impl):
+    """fused = the op (the compiled kernel on CPU), composed = its torch-op fallback (CUDA);
+    slice_major = conv1's output as the slice-folded stem convolution leaves it."""
     shape = CASES[case]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g).requires_grad_()
+    x = torch.randn(shape, generator=g)
+    if layout == "slice_major":
+        x = x.movedim(-1, 1).contiguous().movedim(1, -1)
+    x.requires_grad_()
     grad = torch.randn((*shape[:-1], shape[-1] // 2), generator=g)
 
     def run(which):
         x.grad = None
-        y = F.max_pool3d(x, (1, 1, 2), (1, 1, 2)) if which == "torch" else slice_max_pool(x, 2)
+        y = F.max_pool3d(x, (1, 1, 2), (1, 1, 2)) if which == "torch" else slice_max_pool(x, 2) \
+            if which == "fused" else _SliceMaxPool.apply(x, 2)
         y.backward(grad)
         return y.detach(), x.grad
 

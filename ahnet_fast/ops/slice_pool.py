@@ -11,11 +11,21 @@ input's bytes for fp32 and k = 2), and routes the gradient from it.
 Ties and NaN follow ``F.max_pool3d`` on CPU and CUDA: the first maximum in the window wins, and a
 NaN wins over any number (the last NaN if several). Windows that would run past the end are dropped
 (floor mode), as in ``nn.MaxPool3d(ceil_mode=False)``. A window of 1 is the identity.
+
+Implementations: the compiled CPU kernel ``ahnet_fast::slice_max_pool`` (csrc/cpu/slice_pool.cpp:
+one pass each way, any dense input strides, so it also takes the stem's slice-folded convolution
+output, whose slice axis is outermost, and writes a contiguous result without a separate
+transposition); elsewhere (CUDA, or no extension) the same arithmetic composed of torch ops; the
+reference ``F.max_pool3d`` only when the ``reference`` backend is requested.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ahnet_fast import backends
+from ahnet_fast._extension import extension_available
+from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, register_compiled_pair
 
 __all__ = ["slice_max_pool", "slice_max_pool_reference"]
 
@@ -78,10 +88,83 @@ def _channels_last(x):
     return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
 
 
-def slice_max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+def _cpp_reasons(x, *_):
+    reasons = cpp_kernel_reasons("slice_max_pool", x.device) + dtype_reasons(x.dtype)
+    if not _dense(x):
+        reasons.append("the input has overlapping or non-dense strides")
+    return reasons
+
+
+def _dense(x):
+    """Every element at its own offset, no gaps: some permutation of the axes is contiguous."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+IMPLEMENTATIONS = (
+    backends.Implementation("reference", lambda *a: []),
+    backends.Implementation("cpp", _cpp_reasons),
+)
+
+
+def slice_max_pool(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
     """``max_pool3d(x, (1, 1, k), (1, 1, k))`` (2D: ``max_pool2d(x, (1, k), (1, k))``), keeping a uint8
-    window position per output for backward instead of the input and int64 indices."""
+    window position per output for backward instead of the input and int64 indices.
+
+    Backends: ``reference`` (forced) is ``F.max_pool3d``; otherwise the compiled kernel where it can
+    run, else the torch composition (CUDA has no compiled kernel and no Triton one: the composition
+    is a few elementwise passes, so a forced ``triton`` or ``cpp`` falls back to it rather than
+    failing inside a model)."""
     _check(x, k)
     if k == 1:
         return x
+    wanted = backends.requested_backend(backend)
+    if wanted == "reference":
+        return slice_max_pool_reference(x, k)
+    if extension_available() and not _cpp_reasons(x):
+        return torch.ops.ahnet_fast.slice_max_pool(x, k)[0]
     return _SliceMaxPool.apply(x, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (shape) functions and autograd of the compiled op, registered when the extension loads.
+
+
+def _out_format(x):
+    if not _channels_last(x):
+        return torch.contiguous_format
+    return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+
+
+def _forward_fake(x, k):
+    size = (*x.shape[:-1], x.shape[-1] // k)
+    fmt = _out_format(x)
+    return (torch.empty(size, dtype=x.dtype, device=x.device, memory_format=fmt),
+            torch.empty(size, dtype=torch.uint8, device=x.device, memory_format=fmt))
+
+
+def _backward_fake(grad, position, k, size, stride):
+    return torch.empty_strided(size, stride, dtype=grad.dtype, device=grad.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, k = inputs
+    ctx.save_for_backward(output[1])
+    ctx.k, ctx.size, ctx.stride = k, tuple(x.shape), tuple(x.stride())
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad, _grad_position):
+        (position,) = ctx.saved_tensors
+        return backward_op(grad, position, ctx.k, ctx.size, ctx.stride), None
+
+    return backward
+
+
+if extension_available():
+    register_compiled_pair("slice_max_pool", "slice_max_pool_backward", _forward_fake, _backward_fake,
+                           _make_backward, _setup_context)
