@@ -101,6 +101,82 @@ def test_folded_is_a_candidate_for_contiguous_anisotropic_kernels():
     assert aniso_conv.candidates(x, torch.randn(2, 4, 3, 3, 1), [2, 2, 1], [1, 1, 0]) == ["aten"]
 
 
+# (weight shape, input shape, stride, padding): the stem's conv1 (smaller), batch > 1, two input
+# channels, no slice padding, a 5-deep kernel with odd sizes
+SLICE_FOLD_CASES = [
+    ((6, 1, 7, 7, 3), (1, 1, 13, 10, 5), (2, 2, 1), (3, 3, 1)),
+    ((4, 1, 7, 7, 3), (2, 1, 9, 8, 4), (2, 2, 1), (3, 3, 1)),
+    ((3, 2, 3, 5, 3), (1, 2, 7, 9, 6), (1, 2, 1), (1, 0, 1)),
+    ((5, 1, 3, 3, 3), (1, 1, 6, 5, 4), (1, 1, 1), (1, 1, 0)),
+    ((2, 3, 3, 3, 5), (2, 3, 5, 7, 9), (2, 1, 1), (0, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("case", SLICE_FOLD_CASES, ids=["stem", "stem-n2", "ci2", "no-slice-pad", "kd5"])
+def test_slice_fold_matches_aten_float64(case):
+    wshape, shape, stride, pad = case
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(wshape, dtype=torch.float64)
+    b = torch.randn(wshape[0], dtype=torch.float64)
+    assert "slice_fold" in aniso_conv.candidates(x, w, stride, pad)
+    ref_y = A.convolution(x, w, None, list(stride), list(pad), [1, 1, 1], False, [0, 0, 0], 1)
+    g = torch.randn(ref_y.shape, dtype=torch.float64)
+    ref_ga, ref_gw, _ = A.convolution_backward(g, x, w, None, list(stride), list(pad), [1, 1, 1], False, [0, 0, 0],
+                                               1, [True, True, False])
+    assert_close_normwise(aniso_conv.forward("slice_fold", x, w, stride, pad), ref_y, 1e-13, what="y")
+    ga, gw = aniso_conv.backward("slice_fold", g, x, w, stride, pad)
+    assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
+    assert_close_normwise(gw, ref_gw, 1e-13, what="grad weight")
+    # the differentiable entry the stem uses: slice axis outermost in memory, bias, gradcheck
+    with aniso_conv.use_path("slice_fold"):
+        y = aniso_conv.conv3d(x, w, b, stride, pad)
+        assert_close_normwise(y, torch.nn.functional.conv3d(x, w, b, stride, pad), 1e-13, what="conv3d")
+        assert y.stride(4) > y.stride(1)  # slice axis outside the channels
+        assert torch.autograd.gradcheck(lambda *t: aniso_conv.conv3d(t[0], t[1], t[2], stride, pad),
+                                        (x[..., :4].clone().requires_grad_(), w.clone().requires_grad_(),
+                                         b.clone().requires_grad_()))
+
+
+def test_slice_fold_candidates_and_rule(fresh_choices):
+    aniso_conv.set_tuning(False)
+    x = torch.randn(1, 1, 16, 16, 6)
+    stem = torch.randn(8, 1, 7, 7, 3)
+    assert aniso_conv.choose("forward", x, stem, [2, 2, 1], [3, 3, 1]) == "slice_fold"
+    assert "slice_fold" not in aniso_conv.candidates(x, stem, [2, 2, 2], [3, 3, 1])  # strided slices
+    assert "slice_fold" not in aniso_conv.candidates(x, torch.randn(8, 1, 3, 3, 1), [1, 1, 1], [1, 1, 0])
+    wide = torch.randn(1, 6, 16, 16, 6)  # 6 channels x 3 taps > SLICE_FOLD_MAX_CHANNELS
+    assert "slice_fold" not in aniso_conv.candidates(wide, torch.randn(8, 6, 7, 7, 3), [2, 2, 1], [3, 3, 1])
+    with aniso_conv.use_path("aten"):  # forcing aten keeps conv3d's own output layout
+        assert aniso_conv.conv3d(x, stem, None, [2, 2, 1], [3, 3, 1]).is_contiguous()
+
+
+def test_slice_fold_output_feeds_slice_pooling_in_place():
+    """The stem: the folded convolution's output (slice axis outermost) pooled over slice pairs by
+    the compiled kernel straight into a contiguous map, as conv3d + max_pool3d would give."""
+    from ahnet_fast.ops.slice_pool import slice_max_pool
+
+    x = torch.randn(1, 1, 20, 18, 8, dtype=torch.float64)
+    w = torch.randn(6, 1, 7, 7, 3, dtype=torch.float64, requires_grad=True)
+    with aniso_conv.use_path("slice_fold"):
+        y = aniso_conv.conv3d(x, w, None, [2, 2, 1], [3, 3, 1])
+    assert not y.is_contiguous() and y.stride(4) == max(y.stride()[1:])
+    pooled = slice_max_pool(y, 2)
+    assert pooled.is_contiguous()
+    ref = torch.nn.functional.max_pool3d(torch.nn.functional.conv3d(x, w, None, [2, 2, 1], [3, 3, 1]), (1, 1, 2))
+    assert_close_normwise(pooled, ref, 1e-13)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    assert_close_normwise(torch.autograd.grad(pooled, w, g)[0], torch.autograd.grad(ref, w, g)[0], 1e-13)
+
+
+def test_slice_fold_compiles_without_graph_breaks():
+    x = torch.randn(1, 1, 16, 16, 6)
+    w = torch.randn(4, 1, 7, 7, 3, requires_grad=True)
+    fn = lambda t: aniso_conv.conv3d(t, w, None, [2, 2, 1], [3, 3, 1]).sum()  # noqa: E731
+    assert torch._dynamo.explain(fn)(x).graph_break_count == 0
+    assert_close_normwise(torch.compile(fn, backend="aot_eager")(x),
+                          torch.nn.functional.conv3d(x, w, None, [2, 2, 1], [3, 3, 1]).sum(), 1e-5)
+
+
 @pytest.fixture
 def fresh_choices():
     saved = aniso_conv.choices()

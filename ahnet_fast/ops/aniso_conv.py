@@ -17,6 +17,14 @@ block) call :func:`forward` / :func:`backward` here with the path :func:`choose`
   the slice axis folded away (k x k x 1 as a (k, k) convolution dilated by D along W*D; 1 x 1 x k
   as (1, k) on (H*W, D)), no copy. Measured slower than ``aten`` on CPU at AH-Net's large maps;
   a candidate on CUDA, where cuDNN's 2D kernels are the most tuned.
+- ``slice_fold`` (a kernel k x k x kd over few input channels, slice stride 1: AH-Net's stem, conv1
+  7x7x3 on the image): the kd slice taps folded into input channels, a 2D convolution over the
+  slices as a batch, (N * Do, Ci * kd, H, W) -> (N * Do, Co, Ho, Wo), the paper's own view of conv1
+  (three adjacent slices as the three channels of a 2D network). The folded input is kd times the
+  input (small: Ci * kd <= 16); the result is returned as the 3D output viewed on that memory (slice
+  axis outermost), which the stem's slice pooling reads directly. On CPU PyTorch sends this conv3d
+  to its unfold-based slow path (oneDNN declines one input channel); the fold runs oneDNN's 2D
+  kernels: 2.4x forward + backward at a 128x128x32 input (benchmarks/results/aniso_conv_cpu.md).
 - ``triton`` (CUDA): the Triton kernel with the BatchNorm+ReLU on its operand load
   (:class:`ahnet_fast.ops.bn_relu_conv.TritonEngine`); chosen by the engine, not run here.
 
@@ -39,10 +47,13 @@ import torch
 
 from ahnet_fast._layout import is_channels_last
 
-__all__ = ["PATHS", "candidates", "forward", "backward", "choose", "choices", "save_choices", "load_choices",
+__all__ = ["PATHS", "candidates", "conv3d", "forward", "backward", "choose", "slice_fold_forward", "choices", "save_choices", "load_choices",
            "set_tuning", "use_path"]
 
-PATHS = ("aten", "matmul", "shift", "folded", "triton")
+PATHS = ("aten", "matmul", "shift", "folded", "slice_fold", "triton")
+
+# The fold copies the input kd times: a candidate only while that stays small.
+SLICE_FOLD_MAX_CHANNELS = 16
 
 _choices: dict[str, dict] = {}
 _tuning: bool | None = None
@@ -61,6 +72,11 @@ def use_path(path: str | None):
         yield
     finally:
         _forced = previous
+
+
+def forced_path() -> str | None:
+    """The path forced by the innermost :func:`use_path` block, or None."""
+    return _forced
 
 
 def set_tuning(enabled: bool | None) -> None:
@@ -96,13 +112,22 @@ def candidates(a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pad
     if unit_stride and a.dim() == 5 and a.is_contiguous() and _same_size(weight, padding) and \
             (kernel[2] == 1 or kernel[:2] == (1, 1)) and any(k > 1 for k in kernel):
         out.append("folded")
+    if _slice_foldable(a, weight, stride, padding):
+        out.append("slice_fold")
     return out
+
+
+def _slice_foldable(a, weight, stride, padding) -> bool:
+    return a.dim() == 5 and weight.dim() == 5 and weight.shape[4] > 1 and stride[2] == 1 and \
+        0 <= padding[2] < weight.shape[4] and a.shape[1] * weight.shape[4] <= SLICE_FOLD_MAX_CHANNELS
 
 
 def _rule(direction: str, a: torch.Tensor, weight: torch.Tensor, paths: list[str]) -> str:
     """The static choice, from the CPU measurements (benchmarks/results/aniso_conv_cpu.md)."""
     if a.device.type != "cpu":
         return "aten"
+    if "slice_fold" in paths:
+        return "slice_fold"
     if "matmul" in paths:
         return "matmul"
     if "shift" in paths:
@@ -203,6 +228,8 @@ def clear_choices() -> None:
 
 
 def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]):
+    if path == "slice_fold":
+        return slice_fold_forward(a, weight, None, stride, padding).contiguous(memory_format=output_format(a))
     if path == "matmul":
         w = weight.view(weight.shape[0], weight.shape[1])
         m, cl = _as_matrix(a)
@@ -221,6 +248,8 @@ def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[i
 def backward(path: str, grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
              padding: Sequence[int]):
     """(grad_a, grad_weight)."""
+    if path == "slice_fold":
+        return _slice_fold_backward(grad_y, a, weight, stride, padding)
     if path == "matmul":
         return matmul_input_grad(grad_y, a, weight), matmul_weight_grad(grad_y, a, weight)
     if path == "shift":
@@ -369,3 +398,76 @@ def _fold(a: torch.Tensor, weight: torch.Tensor):
         return a.view(n, c, h, w * d), weight.view(*weight.shape[:2], kh, kw), [(kh - 1) // 2, (kw - 1) // 2 * d], \
             [1, d]
     return a.view(n, c, h * w, d), weight.view(*weight.shape[:2], 1, kd), [0, (kd - 1) // 2], [1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# slice_fold: the slice taps as input channels of a 2D convolution over the slices
+
+
+def _fold_slices(a: torch.Tensor, kd: int, pd: int) -> torch.Tensor:
+    """(N, Ci, H, W, D) -> (N * Do, Ci * kd, H, W): channel (c, t) of slice z is a[..., z + t - pd]
+    (zero outside). One copy of kd x the input."""
+    n, c, h, w, d = a.shape
+    padded = torch.nn.functional.pad(a, (pd, pd)) if pd else a
+    windows = padded.unfold(-1, kd, 1)  # (N, Ci, H, W, Do, kd)
+    d_out = windows.shape[4]
+    # contiguous, not a view: with N = 1 reshape could return an overlapping view, which oneDNN would
+    # read as channels-last and answer with a channels-last output
+    return windows.permute(0, 4, 1, 5, 2, 3).contiguous().view(n * d_out, c * kd, h, w)
+
+
+def _fold_weight(weight: torch.Tensor) -> torch.Tensor:
+    co, ci, kh, kw, kd = weight.shape
+    # contiguous for the same reason as _fold_slices: a channels-last-strided weight view (Ci = 1)
+    # makes the convolution answer channels-last
+    return weight.permute(0, 1, 4, 2, 3).contiguous().view(co, ci * kd, kh, kw)
+
+
+def slice_fold_forward(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                       padding: Sequence[int]) -> torch.Tensor:
+    """conv3d(a, weight, bias, stride, padding) by path ``slice_fold``, differentiable (autograd
+    through torch ops). The result is (N, Co, Ho, Wo, Do) viewed on (N, Do, Co, Ho, Wo) memory: the
+    slice axis outermost, as the 2D convolution wrote it (call ``.contiguous()`` for the standard
+    layout; the stem's slice pooling reads this one directly)."""
+    n = a.shape[0]
+    kd = weight.shape[4]
+    folded = _fold_slices(a, kd, padding[2])
+    y = torch.nn.functional.conv2d(folded, _fold_weight(weight), bias, tuple(stride[:2]), tuple(padding[:2]))
+    return y.unflatten(0, (n, -1)).permute(0, 2, 3, 4, 1)
+
+
+def _slice_fold_backward(grad_y, a, weight, stride, padding):
+    n, ci, h, w, d = a.shape
+    co, _, kh, kw, kd = weight.shape
+    pd = padding[2]
+    folded = _fold_slices(a, kd, pd)
+    g2 = grad_y.permute(0, 4, 1, 2, 3).reshape(-1, co, *grad_y.shape[2:4])
+    grad_f, grad_wf, _ = torch.ops.aten.convolution_backward(
+        g2, folded, _fold_weight(weight), None, list(stride[:2]), list(padding[:2]), [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    grad_w = grad_wf.view(co, ci, kd, kh, kw).permute(0, 1, 3, 4, 2).contiguous()
+    # grad_f (N * Do, Ci * kd, H, W): tap t of output slice z came from padded slice z + t
+    taps = grad_f.view(n, -1, ci, kd, h, w)
+    d_out = taps.shape[1]
+    grad_padded = a.new_zeros((n, ci, h, w, d + 2 * pd))
+    for t in range(kd):
+        grad_padded[..., t:t + d_out] += taps[:, :, :, t].permute(0, 2, 3, 4, 1)
+    grad_a = grad_padded[..., pd:pd + d] if pd else grad_padded
+    return grad_a.contiguous(memory_format=output_format(a)), grad_w
+
+
+def conv3d(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+           padding: Sequence[int]) -> torch.Tensor:
+    """A plain (not BatchNorm-fused) 3D convolution, zero padding, dilation 1, groups 1, by the path
+    :func:`choose` picks among ``aten`` and ``slice_fold`` (the stem's conv1), differentiable.
+    A ``slice_fold`` result has its slice axis outermost in memory (see :func:`slice_fold_forward`)."""
+    stride, padding = list(stride), list(padding)
+    if _slice_foldable(a, weight, stride, padding):
+        if torch.compiler.is_compiling():  # no recording while tracing: the rule (or a forced path)
+            path = _forced if _forced in ("aten", "slice_fold") else _rule(
+                "forward", a, weight, candidates(a, weight, stride, padding))
+        else:
+            path = choose("forward", a, weight, stride, padding)
+        if path == "slice_fold":
+            return slice_fold_forward(a, weight, bias, stride, padding)
+    return torch.nn.functional.conv3d(a, weight, bias, stride, padding)
