@@ -37,6 +37,7 @@ import ahnet_fast
 from ahnet_fast.nn.ahnet import DenseBlock, PyramidVolumetricPooling
 from ahnet_fast.ops import aniso_conv, batch_norm_relu, bn_relu_conv
 from ahnet_fast.ops.slice_pool import slice_max_pool
+from ahnet_fast.ops.transposed_conv import strided_transposed_conv
 
 
 def nbytes(*tensors) -> int:
@@ -235,6 +236,24 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
                       baseline_name="F.max_pool3d",
                       # forward: read x, write y; backward: read gy, write gx
                       min_bytes=nbytes(x, gy) + nbytes(gy, x)))
+
+    # up2: 256 -> 256 channels, x2 (kernel = stride = 2) at a 128x128x32 input
+    us = (3, 2, 2) if smoke else (16, 16, 4)
+    ch = 4 if smoke else 256
+    x = randn(1, ch, *us).requires_grad_()
+    w = (randn(ch, ch, 2, 2, 2) * 0.05).requires_grad_()
+    gy = randn(1, ch, *[2 * s for s in us])
+
+    def up(backend):
+        def run():
+            x.grad = w.grad = None
+            strided_transposed_conv(x, w, None, (2, 2, 2), backend=backend).backward(gy)
+        return run
+
+    cases.append(dict(op="transposed_conv", shape=f"{ch}->{ch} x2 @{'x'.join(map(str, us))}", run=up(None),
+                      reference=up("reference"), baseline=up("reference"), baseline_name="F.conv_transpose3d",
+                      # forward: read x, w, write y; backward: read gy, x, w, write gx, gw
+                      min_bytes=nbytes(x, w, gy) + nbytes(gy, x, w, x, w)))
     return cases
 
 

@@ -49,4 +49,18 @@ TORCH_LIBRARY(ahnet_fast, m) {
   m.def(
       "psp_backward(Tensor? grad_identity, Tensor[] grad_pooled, Tensor[] argmax, int[] size, bool pool_w, "
       "ScalarType dtype, bool channels_last) -> Tensor");
+  // Max pooling along the last axis only (windows (1, 1, k) / (1, k), stride k, floor mode) of an
+  // input of any dense strides; see csrc/cpu/slice_pool.cpp. Returns (out: contiguous, or
+  // channels-last when the input is; position: uint8, the winning index in each window, laid out
+  // as out).
+  m.def("slice_max_pool(Tensor x, int k) -> (Tensor, Tensor)");
+  // Gradient of slice_max_pool: grad routed to the positions, zeros elsewhere, laid out with the
+  // input's size and strides.
+  m.def("slice_max_pool_backward(Tensor grad, Tensor position, int k, SymInt[] size, SymInt[] stride) -> Tensor");
+  // The 3D (2D) pixel shuffle of a transposed convolution whose kernel equals its stride
+  // (csrc/cpu/transposed_conv.cpp): (N, C * f0 * f1 * f2, H, W, D) -> (N, C, H * f0, W * f1, D * f2),
+  // channel c * F + tap (tap = (a * f1 + b) * f2 + c) to position (h * f0 + a, w * f1 + b, d * f2 + c);
+  // voxel_unshuffle is the inverse. Both return contiguous tensors.
+  m.def("voxel_shuffle(Tensor x, int[] factors) -> Tensor");
+  m.def("voxel_unshuffle(Tensor y, int[] factors) -> Tensor");
 }
