@@ -1,4 +1,6 @@
 """Building blocks: float64 gradcheck, memory layouts, torch.compile, backend choice on the model."""
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -97,19 +99,27 @@ def test_memory_layouts_float64(layout, train):
 def test_memory_layouts_float32_eval(layout):
     """Outputs within 1e-5 of the contiguous run. Gradients: this randomly initialised network
     amplifies float32 rounding in its gradients to ~1e-3 relative (channels-last convolutions, which
-    sum in another order, land elsewhere in that band), so the fused op is judged against PyTorch's own
-    ops in the same layout: its error against the float64 truth is at most 2x theirs, plus 1e-6."""
+    sum in another order, land elsewhere in that band: PyTorch's own error ranges 0.8e-3 to 7e-3 over
+    layouts and inputs), so the fused op is judged against PyTorch's own ops in the same layout, as a
+    median over three inputs (one input alone is a coin toss within that band): its error against the
+    float64 truth is at most 2x theirs, plus 1e-6."""
     net = _layout_net(torch.float32, False)
-    x = torch.randn(2, 1, 64, 32, 32)
-    truth = _layout_run(net.double(), x.double(), "contiguous")
-    net.float()
-    contiguous = _layout_run(net, x, "contiguous")
-    fused = _layout_run(net.set_backend("cpp"), x, layout)
-    torch_ops = _layout_run(net.set_backend("reference"), x, layout)
-    assert_close_normwise(fused[0], contiguous[0], 1e-5, what="output")
-    for i, what in ((1, "input grad"), (2, "parameter grads")):
-        got, ref, t = (flat(r[i]) if i == 2 else r[i] for r in (fused, torch_ops, truth))
-        assert rel_err(got, t) <= 2 * rel_err(ref, t) + 1e-6, what
+    errors = {"fused": ([], []), "torch": ([], [])}
+    for seed in range(3):
+        x = torch.randn(2, 1, 64, 32, 32, generator=torch.Generator().manual_seed(seed))
+        truth = _layout_run(net.double(), x.double(), "contiguous")
+        net.float()
+        contiguous = _layout_run(net.set_backend("cpp"), x, "contiguous")
+        fused = _layout_run(net.set_backend("cpp"), x, layout)
+        torch_ops = _layout_run(net.set_backend("reference"), x, layout)
+        assert_close_normwise(fused[0], contiguous[0], 1e-5, what="output")
+        for name, run in (("fused", fused), ("torch", torch_ops)):
+            for i in (1, 2):
+                got, t = (flat(r[i]) if i == 2 else r[i] for r in (run, truth))
+                errors[name][i - 1].append(rel_err(got, t))
+    for i, what in ((0, "input grad"), (1, "parameter grads")):
+        ours, theirs = statistics.median(errors["fused"][i]), statistics.median(errors["torch"][i])
+        assert ours <= 2 * theirs + 1e-6, f"{what}: median error {ours:.2e}, PyTorch's {theirs:.2e}"
 
 
 def test_reference_and_fused_backends_agree_on_the_model():

@@ -18,7 +18,10 @@ from torch import nn
 from ahnet_fast.nn._bn import bn_relu, bn_relu_conv, dense_block, set_backend
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
+from ahnet_fast.backends import requested_backend
+from ahnet_fast.ops import aniso_conv
 from ahnet_fast.ops.slice_pool import slice_max_pool
+from ahnet_fast.ops.transposed_conv import strided_transposed_conv
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
 
 __all__ = ["AHNet", "AHnet", "Ahnet", "PyramidVolumetricPooling", "UPSAMPLE_MODES"]
@@ -46,7 +49,7 @@ def _upsample(upsample_mode: str) -> nn.Upsample:
     return nn.Upsample(scale_factor=2, mode=upsample_mode, align_corners=align_corners)
 
 
-def slice_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def slice_pool(pool: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """``pool(x)`` for AH-Net's slice-axis max pools ((1, 1, k) windows, stride = window) through the op
     that keeps one byte per output for backward; any other pool runs as is."""
     kernel = _as_tuple(pool.kernel_size, x.dim() - 2)
@@ -54,8 +57,31 @@ def slice_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
             all(k == 1 for k in kernel[:-1]) and not any(_as_tuple(pool.padding, x.dim() - 2)) and \
             all(d == 1 for d in _as_tuple(pool.dilation, x.dim() - 2)) and not pool.ceil_mode and \
             not pool.return_indices and x.shape[-1] >= kernel[-1]:
-        return slice_max_pool(x, kernel[-1])
+        return slice_max_pool(x, kernel[-1], backend=backend)
     return pool(x)
+
+
+def stem_conv(conv: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``conv(x)`` for conv1 (7x7x3 on the image): a plain 3D convolution goes through
+    ``aniso_conv.conv3d``, which folds its slice taps into a 2D convolution where that is faster
+    (the output then has its slice axis outermost in memory, which slice pooling reads as is). The
+    ``reference`` backend keeps ``conv(x)``: MONAI's arithmetic."""
+    if requested_backend(backend) != "reference" and isinstance(conv, nn.Conv3d) and \
+            conv.padding_mode == "zeros" and conv.groups == 1 and \
+            all(d == 1 for d in conv.dilation) and not isinstance(conv.padding, str):
+        return aniso_conv.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    return conv(x)
+
+
+def upsample(up: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``up(x)``; a transposed convolution whose kernel equals its stride (the x2 up-transitions) runs
+    as a matrix product and a voxel shuffle (``ops.transposed_conv``), except inside
+    ``aniso_conv.use_path("aten")``, which asks for ATen's convolution arithmetic everywhere."""
+    if aniso_conv.forced_path() != "aten" and isinstance(up, (nn.ConvTranspose2d, nn.ConvTranspose3d)) and tuple(up.kernel_size) == tuple(up.stride) and \
+            not any(up.padding) and not any(up.output_padding) and up.groups == 1 and \
+            all(d == 1 for d in up.dilation) and up.padding_mode == "zeros":
+        return strided_transposed_conv(x, up.weight, up.bias, up.stride, backend=backend)
+    return up(x)
 
 
 def _as_tuple(v, n):
@@ -92,10 +118,10 @@ class Bottleneck3x3x1(nn.Module):
         if self.downsample is not None:
             residual = x
             for module in self.downsample:  # (conv, slice pool, BN); a (1, 1, 1) pool is the identity
-                residual = slice_pool(module, residual) if isinstance(module, (nn.MaxPool2d, nn.MaxPool3d)) \
-                    else module(residual)
+                residual = slice_pool(module, residual, self.backend) \
+                    if isinstance(module, (nn.MaxPool2d, nn.MaxPool3d)) else module(residual)
             if out.shape != residual.shape:
-                out = slice_pool(self.pool, out)
+                out = slice_pool(self.pool, out, self.backend)
         return torch.relu_(out + residual)
 
 
@@ -132,7 +158,7 @@ class UpTransition(nn.Sequential):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(bn_relu_conv(self.norm, self.conv, x, self.backend))
+        return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
 
 
 class Final(nn.Sequential):
@@ -154,7 +180,7 @@ class Final(nn.Sequential):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(bn_relu_conv(self.norm, self.conv, x, self.backend))
+        return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
 
 
 class Pseudo3DLayer(nn.Module):
@@ -469,7 +495,8 @@ class AHNet(nn.Module):
         return segment(decoder, self._head, (self.psp, self.final), d4)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return bn_relu(self.bn0, slice_pool(self.pool1, self.conv1(x)), self.backend)
+        conv_x = stem_conv(self.conv1, x, self.backend)
+        return bn_relu(self.bn0, slice_pool(self.pool1, conv_x, self.backend), self.backend)
 
     def _head(self, d4: torch.Tensor) -> torch.Tensor:
         if self.psp_block_num > 0:
