@@ -10,6 +10,7 @@ import ahnet_fast
 from ahnet_fast.nn._bn import dense_block as module_dense_block
 from ahnet_fast.nn.ahnet import DenseBlock
 from ahnet_fast.ops import dense_block, dense_block_reference
+from ahnet_fast.nn import _checkpoint
 from benchmarks._common import saved_bytes
 from tests.conftest import assert_close_normwise, rel_err
 
@@ -114,7 +115,7 @@ def test_gradcheck(training):
     assert torch.autograd.gradcheck(f, (x, *block.parameters()), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def _op_args(block, x, training):
+def _op_args(block, x, training, keep=False):
     weights, means, variances = [], [], []
     for layer in block:
         for bn, conv in ((layer.bn1, layer.conv1), (layer.bn2, layer.conv2), (layer.bn3, layer.conv3),
@@ -122,18 +123,19 @@ def _op_args(block, x, training):
             weights += [bn.weight.detach(), bn.bias.detach(), conv.weight.detach()]
             means.append(bn.running_mean)
             variances.append(bn.running_var)
-    return (x, weights, [] if training else means, [] if training else variances, training, 1e-5)
+    return (x, weights, [] if training else means, [] if training else variances, training, 1e-5, keep)
 
 
 @needs_ext
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last_3d"])
-def test_opcheck(training, kind):
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute-c1", "keep-c1"])
+def test_opcheck(training, kind, keep):
     block = make_block(3, 4, layers=2, growth=3, bn_size=2, dtype=torch.float32)
     x = torch.randn(2, 4, 5, 4, 3)
     if kind == "channels_last_3d":
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    args = _op_args(block, x, training)
+    args = _op_args(block, x, training, keep)
     torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, args)
     grad_args = (args[0].clone().requires_grad_(), [w.clone().requires_grad_() for w in args[1]], *args[2:])
     torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, grad_args)
@@ -143,7 +145,7 @@ def test_opcheck(training, kind):
 
 
 @needs_ext
-def test_saved_bytes_at_most_0_4_of_monai_block():
+def test_saved_bytes_at_most_0_4_of_monai_block(monkeypatch):
     """The issue's target, at AH-Net's last block (64 input channels, growth 20, bottleneck 80; the
     ratio does not depend on the spatial size): the one-buffer block keeps at most 0.4x the bytes
     MONAI's block keeps for backward (parameters not counted)."""
@@ -154,10 +156,37 @@ def test_saved_bytes_at_most_0_4_of_monai_block():
     ours, _ = saved_bytes(lambda: block(x), exclude=list(block.parameters()))
     theirs, _ = saved_bytes(lambda: theirs_block(x), exclude=list(theirs_block.parameters()))
     assert ours <= 0.4 * theirs, (ours, theirs)
-    # the output buffer and a of each layer: (64 + 60) + 3 * 20 channels, and 8 floats of
-    # statistics per BatchNorm channel pair
+    # the output buffer, a and c1 of each layer: (64 + 60) + 3 * 20 + 3 * 80 channels, and 8 floats
+    # of statistics per BatchNorm channel pair
     per_channel = 8 * 8 * 4 * 4
-    assert (124 + 60) * per_channel <= ours <= (124 + 60) * per_channel + 8 * 1024
+    assert (124 + 60 + 240) * per_channel <= ours <= (124 + 60 + 240) * per_channel + 8 * 1024
+    # inside a checkpointed segment (its recomputation) c1 is recomputed instead: the output buffer
+    # and a only
+    monkeypatch.setattr(_checkpoint, "_segment_depth", 1)
+    lean, _ = saved_bytes(lambda: block(x), exclude=list(block.parameters()))
+    assert (124 + 60) * per_channel <= lean <= (124 + 60) * per_channel + 8 * 1024
+    assert lean <= 0.2 * theirs, (lean, theirs)
+
+
+@needs_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_keeping_c1_gives_the_same_gradients_bitwise(training):
+    """c1 recomputed in backward is bitwise the forward's (deterministic kernels), so keeping it
+    changes memory and time only."""
+    block = make_block(3, 6, layers=3, growth=4, bn_size=2, dtype=torch.float32)
+    x = torch.randn(2, 6, 7, 5, 3)
+    grad = torch.randn(2, 18, 7, 5, 3)
+    results = []
+    for keep in (False, True):
+        args = _op_args(block, x, training, keep)
+        xi = args[0].clone().requires_grad_()
+        ws = [w.clone().requires_grad_() for w in args[1]]
+        out, saved = torch.ops.ahnet_fast.dense_block.default(xi, ws, *args[2:])
+        assert len(saved) == (3 + (3 if keep else 0) + 2 * 4 * 3)
+        out.backward(grad)
+        results.append([out.detach(), xi.grad] + [w.grad for w in ws])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_bad_input_is_a_value_error():

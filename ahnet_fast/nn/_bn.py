@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ahnet_fast.backends import requested_backend
+from ahnet_fast.nn._checkpoint import in_checkpoint_segment
 from ahnet_fast.ops import batch_norm_relu
 from ahnet_fast.ops.bn_relu_conv import bn_relu_conv as ops_bn_relu_conv
 from ahnet_fast.ops.dense_block import dense_block as ops_dense_block
@@ -45,7 +46,8 @@ def bn_relu_conv(bn: nn.modules.batchnorm._BatchNorm, conv: nn.modules.conv._Con
 
 
 def dense_block(layers, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """A sequence of AH-Net dense layers (modules with bn1..bn4 / conv1..conv4) as the one-buffer op."""
+    """A sequence of AH-Net dense layers (modules with bn1..bn4 / conv1..conv4) as the one-buffer op;
+    each layer's bottleneck output is kept for backward except inside a checkpointed segment."""
     weights, means, variances, momenta = [], [], [], []
     training = None
     for layer in layers:
@@ -59,7 +61,8 @@ def dense_block(layers, x: torch.Tensor, backend: str | None = None) -> torch.Te
             means.append(running_mean)
             variances.append(running_var)
             momenta.append(momentum)
-    return ops_dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend)
+    return ops_dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend,
+                           keep_bottleneck=not in_checkpoint_segment())
 
 
 def set_backend(root: nn.Module, backend: str | None) -> nn.Module:

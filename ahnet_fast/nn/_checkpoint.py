@@ -34,6 +34,15 @@ def resolve_auto(model: nn.Module, x: torch.Tensor) -> str:
     return _auto_resolver(model, x)
 
 
+_segment_depth = 0
+
+
+def in_checkpoint_segment() -> bool:
+    """True while a checkpointed segment's forward runs (first pass or recomputation): modules use
+    it to prefer recomputation to keeping tensors there."""
+    return _segment_depth > 0
+
+
 def _bn_buffers(modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     out = []
     for root in modules:
@@ -49,13 +58,14 @@ def checkpoint_segment(fn: Callable[..., torch.Tensor], modules: tuple[nn.Module
     calls = [0]
 
     def run(*inputs):
+        global _segment_depth
         calls[0] += 1
-        if calls[0] == 1:
-            return fn(*inputs)
-        snapshot = [(b, b.clone()) for b in _bn_buffers(modules)]
+        snapshot = [(b, b.clone()) for b in _bn_buffers(modules)] if calls[0] > 1 else []
+        _segment_depth += 1
         try:
             return fn(*inputs)
         finally:
+            _segment_depth -= 1
             with torch.no_grad():
                 for buffer, value in snapshot:
                     buffer.copy_(value)

@@ -19,7 +19,9 @@ and every BatchNorm keeps its input while the convolution after it keeps the nor
   complete gradient once layers i+1..L are done, and layer i adds its prefix's gradient in place.
 
 What the block keeps for backward is the output buffer plus g channels per layer (a), against
-about three copies of every prefix plus 7g channels per layer in eager mode. The units run on an
+about three copies of every prefix plus 7g channels per layer in eager mode; with
+``keep_bottleneck`` (the AH-Net module's choice outside activation checkpointing) also c1 (4g
+channels per layer), trading memory for the recomputation of c1. The units run on an
 engine of ``ahnet_fast.ops.bn_relu_conv`` (C++ BatchNorm + the convolution path
 ``ahnet_fast.ops.aniso_conv`` picks per shape, or Triton with BatchNorm fused into the
 convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
@@ -105,13 +107,18 @@ def _check(x, weights, running_means, running_vars, momenta):
 
 def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor | None],
                 running_vars: Sequence[torch.Tensor | None], training: bool, momenta: Sequence[float], eps: float,
-                *, backend: str | None = None) -> torch.Tensor:
+                *, backend: str | None = None, keep_bottleneck: bool = False) -> torch.Tensor:
     """``cat(x, f_1, ..., f_L)`` of AH-Net's pseudo-3D dense layers (see the module docstring).
 
     weights: per layer bn1.weight, bn1.bias, conv1.weight, bn2.weight, bn2.bias, conv2.weight,
     bn3..., conv3.weight, bn4..., conv4.weight (12 per layer). running_means / running_vars /
     momenta: per layer one per BatchNorm (4 per layer); the running statistics are updated in
     place in training, as ``F.batch_norm`` does.
+
+    keep_bottleneck: also keep each layer's c1 = conv1x1(relu(bn1(prefix))) (4g channels) for
+    backward instead of recomputing it there (a BatchNorm+ReLU pass over the prefix and the block's
+    largest 1x1x1 product per layer, ~10% of the block's step time on CPU). The AH-Net module turns
+    it on outside activation checkpointing, where memory is the priority.
     """
     _check(x, weights, running_means, running_vars, momenta)
     cast = autocast_dtype(x)
@@ -126,9 +133,9 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     use_batch_stats = training or not have_running
     op = torch.ops.ahnet_fast.dense_block if chosen == "cpp" else _triton_op()
     out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
-                    list(running_vars) if not use_batch_stats else [], use_batch_stats, eps)
+                    list(running_vars) if not use_batch_stats else [], use_batch_stats, eps, keep_bottleneck)
     if training and have_running:
-        stats = saved[len(weights) // PARAMS_PER_LAYER:]
+        stats = saved[len(saved) - 2 * BNS_PER_LAYER * (len(weights) // PARAMS_PER_LAYER):]
         count = x.numel() // x.shape[1]  # every unit keeps the spatial size
         for u, (rm, rv, mom) in enumerate(zip(running_means, running_vars, momenta)):
             update_running_stats(rm, rv, stats[2 * u], stats[2 * u + 1], training, mom, count)
@@ -145,14 +152,14 @@ def _empty(x, channels):
                        memory_format=output_format(x))
 
 
-def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps):
+def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck):
     layers = _split(weights)
     channels = [x.shape[1]]
     for units in layers:
         channels.append(channels[-1] + units[3][2].shape[0])
     out = _empty(x, channels[-1])
     out[:, :channels[0]].copy_(x)
-    inner, stats = [], []
+    inner, bottlenecks, stats = [], [], []
     for i, units in enumerate(layers):
         rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
         rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
@@ -169,13 +176,17 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         s = unit(a, 2)
         s.add_(a)
         out[:, channels[i]:channels[i + 1]].copy_(unit(s, 3))
-        inner.append(a)  # c1 and a + b are recomputed in backward (1x1x1 and 1x1x3 convolutions)
-    return out, inner + stats
+        inner.append(a)  # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept
+        if keep_bottleneck:
+            bottlenecks.append(c1)
+    return out, inner + bottlenecks + stats
 
 
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
     layers = _split(weights)
-    inner, stats = saved[:len(layers)], saved[len(layers):]
+    inner = saved[:len(layers)]
+    kept = saved[len(layers):len(saved) - 2 * BNS_PER_LAYER * len(layers)]  # c1 per layer, or none
+    stats = saved[len(layers) + len(kept):]
     channels = [channels0]
     for units in layers:
         channels.append(channels[-1] + units[3][2].shape[0])
@@ -228,7 +239,7 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
         del g
         grad_a.add_(grad_s)
         del grad_s
-        c1, _ = recompute(prefix, 0, keep_activation=False)
+        c1 = kept[i] if kept else recompute(prefix, 0, keep_activation=False)[0]
         g = conv_grad(grad_a, c1, 1, None)
         del grad_a
         grad_c1 = bn_grad(g, c1, 1)
@@ -240,11 +251,11 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     return grad[:, :channels0], grads_w
 
 
-def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps):
+def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck):
     layers = _split(weights)
     total = x.shape[1] + sum(units[3][2].shape[0] for units in layers)
     out = _empty(x, total)
-    inner, stats = [], []
+    inner, bottlenecks, stats = [], [], []
     sd = opmath_dtype(x.dtype)
     c = x.shape[1]
     for units in layers:
@@ -255,10 +266,13 @@ def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps)
         fmt = output_format(like)
         inner.append(torch.empty((x.shape[0], growth, *x.shape[2:]), dtype=x.dtype, device=x.device,
                                  memory_format=fmt))
+        if keep_bottleneck:
+            bottlenecks.append(torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                                           memory_format=fmt))
         for n in (c, width, growth, growth):
             stats += [x.new_empty(n, dtype=sd), x.new_empty(n, dtype=sd)]
         c += growth
-    return out, inner + stats
+    return out, inner + bottlenecks + stats
 
 
 def _backward_fake(grad_out, out, channels0, weights, saved, use_batch_stats, eps):
@@ -267,7 +281,7 @@ def _backward_fake(grad_out, out, channels0, weights, saved, use_batch_stats, ep
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, running_means, running_vars, use_batch_stats, eps = inputs
+    x, weights, running_means, running_vars, use_batch_stats, eps, _keep = inputs
     out, saved = output
     ctx.save_for_backward(out, *weights, *saved)
     ctx.args = (x.shape[1], len(weights), use_batch_stats, eps, len(running_means), len(running_vars))
@@ -279,7 +293,7 @@ def _make_backward(backward_op):
         out, *rest = ctx.saved_tensors
         weights, saved = rest[:n_weights], rest[n_weights:]
         grad_x, grads_w = backward_op(grad_out, out, channels0, weights, saved, use_batch_stats, eps)
-        return grad_x, grads_w, [None] * n_means, [None] * n_vars, None, None
+        return grad_x, grads_w, [None] * n_means, [None] * n_vars, None, None, None
 
     return backward
 
@@ -293,9 +307,10 @@ def _define(name: str, engine):
 
     @torch.library.custom_op(f"ahnet_fast::{name}", mutates_args=())
     def forward_op(x: torch.Tensor, weights: list[torch.Tensor], running_means: list[torch.Tensor],
-                   running_vars: list[torch.Tensor], use_batch_stats: bool, eps: float
+                   running_vars: list[torch.Tensor], use_batch_stats: bool, eps: float, keep_bottleneck: bool
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        out, saved = _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps)
+        out, saved = _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps,
+                              keep_bottleneck)
         # outputs must not alias inputs (eval mode hands back the running statistics)
         ids = {id(t) for t in running_means} | {id(t) for t in running_vars}
         return out, [t.clone() if id(t) in ids else t for t in saved]
