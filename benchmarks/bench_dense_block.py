@@ -8,7 +8,9 @@ implementations, the same parameters, in one run:
   BatchNorm output kept) — when MONAI is installed;
 - layers: ahnet_fast's layers one by one (BN-ReLU-conv units that keep only their input, but a new
   concatenation per layer) — ``Pseudo3DLayer`` called in sequence;
-- block: ``ahnet_fast.ops.dense_block`` (one concatenation buffer, activations recomputed).
+- block: ``ahnet_fast.ops.dense_block`` as AHNet runs it by default (one concatenation buffer,
+  activations recomputed, each layer's bottleneck output c1 kept);
+- block-lean: the same inside activation checkpointing (c1 recomputed too).
 
 Saved bytes: distinct storages autograd keeps (torch.autograd.graph.saved_tensors_hooks), the
 parameters not counted (they exist either way). Time: median forward+backward.
@@ -25,6 +27,7 @@ import platform
 import torch
 from _common import finish_report, median_seconds, saved_bytes  # benchmarks/ is the script's folder, first on sys.path
 
+from ahnet_fast.nn._checkpoint import prefer_recomputation
 from ahnet_fast.nn.ahnet import DenseBlock
 
 # (name, input channels, spatial size) at a 128x128x32 input; the in-plane sizes double with --large
@@ -52,6 +55,12 @@ def make(channels):
 
     impls["layers"] = layers
     impls["block"] = ours
+
+    def lean(x):
+        with prefer_recomputation():
+            return ours(x)
+
+    impls["block-lean"] = lean
     return impls, list(ours.parameters()) + list(impls["MONAI"].parameters() if "MONAI" in impls else [])
 
 

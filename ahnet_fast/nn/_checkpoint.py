@@ -10,6 +10,7 @@ the first forward (the kernels are deterministic, and the RNG state is restored 
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -38,9 +39,21 @@ _segment_depth = 0
 
 
 def in_checkpoint_segment() -> bool:
-    """True while a checkpointed segment's forward runs (first pass or recomputation): modules use
-    it to prefer recomputation to keeping tensors there."""
+    """True while a checkpointed segment's forward runs (first pass or recomputation), or inside
+    :func:`prefer_recomputation`: modules then recompute rather than keep optional tensors (the
+    dense block's bottleneck outputs)."""
     return _segment_depth > 0
+
+
+@contextlib.contextmanager
+def prefer_recomputation():
+    """Within the block, modules behave as inside a checkpointed segment: the memory-lean choice."""
+    global _segment_depth
+    _segment_depth += 1
+    try:
+        yield
+    finally:
+        _segment_depth -= 1
 
 
 def _bn_buffers(modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
@@ -58,14 +71,12 @@ def checkpoint_segment(fn: Callable[..., torch.Tensor], modules: tuple[nn.Module
     calls = [0]
 
     def run(*inputs):
-        global _segment_depth
         calls[0] += 1
         snapshot = [(b, b.clone()) for b in _bn_buffers(modules)] if calls[0] > 1 else []
-        _segment_depth += 1
         try:
-            return fn(*inputs)
+            with prefer_recomputation():
+                return fn(*inputs)
         finally:
-            _segment_depth -= 1
             with torch.no_grad():
                 for buffer, value in snapshot:
                     buffer.copy_(value)
