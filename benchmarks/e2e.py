@@ -52,7 +52,8 @@ def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
     return net.to(device), loss, x.to(device), y.to(device)
 
 
-def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="none", layout="contiguous"):
+def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="none", layout="contiguous",
+            fused_adam=False):
     """In a fresh process: {"ms": [...], "peak_bytes": int, "first_loss": float} (repeats = 0: peak only)."""
     device = torch.device(device)
     net, loss_fn, x, y = _build(impl, size, out_channels, device, checkpoint=checkpoint)
@@ -64,7 +65,9 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
     if mode == "train":
         net.train()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        # torch's default Adam for both (a for-loop over the parameters on CPU); fused_adam: the
+        # single-kernel Adam that ahnet_fast's training loop uses (rows '+fused_adam')
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, **({"fused": True} if fused_adam else {}))
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -123,6 +126,9 @@ def main():
                         help="ahnet_fast's checkpoint policies to run (each its own rows)")
     parser.add_argument("--channels-last", action="store_true",
                         help="also MONAI and ahnet_fast with model and input in channels_last_3d (rows '@channels_last_3d')")
+    parser.add_argument("--fused-adam", action="store_true",
+                        help="also ahnet_fast with Adam(fused=True), its training loop's optimizer (rows '+fused_adam'; "
+                             "MONAI keeps torch's default Adam, so these rows compare more than the model)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: impl size mode repeats
@@ -130,9 +136,10 @@ def main():
     if args.one:
         impl, size, mode, repeats = args.one
         name, _, layout = impl.partition("@")
+        name, _, extra = name.partition("+")
         print(json.dumps(run_one(name.split(":")[0], tuple(json.loads(size)), mode, int(repeats), args.device, args.amp,
                                  checkpoint=name.split(":")[1] if ":" in name else "none",
-                                 layout=layout or "contiguous")))
+                                 layout=layout or "contiguous", fused_adam=extra == "fused_adam")))
         return
     if len(args.sizes) % 3:
         parser.error("--sizes takes H W D triples")
@@ -141,7 +148,8 @@ def main():
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     lines = [f"# AH-Net end to end, ahnet_fast vs MONAI — {datetime.date.today()}, {name} ({args.device}), torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads, amp {args.amp}", "",
-             "Training step = forward + focal loss (softmax, 3 classes) + backward + Adam, batch 1; inference = "
+             "Training step = forward + focal loss (softmax, 3 classes) + backward + Adam (torch's default, for both; "
+             "'+fused_adam': ahnet_fast with Adam(fused=True), its training loop's optimizer), batch 1; inference = "
              f"forward under no_grad. Median of {args.rounds} x {args.repeats} steps (20th-80th percentile), "
              "fresh processes alternating the implementations; peak = memory the step adds over what exists before it (CPU: VmHWM - RSS with "
              "MALLOC_MMAP_THRESHOLD_=65536; CUDA: max_memory_allocated - memory_allocated). Same initial "
@@ -156,6 +164,8 @@ def main():
                                  if mode == "train" or c == "none"]
             if args.channels_last:
                 impls += ["MONAI@channels_last_3d", "ahnet_fast@channels_last_3d"]
+            if args.fused_adam and mode == "train":
+                impls.append("ahnet_fast+fused_adam")
             res = {impl: {"ms": []} for impl in impls}
 
             def one(impl, repeats, environment):

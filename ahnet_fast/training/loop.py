@@ -33,6 +33,14 @@ RESUME_INVARIANTS = ("data", "stage", "patch", "batch", "micro_batch", "seed", "
                      "window", "foreground_ratio", "lr", "weight_decay", "amp", "init")
 
 
+
+def make_adam(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
+    """Adam; on CPU and CUDA its fused implementation (one kernel over all parameters instead of a
+    loop of elementwise ops per parameter: 26 ms instead of 90-108 ms for AH-Net's 38 M parameters
+    on the 2-core development CPU). The update is Adam's, up to float rounding."""
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
+
 def _tqdm():
     from tqdm.auto import tqdm
     return tqdm
@@ -156,7 +164,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     elif cfg.init:
         _say(f"[{cfg.stage}] {initialise_from(model, cfg.init)}", main)
     frozen = freeze_encoder(model) if cfg.stage == "3d" else []
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_adam(trainable_parameters(model), cfg.lr, cfg.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = 0
     if resume is not None:
