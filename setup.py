@@ -35,8 +35,11 @@ def _extensions():
     debug = os.environ.get("AHNET_FAST_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math / -fno-math-errno: lets GCC turn selects and min/max into vector code
-    # (results are unchanged: no reassociation, IEEE semantics otherwise kept)
-    cxx += ["-fopenmp", "-std=c++17", "-fno-trapping-math", "-fno-math-errno", "-fdiagnostics-color=always"]
+    # (results are unchanged: no reassociation, IEEE semantics otherwise kept). -ffp-contract=off: no
+    # a * b + c fused into one rounding where a function is also compiled for a CPU with FMA, so
+    # results do not depend on the CPU the kernels run on.
+    cxx += ["-fopenmp", "-std=c++17", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off",
+            "-fdiagnostics-color=always"]
     extra = {"cxx": cxx}
     ext_cls = CppExtension
     if with_cuda:
