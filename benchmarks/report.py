@@ -49,6 +49,11 @@ def rows():
                         _verdict(speed, 1.5, True), where, e2e_path))
             out.append(("5, 6", "CPU training step peak memory vs MONAI (default)", f"{peak:.2f}x", "≤ 0.6x",
                         _verdict(peak, 0.6, False), where, e2e_path))
+        fused = runs.get(("train", target_shape, "ahnet_fast+fused_adam"))
+        if monai and fused:  # the training loop's optimizer: more than the model is compared, so no verdict
+            out.append(("5", "CPU training step 1x1x128x128x32, speed vs MONAI, ahnet_fast with the fused Adam of its "
+                             "training loop (MONAI: torch's default Adam)",
+                        f"{monai['median_ms'] / fused['median_ms']:.2f}x", "—", "", where, e2e_path))
         full = runs.get(("train", target_shape, "ahnet_fast:all"))
         if monai and full:
             peak = full["peak_bytes"] / monai["peak_bytes"]
