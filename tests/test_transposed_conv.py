@@ -97,6 +97,18 @@ def test_float32_within_twice_aten_error():
     assert e_ours <= 2 * e_aten + 1e-7
 
 
+def test_autocast_keeps_the_low_precision_with_a_bias():
+    x = torch.randn(1, 4, 2, 3, 2)
+    w = torch.randn(4, 3, 2, 2, 2)
+    b = torch.randn(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = strided_transposed_conv(x, w, b, (2, 2, 2))
+        ref = F.conv_transpose3d(x, w, b, 2)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    truth = F.conv_transpose3d(x.double(), w.double(), b.double(), 2)
+    assert rel_err(y, truth) <= 2 * rel_err(ref, truth) + 1e-2
+
+
 def test_reference_backend_is_conv_transpose_and_bad_input_is_a_value_error():
     x = torch.randn(1, 3, 2, 2, 2, requires_grad=True)
     w = torch.randn(3, 2, 2, 2, 2)

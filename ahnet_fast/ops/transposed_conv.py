@@ -118,7 +118,7 @@ def strided_transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     t = (w @ m[0]).unsqueeze(0) if n == 1 else torch.matmul(w, m)
     y = voxel_shuffle(t.view(n, co * taps, *x.shape[2:]), stride)
     if bias is not None:
-        y = y + bias.view(1, co, *([1] * (x.dim() - 2)))
+        y = y + bias.to(y.dtype).view(1, co, *([1] * (x.dim() - 2)))  # autocast: stay in the product's dtype
     return y
 
 
