@@ -78,7 +78,8 @@ def upsample(up: nn.Module, x: torch.Tensor, backend: str | None = None) -> torc
     up-transitions) runs as a matrix product and a voxel shuffle (``ops.transposed_conv``: measured
     faster there), except inside ``aniso_conv.use_path("aten")``, which asks for ATen's convolution
     arithmetic everywhere. CUDA keeps cuDNN's transposed convolution until a GPU run has compared them."""
-    if x.device.type == "cpu" and aniso_conv.forced_path() != "aten" and isinstance(up, (nn.ConvTranspose2d, nn.ConvTranspose3d)) and tuple(up.kernel_size) == tuple(up.stride) and \
+    if x.device.type == "cpu" and aniso_conv.forced_path() != "aten" and \
+            isinstance(up, (nn.ConvTranspose2d, nn.ConvTranspose3d)) and tuple(up.kernel_size) == tuple(up.stride) and \
             not any(up.padding) and not any(up.output_padding) and up.groups == 1 and \
             all(d == 1 for d in up.dilation) and up.padding_mode == "zeros":
         return strided_transposed_conv(x, up.weight, up.bias, up.stride, backend=backend)

@@ -24,7 +24,9 @@ block) call :func:`forward` / :func:`backward` here with the path :func:`choose`
   input (small: Ci * kd <= 16); the result is returned as the 3D output viewed on that memory (slice
   axis outermost), which the stem's slice pooling reads directly. On CPU PyTorch sends this conv3d
   to its unfold-based slow path (oneDNN declines one input channel); the fold runs oneDNN's 2D
-  kernels: 2.4x forward + backward at a 128x128x32 input (benchmarks/results/aniso_conv_cpu.md).
+  kernels. As the stem runs it (image needs no gradient, output left slice-major for the pooling)
+  conv + pooling forward + backward went 140 -> 66 ms at a 128x128x32 input; as a stand-alone
+  convolution with contiguous output and input gradient 1.11x (benchmarks/results/aniso_conv_cpu.md).
 - ``triton`` (CUDA): the Triton kernel with the BatchNorm+ReLU on its operand load
   (:class:`ahnet_fast.ops.bn_relu_conv.TritonEngine`); chosen by the engine, not run here.
 
@@ -47,8 +49,8 @@ import torch
 
 from ahnet_fast._layout import is_channels_last
 
-__all__ = ["PATHS", "candidates", "conv3d", "forward", "backward", "choose", "slice_fold_forward", "choices", "save_choices", "load_choices",
-           "set_tuning", "use_path"]
+__all__ = ["PATHS", "candidates", "conv3d", "forward", "backward", "choose", "slice_fold_forward", "choices",
+           "save_choices", "load_choices", "set_tuning", "use_path"]
 
 PATHS = ("aten", "matmul", "shift", "folded", "slice_fold", "triton")
 
@@ -463,10 +465,9 @@ def conv3d(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     A ``slice_fold`` result has its slice axis outermost in memory (see :func:`slice_fold_forward`)."""
     stride, padding = list(stride), list(padding)
     if _slice_foldable(a, weight, stride, padding):
-        if torch.compiler.is_compiling():  # no recording while tracing: the rule (or a forced path)
-            path = _forced if _forced in ("aten", "slice_fold") else _rule(
-                "forward", a, weight, candidates(a, weight, stride, padding))
-        else:
+        if torch.compiler.is_compiling() and _forced is None:  # no recording or measuring while tracing
+            path = _rule("forward", a, weight, candidates(a, weight, stride, padding))
+        else:  # (a forced path is neither recorded nor measured)
             path = choose("forward", a, weight, stride, padding)
         if path == "slice_fold":
             return slice_fold_forward(a, weight, bias, stride, padding)

@@ -118,7 +118,7 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     keep_bottleneck: also keep each layer's c1 = conv1x1(relu(bn1(prefix))) (4g channels) for
     backward instead of recomputing it there (a BatchNorm+ReLU pass over the prefix and the block's
     largest 1x1x1 product per layer, ~10% of the block's step time on CPU). The AH-Net module turns
-    it on outside activation checkpointing, where memory is the priority.
+    it on outside activation checkpointing (inside it, memory is the priority).
     """
     _check(x, weights, running_means, running_vars, momenta)
     cast = autocast_dtype(x)
@@ -135,7 +135,7 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
                     list(running_vars) if not use_batch_stats else [], use_batch_stats, eps, keep_bottleneck)
     if training and have_running:
-        stats = saved[len(saved) - 2 * BNS_PER_LAYER * (len(weights) // PARAMS_PER_LAYER):]
+        stats = _split_saved(saved, len(weights) // PARAMS_PER_LAYER)[2]
         count = x.numel() // x.shape[1]  # every unit keeps the spatial size
         for u, (rm, rv, mom) in enumerate(zip(running_means, running_vars, momenta)):
             update_running_stats(rm, rv, stats[2 * u], stats[2 * u + 1], training, mom, count)
@@ -144,6 +144,12 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
 
 # ---------------------------------------------------------------------------------------------
 # The op: forward keeps a per layer and the statistics; backward recomputes the rest.
+
+
+def _split_saved(saved, layers):
+    """(a per layer, c1 per layer or nothing, mean and variance per BatchNorm) from the op's saved list."""
+    n_stats = 2 * BNS_PER_LAYER * layers
+    return saved[:layers], saved[layers:len(saved) - n_stats], saved[len(saved) - n_stats:]
 
 
 def _empty(x, channels):
@@ -184,9 +190,7 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
 
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
     layers = _split(weights)
-    inner = saved[:len(layers)]
-    kept = saved[len(layers):len(saved) - 2 * BNS_PER_LAYER * len(layers)]  # c1 per layer, or none
-    stats = saved[len(layers) + len(kept):]
+    inner, kept, stats = _split_saved(saved, len(layers))
     channels = [channels0]
     for units in layers:
         channels.append(channels[-1] + units[3][2].shape[0])

@@ -62,8 +62,7 @@ class _SliceMaxPool(torch.autograd.Function):
                 take = (v > best) | v.isnan()
                 best = torch.where(take, v, best)
                 position.masked_fill_(take, i)
-        fmt = torch.channels_last_3d if x.dim() == 5 and _channels_last(x) else \
-            torch.channels_last if x.dim() == 4 and _channels_last(x) else torch.contiguous_format
+        fmt = _out_format(x)
         ctx.save_for_backward(position)
         ctx.shape, ctx.k = x.shape, k
         return best.contiguous(memory_format=fmt)
@@ -103,12 +102,6 @@ def _dense(x):
             return False
         expected *= size
     return True
-
-
-IMPLEMENTATIONS = (
-    backends.Implementation("reference", lambda *a: []),
-    backends.Implementation("cpp", _cpp_reasons),
-)
 
 
 def slice_max_pool(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:

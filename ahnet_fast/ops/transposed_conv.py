@@ -20,6 +20,7 @@ Where the compiled shuffle cannot run (CUDA, no extension) the shuffle is torch'
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,10 +40,7 @@ def strided_transposed_conv_reference(x, weight, bias, stride):
 
 def voxel_shuffle_reference(t: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     n, cf, *spatial = t.shape
-    taps = 1
-    for f in factors:
-        taps *= f
-    c = cf // taps
+    c = cf // math.prod(factors)
     nd = len(spatial)
     # (N, C, f..., s...) -> (N, C, s0, f0, s1, f1, ...)
     v = t.reshape(n, c, *factors, *spatial)
@@ -56,10 +54,7 @@ def voxel_unshuffle_reference(y: torch.Tensor, factors: Sequence[int]) -> torch.
     spatial = [s // f for s, f in zip(fine, factors)]
     v = y.reshape(n, c, *[d for s, f in zip(spatial, factors) for d in (s, f)])
     order = [0, 1] + [3 + 2 * k for k in range(nd)] + [2 + 2 * k for k in range(nd)]
-    taps = 1
-    for f in factors:
-        taps *= f
-    return v.permute(order).reshape(n, c * taps, *spatial)
+    return v.permute(order).reshape(n, c * math.prod(factors), *spatial)
 
 
 def _compiled(t: torch.Tensor) -> bool:
@@ -127,17 +122,11 @@ def strided_transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def _shuffle_fake(t, factors):
-    taps = 1
-    for f in factors:
-        taps *= f
-    return t.new_empty((t.shape[0], t.shape[1] // taps, *[s * f for s, f in zip(t.shape[2:], factors)]))
+    return t.new_empty((t.shape[0], t.shape[1] // math.prod(factors), *[s * f for s, f in zip(t.shape[2:], factors)]))
 
 
 def _unshuffle_fake(y, factors):
-    taps = 1
-    for f in factors:
-        taps *= f
-    return y.new_empty((y.shape[0], y.shape[1] * taps, *[s // f for s, f in zip(y.shape[2:], factors)]))
+    return y.new_empty((y.shape[0], y.shape[1] * math.prod(factors), *[s // f for s, f in zip(y.shape[2:], factors)]))
 
 
 def _setup(ctx, inputs, output):

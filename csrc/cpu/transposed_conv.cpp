@@ -29,8 +29,8 @@ struct Geometry {
   int64_t taps() const { return f[0] * f[1] * f[2]; }
 };
 
-// `fine` true: rows of the fine map (the shuffle's output) are written from the coarse taps;
-// false: the reverse (unshuffle). One row = (n, co, h, a, w, b), D * f2 fine values.
+// kShuffle: rows of the fine map (the shuffle's output) are written from the coarse taps;
+// otherwise the reverse (unshuffle). One row = (n, co, h, a, w, b), D * f2 fine values.
 template <typename scalar_t, bool kShuffle>
 void move(const Geometry& g, const scalar_t* src, scalar_t* dst) {
   const int64_t f0 = g.f[0], f1 = g.f[1], f2 = g.f[2], F = g.taps();
