@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -156,6 +158,43 @@ inline void lane_sums(int64_t n, const F& f, acc_t& out_a, acc_t& out_b) {
   out_b = b;
 }
 
+// The float case of ShiftedMoments::plane with the kLanes lanes as explicit 4-wide vectors: the
+// generic lane_sums form compiled, for this body only, to shuffles and stack spills (perf annotate:
+// 11 GB/s against 42 GB/s for a plain sum). Same lanes, same order of additions, so the same bits.
+using float4_t = float __attribute__((vector_size(16)));
+
+inline void shifted_moments_f32(const float* xp, float k, int64_t n, float& out_a, float& out_b) {
+  static_assert(kLanes % 4 == 0, "kLanes must be a multiple of the vector width");
+  constexpr int kVecs = kLanes / 4;
+  float4_t va[kVecs] = {}, vb[kVecs] = {};
+  const float4_t kv = {k, k, k, k};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int v = 0; v < kVecs; ++v) {
+      float4_t xv;
+      std::memcpy(&xv, xp + i + 4 * v, sizeof(xv));
+      const float4_t d = xv - kv;
+      va[v] += d;
+      vb[v] += d * d;
+    }
+  }
+  float la[kLanes], lb[kLanes];
+  std::memcpy(la, va, sizeof(la));
+  std::memcpy(lb, vb, sizeof(lb));
+  for (int lane = 0; i < n; ++i, ++lane) {
+    const float d = xp[i] - k;
+    la[lane] += d;
+    lb[lane] += d * d;
+  }
+  float a = 0, b = 0;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    a += la[lane];
+    b += lb[lane];
+  }
+  out_a = a;
+  out_b = b;
+}
+
 // Applies f elementwise in either layout: plane(offset, channel, n) or row(offset, C).
 template <typename F>
 void channel_map(const Geometry& g, const F& f) {
@@ -181,11 +220,15 @@ struct ShiftedMoments {
   void plane(int64_t off, int64_t c, int64_t n, acc_t& a, acc_t& b) const {
     const scalar_t* xp = x + off;
     const acc_t k = shift[c];
-    lane_sums<acc_t>(n, [&](int64_t i, acc_t& sa, acc_t& sb) {
-      const acc_t d = static_cast<acc_t>(xp[i]) - k;
-      sa += d;
-      sb += d * d;
-    }, a, b);
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      shifted_moments_f32(xp, k, n, a, b);
+    } else {
+      lane_sums<acc_t>(n, [&](int64_t i, acc_t& sa, acc_t& sb) {
+        const acc_t d = static_cast<acc_t>(xp[i]) - k;
+        sa += d;
+        sb += d * d;
+      }, a, b);
+    }
   }
   void row(int64_t off, int64_t C, acc_t* a, acc_t* b) const {
     const scalar_t* xp = x + off;
