@@ -93,6 +93,36 @@ def test_shift_backward_groups_taps_past_the_size_threshold(monkeypatch):
     assert len(added) == 2  # the first group of three taps allocates grad_a; the other two add into it
 
 
+# kernels whose first axis is longer than 1, which the size threshold sends to the by-rows grouping:
+# 3x3x1 (batch 1 and 2), a full 3x3x3, a 5x3x1 (two padding rows each side), 2D (3, 3) and (3, 1)
+ROW_CASES = [
+    ((3, 3, 1), (1, 5, 7, 6, 3), 3),
+    ((3, 3, 1), (2, 4, 5, 9, 2), 4),
+    ((3, 3, 3), (1, 3, 5, 4, 5), 2),
+    ((5, 3, 1), (2, 3, 7, 5, 3), 3),
+    ((3, 3), (2, 4, 7, 6), 3),
+    ((3, 1), (1, 5, 6, 5), 2),
+]
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=["3x3x1", "3x3x1-n2", "3x3x3", "5x3x1-n2", "2d-3x3-n2", "2d-3x1"])
+def test_shift_backward_by_rows_matches_aten_float64(case, monkeypatch):
+    kernel, shape, co = case
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(co, shape[1], *kernel, dtype=torch.float64)
+    g = torch.randn((shape[0], co, *shape[2:]), dtype=torch.float64)
+    monkeypatch.setattr(aniso_conv, "SHIFT_CHUNK_BYTES", g[0].numel() * 8)  # every kernel is past it
+    used = []
+    real = aniso_conv._shift_backward_by_rows
+    monkeypatch.setattr(aniso_conv, "_shift_backward_by_rows", lambda *a: used.append(1) or real(*a))
+    ga, gw = aniso_conv._shift_backward(g, x, w)
+    assert used, "the by-rows grouping did not run"
+    _, ref_ga, ref_gw = aten_pair(x, w, g)
+    assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
+    assert_close_normwise(gw, ref_gw, 1e-13, what="grad weight")
+    assert ga.shape == x.shape and gw.shape == w.shape and ga.is_contiguous()
+
+
 def test_folded_is_a_candidate_for_contiguous_anisotropic_kernels():
     x = torch.randn(1, 4, 6, 5, 3)
     assert "folded" in aniso_conv.candidates(x, torch.randn(2, 4, 3, 3, 1), [1, 1, 1], [1, 1, 0])
@@ -253,3 +283,75 @@ def test_use_path_forces_and_records_nothing(fresh_choices):
     with pytest.raises(ValueError, match="unknown path"):
         with aniso_conv.use_path("cudnn"):
             pass
+
+
+# (weight shape, input shape, stride): the bottlenecks' 1x1x1 and the strided downsampling, odd sizes,
+# batch 2, 2D
+POINTWISE_CASES = [
+    ((7, 5, 1, 1, 1), (1, 5, 6, 5, 3), (1, 1, 1)),
+    ((4, 6, 1, 1, 1), (2, 6, 7, 6, 4), (2, 2, 1)),
+    ((3, 4, 1, 1, 1), (1, 4, 5, 9, 5), (2, 3, 2)),
+    ((5, 3, 1, 1), (2, 3, 7, 6), (2, 2)),
+]
+
+
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=["s1", "s221-n2", "s232-odd", "2d-s22-n2"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_pointwise_conv_matches_aten_float64(case, layout, bias):
+    wshape, shape, stride = case
+    x = torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    elif layout == "strided":
+        x = torch.zeros((*shape[:-1], 2 * shape[-1]), dtype=torch.float64)[..., ::2].copy_(x)
+    w = torch.randn(wshape, dtype=torch.float64)
+    b = torch.randn(wshape[0], dtype=torch.float64) if bias else None
+    conv = torch.nn.functional.conv3d if x.dim() == 5 else torch.nn.functional.conv2d
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = aniso_conv.pointwise_conv(xs, ws, b, stride)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = conv(xr, wr, b, stride)
+    assert y.shape == ref.shape
+    assert_close_normwise(y, ref, 1e-13, what="output")
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=aniso_conv.output_format(x))
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    assert_close_normwise(xs.grad, xr.grad, 1e-13, what="grad input")
+    assert_close_normwise(ws.grad, wr.grad, 1e-13, what="grad weight")
+
+
+def test_pointwise_conv_gradcheck_and_forced_aten():
+    x = torch.randn(2, 3, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: aniso_conv.pointwise_conv(*t, (2, 2, 1)), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda *t: aniso_conv.pointwise_conv(*t, (1, 1, 1)), (x, w, b))
+    with aniso_conv.use_path("aten"):  # ATen's convolution, bit for bit
+        y = aniso_conv.pointwise_conv(x, w, b, (2, 2, 1))
+    assert torch.equal(y, torch.nn.functional.conv3d(x, w, b, (2, 2, 1)))
+
+
+def test_pointwise_conv_rejects_other_kernels_and_strides():
+    x = torch.randn(1, 3, 4, 4, 2)
+    with pytest.raises(ValueError, match="not a 1x1 kernel"):
+        aniso_conv.pointwise_conv(x, torch.randn(2, 3, 3, 3, 1), None, (1, 1, 1))
+    with pytest.raises(ValueError, match="not a 1x1 kernel"):
+        aniso_conv.pointwise_conv(x, torch.randn(2, 4, 1, 1, 1), None, (1, 1, 1))
+    with pytest.raises(ValueError, match="stride"):
+        aniso_conv.pointwise_conv(x, torch.randn(2, 3, 1, 1, 1), None, (1, 1))
+    with pytest.raises(ValueError, match="stride"):
+        aniso_conv.pointwise_conv(x, torch.randn(2, 3, 1, 1, 1), None, (0, 1, 1))
+
+
+def test_pointwise_conv_under_autocast_keeps_the_low_precision():
+    x = torch.randn(1, 4, 6, 5, 3)
+    w = torch.randn(3, 4, 1, 1, 1)
+    b = torch.randn(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = aniso_conv.pointwise_conv(x, w, b, (2, 2, 1))
+        ref = torch.nn.functional.conv3d(x, w, b, (2, 2, 1))
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(y.float(), ref.float()) < 2e-2

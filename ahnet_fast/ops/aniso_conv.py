@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +50,7 @@ import torch
 
 from ahnet_fast._layout import is_channels_last
 
-__all__ = ["PATHS", "candidates", "conv3d", "forward", "backward", "choose", "slice_fold_forward", "choices",
+__all__ = ["PATHS", "candidates", "conv3d", "pointwise_conv", "forward", "backward", "choose", "slice_fold_forward", "choices",
            "save_choices", "load_choices", "set_tuning", "use_path"]
 
 PATHS = ("aten", "matmul", "shift", "folded", "slice_fold", "triton")
@@ -347,6 +348,37 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 SHIFT_CHUNK_BYTES = 16 << 20
 
 
+def _copy_shifted(dst: torch.Tensor, src: torch.Tensor, offset: Sequence[int]) -> None:
+    """dst[..., q] = src[..., q - offset] over the trailing len(offset) axes, zero where q - offset
+    falls outside; only the strips the shifted copy does not reach are zeroed (a full zero fill
+    costs as much as the copy)."""
+    nd = len(offset)
+    lead = (slice(None),) * (dst.dim() - nd)
+    sizes = dst.shape[dst.dim() - nd:]
+    dst_idx, src_idx = zip(*(_shifted(size, -o) for size, o in zip(sizes, offset)))
+    dst[(*lead, *dst_idx)] = src[(*lead, *src_idx)]
+    for axis, (size, o) in enumerate(zip(sizes, offset)):
+        if o:
+            index = [slice(None)] * nd
+            index[axis] = slice(0, o) if o > 0 else slice(size + o, size)
+            dst[(*lead, *index)] = 0
+
+
+def _accumulate_tap_group(grad_a, grad_wall, wall, rows, g, m):
+    """One group of taps: g (N, rows' taps * Co, S) their shifted output gradients. Adds the group's
+    share to grad_a (allocating it on the first group) and writes its rows of grad_wall."""
+    n = g.shape[0]
+    w_t = wall[rows].t()
+    if grad_a is None:
+        grad_a = _left_mm(w_t, g)
+    elif n == 1:
+        grad_a[0].addmm_(w_t, g[0])
+    else:
+        grad_a.baddbmm_(w_t.expand(n, -1, -1), g)
+    grad_wall[rows] = g[0] @ m[0].t() if n == 1 else torch.matmul(g, m.transpose(1, 2)).sum(0)
+    return grad_a
+
+
 def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, chunks: int | None = None):
     n, ci = a.shape[:2]
     co, spatial = weight.shape[0], a.shape[2:]
@@ -355,10 +387,13 @@ def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     # grad_W_t = stacked_t a^T. All taps at once, the stacked copy is taps x grad_y (9x for a 3x3x1
     # kernel): the largest temporary of a dense layer's backward. Past SHIFT_CHUNK_BYTES the taps go
     # in groups, grad_a accumulating in place (measured: as fast or faster at those sizes, the
-    # groups' GEMMs staying large; below it one group is faster).
+    # groups' GEMMs staying large; below it one group is faster), and where the kernel's first axis
+    # is longer than 1 the groups are its rows, read as views (_shift_backward_by_rows).
     if chunks is None:
         stacked_bytes = grad_y.numel() * grad_y.element_size() * len(taps)
         chunks = max(1, min(len(taps), -(-stacked_bytes // SHIFT_CHUNK_BYTES)))
+        if chunks > 1 and weight.shape[2] > 1:
+            return _shift_backward_by_rows(grad_y, a, weight)
     m = a.reshape(n, ci, -1)
     wall = _tap_matrix(weight)
     grad_wall = weight.new_empty((len(taps) * co, ci))
@@ -368,27 +403,46 @@ def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
         group = taps[first:first + per]
         stacked = grad_y.new_empty((n, len(group), co, *spatial))
         for j, offset in enumerate(group):
-            dst, src = zip(*(_shifted(size, -o) for size, o in zip(spatial, offset)))
-            stacked[(slice(None), j, slice(None), *dst)] = grad_y[(slice(None), slice(None), *src)]
-            # zero only the strips the shifted copy did not reach (a full zero fill costs as much as the copy)
-            for axis, (size, o) in enumerate(zip(spatial, offset)):
-                if o:
-                    edge = slice(0, o) if o > 0 else slice(size + o, size)
-                    index = [slice(None)] * len(spatial)
-                    index[axis] = edge
-                    stacked[(slice(None), j, slice(None), *index)] = 0
-        g = stacked.view(n, len(group) * co, -1)
-        rows = slice(first * co, (first + len(group)) * co)
-        w_t = wall[rows].t()
-        if grad_a is None:
-            grad_a = _left_mm(w_t, g)
-        elif n == 1:
-            grad_a[0].addmm_(w_t, g[0])
-        else:
-            grad_a.baddbmm_(w_t.expand(n, -1, -1), g)
-        grad_wall[rows] = g[0] @ m[0].t() if n == 1 else torch.matmul(g, m.transpose(1, 2)).sum(0)
-        del stacked, g
+            _copy_shifted(stacked[:, j], grad_y, offset)
+        grad_a = _accumulate_tap_group(grad_a, grad_wall, wall, slice(first * co, (first + len(group)) * co),
+                                       stacked.view(n, len(group) * co, -1), m)
+        del stacked
     grad_w = grad_wall.view(len(taps), co, ci).permute(1, 2, 0).contiguous().view(weight.shape)
+    return grad_a.view(a.shape), grad_w
+
+
+def _shift_backward_by_rows(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor):
+    """The shift backward in groups of taps sharing their offset along the first spatial axis (a
+    3x3x1 kernel: three groups of three), without a shifted copy per tap: grad_y is copied once per
+    tap of the other axes (3 for 3x3x1, not 9) into a buffer padded by (kh - 1) / 2 zero rows along
+    the first axis, and each group's operand is a view of that buffer starting at its row offset
+    (a matrix with a leading dimension longer than its rows, which the GEMMs read in place).
+    Measured at AH-Net's largest dense layer (80 -> 20 channels, 64x64x16): 29 -> 22 ms, the
+    copies a third of the grouped path's and the buffer the size of one group."""
+    n, ci = a.shape[:2]
+    co, spatial = weight.shape[0], a.shape[2:]
+    kh = weight.shape[2]
+    ph = (kh - 1) // 2
+    h, rest = spatial[0], spatial[1:]
+    rest_size = math.prod(rest)
+    rest_taps = [offset[1:] for offset in _taps(weight[:, :, :1])]  # offsets along the other axes
+    r = len(rest_taps)
+    padded = grad_y.new_empty((n, r, co, h + 2 * ph, *rest))
+    padded[:, :, :, :ph] = 0
+    padded[:, :, :, ph + h:] = 0
+    for j, offset in enumerate(rest_taps):
+        _copy_shifted(padded[:, j, :, ph:ph + h], grad_y, offset)
+    flat = padded.view(n, r * co, -1)
+    m = a.reshape(n, ci, -1)
+    wall = _tap_matrix(weight)  # tap-major, taps row-major over the kernel: row i's taps are contiguous
+    grad_wall = weight.new_empty((kh * r * co, ci))
+    grad_a = None
+    for i in range(kh):  # offset i - ph along the first axis: output row p reads grad_y row p - (i - ph)
+        start = (2 * ph - i) * rest_size
+        grad_a = _accumulate_tap_group(grad_a, grad_wall, wall, slice(i * r * co, (i + 1) * r * co),
+                                       flat[:, :, start:start + h * rest_size], m)
+    del padded, flat
+    grad_w = grad_wall.view(kh * r, co, ci).permute(1, 2, 0).contiguous().view(weight.shape)
     return grad_a.view(a.shape), grad_w
 
 
@@ -472,3 +526,40 @@ def conv3d(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
         if path == "slice_fold":
             return slice_fold_forward(a, weight, bias, stride, padding)
     return torch.nn.functional.conv3d(a, weight, bias, stride, padding)
+
+
+def pointwise_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: Sequence[int]) -> torch.Tensor:
+    """A plain (not BatchNorm-fused) 1x1x1 (2D: 1x1) convolution without padding, any stride,
+    differentiable: the encoder's first bottleneck convolutions and its strided downsampling
+    projections. On CPU by path ``matmul``: a strided convolution only reads every s-th voxel, so
+    the input is subsampled first (a strided view copied once), then one matrix product. ATen sends
+    these convolutions to oneDNN at batch 1; the product measured 1.3-2.9x faster forward+backward on
+    the encoder's shapes at a 128x128x32 input (benchmarks/results/aniso_conv_cpu.md). Elsewhere, and
+    inside ``use_path`` with any other path, ATen's convolution."""
+    nd = a.dim() - 2
+    stride = [int(s) for s in stride]
+    if weight.dim() != a.dim() or any(k != 1 for k in weight.shape[2:]) or weight.shape[1] != a.shape[1]:
+        raise ValueError(f"pointwise_conv: weight {tuple(weight.shape)} is not a 1x1 kernel for input "
+                         f"{tuple(a.shape)}")
+    if len(stride) != nd or any(s < 1 for s in stride):
+        raise ValueError(f"pointwise_conv: stride must be {nd} positive integers, got {stride!r}")
+    if a.device.type != "cpu" or _forced not in (None, "matmul"):
+        conv = torch.nn.functional.conv3d if nd == 3 else torch.nn.functional.conv2d
+        return conv(a, weight, bias, stride)
+    channels_last = is_channels_last(a)
+    if any(s != 1 for s in stride):
+        a = a[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+        a = a.contiguous(memory_format=output_format_for(nd, channels_last))
+    w = weight.view(weight.shape[0], weight.shape[1])
+    m, cl = _as_matrix(a)
+    y = _from_matrix(torch.matmul(m, w.t()) if cl else _left_mm(w, m), a, weight.shape[0], cl)
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, *([1] * nd))
+    return y
+
+
+def output_format_for(nd: int, channels_last: bool) -> torch.memory_format:
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if nd == 3 else torch.channels_last
