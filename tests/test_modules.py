@@ -101,11 +101,14 @@ def test_memory_layouts_float32_eval(layout):
     amplifies float32 rounding in its gradients to ~1e-3 relative (channels-last convolutions, which
     sum in another order, land elsewhere in that band: PyTorch's own error ranges 0.8e-3 to 7e-3 over
     layouts and inputs), so the fused op is judged against PyTorch's own ops in the same layout, as a
-    median over three inputs (one input alone is a coin toss within that band): its error against the
-    float64 truth is at most 2x theirs, plus 1e-6."""
+    median over nine inputs: its error against the float64 truth is at most 2x theirs, plus 1e-6.
+    The error is dominated by ReLU and max-pool decisions that float32 rounding flips, so it jumps
+    per input (measured 0.5e-3 to 7.5e-3 for both over nine inputs, medians 2.9e-3 ours and 3.2e-3
+    PyTorch's); over three inputs the median was still a coin toss (one summation-order change moved
+    ours from 2.5e-3 to 6.4e-3 while PyTorch's stayed at 2.4e-3)."""
     net = _layout_net(torch.float32, False)
     errors = {"fused": ([], []), "torch": ([], [])}
-    for seed in range(3):
+    for seed in range(9):
         x = torch.randn(2, 1, 64, 32, 32, generator=torch.Generator().manual_seed(seed))
         truth = _layout_run(net.double(), x.double(), "contiguous")
         net.float()

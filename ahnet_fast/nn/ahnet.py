@@ -73,6 +73,17 @@ def stem_conv(conv: nn.Module, x: torch.Tensor, backend: str | None = None) -> t
     return conv(x)
 
 
+def pointwise(conv: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``conv(x)`` for a 1x1x1 convolution without padding (the bottlenecks' first convolution and
+    the downsampling projections, strided): through ``aniso_conv.pointwise_conv`` (a matrix
+    product on CPU, measured faster there). The ``reference`` backend keeps ``conv(x)``."""
+    if requested_backend(backend) != "reference" and isinstance(conv, (nn.Conv2d, nn.Conv3d)) and \
+            all(k == 1 for k in conv.kernel_size) and conv.padding_mode == "zeros" and conv.groups == 1 and \
+            not isinstance(conv.padding, str) and not any(conv.padding) and all(d == 1 for d in conv.dilation):
+        return aniso_conv.pointwise_conv(x, conv.weight, conv.bias, conv.stride)
+    return conv(x)
+
+
 def upsample(up: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """``up(x)``; on CPU a transposed convolution whose kernel equals its stride (the x2
     up-transitions) runs as a matrix product and a voxel shuffle (``ops.transposed_conv``: measured
@@ -114,14 +125,18 @@ class Bottleneck3x3x1(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = bn_relu_conv(self.bn1, self.conv2, self.conv1(x), self.backend)
+        out = bn_relu_conv(self.bn1, self.conv2, pointwise(self.conv1, x, self.backend), self.backend)
         out = self.bn3(bn_relu_conv(self.bn2, self.conv3, out, self.backend))
         residual = x
         if self.downsample is not None:
             residual = x
             for module in self.downsample:  # (conv, slice pool, BN); a (1, 1, 1) pool is the identity
-                residual = slice_pool(module, residual, self.backend) \
-                    if isinstance(module, (nn.MaxPool2d, nn.MaxPool3d)) else module(residual)
+                if isinstance(module, (nn.MaxPool2d, nn.MaxPool3d)):
+                    residual = slice_pool(module, residual, self.backend)
+                elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                    residual = pointwise(module, residual, self.backend)
+                else:
+                    residual = module(residual)
             if out.shape != residual.shape:
                 out = slice_pool(self.pool, out, self.backend)
         return torch.relu_(out + residual)
