@@ -21,7 +21,8 @@ and every BatchNorm keeps its input while the convolution after it keeps the nor
 What the block keeps for backward is the output buffer plus g channels per layer (a), against
 about three copies of every prefix plus 7g channels per layer in eager mode; with
 ``keep_bottleneck`` (the AH-Net module's choice outside activation checkpointing) also c1 (4g
-channels per layer), trading memory for the recomputation of c1. The units run on an
+channels per layer) and a + b (g channels), trading memory for the recomputation of c1 and of the
+1x1x3 convolution. The units run on an
 engine of ``ahnet_fast.ops.bn_relu_conv`` (C++ BatchNorm + the convolution path
 ``ahnet_fast.ops.aniso_conv`` picks per shape, or Triton with BatchNorm fused into the
 convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
@@ -115,9 +116,11 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     momenta: per layer one per BatchNorm (4 per layer); the running statistics are updated in
     place in training, as ``F.batch_norm`` does.
 
-    keep_bottleneck: also keep each layer's c1 = conv1x1(relu(bn1(prefix))) (4g channels) for
-    backward instead of recomputing it there (a BatchNorm+ReLU pass over the prefix and the block's
-    largest 1x1x1 product per layer, ~10% of the block's step time on CPU). The AH-Net module turns
+    keep_bottleneck: also keep each layer's c1 = conv1x1(relu(bn1(prefix))) (4g channels) and
+    a + b (g channels) for backward instead of recomputing them there (for c1 a BatchNorm+ReLU pass
+    over the prefix and the block's largest 1x1x1 product per layer, ~10% of the block's step time
+    on CPU; for a + b the 1x1x3 convolution and the sum, ~3 ms per layer of the last block at a
+    128x128x32 input). The AH-Net module turns
     it on outside activation checkpointing (inside it, memory is the priority).
     """
     _check(x, weights, running_means, running_vars, momenta)
@@ -135,7 +138,7 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
                     list(running_vars) if not use_batch_stats else [], use_batch_stats, eps, keep_bottleneck)
     if training and have_running:
-        stats = _split_saved(saved, len(weights) // PARAMS_PER_LAYER)[2]
+        stats = _split_saved(saved, len(weights) // PARAMS_PER_LAYER)[3]
         count = x.numel() // x.shape[1]  # every unit keeps the spatial size
         for u, (rm, rv, mom) in enumerate(zip(running_means, running_vars, momenta)):
             update_running_stats(rm, rv, stats[2 * u], stats[2 * u + 1], training, mom, count)
@@ -147,9 +150,11 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
 
 
 def _split_saved(saved, layers):
-    """(a per layer, c1 per layer or nothing, mean and variance per BatchNorm) from the op's saved list."""
+    """(a per layer, c1 per layer or nothing, a + b per layer or nothing, mean and variance per
+    BatchNorm) from the op's saved list."""
     n_stats = 2 * BNS_PER_LAYER * layers
-    return saved[:layers], saved[layers:len(saved) - n_stats], saved[len(saved) - n_stats:]
+    kept = saved[layers:len(saved) - n_stats]
+    return saved[:layers], kept[:layers], kept[layers:], saved[len(saved) - n_stats:]
 
 
 def _empty(x, channels):
@@ -165,7 +170,7 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         channels.append(channels[-1] + units[3][2].shape[0])
     out = _empty(x, channels[-1])
     out[:, :channels[0]].copy_(x)
-    inner, bottlenecks, stats = [], [], []
+    inner, bottlenecks, sums, stats = [], [], [], []
     for i, units in enumerate(layers):
         rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
         rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
@@ -185,12 +190,13 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         inner.append(a)  # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept
         if keep_bottleneck:
             bottlenecks.append(c1)
-    return out, inner + bottlenecks + stats
+            sums.append(s)
+    return out, inner + bottlenecks + sums + stats
 
 
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
     layers = _split(weights)
-    inner, kept, stats = _split_saved(saved, len(layers))
+    inner, kept, kept_sums, stats = _split_saved(saved, len(layers))
     channels = [channels0]
     for units in layers:
         channels.append(channels[-1] + units[3][2].shape[0])
@@ -235,9 +241,12 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
             return engine.recompute(t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(), same_padding(cw),
                                     keep_activation)
 
-        b, act_a = recompute(a, 2)
-        s = b.add_(a)
-        del b
+        if kept_sums:  # a + b kept: bn_relu(a) is recomputed inside the 1x1x3 unit's conv_backward
+            s, act_a = kept_sums[i], None
+        else:
+            b, act_a = recompute(a, 2)
+            s = b.add_(a)
+            del b
         last = i == len(layers) - 1
         g = conv_grad((grad_out if last else grad)[:, channels[i]:channels[i + 1]], s, 3, None)
         grad_s = bn_grad(g, s, 3)
@@ -267,7 +276,7 @@ def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps,
     layers = _split(weights)
     total = x.shape[1] + sum(units[3][2].shape[0] for units in layers)
     out = _empty(x, total)
-    inner, bottlenecks, stats = [], [], []
+    inner, bottlenecks, sums, stats = [], [], [], []
     sd = opmath_dtype(x.dtype)
     c = x.shape[1]
     for units in layers:
@@ -281,10 +290,12 @@ def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps,
         if keep_bottleneck:
             bottlenecks.append(torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device,
                                            memory_format=fmt))
+            sums.append(torch.empty((x.shape[0], growth, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                                    memory_format=fmt))
         for n in (c, width, growth, growth):
             stats += [x.new_empty(n, dtype=sd), x.new_empty(n, dtype=sd)]
         c += growth
-    return out, inner + bottlenecks + stats
+    return out, inner + bottlenecks + sums + stats
 
 
 def _backward_fake(grad_out, out, channels0, weights, saved, use_batch_stats, eps):
