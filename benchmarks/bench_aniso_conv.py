@@ -4,8 +4,8 @@ path that can compute it.
 The shapes are listed from the model itself (forward hooks on a meta-device AHNet with MONAI's
 defaults, 3 output classes) at a 1x1x128x128x32 input, and with --large also at 1x1x512x512x64. For
 each distinct shape: forward and backward (input + weight gradient) median times of every
-candidate path of ``ahnet_fast.ops.aniso_conv`` (CPU: aten = oneDNN / unfold, matmul, shift,
-folded, slice_fold (conv1's slice taps as 2D input channels); CUDA: aten = cuDNN conv3d, folded = cuDNN conv2d over a folded view, triton), the path the
+candidate path of ``ahnet_fast.ops.aniso_conv`` (CPU: aten = oneDNN / unfold, matmul (strided 1x1x1:
+``aniso_conv.pointwise_conv``), shift, folded, slice_fold (conv1's slice taps as 2D input channels); CUDA: aten = cuDNN conv3d, folded = cuDNN conv2d over a folded view, triton), the path the
 static rule picks, the FLOPs, and the rate of the fastest path against the machine's matmul peak
 measured in the same run.
 
@@ -104,6 +104,17 @@ def main():
                 tb = median_seconds(lambda: aniso_conv.backward(path, g, x, w, stride, padding), args.repeats,
                                     sync=sync)
                 times[path] = (tf, tb)
+            pointwise = all(k == 1 for k in ws[2:]) and not any(padding)
+            if pointwise and "matmul" not in times and device.type == "cpu":  # (CUDA: pointwise_conv is cuDNN)
+                # a strided 1x1x1 (the encoder's downsampling): aniso_conv.pointwise_conv's matrix product
+                # on the subsampled input, backward through its autograd
+                tf = median_seconds(lambda: aniso_conv.pointwise_conv(x, w, None, stride), args.repeats, sync=sync)
+                xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+                y = aniso_conv.pointwise_conv(xr, wr, None, stride)
+                tb = median_seconds(lambda: torch.autograd.grad(y, (xr, wr), g, retain_graph=True), args.repeats,
+                                    sync=sync)
+                times["matmul"] = (tf, tb)
+                del xr, wr, y
             if device.type == "cuda" and tuple(ws[2:]) != (7, 7, 3):  # the Triton kernels: the decoder's shapes
                 from ahnet_fast.kernels.triton import aniso_conv as kernels
 
@@ -117,6 +128,8 @@ def main():
                 times["triton"] = (tf, tb)
             aniso_conv.set_tuning(False)
             rule = (aniso_conv._rule("forward", x, w, paths), aniso_conv._rule("backward", x, w, paths))
+            if pointwise and device.type == "cpu":  # the model calls pointwise_conv: matmul on CPU, any stride
+                rule = ("matmul", "matmul")
             best = min(sum(t) for t in times.values())
             fl = flops(xs, ws, stride)
             cells = [f"{times[p][0] * 1e3:.2f} / {times[p][1] * 1e3:.2f}" if p in times else "—"

@@ -534,8 +534,9 @@ def pointwise_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     differentiable: the encoder's first bottleneck convolutions and its strided downsampling
     projections. On CPU by path ``matmul``: a strided convolution only reads every s-th voxel, so
     the input is subsampled first (a strided view copied once), then one matrix product. ATen sends
-    these convolutions to oneDNN at batch 1; the product measured 1.3-2.9x faster forward+backward on
-    the encoder's shapes at a 128x128x32 input (benchmarks/results/aniso_conv_cpu.md). Elsewhere, and
+    these convolutions to oneDNN at batch 1; the product measured 1.3-3.2x faster forward+backward on
+    the encoder's shapes at a 128x128x32 input, 1.7-3.2x on the three strided ones
+    (benchmarks/results/aniso_conv_cpu.md). Elsewhere, and
     inside ``use_path`` with any other path, ATen's convolution."""
     nd = a.dim() - 2
     stride = [int(s) for s in stride]
@@ -553,7 +554,13 @@ def pointwise_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         a = a.contiguous(memory_format=output_format_for(nd, channels_last))
     w = weight.view(weight.shape[0], weight.shape[1])
     m, cl = _as_matrix(a)
-    y = _from_matrix(torch.matmul(m, w.t()) if cl else _left_mm(w, m), a, weight.shape[0], cl)
+    if cl:
+        y = torch.matmul(m, w.t())
+    elif m.shape[0] == 1:  # squeeze, not m[0]: select's backward would fill a zero tensor and copy into it
+        y = (w @ m.squeeze(0)).unsqueeze(0)
+    else:
+        y = _left_mm(w, m)
+    y = _from_matrix(y, a, weight.shape[0], cl)
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, -1, *([1] * nd))
     return y
