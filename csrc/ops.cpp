@@ -25,6 +25,16 @@ TORCH_LIBRARY(ahnet_fast, m) {
   m.def(
       "bn_relu_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
       "Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // The ResNet bottleneck's tail: y = max(0, batch_norm(input) + residual), statistics as bn_relu.
+  // Returns (y, mean, var).
+  m.def(
+      "bn_add_relu(Tensor input, Tensor residual, Tensor weight, Tensor bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // Gradient of bn_add_relu with respect to input, residual, weight and bias, from the forward's
+  // output (the ReLU mask: output > 0, as torch's ReLU backward) and input.
+  m.def(
+      "bn_add_relu_backward(Tensor grad_out, Tensor output, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
+      "Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // Focal loss and its gradient in one pass over the logits (see ahnet_fast/ops/focal_loss.py).
   // Classes first_channel..C-1 enter the loss. target: an integer label map with B*S elements
   // (label_target) or a float tensor shaped like the logits. factor_pos / factor_neg: per-class

@@ -7,7 +7,7 @@ from torch import nn
 
 from ahnet_fast.backends import requested_backend
 from ahnet_fast.nn._checkpoint import in_checkpoint_segment
-from ahnet_fast.ops import batch_norm_relu
+from ahnet_fast.ops import batch_norm_add_relu, batch_norm_relu
 from ahnet_fast.ops.bn_relu_conv import bn_relu_conv as ops_bn_relu_conv
 from ahnet_fast.ops.dense_block import dense_block as ops_dense_block
 
@@ -31,6 +31,17 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, backend: str |
     running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
     return batch_norm_relu(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps,
                            backend=backend)
+
+
+def bn_add_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, residual: torch.Tensor,
+                backend: str | None = None) -> torch.Tensor:
+    """``relu(bn(x) + residual)`` through the fused op (a bottleneck's tail), with ``bn``'s
+    bookkeeping. The op has no Triton kernel: where the model runs the Triton backend, this part is
+    the torch composition."""
+    wanted = requested_backend(backend)
+    running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
+    return batch_norm_add_relu(x, residual, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum,
+                               bn.eps, backend="reference" if wanted == "triton" else wanted)
 
 
 def bn_relu_conv(bn: nn.modules.batchnorm._BatchNorm, conv: nn.modules.conv._ConvNd, x: torch.Tensor,

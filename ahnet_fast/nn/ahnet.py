@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ahnet_fast.nn._bn import bn_relu, bn_relu_conv, dense_block, set_backend
+from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, set_backend
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
 from ahnet_fast.backends import requested_backend
@@ -126,7 +126,7 @@ class Bottleneck3x3x1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = bn_relu_conv(self.bn1, self.conv2, pointwise(self.conv1, x, self.backend), self.backend)
-        out = self.bn3(bn_relu_conv(self.bn2, self.conv3, out, self.backend))
+        out = bn_relu_conv(self.bn2, self.conv3, out, self.backend)
         residual = x
         if self.downsample is not None:
             residual = x
@@ -137,9 +137,10 @@ class Bottleneck3x3x1(nn.Module):
                     residual = pointwise(module, residual, self.backend)
                 else:
                     residual = module(residual)
-            if out.shape != residual.shape:
-                out = slice_pool(self.pool, out, self.backend)
-        return torch.relu_(out + residual)
+            if out.shape != residual.shape:  # MONAI pools bn3's output: the composition here
+                out = slice_pool(self.pool, self.bn3(out), self.backend)
+                return torch.relu_(out + residual)
+        return bn_add_relu(self.bn3, out, residual, self.backend)
 
 
 class Projection(nn.Sequential):
