@@ -156,3 +156,19 @@ def test_bad_input_raises_value_error():
         batch_norm_add_relu(x, torch.randn(2, 3, 4), None, None, torch.ones(4), torch.zeros(4), True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         batch_norm_add_relu(torch.randn(1, 3), torch.randn(1, 3), None, None, None, None, True, 0.1, 1e-5)
+
+
+def test_auto_runs_the_composition_on_small_maps(monkeypatch):
+    import ahnet_fast.ops.bn_add_relu as mod
+
+    calls = []
+    real = torch.ops.ahnet_fast.bn_add_relu
+    monkeypatch.setattr(mod.torch.ops.ahnet_fast, "bn_add_relu", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    small = torch.randn(1, 4, 4, 4, 2)  # 32 values per channel
+    large = torch.randn(1, 4, 16, 16, 4)  # 1024
+    for x in (small, large):
+        batch_norm_add_relu(x, torch.randn_like(x), None, None, None, None, True, 0.1, 1e-5, backend="auto")
+    assert len(calls) == 1  # the large map only
+    batch_norm_add_relu(small, torch.randn_like(small), None, None, None, None, True, 0.1, 1e-5, backend="cpp")
+    assert len(calls) == 2  # a forced backend runs whatever the size

@@ -66,16 +66,25 @@ IMPLEMENTATIONS = (
     backends.Implementation("cpp", _cpp_reasons),
 )
 
+# Below this many values per channel "auto" runs the composition: the compiled op's fixed cost (a
+# Python autograd node, a parallel loop over channels) outweighs its saved passes. Measured
+# (benchmarks/results/bn_add_relu_cpu.md, training step): 1.69x at 8192 values per channel (layer1),
+# 1.19x at 1024 (layer2), 0.85x at 128 (layer3), 0.69x at 16 (layer4).
+AUTO_MIN_VALUES_PER_CHANNEL = 512
+
 
 def batch_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, running_mean, running_var, weight, bias,
                         training: bool, momentum: float, eps: float, *, backend: str | None = None) -> torch.Tensor:
     """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
 
-    backend: "auto" (the compiled kernel where it runs, else the composition), "reference" or
-    "cpp"; None follows ``ahnet_fast.backend(...)``. There is no Triton kernel: on CUDA "auto"
+    backend: "auto" (the compiled kernel where it runs and the map is large enough to gain,
+    AUTO_MIN_VALUES_PER_CHANNEL, else the composition), "reference" or "cpp"; None follows ``ahnet_fast.backend(...)``. There is no Triton kernel: on CUDA "auto"
     gives the composition (cuDNN's BatchNorm), and a forced "triton" is an error naming that."""
     _check(x, residual, running_mean, running_var, weight, bias, training)
-    chosen = backends.select("batch_norm_add_relu", IMPLEMENTATIONS, x.device, (x, residual), backend)
+    if backends.requested_backend(backend) == "auto" and x.numel() // x.shape[1] < AUTO_MIN_VALUES_PER_CHANNEL:
+        chosen = "reference"
+    else:
+        chosen = backends.select("batch_norm_add_relu", IMPLEMENTATIONS, x.device, (x, residual), backend)
     if chosen == "reference":
         return batch_norm_add_relu_reference(x, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps)
