@@ -25,6 +25,12 @@ TORCH_LIBRARY(ahnet_fast, m) {
   m.def(
       "bn_relu_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
       "Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // relu(batch_norm(input)) with the given statistics (eval-mode arithmetic of bn_relu), written into
+  // out, which must have the input's shape, strides and dtype: backward's recomputation into a reused
+  // buffer.
+  m.def(
+      "bn_relu_apply_(Tensor input, Tensor weight, Tensor bias, Tensor mean, Tensor var, float eps, "
+      "Tensor(a!) out) -> ()");
   // The ResNet bottleneck's tail: y = max(0, batch_norm(input) + residual), statistics as bn_relu.
   // Returns (y, mean, var).
   m.def(

@@ -285,3 +285,21 @@ def test_triton_opcheck():
         torch.library.opcheck(forward, (xin, w, b, None if training else rm, None if training else rv, training,
                                         1e-5), test_utils=("test_schema", "test_faketensor",
                                                            "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_apply_into_a_buffer_equals_the_eval_forward_bitwise(layout, dtype):
+    """bn_relu_apply_ (the dense block's recomputation into a reused buffer) writes exactly what
+    bn_relu gives with the same statistics: the recomputed activation must equal forward's."""
+    x = make_input((2, 5, 6, 4, 3), dtype, layout)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(5, dtype=sd) + 0.5, torch.randn(5, dtype=sd)
+    _, mean, var = torch.ops.ahnet_fast.bn_relu(x, w, b, None, None, True, 1e-5)
+    expected, _, _ = torch.ops.ahnet_fast.bn_relu(x, w, b, mean, var, False, 1e-5)
+    out = torch.empty_like(expected)  # the layout the kernel reads x in
+    torch.ops.ahnet_fast.bn_relu_apply_(x, w, b, mean, var, 1e-5, out)
+    assert torch.equal(out, expected)
+    torch.library.opcheck(torch.ops.ahnet_fast.bn_relu_apply_.default, (x, w, b, mean, var, 1e-5, out))
+    with pytest.raises(RuntimeError, match="out must have the input's shape"):
+        torch.ops.ahnet_fast.bn_relu_apply_(x, w, b, mean, var, 1e-5, torch.empty(2, 5, 6, 4, 2, dtype=dtype))

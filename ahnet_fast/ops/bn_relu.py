@@ -158,6 +158,8 @@ def _register():
     if extension_available():
         register_compiled_pair("bn_relu", "bn_relu_backward", _bn_relu_fake, _bn_relu_backward_fake, _make_backward,
                                _setup_context)
+        # writes into its `out` argument and returns nothing: the fake has nothing to produce
+        torch.library.register_fake("ahnet_fast::bn_relu_apply_")(lambda *args: None)
 
 
 _register()

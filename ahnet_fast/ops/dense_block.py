@@ -206,6 +206,13 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     grad = torch.empty((out.shape[0], channels[-2], *out.shape[2:]), dtype=out.dtype, device=out.device,
                        memory_format=output_format(out))
     grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    # One buffer for every activation the units' weight gradients recompute (one at a time), rather
+    # than a fresh tensor per unit: at AH-Net's last block that was 12 allocations of 5-27 MB, each
+    # paid again in page faults on CPU. Its size: the widest of the last layer's prefix and c1. Only
+    # in the kept form (outside checkpointing, where time is preferred): it lives through the whole
+    # backward, which the lean form's transient peak would feel.
+    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    workspace = out.new_empty(out.numel() // out.shape[1] * widest) if out.device.type == "cpu" and kept else None
     # The order below frees each temporary as soon as it is used. Held longer, the last layer's
     # normalised prefix, c1, c1's activation and their gradients were alive together with the 3x3x1
     # unit's shifted gradient copies (aniso_conv._shift_backward): that was the block's peak. So
@@ -224,7 +231,7 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
             bw, bb, mean, var = args(u)
             cw = units[u][2]
             gt, gcw = engine.conv_backward(g, t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(),
-                                           same_padding(cw), activation)
+                                           same_padding(cw), activation, workspace)
             grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw
             return gt
 

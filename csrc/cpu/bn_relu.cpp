@@ -506,6 +506,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(const at::Tensor& inp
   return {y, mean, var};
 }
 
+// relu(batch_norm(x)) with given statistics, written into `out` (x's shape, dtype and layout): the
+// recomputation in backward writes into a buffer its caller reuses instead of a fresh allocation.
+void bn_relu_apply_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                       const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& out) {
+  check_inputs(input, weight, bias, "bn_relu_apply_");
+  const at::Tensor x = readable(input);
+  const bool same_layout_class = is_channels_last(x) ? is_channels_last(out) : out.is_contiguous();
+  TORCH_CHECK(out.sizes() == x.sizes() && same_layout_class && out.scalar_type() == x.scalar_type() &&
+                  out.device() == x.device(),
+              "bn_relu_apply_: out must have the input's shape, layout (contiguous or channels-last, as the input "
+              "is read), dtype and device; got ", out.sizes(), " ", out.strides(), " ", out.scalar_type(), " for ",
+              x.sizes(), " ", x.strides(), " ", x.scalar_type());
+  const Geometry g = geometry(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_apply_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::vector<opmath_t> scale, shift;
+    at::Tensor m, v;
+    batch_norm_affine<scalar_t, opmath_t>(x, g, weight, bias, mean, var, false, eps, m, v, scale, shift);
+    channel_map(g, ApplyBnRelu<scalar_t, opmath_t>{x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                                   scale.data(), shift.data()});
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cpu(const at::Tensor& input, const at::Tensor& residual,
                                                                const at::Tensor& weight, const at::Tensor& bias,
                                                                const std::optional<at::Tensor>& running_mean,
@@ -656,6 +679,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
 TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
   m.impl("bn_relu", &bn_relu_cpu);
   m.impl("bn_relu_backward", &bn_relu_backward_cpu);
+  m.impl("bn_relu_apply_", &bn_relu_apply_cpu);
   m.impl("bn_add_relu", &bn_add_relu_cpu);
   m.impl("bn_add_relu_backward", &bn_add_relu_backward_cpu);
 }
