@@ -355,3 +355,56 @@ def test_pointwise_conv_under_autocast_keeps_the_low_precision():
         ref = torch.nn.functional.conv3d(x, w, b, (2, 2, 1))
     assert y.dtype == ref.dtype == torch.bfloat16
     assert rel_err(y.float(), ref.float()) < 2e-2
+
+
+# (input shape, weight shape, bias, stride, padding, k): the stem's conv1 + pool1 (smaller), batch 2 with a
+# bias, two input channels and a leftover slice that floor-mode pooling drops, a window of 3
+STEM_CASES = [
+    ((1, 1, 13, 10, 8), (6, 1, 7, 7, 3), False, (2, 2, 1), (3, 3, 1), 2),
+    ((2, 1, 9, 8, 6), (4, 1, 7, 7, 3), True, (2, 2, 1), (3, 3, 1), 2),
+    ((1, 2, 7, 9, 9), (3, 2, 3, 5, 3), True, (1, 2, 1), (1, 2, 1), 2),
+    ((1, 1, 6, 5, 10), (5, 1, 3, 3, 3), False, (1, 1, 1), (1, 1, 0), 3),
+]
+
+
+@pytest.mark.parametrize("case", STEM_CASES, ids=["stem", "n2-bias", "2ch-leftover", "k3"])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30], ids=["chunked", "whole"])
+def test_slice_fold_conv_pool_matches_conv_then_pool_float64(case, chunk_bytes, monkeypatch):
+    shape, wshape, bias, stride, padding, k = case
+    monkeypatch.setattr(aniso_conv, "SLICE_CHUNK_BYTES", chunk_bytes)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(wshape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(wshape[0], dtype=torch.float64, requires_grad=True) if bias else None
+    params = [w] + ([b] if bias else [])
+    y = aniso_conv.slice_fold_conv_pool(x, w, b, stride, padding, k)
+    ref = torch.nn.functional.max_pool3d(torch.nn.functional.conv3d(x, w, b, stride, padding), (1, 1, k), (1, 1, k))
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert_close_normwise(y, ref, 1e-13, what="output")
+    g = torch.randn_like(ref)
+    for got, want, name in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g),
+                               ("weight", "bias")):
+        assert_close_normwise(got, want, 1e-13, what=f"grad {name}")
+    assert torch.autograd.gradcheck(lambda *p: aniso_conv.slice_fold_conv_pool(x, p[0], p[1] if bias else None,
+                                                                               stride, padding, k),
+                                    tuple(params) if bias else (w, None))
+
+
+def test_slice_fold_conv_pool_refuses_an_input_that_needs_a_gradient():
+    x = torch.randn(1, 1, 8, 8, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="must not need a gradient"):
+        aniso_conv.slice_fold_conv_pool(x, torch.randn(2, 1, 3, 3, 3), None, (1, 1, 1), (1, 1, 1), 2)
+
+
+def test_the_model_stem_takes_the_chunked_path_on_cpu_and_matches_the_composition():
+    from ahnet_fast.nn.ahnet import AHNet, slice_pool, stem_conv, stem_conv_pool
+
+    net = AHNet(in_channels=1, out_channels=2, psp_block_num=1).double()
+    x = torch.randn(1, 1, 32, 32, 32, dtype=torch.float64)
+    fused = stem_conv_pool(net.conv1, net.pool1, x)
+    assert fused is not None
+    composed = slice_pool(net.pool1, stem_conv(net.conv1, x))
+    assert_close_normwise(fused, composed, 1e-13)
+    assert stem_conv_pool(net.conv1, net.pool1, x, backend="reference") is None
+    assert stem_conv_pool(net.conv1, net.pool1, x.clone().requires_grad_()) is None
+    with aniso_conv.use_path("aten"):
+        assert stem_conv_pool(net.conv1, net.pool1, x) is None
