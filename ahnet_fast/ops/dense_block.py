@@ -201,10 +201,12 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     for units in layers:
         channels.append(channels[-1] + units[3][2].shape[0])
     # The prefix gradient accumulates layer by layer in a buffer of the channels before the last
-    # layer's (channels[-2]); the last layer's own channels are read from grad_out, and its prefix
-    # gradient is added to grad_out's into the buffer (no clone of grad_out: one pass fewer).
-    grad = torch.empty((out.shape[0], channels[-2], *out.shape[2:]), dtype=out.dtype, device=out.device,
-                       memory_format=output_format(out))
+    # layer's (channels[-2]); the last layer's own channels are read from grad_out (no clone of
+    # grad_out: one pass fewer). The buffer is the last layer's prefix gradient itself, grad_out's
+    # share added into it, when it comes in the buffer's layout (a fresh tensor of that size would
+    # cost its page faults again); else a new buffer takes the sum.
+    fmt = output_format(out)
+    grad = None
     grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     # One buffer for every activation the units' weight gradients recompute (one at a time), rather
     # than a fresh tensor per unit: at AH-Net's last block that was 12 allocations of 5-27 MB, each
@@ -272,7 +274,12 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
         g = conv_grad(grad_c1, prefix, 0, None)
         del grad_c1
         if last:
-            torch.add(grad_out[:, :channels[i]], bn_grad(g, prefix, 0), out=grad)
+            grad_prefix = bn_grad(g, prefix, 0)
+            if grad_prefix.is_contiguous(memory_format=fmt):
+                grad = grad_prefix.add_(grad_out[:, :channels[i]])
+            else:
+                grad = torch.add(grad_out[:, :channels[i]], grad_prefix).contiguous(memory_format=fmt)
+            del grad_prefix
         else:
             grad[:, :channels[i]].add_(bn_grad(g, prefix, 0))
         del g
