@@ -26,7 +26,7 @@ from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import opmath_dtype, output_like
 from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, register_compiled_pair
-from ahnet_fast.ops.bn_relu import update_running_stats
+from ahnet_fast.ops.bn_relu import kernel_arguments, update_running_stats
 
 __all__ = ["batch_norm_add_relu", "batch_norm_add_relu_reference"]
 
@@ -89,11 +89,7 @@ def batch_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, running_mean, r
         return batch_norm_add_relu_reference(x, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps)
     channels = x.shape[1]
-    if weight is None:
-        weight = x.new_ones(channels, dtype=opmath_dtype(x.dtype))
-    if bias is None:
-        bias = torch.zeros_like(weight)
-    use_batch_stats = training or running_mean is None or running_var is None
+    weight, bias, use_batch_stats = kernel_arguments(x, weight, bias, training, running_mean, running_var)
     y, mean, var = torch.ops.ahnet_fast.bn_add_relu(
         x, residual, weight, bias, None if use_batch_stats else running_mean,
         None if use_batch_stats else running_var, use_batch_stats, eps)

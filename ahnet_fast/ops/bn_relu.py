@@ -70,11 +70,7 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
     if chosen == "reference":
         return batch_norm_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
     channels = x.shape[1]
-    if weight is None:
-        weight = x.new_ones(channels, dtype=opmath_dtype(x.dtype))
-    if bias is None:
-        bias = torch.zeros_like(weight)
-    use_batch_stats = training or running_mean is None or running_var is None
+    weight, bias, use_batch_stats = kernel_arguments(x, weight, bias, training, running_mean, running_var)
     forward = torch.ops.ahnet_fast.bn_relu if chosen == "cpp" else _triton_ops()[0]
     y, mean, var = forward(
         x, weight, bias, None if use_batch_stats else running_mean, None if use_batch_stats else running_var,
@@ -82,6 +78,16 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
     )
     update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // channels)
     return y
+
+
+def kernel_arguments(x, weight, bias, training, running_mean, running_var):
+    """(weight, bias, use_batch_stats) as the compiled kernels take them: an affine-free BatchNorm
+    gets weight 1 and bias 0; batch statistics in training or when there are no running ones."""
+    if weight is None:
+        weight = x.new_ones(x.shape[1], dtype=opmath_dtype(x.dtype))
+    if bias is None:
+        bias = torch.zeros_like(weight)
+    return weight, bias, training or running_mean is None or running_var is None
 
 
 def update_running_stats(running_mean, running_var, mean, var, training, momentum, count):

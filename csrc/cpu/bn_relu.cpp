@@ -560,6 +560,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_cpu(const at::Tensor&
   return {y, mean, var};
 }
 
+// From the per-channel sums of the ReLU-masked gradient gm and of gm * (x - mean): the weight and
+// bias gradients (in double) and the coefficients of dx = k * gm + a + b * (x - mean) (a and b fold in
+// the batch-statistics terms in training and are zero in eval). Shared by both backward ops.
+template <typename opmath_t>
+void input_grad_coefficients(const std::vector<double>& sum_g, const std::vector<double>& sum_gd,
+                             const std::vector<opmath_t>& invstd, const opmath_t* weight, bool training, double count,
+                             double* dw, double* db, std::vector<opmath_t>& k, std::vector<opmath_t>& a,
+                             std::vector<opmath_t>& b) {
+  const size_t C = sum_g.size();
+  k.resize(C);
+  a.resize(C);
+  b.resize(C);
+  for (size_t c = 0; c < C; ++c) {
+    const double is = static_cast<double>(invstd[c]);
+    dw[c] = sum_gd[c] * is;  // sum of gm * xhat
+    db[c] = sum_g[c];
+    k[c] = weight[c] * invstd[c];
+    if (training) {
+      // dx = k * (gm - sum_g / M - xhat * sum(gm * xhat) / M), with xhat = (x - mean) * invstd.
+      const double kd = static_cast<double>(k[c]);
+      b[c] = static_cast<opmath_t>(-kd * is * dw[c] / count);
+      a[c] = static_cast<opmath_t>(-kd * sum_g[c] / count);
+    } else {
+      a[c] = opmath_t(0);
+      b[c] = opmath_t(0);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(const at::Tensor& grad_out,
                                                                     const at::Tensor& input,
                                                                     const at::Tensor& weight, const at::Tensor& bias,
@@ -586,29 +615,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(const at::Te
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     std::vector<double> sum_g, sum_gd;  // sum of gm, sum of gm * (x - mean)
     channel_sums<opmath_t>(g, GradSums<scalar_t, opmath_t>{xp, gp, scale.data(), shift.data(), mp}, sum_g, sum_gd);
-    const double count = static_cast<double>(g.N * g.S);
-    std::vector<opmath_t> k(g.C), a(g.C), bb(g.C);
+    std::vector<opmath_t> k, a, bb;
     dw = at::empty({g.C}, weight.options());
     db = at::empty({g.C}, bias.options());
     at::Tensor dw_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
     at::Tensor db_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
-    double* dwp = dw_acc.mutable_data_ptr<double>();
-    double* dbp = db_acc.mutable_data_ptr<double>();
-    for (int64_t c = 0; c < g.C; ++c) {
-      const double is = static_cast<double>(invstd[c]);
-      dwp[c] = sum_gd[c] * is;  // sum of gm * xhat
-      dbp[c] = sum_g[c];
-      k[c] = wp[c] * invstd[c];
-      if (training) {
-        // dx = k * (gm - sum_g / M - xhat * sum(gm * xhat) / M), with xhat = (x - mean) * invstd.
-        const double kd = static_cast<double>(k[c]);
-        bb[c] = static_cast<opmath_t>(-kd * is * dwp[c] / count);
-        a[c] = static_cast<opmath_t>(-kd * sum_g[c] / count);
-      } else {
-        a[c] = opmath_t(0);
-        bb[c] = opmath_t(0);
-      }
-    }
+    input_grad_coefficients(sum_g, sum_gd, invstd, wp, training, static_cast<double>(g.N * g.S),
+                            dw_acc.mutable_data_ptr<double>(), db_acc.mutable_data_ptr<double>(), k, a, bb);
     channel_map(g, GradInput<scalar_t, opmath_t>{xp, gp, dx.mutable_data_ptr<scalar_t>(), scale.data(), shift.data(),
                                                  mp, k.data(), a.data(), bb.data()});
     dw.copy_(dw_acc);
@@ -645,26 +658,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     std::vector<double> sum_g, sum_gd;
     channel_sums<opmath_t>(g, GradSumsFromOutput<scalar_t, opmath_t>{xp, yp, gp, mp}, sum_g, sum_gd);
-    const double count = static_cast<double>(g.N * g.S);
-    std::vector<opmath_t> k(g.C), a(g.C), bb(g.C);
+    std::vector<opmath_t> k, a, bb;
     at::Tensor dw_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
     at::Tensor db_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
-    double* dwp = dw_acc.mutable_data_ptr<double>();
-    double* dbp = db_acc.mutable_data_ptr<double>();
-    for (int64_t c = 0; c < g.C; ++c) {
-      const double is = static_cast<double>(invstd[c]);
-      dwp[c] = sum_gd[c] * is;
-      dbp[c] = sum_g[c];
-      k[c] = wp[c] * invstd[c];
-      if (training) {
-        const double kd = static_cast<double>(k[c]);
-        bb[c] = static_cast<opmath_t>(-kd * is * dwp[c] / count);
-        a[c] = static_cast<opmath_t>(-kd * sum_g[c] / count);
-      } else {
-        a[c] = opmath_t(0);
-        bb[c] = opmath_t(0);
-      }
-    }
+    input_grad_coefficients(sum_g, sum_gd, invstd, wp, training, static_cast<double>(g.N * g.S),
+                            dw_acc.mutable_data_ptr<double>(), db_acc.mutable_data_ptr<double>(), k, a, bb);
     channel_map(g, GradInputFromOutput<scalar_t, opmath_t>{xp, yp, gp, dx.mutable_data_ptr<scalar_t>(),
                                                            dr.mutable_data_ptr<scalar_t>(), mp, k.data(), a.data(),
                                                            bb.data()});
