@@ -28,15 +28,18 @@ from torch import nn
 __all__ = ["MemoryEstimate", "estimate_training_memory", "plan", "parse_bytes", "WORKSPACE_FACTOR"]
 
 # The step's peak over the traced bytes kept for backward: backward's transients (1.7x the largest
-# kept tensor: an input gradient next to its tensor, a recomputed activation), then 1.2x that plus
-# 56 MiB for what the trace does not see (forward temporaries alive next to the kept tensors,
+# kept tensor: an input gradient next to its tensor, a recomputed activation), then 1.11x that plus
+# 42 MiB for what the trace does not see (forward temporaries alive next to the kept tensors,
 # allocator fragmentation, library workspaces). Calibrated on the CPU step at 1x1x128x128x32 and
 # 1x1x256x256x32 without checkpointing (two points, two constants); validated on the other
 # configurations of benchmarks/bench_memory.py (benchmarks/results/memory_cpu.md). Recalibrated when
-# the dense block's backward stopped holding its widest temporaries together (the factor was 1.47).
+# the dense block's backward stopped holding its widest temporaries together (the factor was 1.47),
+# and when the dense block's backward stopped allocating zero gradients and a copy of its output
+# gradient and the stem stopped allocating its convolution's whole output (it was 1.2x + 56 MiB,
+# which then overestimated by up to 17%).
 WORKSPACE_FACTOR = 1.7
-STEP_FACTOR = 1.2
-STEP_OVERHEAD = 56 * 2**20
+STEP_FACTOR = 1.11
+STEP_OVERHEAD = 42 * 2**20
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
 # relative step time of each choice (measured on CPU, benchmarks/results/e2e_cpu.md; on GPUs bf16 is

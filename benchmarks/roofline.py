@@ -35,7 +35,7 @@ from _common import finish_report, median_seconds, run_info, saved_bytes  # benc
 
 import ahnet_fast
 from ahnet_fast.nn.ahnet import DenseBlock, PyramidVolumetricPooling
-from ahnet_fast.ops import aniso_conv, batch_norm_relu, bn_relu_conv
+from ahnet_fast.ops import aniso_conv, batch_norm_add_relu, batch_norm_relu, bn_relu_conv
 from ahnet_fast.ops.slice_pool import slice_max_pool
 from ahnet_fast.ops.transposed_conv import strided_transposed_conv
 
@@ -125,6 +125,30 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
                                                                                       (bw, bb)),
                       reference=_fwd_bwd(bn("reference"), x, gy, (bw, bb)), baseline=_fwd_bwd(torch_bn, x, gy, (bw, bb)),
                       baseline_name="F.batch_norm + F.relu", min_bytes=2 * nbytes(x) + 3 * nbytes(x)))
+
+    # a bottleneck's tail, BatchNorm + residual + ReLU, at layer1 (256 channels, a quarter of the
+    # dense4 map): read x twice and the residual, write y; backward reads x, y and the gradient twice
+    # and writes two gradients
+    c1, s1 = (6, s) if smoke else (256, (32, 32, 8))
+    x1, r1 = randn(1, c1, *s1).requires_grad_(), randn(1, c1, *s1).requires_grad_()
+    bw1, bb1 = (randn(c1).abs() + 0.5).requires_grad_(), randn(c1).requires_grad_()
+    gy1 = randn(1, c1, *s1)
+
+    def tail(backend, r1=r1, bw1=bw1, bb1=bb1, c1=c1):
+        return lambda t: batch_norm_add_relu(t, r1, torch.zeros(c1, device=device), torch.ones(c1, device=device),
+                                             bw1, bb1, True, 0.1, 1e-5, backend=backend)
+
+    def torch_tail(t, r1=r1, bw1=bw1, bb1=bb1, c1=c1):
+        return F.relu(F.batch_norm(t, torch.zeros(c1, device=device), torch.ones(c1, device=device), bw1, bb1, True,
+                                   0.1, 1e-5) + r1)
+
+    # (no Triton kernel: on CUDA "auto" runs the composition)
+    tail_backend = "cpp" if device.type == "cpu" else "auto"
+    cases.append(dict(op="bn_add_relu", shape=f"{c1} @{'x'.join(map(str, s1))}",
+                      run=_fwd_bwd(tail(tail_backend), x1, gy1, (r1, bw1, bb1)),
+                      reference=_fwd_bwd(tail("reference"), x1, gy1, (r1, bw1, bb1)),
+                      baseline=_fwd_bwd(torch_tail, x1, gy1, (r1, bw1, bb1)),
+                      baseline_name="F.batch_norm + add + F.relu", min_bytes=12 * nbytes(x1)))
 
     ci, co = 104, 80
     x = randn(1, ci, *s).requires_grad_()
