@@ -26,8 +26,8 @@ TORCH_LIBRARY(ahnet_fast, m) {
       "bn_relu_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
       "Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
   // relu(batch_norm(input)) with the given statistics (eval-mode arithmetic of bn_relu), written into
-  // out, which must have the input's shape, strides and dtype: backward's recomputation into a reused
-  // buffer.
+  // out, which must have the input's shape and dtype and be channels-last when the input is, else
+  // contiguous: backward's recomputation into a reused buffer.
   m.def(
       "bn_relu_apply_(Tensor input, Tensor weight, Tensor bias, Tensor mean, Tensor var, float eps, "
       "Tensor(a!) out) -> ()");
@@ -37,7 +37,7 @@ TORCH_LIBRARY(ahnet_fast, m) {
       "bn_add_relu(Tensor input, Tensor residual, Tensor weight, Tensor bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
   // Gradient of bn_add_relu with respect to input, residual, weight and bias, from the forward's
-  // output (the ReLU mask: output > 0, as torch's ReLU backward) and input.
+  // output (the ReLU mask: blocked where output <= 0, as torch's ReLU backward) and input.
   m.def(
       "bn_add_relu_backward(Tensor grad_out, Tensor output, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
       "Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");

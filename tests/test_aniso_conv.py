@@ -408,3 +408,33 @@ def test_the_model_stem_takes_the_chunked_path_on_cpu_and_matches_the_compositio
     assert stem_conv_pool(net.conv1, net.pool1, x.clone().requires_grad_()) is None
     with aniso_conv.use_path("aten"):
         assert stem_conv_pool(net.conv1, net.pool1, x) is None
+
+
+def test_the_model_stem_keeps_the_composition_under_autocast_and_a_chosen_path():
+    from ahnet_fast.nn.ahnet import AHNet, stem_conv_pool
+
+    net = AHNet(in_channels=1, out_channels=2, psp_block_num=1)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert stem_conv_pool(net.conv1, net.pool1, x) is None  # conv2d's autocast casting stays autograd's
+    key = next(iter(aniso_conv.choices()), None)
+    assert stem_conv_pool(net.conv1, net.pool1, x) is not None
+    stem_keys = [k for k, v in aniso_conv.choices().items() if v["path"] == "slice_fold"]
+    assert stem_keys, key
+    saved = aniso_conv.choices()
+    try:  # a loaded choice of aten for conv1 is honoured
+        aniso_conv.clear_choices()
+        import json
+        import os
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "paths.json")
+            with open(path, "w") as f:
+                json.dump({k: {"path": "aten"} for k in stem_keys}, f)
+            aniso_conv.load_choices(path)
+        assert stem_conv_pool(net.conv1, net.pool1, x) is None
+    finally:
+        aniso_conv.clear_choices()
+        for k, v in saved.items():
+            aniso_conv._choices[k] = v

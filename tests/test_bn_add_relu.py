@@ -172,3 +172,21 @@ def test_auto_runs_the_composition_on_small_maps(monkeypatch):
     assert len(calls) == 1  # the large map only
     batch_norm_add_relu(small, torch.randn_like(small), None, None, None, None, True, 0.1, 1e-5, backend="cpp")
     assert len(calls) == 2  # a forced backend runs whatever the size
+
+
+def test_nan_follows_torch_relu_backward():
+    """A NaN output passes the gradient (torch's ReLU backward blocks only where the output is <= 0):
+    here a NaN only in the residual."""
+    x = make_input((1, 3, 4, 4, 2), torch.float64, "contiguous")
+    r = torch.randn(1, 3, 4, 4, 2, dtype=torch.float64)
+    r[0, 1, 2, 3, 1] = float("nan")
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    grads = []
+    for backend in ("cpp", "reference"):
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = batch_norm_add_relu(xi, ri, None, None, w, b, True, 0.1, 1e-5, backend=backend)
+        y.backward(torch.ones_like(y))
+        grads.append((y.detach(), ri.grad))
+    (y, dr), (y_ref, dr_ref) = grads
+    assert torch.equal(y.isnan(), y_ref.isnan()) and y.isnan().sum() == 1
+    assert torch.equal(dr, dr_ref) and dr[0, 1, 2, 3, 1] == 1

@@ -19,6 +19,7 @@ from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, s
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
 from ahnet_fast._extension import extension_available
+from ahnet_fast._layout import autocast_dtype
 from ahnet_fast.backends import requested_backend
 from ahnet_fast.ops import aniso_conv
 from ahnet_fast.ops.slice_pool import slice_max_pool
@@ -79,13 +80,13 @@ def stem_conv_pool(conv: nn.Module, pool: nn.Module, x: torch.Tensor, backend: s
     at a time, the convolution's full output never allocated: conv + pool forward+backward 67 -> 49 ms
     alone at a 128x128x32 input, the difference being page faults on that 32 MiB output; ~10 ms of a
     training step in an alternating A/B, within this machine's noise) where it applies:
-    CPU with the compiled extension, the image needing no gradient, the slice_fold path (the rule's
-    choice there; not under another forced path, the reference backend, or while torch.compile
-    traces), a (1, 1, k) max pool with stride k. None where it does not: the caller composes
-    :func:`stem_conv` and :func:`slice_pool`."""
-    if x.device.type != "cpu" or x.requires_grad or not extension_available() or \
-            requested_backend(backend) == "reference" or aniso_conv.forced_path() not in (None, "slice_fold") or \
-            torch.compiler.is_compiling() or not isinstance(conv, nn.Conv3d) or not isinstance(pool, nn.MaxPool3d):
+    CPU with the compiled extension, the image needing no gradient, no autocast, the slice_fold path
+    chosen for conv1 (``aniso_conv.choose``: the rule's choice, or a tuned, loaded or forced one; not
+    while torch.compile traces, nor with the reference backend), a (1, 1, k) max pool with stride k.
+    None where it does not: the caller composes :func:`stem_conv` and :func:`slice_pool`."""
+    if x.device.type != "cpu" or x.requires_grad or not extension_available() or autocast_dtype(x) is not None or \
+            requested_backend(backend) == "reference" or torch.compiler.is_compiling() or \
+            not isinstance(conv, nn.Conv3d) or not isinstance(pool, nn.MaxPool3d):
         return None
     if conv.padding_mode != "zeros" or conv.groups != 1 or any(d != 1 for d in conv.dilation) or \
             isinstance(conv.padding, str):
@@ -95,7 +96,8 @@ def stem_conv_pool(conv: nn.Module, pool: nn.Module, x: torch.Tensor, backend: s
             pool.return_indices or any(d != 1 for d in _as_tuple(pool.dilation, 3)):
         return None
     stride_c, padding_c = list(conv.stride), list(conv.padding)
-    if "slice_fold" not in aniso_conv.candidates(x, conv.weight, stride_c, padding_c):
+    if "slice_fold" not in aniso_conv.candidates(x, conv.weight, stride_c, padding_c) or \
+            aniso_conv.choose("forward", x, conv.weight, stride_c, padding_c) != "slice_fold":
         return None
     d_out = x.shape[4] + 2 * padding_c[2] - conv.weight.shape[4] + 1
     if d_out < kernel[2]:

@@ -534,7 +534,7 @@ def pointwise_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     differentiable: the encoder's first bottleneck convolutions and its strided downsampling
     projections. On CPU by path ``matmul``: a strided convolution only reads every s-th voxel, so
     the input is subsampled first (a strided view copied once), then one matrix product. ATen sends
-    these convolutions to oneDNN at batch 1; the product measured 1.3-3.2x faster forward+backward on
+    these convolutions to oneDNN at batch 1; the product measured 1.3-3.3x faster forward+backward on
     the encoder's shapes at a 128x128x32 input, 1.7-3.2x on the three strided ones
     (benchmarks/results/aniso_conv_cpu.md). Elsewhere, and
     inside ``use_path`` with any other path, ATen's convolution."""

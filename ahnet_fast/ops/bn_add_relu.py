@@ -2,8 +2,8 @@
 
 ``batch_norm_add_relu(x, residual, ...) = relu(F.batch_norm(x, ...) + residual)``, with the
 semantics of ``F.batch_norm`` (batch statistics in training, running statistics updated in place
-with ``momentum``; running statistics in eval). AH-Net's encoder ends each of its 16 bottlenecks
-this way. Composed of torch ops that is four passes over the block's widest tensor forward (the
+with ``momentum``; running statistics in eval). AH-Net's encoder ends 13 of its 16 bottlenecks this
+way (the first blocks of layers 2-4 pool bn3's output before the sum: the composition there). Composed of torch ops that is four passes over the block's widest tensor forward (the
 BatchNorm's statistics and normalisation, the sum, the ReLU) and three backward (the ReLU's mask,
 the BatchNorm's two); here forward is the statistics pass plus one pass writing the output, and
 backward two passes, the second writing both gradients.
@@ -14,7 +14,7 @@ Backends:
   compiled kernel cannot (CUDA, mixed dtypes).
 - ``cpp``: ``torch.ops.ahnet_fast.bn_add_relu`` / ``bn_add_relu_backward`` (csrc/cpu/bn_relu.cpp,
   the statistics shared with ``bn_relu``). Backward reads the output (the ReLU mask, as torch's
-  ReLU backward does: gradient where output > 0) and the input: the tensors the composition keeps,
+  ReLU backward does: blocked where output <= 0) and the input: the tensors the composition keeps,
   and the output is the next block's input, kept by it anyway.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def batch_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, running_mean, r
     AUTO_MIN_VALUES_PER_CHANNEL, else the composition), "reference" or "cpp"; None follows ``ahnet_fast.backend(...)``. There is no Triton kernel: on CUDA "auto"
     gives the composition (cuDNN's BatchNorm), and a forced "triton" is an error naming that."""
     _check(x, residual, running_mean, running_var, weight, bias, training)
-    if backends.requested_backend(backend) == "auto" and x.numel() // x.shape[1] < AUTO_MIN_VALUES_PER_CHANNEL:
+    if backends.requested_backend(backend) == "auto" and x.numel() // max(x.shape[1], 1) < AUTO_MIN_VALUES_PER_CHANNEL:
         chosen = "reference"
     else:
         chosen = backends.select("batch_norm_add_relu", IMPLEMENTATIONS, x.device, (x, residual), backend)

@@ -366,8 +366,9 @@ struct ApplyBnAddRelu {
   }
 };
 
-// bn_add_relu backward, pass 1: the ReLU's gradient gm = g where y > 0 (torch's rule for a ReLU
-// whose output is kept), and per channel the sums of gm and of gm * (x - mean).
+// bn_add_relu backward, pass 1: the ReLU's gradient gm = g except where the output y <= 0 (torch's
+// rule for a ReLU whose output is kept: a NaN output passes the gradient), and per channel the sums
+// of gm and of gm * (x - mean).
 template <typename scalar_t, typename opmath_t>
 struct GradSumsFromOutput {
   const scalar_t* x;
@@ -381,7 +382,7 @@ struct GradSumsFromOutput {
     const scalar_t* gp = g + off;
     lane_sums<opmath_t>(n, [&](int64_t i, opmath_t& sa, opmath_t& sb) {
       const opmath_t gv = static_cast<opmath_t>(gp[i]);
-      const opmath_t gm = static_cast<opmath_t>(yp[i]) > opmath_t(0) ? gv : opmath_t(0);
+      const opmath_t gm = passes(static_cast<opmath_t>(yp[i])) ? gv : opmath_t(0);
       sa += gm;
       sb += gm * (static_cast<opmath_t>(xp[i]) - m);
     }, a, b);
@@ -392,7 +393,7 @@ struct GradSumsFromOutput {
     const scalar_t* gp = g + off;
     for (int64_t c = 0; c < C; ++c) {
       const opmath_t gv = static_cast<opmath_t>(gp[c]);
-      const opmath_t gm = static_cast<opmath_t>(yp[c]) > opmath_t(0) ? gv : opmath_t(0);
+      const opmath_t gm = passes(static_cast<opmath_t>(yp[c])) ? gv : opmath_t(0);
       a[c] += gm;
       b[c] += gm * (static_cast<opmath_t>(xp[c]) - mean[c]);
     }
@@ -420,7 +421,7 @@ struct GradInputFromOutput {
     scalar_t* drp = dr + off;
     for (int64_t i = 0; i < n; ++i) {
       const opmath_t gv = static_cast<opmath_t>(gp[i]);
-      const opmath_t gm = static_cast<opmath_t>(yp[i]) > opmath_t(0) ? gv : opmath_t(0);
+      const opmath_t gm = passes(static_cast<opmath_t>(yp[i])) ? gv : opmath_t(0);
       drp[i] = static_cast<scalar_t>(gm);
       dxp[i] = static_cast<scalar_t>(kc * gm + ac + bc * (static_cast<opmath_t>(xp[i]) - m));
     }
@@ -433,7 +434,7 @@ struct GradInputFromOutput {
     scalar_t* drp = dr + off;
     for (int64_t c = 0; c < C; ++c) {
       const opmath_t gv = static_cast<opmath_t>(gp[c]);
-      const opmath_t gm = static_cast<opmath_t>(yp[c]) > opmath_t(0) ? gv : opmath_t(0);
+      const opmath_t gm = passes(static_cast<opmath_t>(yp[c])) ? gv : opmath_t(0);
       drp[c] = static_cast<scalar_t>(gm);
       dxp[c] = static_cast<scalar_t>(k[c] * gm + a[c] + b[c] * (static_cast<opmath_t>(xp[c]) - mean[c]));
     }
