@@ -45,9 +45,11 @@ def test_roofline_script_measures_every_op_and_the_step(tmp_path):
     assert _ops() <= set(by_op), f"ops missing from the roofline: {_ops() - set(by_op)}"
     step = by_op["training"]
     # convolutions and the step do FLOPs (FlopCounterMode over the reference path); BN/pooling/loss
-    # count none; every op moves bytes and its fraction of the roof is a fraction
+    # count none; every op moves bytes and has a finite, positive fraction of the roof. No upper
+    # bound: that would be a timed assert (the smoke shapes stay in cache, and the ceilings are
+    # measured on a shared machine: a loaded CI run saw bn_relu_conv at 1.64x a depressed copy roof)
     assert by_op["aniso_conv"]["flops"] > 0 and by_op["dense_block"]["flops"] > 0 and step["flops"] > 0
     assert by_op["bn_relu"]["flops"] == 0 and by_op["bn_relu"]["bound"] == "memory"
     for r in report["results"]:
-        assert r["min_bytes"] > 0 and 0 < r["fraction_of_roof"] <= 1.5, r
+        assert r["min_bytes"] > 0 and 0 < r["fraction_of_roof"] < float("inf"), r
     assert "training step" in (tmp_path / "roof.md").read_text()
