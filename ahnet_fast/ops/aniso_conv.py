@@ -548,10 +548,9 @@ def pointwise_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if a.device.type != "cpu" or _forced not in (None, "matmul"):
         conv = torch.nn.functional.conv3d if nd == 3 else torch.nn.functional.conv2d
         return conv(a, weight, bias, stride)
-    channels_last = is_channels_last(a)
     if any(s != 1 for s in stride):
-        a = a[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
-        a = a.contiguous(memory_format=output_format_for(nd, channels_last))
+        fmt = output_format(a)  # the subsampled copy keeps the input's layout
+        a = a[(slice(None), slice(None), *(slice(None, None, s) for s in stride))].contiguous(memory_format=fmt)
     w = weight.view(weight.shape[0], weight.shape[1])
     m, cl = _as_matrix(a)
     if cl:
@@ -565,11 +564,6 @@ def pointwise_conv(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         y = y + bias.to(y.dtype).view(1, -1, *([1] * nd))
     return y
 
-
-def output_format_for(nd: int, channels_last: bool) -> torch.memory_format:
-    if not channels_last:
-        return torch.contiguous_format
-    return torch.channels_last_3d if nd == 3 else torch.channels_last
 
 
 # ---------------------------------------------------------------------------------------------
