@@ -31,6 +31,14 @@ TORCH_LIBRARY(ahnet_fast, m) {
   m.def(
       "bn_relu_apply_(Tensor input, Tensor weight, Tensor bias, Tensor mean, Tensor var, float eps, "
       "Tensor(a!) out) -> ()");
+  // The batch statistics bn_relu(training=True) uses (mean, biased variance; float32 for reduced
+  // precision), without normalising.
+  m.def("bn_stats(Tensor input) -> (Tensor, Tensor)");
+  // bn_relu_backward's input gradient written into out (out = grad, or out += grad with accumulate);
+  // out has the input's shape and dtype and may be grad_out itself. Returns (grad_weight, grad_bias).
+  m.def(
+      "bn_relu_backward_into_(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
+      "bool training, float eps, Tensor(a!) out, bool accumulate) -> (Tensor, Tensor)");
   // The ResNet bottleneck's tail: y = max(0, batch_norm(input) + residual), statistics as bn_relu.
   // Returns (y, mean, var).
   m.def(

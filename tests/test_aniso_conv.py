@@ -438,3 +438,34 @@ def test_the_model_stem_keeps_the_composition_under_autocast_and_a_chosen_path()
         aniso_conv.clear_choices()
         for k, v in saved.items():
             aniso_conv._choices[k] = v
+
+
+def _shifted_reference(src, offset):
+    """dst[..., q] = src[..., q - offset], zero outside: by zero padding and slicing."""
+    nd = len(offset)
+    pad = []
+    for o in reversed(offset):
+        pad += [abs(o), abs(o)]
+    padded = torch.nn.functional.pad(src, pad)
+    index = [slice(None)] * (src.dim() - nd)
+    for size, o in zip(src.shape[src.dim() - nd:], offset):
+        index.append(slice(abs(o) - o, abs(o) - o + size))
+    return padded[tuple(index)]
+
+
+@pytest.mark.parametrize("offset", [(0, 0, 1), (0, 0, -1), (1, 0, 0), (-1, 1, 0), (1, -1, -1), (0, 2, 1),
+                                    (0, 0, 7), (3, 0, 0)])
+@pytest.mark.parametrize("kind", ["contiguous", "padded_rows", "strided_last"])
+def test_copy_shifted_matches_padding_and_slicing(offset, kind):
+    """The shifted copy of the shift path's backward: as one copy of the flattened trailing block
+    when both sides are contiguous there (the values that wrap across rows land in zeroed strips),
+    by per-axis slices otherwise; offsets as long as an axis give all zeros."""
+    src = torch.randn(2, 3, 4, 5, 7, dtype=torch.float64)
+    if kind == "padded_rows":  # the destination: rows 1..4 of a buffer padded along the first axis
+        dst = torch.full((2, 3, 6, 5, 7), float("nan"), dtype=torch.float64)[:, :, 1:5]
+    elif kind == "strided_last":
+        dst = torch.full((2, 3, 4, 5, 14), float("nan"), dtype=torch.float64)[..., ::2]
+    else:
+        dst = torch.full((2, 3, 4, 5, 7), float("nan"), dtype=torch.float64)
+    aniso_conv._copy_shifted(dst, src, offset)
+    assert torch.equal(dst, _shifted_reference(src, offset))

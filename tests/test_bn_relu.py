@@ -303,3 +303,59 @@ def test_apply_into_a_buffer_equals_the_eval_forward_bitwise(layout, dtype):
     torch.library.opcheck(torch.ops.ahnet_fast.bn_relu_apply_.default, (x, w, b, mean, var, 1e-5, out))
     with pytest.raises(RuntimeError, match="out must have the input's shape"):
         torch.ops.ahnet_fast.bn_relu_apply_(x, w, b, mean, var, 1e-5, torch.empty(2, 5, 6, 4, 2, dtype=dtype))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_stats_alone_equal_the_training_forward_bitwise(layout, dtype):
+    """bn_stats (statistics for a caller that normalises later, into a reused buffer) returns exactly
+    the statistics bn_relu(training=True) normalises with."""
+    x = make_input((2, 5, 6, 4, 3), dtype, layout)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(5, dtype=sd) + 0.5, torch.randn(5, dtype=sd)
+    _, mean, var = torch.ops.ahnet_fast.bn_relu(x, w, b, None, None, True, 1e-5)
+    got_mean, got_var = torch.ops.ahnet_fast.bn_stats(x)
+    assert torch.equal(got_mean, mean) and torch.equal(got_var, var)
+    assert got_mean.dtype == sd
+    torch.library.opcheck(torch.ops.ahnet_fast.bn_stats.default, (x,))
+    with pytest.raises(RuntimeError, match="at least one value per channel"):
+        torch.ops.ahnet_fast.bn_stats(torch.empty(0, 5, 2, 2, 2, dtype=dtype))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_into_a_buffer_equals_the_backward_op_bitwise(layout, dtype, training):
+    """bn_relu_backward_into_ writes bn_relu_backward's input gradient into `out`, adds it there
+    (accumulate: bitwise `out.add_(grad)`), or overwrites grad_out itself (in place); `out` may be a
+    channel prefix of a wider buffer (the dense block's gradient buffer) or in another layout."""
+    x = make_input((2, 5, 6, 4, 3), dtype, layout)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(5, dtype=sd) + 0.5, torch.randn(5, dtype=sd)
+    _, mean, var = torch.ops.ahnet_fast.bn_relu(x, w, b, None, None, True, 1e-5)
+    g = make_input(tuple(x.shape), dtype, layout)
+    dx, dw, db = torch.ops.ahnet_fast.bn_relu_backward(g, x, w, b, mean, var, training, 1e-5)
+    into = torch.ops.ahnet_fast.bn_relu_backward_into_
+
+    out = torch.empty_like(dx)
+    got_dw, got_db = into(g, x, w, b, mean, var, training, 1e-5, out, False)
+    assert torch.equal(out, dx) and torch.equal(got_dw, dw) and torch.equal(got_db, db)
+
+    base = torch.randn(tuple(x.shape)).to(dtype)
+    acc = base.clone()
+    into(g, x, w, b, mean, var, training, 1e-5, acc, True)
+    assert torch.equal(acc, base.clone().add_(dx))
+
+    wide = torch.randn(2, 8, 6, 4, 3).to(dtype)  # out: the first 5 channels of a wider buffer
+    expected = wide.clone()
+    expected[:, :5].add_(dx)
+    into(g, x, w, b, mean, var, training, 1e-5, wide[:, :5], True)
+    assert torch.equal(wide, expected)
+
+    in_place = g.clone(memory_format=torch.preserve_format)
+    into(in_place, x, w, b, mean, var, training, 1e-5, in_place, False)
+    assert torch.equal(in_place, dx)
+
+    torch.library.opcheck(into.default, (g, x, w, b, mean, var, training, 1e-5, torch.empty_like(dx), True))
+    with pytest.raises(RuntimeError, match="out must have the input's shape"):
+        into(g, x, w, b, mean, var, training, 1e-5, torch.empty(2, 5, 6, 4, 2, dtype=dtype), False)

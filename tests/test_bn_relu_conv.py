@@ -211,3 +211,26 @@ def test_triton_matches_reference(case, training):
         assert_close_normwise(a.cpu(), b, 1e-5, atol=1e-6, what=name)
     assert_close_normwise(got[2].cpu(), ref[2], 1e-6, what="running_mean")
     assert_close_normwise(got[3].cpu(), ref[3], 1e-6, what="running_var")
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel,stride,shape", [((1, 1, 1), (1, 1, 1), (1, 6, 5, 4, 3)),
+                                                 ((3, 3, 1), (1, 1, 1), (1, 5, 7, 6, 3)),
+                                                 ((1, 1, 3), (1, 1, 1), (2, 4, 5, 3, 7))], ids=IDS[:3])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_results_do_not_share_the_scratch_pool(kernel, stride, shape, kind):
+    """The cpp backend recomputes the activation in a pooled scratch buffer (ahnet_fast._scratch)
+    and may write the BatchNorm gradient over the convolution's: nothing it returns may be a view of
+    the pool, so a second call (which reuses the pool) leaves the first call's results unchanged."""
+    from ahnet_fast import _scratch as scratch
+
+    bw, bb, rm, rv, w = params(shape[1], 3, kernel, torch.float32)
+    first_x = layout(torch.randn(shape), kind)
+    y1, g1, _, _ = run("cpp", first_x, bw, bb, rm, rv, w, stride, True, torch.randn(shape[0], 3, *shape[2:]))
+    kept = [y1.clone(), *(g.clone() for g in g1)]
+    pool_before = scratch.pooled_bytes()
+    assert pool_before > 0  # the pool was used
+    second_x = layout(torch.randn(shape) * 3 + 1, kind)
+    run("cpp", second_x, bw, bb, rm, rv, w, stride, True, torch.randn(shape[0], 3, *shape[2:]))
+    for a, b in zip([y1, *g1], kept):
+        assert torch.equal(a, b)

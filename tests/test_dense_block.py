@@ -227,3 +227,27 @@ def test_triton_block_matches_reference():
     assert_close_normwise(got[0].cpu(), ref[0], 1e-5)
     for a, b in zip(got[1], ref[1]):
         assert_close_normwise(a.cpu(), b, 1e-5, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "lean"])
+def test_results_do_not_share_the_scratch_pool(keep):
+    """The block's activations (forward and backward) and its first units' input gradients live in a
+    pooled scratch buffer (ahnet_fast._scratch): nothing returned may be a view of it, so a second
+    block call leaves the first call's output and gradients unchanged."""
+    from ahnet_fast.ops import dense_block
+
+    block = make_block(3, 6, dtype=torch.float32)
+    weights = list(block.parameters())
+
+    def call(x, grad):
+        leaves = [x.clone().requires_grad_(), *(w.detach().clone().requires_grad_() for w in weights)]
+        y = dense_block(leaves[0], leaves[1:], [None] * 12, [None] * 12, True, [0.1] * 12, 1e-5, backend="cpp",
+                        keep_bottleneck=keep)
+        return [y.detach(), *torch.autograd.grad(y, leaves, grad)]
+
+    first = call(torch.randn(1, 6, 7, 5, 3), torch.randn(1, 21, 7, 5, 3))
+    kept = [t.clone() for t in first]
+    call(torch.randn(1, 6, 7, 5, 3) * 2 + 1, torch.randn(1, 21, 7, 5, 3))
+    for a, b in zip(first, kept):
+        assert torch.equal(a, b)

@@ -167,5 +167,15 @@ def _register():
         # writes into its `out` argument and returns nothing: the fake has nothing to produce
         torch.library.register_fake("ahnet_fast::bn_relu_apply_")(lambda *args: None)
 
+        def stats_fake(x):
+            c = x.shape[1]
+            return x.new_empty(c, dtype=opmath_dtype(x.dtype)), x.new_empty(c, dtype=opmath_dtype(x.dtype))
+
+        torch.library.register_fake("ahnet_fast::bn_stats")(stats_fake)
+        # the input gradient goes into `out`; what is returned are the weight and bias gradients
+        torch.library.register_fake("ahnet_fast::bn_relu_backward_into_")(
+            lambda grad_out, x, weight, bias, mean, var, training, eps, out, accumulate:
+            (torch.empty_like(weight), torch.empty_like(bias)))
+
 
 _register()

@@ -29,12 +29,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ahnet_fast import backends
+from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast.ops import aniso_conv
 from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops.aniso_conv import output_format
 from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import autocast_dtype, opmath_dtype, output_like
+from ahnet_fast._layout import autocast_dtype, is_channels_last, opmath_dtype, output_like
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, note_compiled_kernels, register_triton_pair,
                                       triton_reasons)
 
@@ -92,15 +92,51 @@ class _Engine:
         grad_x, grad_bw, grad_bb = cls.bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
         return grad_x, grad_bw, grad_bb, grad_w
 
+    @staticmethod
+    def _bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
+        raise NotImplementedError
+
+    @classmethod
+    def bn_backward(cls, grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, out=None,
+                    accumulate=False):
+        """(grad_x, grad_bn_weight, grad_bn_bias); with ``out``, grad_x is written into it (or added
+        to it, ``accumulate``) and out is returned. The engine's own kernel may do that without a
+        temporary; ``out`` may be grad_a itself."""
+        grad_x, grad_bw, grad_bb = cls._bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+        if out is None:
+            return grad_x, grad_bw, grad_bb
+        if accumulate:
+            out.add_(grad_x)
+        else:
+            out.copy_(grad_x)
+        return out, grad_bw, grad_bb
+
 
 class CppEngine(_Engine):
     """C++ BatchNorm+ReLU and a convolution path of :mod:`ahnet_fast.ops.aniso_conv` chosen per shape;
     the activation is a temporary in both passes."""
 
     @staticmethod
-    def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding):
-        a, mean, var = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, running_mean, running_var,
-                                                    use_batch_stats, eps)
+    def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding,
+                workspace=None):
+        """``workspace``: as in :meth:`conv_backward`, a flat buffer for the activation that the caller
+        reuses from unit to unit (the dense block); without one, a pooled scratch buffer on CPU
+        (ahnet_fast._scratch) instead of a fresh tensor per call."""
+        if workspace is None and x.device.type == "cpu":
+            with scratch.borrow(SCRATCH_SLOT, x.numel(), x.dtype, x.device) as pooled:
+                return CppEngine.forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
+                                         weight, stride, padding, pooled)
+        a = _in_workspace(workspace, x)
+        if a is None:
+            a, mean, var = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, running_mean, running_var,
+                                                        use_batch_stats, eps)
+        else:
+            if use_batch_stats:
+                mean, var = torch.ops.ahnet_fast.bn_stats(x)
+            else:  # what bn_relu hands back in eval: the running statistics in the statistics dtype
+                sd = opmath_dtype(x.dtype)
+                mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
+            torch.ops.ahnet_fast.bn_relu_apply_(x, bn_weight, bn_bias, mean, var, eps, a)
         y = aniso_conv.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
         return y.contiguous(memory_format=output_format(x)), mean, var
 
@@ -115,34 +151,85 @@ class CppEngine(_Engine):
 
     @staticmethod
     def conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, activation=None,
-                      workspace=None):
+                      workspace=None, grad_in_workspace=False):
         """(gradient of the activation, weight gradient); the activation is recomputed when not given,
         from the same statistics and the same arithmetic as forward: into ``workspace`` (a flat
         buffer of x's dtype the caller reuses from unit to unit) when it is given, large enough and x
         is contiguous, so that the recomputation does not take fresh memory each time (on CPU fresh
-        pages cost a page fault each: ~9 ms for 32 MiB on the development machine)."""
+        pages cost a page fault each: ~9 ms for 32 MiB on the development machine). With
+        ``grad_in_workspace``, on the matmul path, the activation's gradient goes into the workspace
+        too once the weight gradient has read the activation: the returned gradient is then a view
+        of the workspace, which the caller must consume before the workspace's next use."""
         owned = activation is None
         a = activation
-        if owned and workspace is not None and x.is_contiguous() and workspace.numel() >= x.numel() and \
-                workspace.dtype == x.dtype:
-            a = workspace[:x.numel()].view(x.shape)
+        in_workspace = owned and _in_workspace(workspace, x) is not None
+        if in_workspace:
+            a = _in_workspace(workspace, x)
             torch.ops.ahnet_fast.bn_relu_apply_(x, bn_weight, bn_bias, mean, var, eps, a)
         elif owned:
             a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
         path = aniso_conv.choose("backward", a, weight, stride, padding)
         if owned and path == "matmul":
-            # weight gradient first, then the activation is freed before its gradient is allocated
+            # weight gradient first, then the activation is freed (or overwritten in the workspace)
+            # before its gradient is written
             grad_w = aniso_conv.matmul_weight_grad(grad_y, a, weight)
             like = torch.empty_like(a, device="meta")  # the activation's shape and layout, no storage
+            target = a if in_workspace and grad_in_workspace else None
             del a
-            grad_a = aniso_conv.matmul_input_grad(grad_y, like, weight)
+            grad_a = aniso_conv.matmul_input_grad(grad_y, like, weight, out=target)
         else:
             grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
         return grad_a, grad_w.contiguous()  # the fake promises the weight's layout
 
+    @classmethod
+    def backward(cls, grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride, padding,
+                 activation=None):
+        """The unit's backward with its temporaries reused: the recomputed activation (and, on the
+        matmul path, its gradient) in a pooled scratch buffer on CPU; otherwise the BatchNorm
+        gradient is written over the convolution's input gradient, which it consumes, when that
+        already has the layout the op promises for grad_x."""
+        if x.device.type != "cpu" or activation is not None:
+            return super().backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride,
+                                    padding, activation)
+        with scratch.borrow(SCRATCH_SLOT, x.numel(), x.dtype, x.device) as pooled:
+            grad_a, grad_w = cls.conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride,
+                                               padding, None, pooled, grad_in_workspace=True)
+            in_pool = grad_a.untyped_storage().data_ptr() == pooled.untyped_storage().data_ptr()
+            promised = output_like(torch.empty_like(x, device="meta")).stride()
+            out = grad_a if not in_pool and grad_a.dtype == x.dtype and grad_a.stride() == promised else None
+            grad_x, grad_bw, grad_bb = cls.bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats,
+                                                       eps, out)
+        return grad_x, grad_bw, grad_bb, grad_w
+
     @staticmethod
-    def bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
+    def _bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
         return torch.ops.ahnet_fast.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+
+    @classmethod
+    def bn_backward(cls, grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, out=None,
+                    accumulate=False):
+        if out is None:
+            return cls._bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+        grad_bw, grad_bb = torch.ops.ahnet_fast.bn_relu_backward_into_(grad_a, x, bn_weight, bn_bias, mean, var,
+                                                                       use_batch_stats, eps, out, accumulate)
+        return out, grad_bw, grad_bb
+
+
+# The pool slot of the units' activations (and the dense block's: ahnet_fast.ops.dense_block).
+SCRATCH_SLOT = "bn_relu_conv.activation"
+
+
+def _in_workspace(workspace, x):
+    """A view of the flat ``workspace`` with x's shape and layout (contiguous or channels-last, as
+    bn_relu would write the activation) when x's dtype and size fit, else None."""
+    if workspace is None or workspace.numel() < x.numel() or workspace.dtype != x.dtype:
+        return None
+    flat = workspace[:x.numel()]
+    if x.is_contiguous():
+        return flat.view(x.shape)
+    if is_channels_last(x):
+        return flat.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
+    return None
 
 
 class TritonEngine(_Engine):
@@ -178,7 +265,9 @@ class TritonEngine(_Engine):
         return aniso_conv.choose(direction, x, weight, stride, padding, extra={"triton": fused})
 
     @staticmethod
-    def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding):
+    def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding,
+                workspace=None):
+        """``workspace`` is unused: the Triton convolution normalises on load."""
         from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
 
         if use_batch_stats:
@@ -203,7 +292,7 @@ class TritonEngine(_Engine):
 
     @staticmethod
     def conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, activation=None,
-                      workspace=None):
+                      workspace=None, grad_in_workspace=False):
         """``workspace`` is unused: the Triton convolution normalises on load."""
         from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
 
@@ -221,7 +310,7 @@ class TritonEngine(_Engine):
         return grad_a, grad_w.contiguous()
 
     @staticmethod
-    def bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
+    def _bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
         from ahnet_fast.kernels.triton import bn_relu as bn_kernels
 
         return bn_kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)

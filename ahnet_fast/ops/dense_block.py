@@ -30,17 +30,19 @@ convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ahnet_fast import backends
+from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype
 from ahnet_fast.ops._registry import register_triton_pair
 from ahnet_fast.ops.bn_relu import update_running_stats
-from ahnet_fast.ops.bn_relu_conv import ENGINES, IMPLEMENTATIONS, output_format, same_padding
+from ahnet_fast.ops.bn_relu_conv import SCRATCH_SLOT, ENGINES, IMPLEMENTATIONS, output_format, \
+    same_padding
 
 __all__ = ["dense_block", "dense_block_reference", "PARAMS_PER_LAYER", "BNS_PER_LAYER"]
 
@@ -163,6 +165,14 @@ def _empty(x, channels):
                        memory_format=output_format(x))
 
 
+def _scratch(out, channels):
+    """A pooled CPU buffer for ``channels`` channels of out's spatial size (ahnet_fast._scratch): the
+    units' activations, one at a time; nothing on other devices (the Triton engine needs none)."""
+    if out.device.type != "cpu":
+        return contextlib.nullcontext()
+    return scratch.borrow(SCRATCH_SLOT, out.numel() // out.shape[1] * channels, out.dtype, out.device)
+
+
 def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck):
     layers = _split(weights)
     channels = [x.shape[1]]
@@ -170,28 +180,33 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         channels.append(channels[-1] + units[3][2].shape[0])
     out = _empty(x, channels[-1])
     out[:, :channels[0]].copy_(x)
-    inner, bottlenecks, sums, stats = [], [], [], []
-    for i, units in enumerate(layers):
-        rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
-        rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
+    # One buffer for the units' activations (each lives only until its convolution has read it)
+    # instead of a fresh tensor per unit: on CPU fresh pages cost a page fault each, and at AH-Net's
+    # last block the prefixes' activations were 16-28 MiB apiece.
+    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    with _scratch(out, widest) as workspace:
+        inner, bottlenecks, sums, stats = [], [], [], []
+        for i, units in enumerate(layers):
+            rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
+            rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
 
-        def unit(t, u):
-            bw, bb, cw = units[u]
-            y, mean, var = engine.forward(t, bw, bb, rms[u], rvs[u], use_batch_stats, eps, cw, [1] * cw[0, 0].dim(),
-                                          same_padding(cw))
-            stats.extend((mean, var))
-            return y
+            def unit(t, u):
+                bw, bb, cw = units[u]
+                y, mean, var = engine.forward(t, bw, bb, rms[u], rvs[u], use_batch_stats, eps, cw,
+                                              [1] * cw[0, 0].dim(), same_padding(cw), workspace)
+                stats.extend((mean, var))
+                return y
 
-        c1 = unit(out[:, :channels[i]], 0)
-        a = unit(c1, 1)
-        s = unit(a, 2)
-        s.add_(a)
-        out[:, channels[i]:channels[i + 1]].copy_(unit(s, 3))
-        inner.append(a)  # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept
-        if keep_bottleneck:
-            bottlenecks.append(c1)
-            sums.append(s)
-    return out, inner + bottlenecks + sums + stats
+            c1 = unit(out[:, :channels[i]], 0)
+            a = unit(c1, 1)
+            s = unit(a, 2)
+            s.add_(a)
+            out[:, channels[i]:channels[i + 1]].copy_(unit(s, 3))
+            inner.append(a)  # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept
+            if keep_bottleneck:
+                bottlenecks.append(c1)
+                sums.append(s)
+        return out, inner + bottlenecks + sums + stats
 
 
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
@@ -202,88 +217,83 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
         channels.append(channels[-1] + units[3][2].shape[0])
     # The prefix gradient accumulates layer by layer in a buffer of the channels before the last
     # layer's (channels[-2]); the last layer's own channels are read from grad_out (no clone of
-    # grad_out: one pass fewer). The buffer is the last layer's prefix gradient itself, grad_out's
-    # share added into it, when it comes in the buffer's layout (a fresh tensor of that size would
-    # cost its page faults again); else a new buffer takes the sum.
-    fmt = output_format(out)
+    # grad_out: one pass fewer). The last layer's BatchNorm gradient is written into the new buffer,
+    # grad_out's share added to it; each earlier layer's is added in place.
     grad = None
     grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     # One buffer for every activation the units' weight gradients recompute (one at a time), rather
     # than a fresh tensor per unit: at AH-Net's last block that was 12 allocations of 5-27 MB, each
-    # paid again in page faults on CPU. Its size: the widest of the last layer's prefix and c1. Only
-    # in the kept form (outside checkpointing, where time is preferred): it lives through the whole
-    # backward, which the lean form's transient peak would feel.
+    # paid again in page faults on CPU. Its size: the widest of the last layer's prefix and c1 (the
+    # forward's buffer: the pool hands the same one back). The first unit's input gradient goes
+    # there too (consumed at once by its BatchNorm's).
     widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
-    workspace = out.new_empty(out.numel() // out.shape[1] * widest) if out.device.type == "cpu" and kept else None
-    # The order below frees each temporary as soon as it is used. Held longer, the last layer's
-    # normalised prefix, c1, c1's activation and their gradients were alive together with the 3x3x1
-    # unit's shifted gradient copies (aniso_conv._shift_backward): that was the block's peak. So
-    # the normalised prefix is recomputed for the first unit's backward (one BatchNorm+ReLU pass)
-    # rather than kept through the 3x3x1 unit's, and each gradient is dropped once consumed.
-    for i in reversed(range(len(layers))):
-        units = layers[i]
-        a = inner[i]
-        prefix = out[:, :channels[i]]
+    with _scratch(out, widest) as workspace:
+        # The order below frees each temporary as soon as it is used. Held longer, the last layer's
+        # normalised prefix, c1, c1's activation and their gradients were alive together with the 3x3x1
+        # unit's shifted gradient copies (aniso_conv._shift_backward): that was the block's peak. So
+        # the normalised prefix is recomputed for the first unit's backward (one BatchNorm+ReLU pass)
+        # rather than kept through the 3x3x1 unit's, and each gradient is dropped once consumed.
+        for i in reversed(range(len(layers))):
+            units = layers[i]
+            a = inner[i]
+            prefix = out[:, :channels[i]]
 
-        def args(u):
-            bw, bb, cw = units[u]
-            return bw, bb, stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
+            def args(u):
+                bw, bb, cw = units[u]
+                return bw, bb, stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
 
-        def conv_grad(g, t, u, activation):
-            bw, bb, mean, var = args(u)
-            cw = units[u][2]
-            gt, gcw = engine.conv_backward(g, t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(),
-                                           same_padding(cw), activation, workspace)
-            grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw
-            return gt
+            def conv_grad(g, t, u, activation, grad_in_workspace=False):
+                bw, bb, mean, var = args(u)
+                cw = units[u][2]
+                gt, gcw = engine.conv_backward(g, t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(),
+                                               same_padding(cw), activation, workspace, grad_in_workspace)
+                grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw
+                return gt
 
-        def bn_grad(g, t, u):
-            bw, bb, mean, var = args(u)
-            gx, gbw, gbb = engine.bn_backward(g, t, bw, bb, mean, var, use_batch_stats, eps)
-            base = PARAMS_PER_LAYER * i + 3 * u
-            grads_w[base], grads_w[base + 1] = gbw, gbb
-            return gx
+            def bn_grad(g, t, u, out=None, accumulate=False):
+                bw, bb, mean, var = args(u)
+                gx, gbw, gbb = engine.bn_backward(g, t, bw, bb, mean, var, use_batch_stats, eps, out, accumulate)
+                base = PARAMS_PER_LAYER * i + 3 * u
+                grads_w[base], grads_w[base + 1] = gbw, gbb
+                return gx
 
-        def recompute(t, u, keep_activation=True):
-            bw, bb, mean, var = args(u)
-            cw = units[u][2]
-            return engine.recompute(t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(), same_padding(cw),
-                                    keep_activation)
+            def recompute(t, u, keep_activation=True):
+                bw, bb, mean, var = args(u)
+                cw = units[u][2]
+                return engine.recompute(t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(), same_padding(cw),
+                                        keep_activation)
 
-        if kept_sums:  # a + b kept: bn_relu(a) is recomputed inside the 1x1x3 unit's conv_backward
-            s, act_a = kept_sums[i], None
-        else:
-            b, act_a = recompute(a, 2)
-            s = b.add_(a)
-            del b
-        last = i == len(layers) - 1
-        g = conv_grad((grad_out if last else grad)[:, channels[i]:channels[i + 1]], s, 3, None)
-        grad_s = bn_grad(g, s, 3)
-        del g, s
-        g = conv_grad(grad_s, a, 2, act_a)
-        del act_a
-        grad_a = bn_grad(g, a, 2)
-        del g
-        grad_a.add_(grad_s)
-        del grad_s
-        c1 = kept[i] if kept else recompute(prefix, 0, keep_activation=False)[0]
-        g = conv_grad(grad_a, c1, 1, None)
-        del grad_a
-        grad_c1 = bn_grad(g, c1, 1)
-        del g, c1
-        g = conv_grad(grad_c1, prefix, 0, None)
-        del grad_c1
-        if last:
-            grad_prefix = bn_grad(g, prefix, 0)
-            if grad_prefix.is_contiguous(memory_format=fmt):
-                grad = grad_prefix.add_(grad_out[:, :channels[i]])
+            if kept_sums:  # a + b kept: bn_relu(a) is recomputed inside the 1x1x3 unit's conv_backward
+                s, act_a = kept_sums[i], None
             else:
-                grad = torch.add(grad_out[:, :channels[i]], grad_prefix).contiguous(memory_format=fmt)
-            del grad_prefix
-        else:
-            grad[:, :channels[i]].add_(bn_grad(g, prefix, 0))
-        del g
-    return grad[:, :channels0], grads_w
+                b, act_a = recompute(a, 2)
+                s = b.add_(a)
+                del b
+            # Each BatchNorm gradient is written over the convolution gradient it comes from (which it
+            # consumes), or added into its destination: no fresh tensor per unit.
+            last = i == len(layers) - 1
+            g = conv_grad((grad_out if last else grad)[:, channels[i]:channels[i + 1]], s, 3, None)
+            grad_s = bn_grad(g, s, 3, out=g)
+            del g, s
+            g = conv_grad(grad_s, a, 2, act_a)
+            del act_a
+            grad_a = bn_grad(g, a, 2, out=grad_s, accumulate=True)  # d(a) = its own + d(a + b)
+            del g, grad_s
+            c1 = kept[i] if kept else recompute(prefix, 0, keep_activation=False)[0]
+            g = conv_grad(grad_a, c1, 1, None)
+            del grad_a
+            grad_c1 = bn_grad(g, c1, 1, out=g)
+            del g, c1
+            g = conv_grad(grad_c1, prefix, 0, None, grad_in_workspace=True)
+            del grad_c1
+            if last:
+                grad = _empty(out, channels[i])
+                bn_grad(g, prefix, 0, out=grad)
+                grad.add_(grad_out[:, :channels[i]])
+            else:
+                bn_grad(g, prefix, 0, out=grad[:, :channels[i]], accumulate=True)
+            del g
+        return grad[:, :channels0], grads_w
 
 
 def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck):

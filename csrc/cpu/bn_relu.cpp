@@ -1,4 +1,5 @@
-// CPU kernels of ahnet_fast::bn_relu and ahnet_fast::bn_relu_backward.
+// CPU kernels of ahnet_fast::bn_relu, bn_relu_backward and their relatives (bn_stats, bn_relu_apply_,
+// bn_relu_backward_into_, bn_add_relu, bn_add_relu_backward).
 //
 // BatchNorm + ReLU in one pass over the data instead of PyTorch's two (normalise, then ReLU), and a
 // backward that recomputes the ReLU mask from the input, so the activation need not be stored.
@@ -298,7 +299,7 @@ struct GradSums {
 
 // Backward pass 2: dx = k * gm + a + b * (x - mean) per channel (k = weight * invstd; a and b fold
 // in the batch-statistics terms in training, and are zero in eval).
-template <typename scalar_t, typename opmath_t>
+template <typename scalar_t, typename opmath_t, bool accumulate = false>
 struct GradInput {
   const scalar_t* x;
   const scalar_t* g;
@@ -318,7 +319,7 @@ struct GradInput {
       const opmath_t xv = static_cast<opmath_t>(xp[i]);
       const opmath_t gv = static_cast<opmath_t>(gp[i]);  // loaded unconditionally: a select, not a branch
       const opmath_t gm = passes(relu_pre(xv, sc, sh)) ? gv : opmath_t(0);
-      dp[i] = static_cast<scalar_t>(kc * gm + ac + bc * (xv - m));
+      dp[i] = store(dp[i], kc * gm + ac + bc * (xv - m));
     }
   }
   void row(int64_t off, int64_t C) const {
@@ -329,7 +330,17 @@ struct GradInput {
       const opmath_t xv = static_cast<opmath_t>(xp[c]);
       const opmath_t gv = static_cast<opmath_t>(gp[c]);
       const opmath_t gm = passes(relu_pre(xv, scale[c], shift[c])) ? gv : opmath_t(0);
-      dp[c] = static_cast<scalar_t>(k[c] * gm + a[c] + b[c] * (xv - mean[c]));
+      dp[c] = store(dp[c], k[c] * gm + a[c] + b[c] * (xv - mean[c]));
+    }
+  }
+  // dx, or (accumulate) old + dx with dx rounded to scalar_t first: bitwise what `out.add_(dx)` gives.
+  static scalar_t store(scalar_t old, opmath_t v) {
+    const scalar_t r = static_cast<scalar_t>(v);
+    if constexpr (accumulate) {
+      return static_cast<scalar_t>(static_cast<opmath_t>(old) + static_cast<opmath_t>(r));
+    } else {
+      (void)old;
+      return r;
     }
   }
 };
@@ -445,32 +456,39 @@ at::ScalarType stats_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Mean and biased variance per channel of x (use_batch_stats), or copies of the running statistics;
-// then the per-channel scale and shift of the affine BatchNorm. Shared by bn_relu and bn_add_relu.
+// Mean and biased variance per channel of x (statistics dtype: float, double for double input).
+template <typename scalar_t, typename opmath_t>
+void batch_stats(const at::Tensor& x, const Geometry& g, at::Tensor& mean, at::Tensor& var) {
+  const auto sdt = stats_dtype(x.scalar_type());
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  std::vector<opmath_t> first(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    first[c] = static_cast<opmath_t>(xp[g.channels_last ? c : c * g.S]);
+  }
+  std::vector<double> sum, sumsq;  // of (x - first) and its square
+  channel_sums<opmath_t>(g, ShiftedMoments<scalar_t, opmath_t>{xp, first.data()}, sum, sumsq);
+  const double count = static_cast<double>(g.N * g.S);
+  mean = at::empty({g.C}, x.options().dtype(sdt));
+  var = at::empty({g.C}, x.options().dtype(sdt));
+  auto* mp = mean.mutable_data_ptr<opmath_t>();
+  auto* vp = var.mutable_data_ptr<opmath_t>();
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double d = sum[c] / count;
+    mp[c] = static_cast<opmath_t>(static_cast<double>(first[c]) + d);
+    vp[c] = static_cast<opmath_t>(std::max(sumsq[c] / count - d * d, 0.0));
+  }
+}
+
+// The batch statistics (use_batch_stats) or copies of the running statistics; then the per-channel
+// scale and shift of the affine BatchNorm. Shared by bn_relu, bn_relu_apply_ and bn_add_relu.
 template <typename scalar_t, typename opmath_t>
 void batch_norm_affine(const at::Tensor& x, const Geometry& g, const at::Tensor& weight, const at::Tensor& bias,
                        const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                        bool use_batch_stats, double eps, at::Tensor& mean, at::Tensor& var,
                        std::vector<opmath_t>& scale, std::vector<opmath_t>& shift) {
   const auto sdt = stats_dtype(x.scalar_type());
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
   if (use_batch_stats) {
-    std::vector<opmath_t> first(g.C);
-    for (int64_t c = 0; c < g.C; ++c) {
-      first[c] = static_cast<opmath_t>(xp[g.channels_last ? c : c * g.S]);
-    }
-    std::vector<double> sum, sumsq;  // of (x - first) and its square
-    channel_sums<opmath_t>(g, ShiftedMoments<scalar_t, opmath_t>{xp, first.data()}, sum, sumsq);
-    const double count = static_cast<double>(g.N * g.S);
-    mean = at::empty({g.C}, x.options().dtype(sdt));
-    var = at::empty({g.C}, x.options().dtype(sdt));
-    auto* mp = mean.mutable_data_ptr<opmath_t>();
-    auto* vp = var.mutable_data_ptr<opmath_t>();
-    for (int64_t c = 0; c < g.C; ++c) {
-      const double d = sum[c] / count;
-      mp[c] = static_cast<opmath_t>(static_cast<double>(first[c]) + d);
-      vp[c] = static_cast<opmath_t>(std::max(sumsq[c] / count - d * d, 0.0));
-    }
+    batch_stats<scalar_t, opmath_t>(x, g, mean, var);
   } else {
     mean = running_mean->to(sdt).contiguous().clone();
     var = running_var->to(sdt).contiguous().clone();
@@ -479,6 +497,22 @@ void batch_norm_affine(const at::Tensor& x, const Geometry& g, const at::Tensor&
   std::vector<opmath_t> invstd;
   channel_affine(mean.const_data_ptr<opmath_t>(), var.const_data_ptr<opmath_t>(), w.const_data_ptr<opmath_t>(),
                  b.const_data_ptr<opmath_t>(), eps, g.C, scale, shift, invstd);
+}
+
+// The statistics bn_relu(training=True) normalises with, without normalising: for callers that apply
+// them later in pieces (a convolution over row chunks, a reused buffer) with bn_relu_apply_.
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2, "bn_stats: input must have shape (N, C, ...), got ", input.sizes());
+  TORCH_CHECK(input.device().is_cpu(), "bn_stats: the CPU kernel got a tensor on ", input.device());
+  const at::Tensor x = readable(input);
+  const Geometry g = geometry(x);
+  TORCH_CHECK(g.N * g.S > 0, "bn_stats: batch statistics need at least one value per channel, got input of shape ",
+              x.sizes());
+  at::Tensor mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cpu", [&] {
+    batch_stats<scalar_t, at::opmath_type<scalar_t>>(x, g, mean, var);
+  });
+  return {mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -590,45 +624,103 @@ void input_grad_coefficients(const std::vector<double>& sum_g, const std::vector
   }
 }
 
+// What both backward ops need of the statistics and the affine parameters, in the statistics dtype:
+// mean, weight, and the forward's per-channel scale, shift and invstd (the same rounding, so the
+// recomputed ReLU mask is the forward's).
+template <typename opmath_t>
+struct BackwardAffine {
+  at::Tensor mean, weight;
+  std::vector<opmath_t> scale, shift, invstd;
+  BackwardAffine(const at::Tensor& mean_, const at::Tensor& var, const at::Tensor& weight_, const at::Tensor& bias,
+                 double eps, int64_t C, at::ScalarType sdt)
+      : mean(mean_.to(sdt).contiguous()), weight(weight_.to(sdt).contiguous()) {
+    const at::Tensor v = var.to(sdt).contiguous(), b = bias.to(sdt).contiguous();
+    channel_affine(mean.const_data_ptr<opmath_t>(), v.const_data_ptr<opmath_t>(), weight.const_data_ptr<opmath_t>(),
+                   b.const_data_ptr<opmath_t>(), eps, C, scale, shift, invstd);
+  }
+};
+
+// bn_relu's gradient written into dx (laid out as x, which is readable()), or added to it
+// (accumulate); dx may be go itself (each element is read before it is written). Returns the weight
+// and bias gradients.
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_into(const at::Tensor& go, const at::Tensor& x,
+                                                         const at::Tensor& weight, const at::Tensor& bias,
+                                                         const at::Tensor& mean, const at::Tensor& var,
+                                                         bool training, double eps, const at::Tensor& dx,
+                                                         bool accumulate) {
+  const Geometry g = geometry(x);
+  at::Tensor dw_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
+  at::Tensor db_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const BackwardAffine<opmath_t> p(mean, var, weight, bias, eps, g.C, stats_dtype(x.scalar_type()));
+    const opmath_t* mp = p.mean.const_data_ptr<opmath_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    std::vector<double> sum_g, sum_gd;  // sum of gm, sum of gm * (x - mean)
+    channel_sums<opmath_t>(g, GradSums<scalar_t, opmath_t>{xp, gp, p.scale.data(), p.shift.data(), mp}, sum_g, sum_gd);
+    std::vector<opmath_t> k, a, bb;
+    input_grad_coefficients(sum_g, sum_gd, p.invstd, p.weight.const_data_ptr<opmath_t>(), training,
+                            static_cast<double>(g.N * g.S), dw_acc.mutable_data_ptr<double>(),
+                            db_acc.mutable_data_ptr<double>(), k, a, bb);
+    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+    if (accumulate) {
+      channel_map(g, GradInput<scalar_t, opmath_t, true>{xp, gp, dp, p.scale.data(), p.shift.data(), mp, k.data(),
+                                                         a.data(), bb.data()});
+    } else {
+      channel_map(g, GradInput<scalar_t, opmath_t>{xp, gp, dp, p.scale.data(), p.shift.data(), mp, k.data(), a.data(),
+                                                   bb.data()});
+    }
+  });
+  return {dw_acc.to(weight.scalar_type()), db_acc.to(bias.scalar_type())};
+}
+
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+                           const at::Tensor& bias, const char* op) {
+  check_inputs(input, weight, bias, op);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but input has shape ", input.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(const at::Tensor& grad_out,
                                                                     const at::Tensor& input,
                                                                     const at::Tensor& weight, const at::Tensor& bias,
                                                                     const at::Tensor& mean, const at::Tensor& var,
                                                                     bool training, double eps) {
-  check_inputs(input, weight, bias, "bn_relu_backward");
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "bn_relu_backward: grad_out has shape ", grad_out.sizes(),
-              " but input has shape ", input.sizes());
+  check_backward_inputs(grad_out, input, weight, bias, "bn_relu_backward");
   const at::Tensor x = readable(input);
   const at::Tensor go = same_layout(grad_out.to(x.scalar_type()), x);
-  const Geometry g = geometry(x);
-  const auto sdt = stats_dtype(x.scalar_type());
   at::Tensor dx = at::empty_like(x);
-  at::Tensor dw, db;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const at::Tensor m = mean.to(sdt).contiguous(), v = var.to(sdt).contiguous();
-    const at::Tensor w = weight.to(sdt).contiguous(), b = bias.to(sdt).contiguous();
-    const opmath_t* mp = m.const_data_ptr<opmath_t>();
-    const opmath_t* wp = w.const_data_ptr<opmath_t>();
-    std::vector<opmath_t> scale, shift, invstd;
-    channel_affine(mp, v.const_data_ptr<opmath_t>(), wp, b.const_data_ptr<opmath_t>(), eps, g.C, scale, shift, invstd);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = go.const_data_ptr<scalar_t>();
-    std::vector<double> sum_g, sum_gd;  // sum of gm, sum of gm * (x - mean)
-    channel_sums<opmath_t>(g, GradSums<scalar_t, opmath_t>{xp, gp, scale.data(), shift.data(), mp}, sum_g, sum_gd);
-    std::vector<opmath_t> k, a, bb;
-    dw = at::empty({g.C}, weight.options());
-    db = at::empty({g.C}, bias.options());
-    at::Tensor dw_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
-    at::Tensor db_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
-    input_grad_coefficients(sum_g, sum_gd, invstd, wp, training, static_cast<double>(g.N * g.S),
-                            dw_acc.mutable_data_ptr<double>(), db_acc.mutable_data_ptr<double>(), k, a, bb);
-    channel_map(g, GradInput<scalar_t, opmath_t>{xp, gp, dx.mutable_data_ptr<scalar_t>(), scale.data(), shift.data(),
-                                                 mp, k.data(), a.data(), bb.data()});
-    dw.copy_(dw_acc);
-    db.copy_(db_acc);
-  });
+  auto [dw, db] = bn_relu_backward_into(go, x, weight, bias, mean, var, training, eps, dx, false);
   return {dx, dw, db};
+}
+
+// bn_relu_backward's input gradient written into `out` (or added to it, accumulate) instead of a new
+// tensor: out may be grad_out itself (in place), or a view such as a prefix of a gradient buffer. A
+// layout the kernel does not write directly goes through a temporary. Returns (grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_into_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                             const at::Tensor& weight, const at::Tensor& bias,
+                                                             const at::Tensor& mean, const at::Tensor& var,
+                                                             bool training, double eps, const at::Tensor& out,
+                                                             bool accumulate) {
+  check_backward_inputs(grad_out, input, weight, bias, "bn_relu_backward_into_");
+  TORCH_CHECK(out.sizes() == input.sizes() && out.scalar_type() == input.scalar_type() && out.device().is_cpu(),
+              "bn_relu_backward_into_: out must have the input's shape and dtype on the CPU; got ", out.sizes(), " ",
+              out.scalar_type(), " ", out.device(), " for input ", input.sizes(), " ", input.scalar_type());
+  const at::Tensor x = readable(input);
+  const at::Tensor go = same_layout(grad_out.to(x.scalar_type()), x);
+  const bool direct = is_channels_last(x) ? is_channels_last(out) : out.is_contiguous();
+  if (direct) {
+    return bn_relu_backward_into(go, x, weight, bias, mean, var, training, eps, out, accumulate);
+  }
+  at::Tensor dx = at::empty_like(x);
+  auto grads = bn_relu_backward_into(go, x, weight, bias, mean, var, training, eps, dx, false);
+  if (accumulate) {
+    out.add_(dx);
+  } else {
+    out.copy_(dx);
+  }
+  return grads;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cpu(
@@ -642,35 +734,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
   const at::Tensor go = same_layout(grad_out.to(x.scalar_type()), x);
   const at::Tensor y = same_layout(output.to(x.scalar_type()), x);
   const Geometry g = geometry(x);
-  const auto sdt = stats_dtype(x.scalar_type());
   at::Tensor dx = at::empty_like(x);
   at::Tensor dr = at::empty_like(x);
-  at::Tensor dw, db;
+  at::Tensor dw_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
+  at::Tensor db_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_add_relu_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const at::Tensor m = mean.to(sdt).contiguous(), v = var.to(sdt).contiguous();
-    const at::Tensor w = weight.to(sdt).contiguous(), b = bias.to(sdt).contiguous();
-    const opmath_t* mp = m.const_data_ptr<opmath_t>();
-    const opmath_t* wp = w.const_data_ptr<opmath_t>();
-    std::vector<opmath_t> scale, shift, invstd;
-    channel_affine(mp, v.const_data_ptr<opmath_t>(), wp, b.const_data_ptr<opmath_t>(), eps, g.C, scale, shift, invstd);
+    const BackwardAffine<opmath_t> p(mean, var, weight, bias, eps, g.C, stats_dtype(x.scalar_type()));
+    const opmath_t* mp = p.mean.const_data_ptr<opmath_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
     std::vector<double> sum_g, sum_gd;
     channel_sums<opmath_t>(g, GradSumsFromOutput<scalar_t, opmath_t>{xp, yp, gp, mp}, sum_g, sum_gd);
     std::vector<opmath_t> k, a, bb;
-    at::Tensor dw_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
-    at::Tensor db_acc = at::empty({g.C}, x.options().dtype(at::kDouble));
-    input_grad_coefficients(sum_g, sum_gd, invstd, wp, training, static_cast<double>(g.N * g.S),
-                            dw_acc.mutable_data_ptr<double>(), db_acc.mutable_data_ptr<double>(), k, a, bb);
+    input_grad_coefficients(sum_g, sum_gd, p.invstd, p.weight.const_data_ptr<opmath_t>(), training,
+                            static_cast<double>(g.N * g.S), dw_acc.mutable_data_ptr<double>(),
+                            db_acc.mutable_data_ptr<double>(), k, a, bb);
     channel_map(g, GradInputFromOutput<scalar_t, opmath_t>{xp, yp, gp, dx.mutable_data_ptr<scalar_t>(),
                                                            dr.mutable_data_ptr<scalar_t>(), mp, k.data(), a.data(),
                                                            bb.data()});
-    dw = dw_acc.to(weight.scalar_type());
-    db = db_acc.to(bias.scalar_type());
   });
-  return {dx, dr, dw, db};
+  return {dx, dr, dw_acc.to(weight.scalar_type()), db_acc.to(bias.scalar_type())};
 }
 
 }  // namespace
@@ -679,6 +764,8 @@ TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
   m.impl("bn_relu", &bn_relu_cpu);
   m.impl("bn_relu_backward", &bn_relu_backward_cpu);
   m.impl("bn_relu_apply_", &bn_relu_apply_cpu);
+  m.impl("bn_stats", &bn_stats_cpu);
+  m.impl("bn_relu_backward_into_", &bn_relu_backward_into_cpu);
   m.impl("bn_add_relu", &bn_add_relu_cpu);
   m.impl("bn_add_relu_backward", &bn_add_relu_backward_cpu);
 }

@@ -1,0 +1,74 @@
+"""ahnet_fast._scratch: the pool of reused CPU buffers for the ops' large temporaries."""
+import threading
+
+import torch
+
+from ahnet_fast import _scratch as scratch
+
+
+def ptr(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_a_slot_hands_back_the_same_buffer_and_grows():
+    scratch.release()
+    with scratch.borrow("test", 100, torch.float32, "cpu") as a:
+        first = ptr(a)
+        assert a.numel() == 100 and a.dtype == torch.float32
+    with scratch.borrow("test", 60, torch.float32, "cpu") as b:
+        assert ptr(b) == first and b.numel() == 60  # a smaller request reuses the buffer
+    with scratch.borrow("test", 60, torch.float64, "cpu") as c:
+        assert ptr(c) != first  # dtypes have their own buffers
+    with scratch.borrow("test", 1000, torch.float32, "cpu") as d:
+        grown = ptr(d)
+        assert d.numel() == 1000
+    with scratch.borrow("test", 10, torch.float32, "cpu") as e:
+        assert ptr(e) == grown
+    assert scratch.pooled_bytes() == 1000 * 4 + 60 * 8
+    scratch.release()
+    assert scratch.pooled_bytes() == 0
+
+
+def test_nested_borrows_of_a_slot_do_not_share_memory():
+    scratch.release()
+    with scratch.borrow("test", 50, torch.float32, "cpu") as outer:
+        outer.fill_(1.0)
+        with scratch.borrow("test", 50, torch.float32, "cpu") as inner:
+            assert ptr(inner) != ptr(outer)
+            inner.fill_(2.0)
+        assert torch.all(outer == 1.0)
+    scratch.release()
+
+
+def test_threads_have_their_own_pool():
+    scratch.release()
+    seen = {}
+
+    def borrow_in_thread():
+        with scratch.borrow("test", 50, torch.float32, "cpu") as t:
+            seen["thread"] = ptr(t)
+
+    with scratch.borrow("test", 50, torch.float32, "cpu") as mine:
+        worker = threading.Thread(target=borrow_in_thread)
+        worker.start()
+        worker.join()
+        assert seen["thread"] != ptr(mine)
+    scratch.release()
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    scratch.release()
+    monkeypatch.setenv("AHNET_FAST_SCRATCH", "0")
+    with scratch.borrow("test", 50, torch.float32, "cpu") as a:
+        pass
+    assert scratch.pooled_bytes() == 0
+    with scratch.borrow("test", 50, torch.float32, "cpu") as b:
+        assert b.numel() == 50
+    assert not scratch.enabled()
+
+
+def test_non_cpu_requests_are_fresh_tensors():
+    scratch.release()
+    with scratch.borrow("test", 8, torch.float32, "meta") as t:
+        assert t.device.type == "meta" and t.numel() == 8
+    assert scratch.pooled_bytes() == 0
