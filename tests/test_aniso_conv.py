@@ -469,3 +469,22 @@ def test_copy_shifted_matches_padding_and_slicing(offset, kind):
         dst = torch.full((2, 3, 4, 5, 7), float("nan"), dtype=torch.float64)
     aniso_conv._copy_shifted(dst, src, offset)
     assert torch.equal(dst, _shifted_reference(src, offset))
+
+
+@pytest.mark.parametrize("by_rows", [False, True], ids=["grouped", "by_rows"])
+def test_shift_backward_writes_into_a_given_buffer(by_rows, monkeypatch):
+    """At batch 1 the shift path can write grad_a into a caller's flat scratch buffer (the dense
+    block's pooled one): the same values, as a view of that buffer; a batch of 2 ignores it."""
+    if by_rows:
+        monkeypatch.setattr(aniso_conv, "SHIFT_CHUNK_BYTES", 1)
+    x = torch.randn(1, 6, 7, 5, 3, dtype=torch.float64)
+    w = torch.randn(4, 6, 3, 3, 1, dtype=torch.float64)
+    g = torch.randn(1, 4, 7, 5, 3, dtype=torch.float64)
+    ref_ga, ref_gw = aniso_conv.backward("shift", g, x, w, [1, 1, 1], [1, 1, 0])
+    buf = torch.full((x.numel() + 5,), float("nan"), dtype=torch.float64)
+    ga, gw = aniso_conv.backward("shift", g, x, w, [1, 1, 1], [1, 1, 0], buf)
+    assert ga.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+    assert torch.equal(ga, ref_ga) and torch.equal(gw, ref_gw)
+    x2, g2 = torch.cat([x, x]), torch.cat([g, g])
+    ga2, _ = aniso_conv.backward("shift", g2, x2, w, [1, 1, 1], [1, 1, 0], torch.empty(x2.numel(), dtype=x.dtype))
+    assert torch.equal(ga2[:1], ref_ga)

@@ -249,14 +249,16 @@ def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[i
 
 
 def backward(path: str, grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
-             padding: Sequence[int]):
-    """(grad_a, grad_weight)."""
+             padding: Sequence[int], out: torch.Tensor | None = None):
+    """(grad_a, grad_weight). ``out``: a flat buffer of at least a.numel() elements of a's dtype (a
+    caller's reused scratch) that the shift path writes grad_a into at batch 1 (then grad_a is a view
+    of it); the other paths ignore it."""
     if path == "slice_fold":
         return _slice_fold_backward(grad_y, a, weight, stride, padding)
     if path == "matmul":
         return matmul_input_grad(grad_y, a, weight), matmul_weight_grad(grad_y, a, weight)
     if path == "shift":
-        return _shift_backward(grad_y, a, weight)
+        return _shift_backward(grad_y, a, weight, out=out)
     if path == "folded":
         xf, wf, pad, dil = _fold(a, weight)
         gf = grad_y.contiguous().view(a.shape[0], weight.shape[0], *xf.shape[2:])
@@ -391,12 +393,17 @@ def _trailing_contiguous(t: torch.Tensor, nd: int) -> bool:
     return True
 
 
-def _accumulate_tap_group(grad_a, grad_wall, wall, rows, g, m):
+def _accumulate_tap_group(grad_a, grad_wall, wall, rows, g, m, out=None):
     """One group of taps: g (N, rows' taps * Co, S) their shifted output gradients. Adds the group's
-    share to grad_a (allocating it on the first group) and writes its rows of grad_wall."""
+    share to grad_a (allocating it on the first group, or writing it into the flat ``out`` at batch
+    1) and writes its rows of grad_wall."""
     n = g.shape[0]
     w_t = wall[rows].t()
-    if grad_a is None:
+    if grad_a is None and out is not None and n == 1 and out.numel() >= w_t.shape[0] * g.shape[2] \
+            and out.dtype == g.dtype:
+        grad_a = out[:w_t.shape[0] * g.shape[2]].view(1, w_t.shape[0], g.shape[2])
+        torch.mm(w_t, g[0], out=grad_a[0])
+    elif grad_a is None:
         grad_a = _left_mm(w_t, g)
     elif n == 1:
         grad_a[0].addmm_(w_t, g[0])
@@ -406,7 +413,8 @@ def _accumulate_tap_group(grad_a, grad_wall, wall, rows, g, m):
     return grad_a
 
 
-def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, chunks: int | None = None):
+def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, chunks: int | None = None,
+                    out: torch.Tensor | None = None):
     n, ci = a.shape[:2]
     co, spatial = weight.shape[0], a.shape[2:]
     taps = _taps(weight)
@@ -420,7 +428,7 @@ def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
         stacked_bytes = grad_y.numel() * grad_y.element_size() * len(taps)
         chunks = max(1, min(len(taps), -(-stacked_bytes // SHIFT_CHUNK_BYTES)))
         if chunks > 1 and weight.shape[2] > 1:
-            return _shift_backward_by_rows(grad_y, a, weight)
+            return _shift_backward_by_rows(grad_y, a, weight, out)
     m = a.reshape(n, ci, -1)
     wall = _tap_matrix(weight)
     grad_wall = weight.new_empty((len(taps) * co, ci))
@@ -432,13 +440,14 @@ def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
         for j, offset in enumerate(group):
             _copy_shifted(stacked[:, j], grad_y, offset)
         grad_a = _accumulate_tap_group(grad_a, grad_wall, wall, slice(first * co, (first + len(group)) * co),
-                                       stacked.view(n, len(group) * co, -1), m)
+                                       stacked.view(n, len(group) * co, -1), m, out)
         del stacked
     grad_w = grad_wall.view(len(taps), co, ci).permute(1, 2, 0).contiguous().view(weight.shape)
     return grad_a.view(a.shape), grad_w
 
 
-def _shift_backward_by_rows(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor):
+def _shift_backward_by_rows(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                            out: torch.Tensor | None = None):
     """The shift backward in groups of taps sharing their offset along the first spatial axis (a
     3x3x1 kernel: three groups of three), without a shifted copy per tap: grad_y is copied once per
     tap of the other axes (3 for 3x3x1, not 9) into a buffer padded by (kh - 1) / 2 zero rows along
@@ -467,7 +476,7 @@ def _shift_backward_by_rows(grad_y: torch.Tensor, a: torch.Tensor, weight: torch
     for i in range(kh):  # offset i - ph along the first axis: output row p reads grad_y row p - (i - ph)
         start = (2 * ph - i) * rest_size
         grad_a = _accumulate_tap_group(grad_a, grad_wall, wall, slice(i * r * co, (i + 1) * r * co),
-                                       flat[:, :, start:start + h * rest_size], m)
+                                       flat[:, :, start:start + h * rest_size], m, out)
     del padded, flat
     grad_w = grad_wall.view(kh * r, co, ci).permute(1, 2, 0).contiguous().view(weight.shape)
     return grad_a.view(a.shape), grad_w

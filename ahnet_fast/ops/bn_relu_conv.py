@@ -151,7 +151,7 @@ class CppEngine(_Engine):
 
     @staticmethod
     def conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, activation=None,
-                      workspace=None, grad_in_workspace=False):
+                      workspace=None, grad_in_workspace=False, grad_buffer=None):
         """(gradient of the activation, weight gradient); the activation is recomputed when not given,
         from the same statistics and the same arithmetic as forward: into ``workspace`` (a flat
         buffer of x's dtype the caller reuses from unit to unit) when it is given, large enough and x
@@ -159,7 +159,9 @@ class CppEngine(_Engine):
         pages cost a page fault each: ~9 ms for 32 MiB on the development machine). With
         ``grad_in_workspace``, on the matmul path, the activation's gradient goes into the workspace
         too once the weight gradient has read the activation: the returned gradient is then a view
-        of the workspace, which the caller must consume before the workspace's next use."""
+        of the workspace, which the caller must consume before the workspace's next use. The shift
+        path writes the gradient into ``grad_buffer`` (another flat scratch buffer) when given, with
+        the same rule."""
         owned = activation is None
         a = activation
         in_workspace = owned and _in_workspace(workspace, x) is not None
@@ -178,7 +180,7 @@ class CppEngine(_Engine):
             del a
             grad_a = aniso_conv.matmul_input_grad(grad_y, like, weight, out=target)
         else:
-            grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
+            grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding, grad_buffer)
         return grad_a, grad_w.contiguous()  # the fake promises the weight's layout
 
     @classmethod
@@ -292,8 +294,8 @@ class TritonEngine(_Engine):
 
     @staticmethod
     def conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, activation=None,
-                      workspace=None, grad_in_workspace=False):
-        """``workspace`` is unused: the Triton convolution normalises on load."""
+                      workspace=None, grad_in_workspace=False, grad_buffer=None):
+        """``workspace`` and ``grad_buffer`` are unused: the Triton convolution normalises on load."""
         from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
 
         scale, shift = TritonEngine._scale_shift(bn_weight, bn_bias, mean, var, eps)

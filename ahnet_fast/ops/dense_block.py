@@ -165,12 +165,16 @@ def _empty(x, channels):
                        memory_format=output_format(x))
 
 
-def _scratch(out, channels):
+# The pool slot of the 3x3x1 units' input gradients in backward (the activations use SCRATCH_SLOT).
+GRADIENT_SLOT = "dense_block.bottleneck_gradient"
+
+
+def _scratch(out, channels, slot=SCRATCH_SLOT):
     """A pooled CPU buffer for ``channels`` channels of out's spatial size (ahnet_fast._scratch): the
     units' activations, one at a time; nothing on other devices (the Triton engine needs none)."""
     if out.device.type != "cpu":
         return contextlib.nullcontext()
-    return scratch.borrow(SCRATCH_SLOT, out.numel() // out.shape[1] * channels, out.dtype, out.device)
+    return scratch.borrow(slot, out.numel() // out.shape[1] * channels, out.dtype, out.device)
 
 
 def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck):
@@ -226,8 +230,11 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     # paid again in page faults on CPU. Its size: the widest of the last layer's prefix and c1 (the
     # forward's buffer: the pool hands the same one back). The first unit's input gradient goes
     # there too (consumed at once by its BatchNorm's).
+    # A second buffer takes the 3x3x1 unit's input gradient (c1's width): consumed by the BatchNorm
+    # gradient written over it and the first unit's backward, before the next layer needs it.
     widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
-    with _scratch(out, widest) as workspace:
+    bottleneck = max(units[0][2].shape[0] for units in layers)
+    with _scratch(out, widest) as workspace, _scratch(out, bottleneck, GRADIENT_SLOT) as grad_buffer:
         # The order below frees each temporary as soon as it is used. Held longer, the last layer's
         # normalised prefix, c1, c1's activation and their gradients were alive together with the 3x3x1
         # unit's shifted gradient copies (aniso_conv._shift_backward): that was the block's peak. So
@@ -246,7 +253,8 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
                 bw, bb, mean, var = args(u)
                 cw = units[u][2]
                 gt, gcw = engine.conv_backward(g, t, bw, bb, mean, var, eps, cw, [1] * cw[0, 0].dim(),
-                                               same_padding(cw), activation, workspace, grad_in_workspace)
+                                               same_padding(cw), activation, workspace, grad_in_workspace,
+                                               grad_buffer if u == 1 else None)
                 grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw
                 return gt
 
