@@ -222,10 +222,14 @@ def test_static_rule_is_recorded(fresh_choices):
     a = torch.randn(1, 16, 8, 8, 4)
     assert aniso_conv.choose("forward", a, torch.randn(8, 16, 1, 1, 1), [1, 1, 1], [0, 0, 0]) == "matmul"
     assert aniso_conv.choose("forward", a, torch.randn(3, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "shift"
-    assert aniso_conv.choose("forward", a, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "aten"
+    # small inputs: slices folded into a 2D convolution; from FOLDED_MAX_BYTES up, oneDNN's 3D one
+    assert aniso_conv.choose("forward", a, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "folded"
+    assert aniso_conv.choose("backward", a, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "folded"
+    big = torch.randn(1, 16, 64, 64, 8)  # 2 MiB
+    assert aniso_conv.choose("forward", big, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "aten"
     assert aniso_conv.choose("forward", a, torch.randn(8, 16, 3, 3, 1), [2, 2, 1], [1, 1, 0]) == "aten"
     table = aniso_conv.choices()
-    assert len(table) == 4 and all(v["reason"] == "rule" for v in table.values())
+    assert len(table) == 6 and all(v["reason"] == "rule" for v in table.values())
 
 
 def test_tuning_measures_and_saved_choices_reload(fresh_choices, tmp_path):
