@@ -9,6 +9,8 @@ the batch, then one warm-up step (it also creates the optimizer state):
   system the same way every run; it also makes every large allocation fault fresh pages, which is
   why time is measured separately), the peak of one step = VmHWM after it minus the RSS before it
   (/proc/self/clear_refs); on CUDA torch.cuda.max_memory_allocated minus memory_allocated.
+  ahnet_fast's pooled CPU scratch buffers (ahnet_fast._scratch) are released before that step, so
+  they count in its peak rather than in what existed before it.
 Inference: forward under no_grad in eval mode, same measurements.
 
     python benchmarks/e2e.py [--sizes 128 128 32 [256 256 32 ...]] [--repeats 5] [--device cpu|cuda]
@@ -101,6 +103,10 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
         sync()
         peak = torch.cuda.max_memory_allocated() - before
     else:
+        if impl != "MONAI":  # the reused scratch buffers count in the step's peak, not in what precedes it
+            from ahnet_fast import _scratch
+
+            _scratch.release()
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
         before = rss_bytes("VmRSS")
