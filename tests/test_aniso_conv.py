@@ -362,16 +362,18 @@ def test_pointwise_conv_under_autocast_keeps_the_low_precision():
 
 
 # (input shape, weight shape, bias, stride, padding, k): the stem's conv1 + pool1 (smaller), batch 2 with a
-# bias, two input channels and a leftover slice that floor-mode pooling drops, a window of 3
+# bias, two input channels and a leftover slice that floor-mode pooling drops, a window of 3, no padding
+# along the rows (the bands are plain slices of the input)
 STEM_CASES = [
     ((1, 1, 13, 10, 8), (6, 1, 7, 7, 3), False, (2, 2, 1), (3, 3, 1), 2),
     ((2, 1, 9, 8, 6), (4, 1, 7, 7, 3), True, (2, 2, 1), (3, 3, 1), 2),
     ((1, 2, 7, 9, 9), (3, 2, 3, 5, 3), True, (1, 2, 1), (1, 2, 1), 2),
     ((1, 1, 6, 5, 10), (5, 1, 3, 3, 3), False, (1, 1, 1), (1, 1, 0), 3),
+    ((2, 1, 9, 6, 6), (3, 1, 3, 3, 3), True, (2, 1, 1), (0, 1, 1), 2),
 ]
 
 
-@pytest.mark.parametrize("case", STEM_CASES, ids=["stem", "n2-bias", "2ch-leftover", "k3"])
+@pytest.mark.parametrize("case", STEM_CASES, ids=["stem", "n2-bias", "2ch-leftover", "k3", "n2-no-row-padding"])
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 30], ids=["chunked", "whole"])
 def test_slice_fold_conv_pool_matches_conv_then_pool_float64(case, chunk_bytes, monkeypatch):
     shape, wshape, bias, stride, padding, k = case

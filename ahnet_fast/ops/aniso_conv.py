@@ -620,64 +620,74 @@ SLICE_CHUNK_BYTES = 8 << 20
 def slice_fold_conv_pool(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
                          padding: Sequence[int], k: int) -> torch.Tensor:
     """``max_pool3d(conv3d(a, weight, bias, stride, padding), (1, 1, k))`` (AH-Net's conv1 and pool1)
-    through the ``slice_fold`` convolution and the compiled slice pooling, a few slices at a time: the
-    convolution's output, twice the pooled map and 32 MiB at a 128x128x32 input (the size at which
-    glibc maps every allocation freshly, a page fault per 4 KiB, twice per step), only ever exists
-    as a chunk of about SLICE_CHUNK_BYTES. Backward, again chunk by chunk, routes the gradient
-    through the kept window positions and accumulates the weight gradient; ``a`` gets no gradient
-    (the image), so callers use this only where it needs none. CPU, compiled extension."""
+    through the ``slice_fold`` convolution and the compiled slice pooling, a band of output rows at a
+    time: the convolution's output, twice the pooled map and 32 MiB at a 128x128x32 input (the size
+    at which glibc maps every allocation freshly, a page fault per 4 KiB, twice per step), only ever
+    exists as a band of about SLICE_CHUNK_BYTES. Bands of rows, not of slices: a band's pooled
+    result is a block of whole rows of the output (contiguous runs of W x D values), where a chunk
+    of slices would be written, and its gradient gathered, in runs of D / chunks values (4 at AH-Net's
+    input: ~1.5 ms per 4 MB copy). Backward, band by band, routes the gradient through the kept
+    window positions and accumulates the weight gradient; ``a`` gets no gradient (the image), so
+    callers use this only where it needs none. CPU, compiled extension."""
     if a.requires_grad:
         raise ValueError("slice_fold_conv_pool: the input must not need a gradient (it is the image)")
     return _SliceFoldConvPool.apply(a, weight, bias, tuple(stride), tuple(padding), int(k))
 
 
-def _slice_chunks(n: int, d_pool: int, k: int, per_slice_bytes: int):
-    """(sample, first output slice, slices) chunks covering the d_pool * k slices that pooling reads."""
-    per = max(1, SLICE_CHUNK_BYTES // max(1, per_slice_bytes * k)) * k
-    return [(i, z0, min(per, d_pool * k - z0)) for i in range(n) for z0 in range(0, d_pool * k, per)]
+def _row_bands(n: int, rows: int, per_row_bytes: int):
+    """(sample, first output row, rows) bands covering every output row of every sample."""
+    per = max(1, SLICE_CHUNK_BYTES // max(1, per_row_bytes))
+    return [(i, r0, min(per, rows - r0)) for i in range(n) for r0 in range(0, rows, per)]
+
+
+def _band_input(padded, i, d_out, r0, r, stride_h, kh):
+    """The input rows (already padded along H) that output rows r0..r0+r-1 of sample i read."""
+    return padded[i * d_out:(i + 1) * d_out, :, r0 * stride_h:(r0 + r - 1) * stride_h + kh]
 
 
 class _SliceFoldConvPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, weight, bias, stride, padding, k):
         n = a.shape[0]
-        co = weight.shape[0]
+        co, kh = weight.shape[0], weight.shape[2]
         folded = _fold_slices(a, weight.shape[4], padding[2])  # (N * Do, Ci * kd, H, W)
+        # padded along H once (a copy of the image's size), so that every band is a plain slice
+        padded = torch.nn.functional.pad(folded, (0, 0, padding[0], padding[0])) if padding[0] else folded
         wf = _fold_weight(weight)
         d_out = folded.shape[0] // n
         d_pool = d_out // k
-        ho = (a.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+        ho = (padded.shape[2] - kh) // stride[0] + 1
         wo = (a.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
         pooled = a.new_empty((n, co, ho, wo, d_pool))
         positions = []
-        chunks = _slice_chunks(n, d_pool, k, co * ho * wo * a.element_size())
-        for i, z0, c in chunks:
-            y = torch.nn.functional.conv2d(folded[i * d_out + z0: i * d_out + z0 + c], wf, bias, stride[:2],
-                                           padding[:2])  # (c, Co, Ho, Wo)
+        bands = _row_bands(n, ho, d_out * co * wo * a.element_size())
+        for i, r0, r in bands:
+            y = torch.nn.functional.conv2d(_band_input(padded, i, d_out, r0, r, stride[0], kh), wf, bias,
+                                           stride[:2], (0, padding[1]))  # (Do, Co, r, Wo)
             out, position = torch.ops.ahnet_fast.slice_max_pool(y.permute(1, 2, 3, 0).unsqueeze(0), k)
-            pooled[i:i + 1, ..., z0 // k:(z0 + c) // k] = out
+            pooled[i:i + 1, :, r0:r0 + r] = out
             positions.append(position)
-        ctx.save_for_backward(folded, weight, *positions)
-        ctx.args = (chunks, stride, padding, k, d_out, bias is not None)
+        ctx.save_for_backward(padded, weight, *positions)
+        ctx.args = (bands, stride, padding, k, d_out, bias is not None)
         return pooled
 
     @staticmethod
     def backward(ctx, grad):
-        folded, weight, *positions = ctx.saved_tensors
-        chunks, stride, padding, k, d_out, has_bias = ctx.args
+        padded, weight, *positions = ctx.saved_tensors
+        bands, stride, padding, k, d_out, has_bias = ctx.args
         co, ci, kh, kw, kd = weight.shape
         wf = _fold_weight(weight)
-        _, _, ho, wo, _ = grad.shape
+        wo = grad.shape[3]
         grad_wf = grad_b = None
-        for (i, z0, c), position in zip(chunks, positions):
-            g = grad[i:i + 1, ..., z0 // k:(z0 + c) // k].contiguous()
-            # the chunk's convolution output layout: (c, Co, Ho, Wo) memory seen as (1, Co, Ho, Wo, c)
-            gy = torch.ops.ahnet_fast.slice_max_pool_backward(g, position, k, [1, co, ho, wo, c],
-                                                               [c * co * ho * wo, ho * wo, wo, 1, co * ho * wo])
+        for (i, r0, r), position in zip(bands, positions):
+            g = grad[i:i + 1, :, r0:r0 + r].contiguous()
+            # the band's convolution output layout: (Do, Co, r, Wo) memory seen as (1, Co, r, Wo, Do)
+            gy = torch.ops.ahnet_fast.slice_max_pool_backward(g, position, k, [1, co, r, wo, d_out],
+                                                               [d_out * co * r * wo, r * wo, wo, 1, co * r * wo])
             gy = gy.squeeze(0).permute(3, 0, 1, 2)
             _, gw, gb = torch.ops.aten.convolution_backward(
-                gy, folded[i * d_out + z0: i * d_out + z0 + c], wf, [co] if has_bias else None, list(stride[:2]),
-                list(padding[:2]), [1, 1], False, [0, 0], 1, [False, True, has_bias])
+                gy, _band_input(padded, i, d_out, r0, r, stride[0], kh), wf, [co] if has_bias else None,
+                list(stride[:2]), [0, padding[1]], [1, 1], False, [0, 0], 1, [False, True, has_bias])
             grad_wf = gw if grad_wf is None else grad_wf.add_(gw)
             if has_bias:
                 grad_b = gb if grad_b is None else grad_b.add_(gb)
