@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ahnet_fast import _scratch as scratch
 from ahnet_fast._layout import is_channels_last
 
 __all__ = ["PATHS", "candidates", "conv3d", "pointwise_conv", "forward", "backward", "choose", "slice_fold_forward", "choices",
@@ -348,17 +349,44 @@ def _tap_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = sum over taps t of shift_t(W_t a): one matrix product for every tap (z, taps x Co
+    channels, in a pooled scratch buffer: a temporary), then each tap's map added at its offset. The
+    additions run over the flattened maps (long contiguous runs, where per-axis slices of a 1x1x3
+    kernel are runs of D - 1 values). In the flat sum, output p reads z_t at flat(p) + flat(offset):
+    that is z_t[p + offset] when p + offset is inside the map, and otherwise a value r whose own
+    r - offset is outside the map (flat indices are one-to-one inside it), which no output reads
+    legitimately: those values lie in the strips zeroed first, so a wrapped read adds zero."""
     n, ci = a.shape[:2]
     co, spatial = weight.shape[0], a.shape[2:]
+    nd = len(spatial)
     taps = _taps(weight)
-    z = _left_mm(_tap_matrix(weight), a.reshape(n, ci, -1)).view(n, len(taps), co, *spatial)
-    centre = taps.index(tuple(0 for _ in spatial))
-    y = z[:, centre].clone()
-    for t, offset in enumerate(taps):
-        if t == centre:
-            continue
-        dst, src = zip(*(_shifted(size, o) for size, o in zip(spatial, offset)))
-        y[(slice(None), slice(None), *dst)] += z[(slice(None), t, slice(None), *src)]
+    wall = _tap_matrix(weight)
+    with _scratch(a, n * wall.shape[0] * math.prod(spatial)) as buffer:
+        if n == 1:
+            z = torch.mm(wall, a.reshape(ci, -1), out=buffer.view(wall.shape[0], -1))
+        else:
+            z = _left_mm(wall, a.reshape(n, ci, -1))
+        z = z.view(n, len(taps), co, *spatial)
+        centre = taps.index(tuple(0 for _ in spatial))
+        y = z[:, centre].clone()
+        length = math.prod(spatial)
+        for t, offset in enumerate(taps):
+            if t == centre:
+                continue
+            zt = z[:, t]
+            if _trailing_contiguous(y, nd) and _trailing_contiguous(zt, nd):
+                for axis, (size, o) in enumerate(zip(spatial, offset)):
+                    if o:
+                        index = [slice(None)] * nd
+                        index[axis] = slice(0, o) if o > 0 else slice(size + o, size)
+                        zt[(slice(None), slice(None), *index)] = 0
+                shift = sum(o * math.prod(spatial[i + 1:]) for i, o in enumerate(offset))
+                if abs(shift) < length:
+                    yf, zf = y.flatten(-nd) if nd > 1 else y, zt.flatten(-nd) if nd > 1 else zt
+                    yf[..., max(0, -shift):length - max(0, shift)] += zf[..., max(0, shift):length - max(0, -shift)]
+            else:
+                dst, src = zip(*(_shifted(size, o) for size, o in zip(spatial, offset)))
+                y[(slice(None), slice(None), *dst)] += zt[(slice(None), slice(None), *src)]
     return y
 
 
@@ -390,6 +418,13 @@ def _copy_shifted(dst: torch.Tensor, src: torch.Tensor, offset: Sequence[int]) -
             index = [slice(None)] * nd
             index[axis] = slice(0, o) if o > 0 else slice(size + o, size)
             dst[(*lead, *index)] = 0
+
+
+def _scratch(like: torch.Tensor, numel: int):
+    """A pooled flat buffer of like's dtype and device for the shift path's shifted copies of the
+    output gradient (ahnet_fast._scratch: on CPU a fresh one would fault in every page each call;
+    at AH-Net's last dense block 15 MiB per unit)."""
+    return scratch.borrow("aniso_conv.shifted_gradient", numel, like.dtype, like.device)
 
 
 def _trailing_contiguous(t: torch.Tensor, nd: int) -> bool:
@@ -443,14 +478,16 @@ def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     grad_wall = weight.new_empty((len(taps) * co, ci))
     grad_a = None
     per = -(-len(taps) // chunks)
-    for first in range(0, len(taps), per):
-        group = taps[first:first + per]
-        stacked = grad_y.new_empty((n, len(group), co, *spatial))
-        for j, offset in enumerate(group):
-            _copy_shifted(stacked[:, j], grad_y, offset)
-        grad_a = _accumulate_tap_group(grad_a, grad_wall, wall, slice(first * co, (first + len(group)) * co),
-                                       stacked.view(n, len(group) * co, -1), m, out)
-        del stacked
+    shape = (n, per, co, *spatial)
+    with _scratch(grad_y, math.prod(shape)) as buffer:
+        for first in range(0, len(taps), per):
+            group = taps[first:first + per]
+            stacked = buffer[:math.prod(shape) // per * len(group)].view(n, len(group), co, *spatial)
+            for j, offset in enumerate(group):
+                _copy_shifted(stacked[:, j], grad_y, offset)
+            grad_a = _accumulate_tap_group(grad_a, grad_wall, wall, slice(first * co, (first + len(group)) * co),
+                                           stacked.view(n, len(group) * co, -1), m, out)
+            del stacked
     grad_w = grad_wall.view(len(taps), co, ci).permute(1, 2, 0).contiguous().view(weight.shape)
     return grad_a.view(a.shape), grad_w
 
@@ -472,21 +509,22 @@ def _shift_backward_by_rows(grad_y: torch.Tensor, a: torch.Tensor, weight: torch
     rest_size = math.prod(rest)
     rest_taps = [offset[1:] for offset in _taps(weight[:, :, :1])]  # offsets along the other axes
     r = len(rest_taps)
-    padded = grad_y.new_empty((n, r, co, h + 2 * ph, *rest))
-    padded[:, :, :, :ph] = 0
-    padded[:, :, :, ph + h:] = 0
-    for j, offset in enumerate(rest_taps):
-        _copy_shifted(padded[:, j, :, ph:ph + h], grad_y, offset)
-    flat = padded.view(n, r * co, -1)
-    m = a.reshape(n, ci, -1)
-    wall = _tap_matrix(weight)  # tap-major, taps row-major over the kernel: row i's taps are contiguous
-    grad_wall = weight.new_empty((kh * r * co, ci))
-    grad_a = None
-    for i in range(kh):  # offset i - ph along the first axis: output row p reads grad_y row p - (i - ph)
-        start = (2 * ph - i) * rest_size
-        grad_a = _accumulate_tap_group(grad_a, grad_wall, wall, slice(i * r * co, (i + 1) * r * co),
-                                       flat[:, :, start:start + h * rest_size], m, out)
-    del padded, flat
+    with _scratch(grad_y, n * r * co * (h + 2 * ph) * rest_size) as buffer:
+        padded = buffer.view(n, r, co, h + 2 * ph, *rest)
+        padded[:, :, :, :ph] = 0
+        padded[:, :, :, ph + h:] = 0
+        for j, offset in enumerate(rest_taps):
+            _copy_shifted(padded[:, j, :, ph:ph + h], grad_y, offset)
+        flat = padded.view(n, r * co, -1)
+        m = a.reshape(n, ci, -1)
+        wall = _tap_matrix(weight)  # tap-major, taps row-major over the kernel: row i's taps adjacent
+        grad_wall = weight.new_empty((kh * r * co, ci))
+        grad_a = None
+        for i in range(kh):  # offset i - ph along the first axis: output row p reads grad_y row p - i + ph
+            start = (2 * ph - i) * rest_size
+            grad_a = _accumulate_tap_group(grad_a, grad_wall, wall, slice(i * r * co, (i + 1) * r * co),
+                                           flat[:, :, start:start + h * rest_size], m, out)
+        del padded, flat
     grad_w = grad_wall.view(kh * r, co, ci).permute(1, 2, 0).contiguous().view(weight.shape)
     return grad_a.view(a.shape), grad_w
 
