@@ -11,7 +11,8 @@ CPU requests are served from the pool.
 
 What is kept is at most one buffer per slot (the largest request so far); :func:`release` drops
 them all (and ``AHNET_FAST_SCRATCH=0`` turns the pool off: every borrow is then a fresh tensor).
-A borrowed buffer is the borrower's until the ``with`` block ends; nothing that outlives the block
+The pool is per thread: each thread that runs the ops keeps its own buffers, and :func:`release`
+frees the calling thread's. A borrowed buffer is the borrower's until the ``with`` block ends; nothing that outlives the block
 may be a view of it (the ops hand out only tensors computed from it). A nested borrow of a slot
 already out gets a fresh tensor, so nesting is safe, merely not pooled.
 """
@@ -52,7 +53,10 @@ def borrow(slot: str, numel: int, dtype: torch.dtype, device: torch.device):
     buf = pool.pop(key, None)  # taken out while borrowed: a nested borrow of the slot cannot share it
     if buf is None or buf.numel() < numel:
         buf = None  # the smaller buffer is freed before the larger one is allocated
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        # never an inference tensor: one made under torch.inference_mode() could not be written
+        # (out=) by a later training step
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype, device=device)
     try:
         yield buf[:numel]
     finally:

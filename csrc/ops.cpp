@@ -35,7 +35,8 @@ TORCH_LIBRARY(ahnet_fast, m) {
   // precision), without normalising.
   m.def("bn_stats(Tensor input) -> (Tensor, Tensor)");
   // bn_relu_backward's input gradient written into out (out = grad, or out += grad with accumulate);
-  // out has the input's shape and dtype and may be grad_out itself. Returns (grad_weight, grad_bias).
+  // out has the input's shape and dtype and may be grad_out itself (exactly: out overlapping grad_out or
+  // input at another offset is not supported). Returns (grad_weight, grad_bias).
   m.def(
       "bn_relu_backward_into_(Tensor grad_out, Tensor input, Tensor weight, Tensor bias, Tensor mean, Tensor var, "
       "bool training, float eps, Tensor(a!) out, bool accumulate) -> (Tensor, Tensor)");

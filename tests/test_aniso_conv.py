@@ -460,7 +460,7 @@ def _shifted_reference(src, offset):
 
 
 @pytest.mark.parametrize("offset", [(0, 0, 1), (0, 0, -1), (1, 0, 0), (-1, 1, 0), (1, -1, -1), (0, 2, 1),
-                                    (0, 0, 7), (3, 0, 0)])
+                                    (0, 0, 7), (3, 0, 0), (0, 0, -9), (-5, 0, 0), (0, -6, 2)])
 @pytest.mark.parametrize("kind", ["contiguous", "padded_rows", "strided_last"])
 def test_copy_shifted_matches_padding_and_slicing(offset, kind):
     """The shifted copy of the shift path's backward: as one copy of the flattened trailing block
@@ -494,3 +494,22 @@ def test_shift_backward_writes_into_a_given_buffer(by_rows, monkeypatch):
     x2, g2 = torch.cat([x, x]), torch.cat([g, g])
     ga2, _ = aniso_conv.backward("shift", g2, x2, w, [1, 1, 1], [1, 1, 0], torch.empty(x2.numel(), dtype=x.dtype))
     assert torch.equal(ga2[:1], ref_ga)
+
+
+@pytest.mark.parametrize("kernel,shape", [((1, 7), (1, 3, 5, 2)), ((7, 1, 3), (2, 2, 3, 4, 1)), ((5, 5, 1), (1, 2, 1, 2, 3))],
+                         ids=["2d-1x7-on-2", "3d-7x1x3", "3d-5x5x1-on-1"])
+def test_shift_path_with_a_kernel_wider_than_an_axis(kernel, shape):
+    """Kernels whose radius exceeds an axis (every tap along it beyond the map): the shift path's
+    zeroed strips are clamped to the axis, so the flat sums and copies add nothing that wrapped."""
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(3, shape[1], *kernel, dtype=torch.float64)
+    g = torch.randn((shape[0], 3, *shape[2:]), dtype=torch.float64)
+    padding = [(k - 1) // 2 for k in kernel]
+    stride = [1] * len(kernel)
+    assert "shift" in aniso_conv.candidates(x, w, stride, padding)
+    y = aniso_conv.forward("shift", x, w, stride, padding)
+    ga, gw = aniso_conv.backward("shift", g, x, w, stride, padding)
+    ref_y, ref_ga, ref_gw = aten_pair(x, w, g)
+    assert_close_normwise(y, ref_y, 1e-13, what="output")
+    assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
+    assert_close_normwise(gw, ref_gw, 1e-13, what="grad weight")

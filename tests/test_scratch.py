@@ -72,3 +72,27 @@ def test_non_cpu_requests_are_fresh_tensors():
     with scratch.borrow("test", 8, torch.float32, "meta") as t:
         assert t.device.type == "meta" and t.numel() == 8
     assert scratch.pooled_bytes() == 0
+
+
+def test_a_buffer_first_made_under_inference_mode_serves_training_later():
+    """Validation under torch.inference_mode(), then training: the pooled buffers must not be
+    inference tensors (a matrix product writing into one outside that mode would raise)."""
+    import ahnet_fast
+    from ahnet_fast.nn.ahnet import DenseBlock
+
+    if not ahnet_fast.extension_available():
+        import pytest
+
+        pytest.skip("compiled extension not built")
+    scratch.release()
+    block = DenseBlock(3, 2, 6, 4, 3, 0.0)
+    block.backend = "cpp"
+    x = torch.randn(1, 6, 5, 4, 3)
+    with torch.inference_mode():
+        block.eval()(x)
+    assert scratch.pooled_bytes() > 0
+    block.train()
+    xi = x.clone().requires_grad_()
+    block(xi).sum().backward()
+    assert xi.grad is not None and torch.isfinite(xi.grad).all()
+    scratch.release()

@@ -140,7 +140,8 @@ def _rule(direction: str, a: torch.Tensor, weight: torch.Tensor, paths: list[str
             return "shift"
     # Small inputs (the encoder's layer2-4 and the early decoder blocks): oneDNN's 3D convolution
     # has more fixed cost than the 2D one over folded slices (e.g. 1.65 vs 1.12 ms forward at
-    # 1x128x16x16x4, 2.33 vs 1.80 ms backward at 1x256x8x8x2); from ~2 MiB up it is as fast or faster.
+    # 1x128x16x16x4, 2.33 vs 1.80 ms backward at 1x256x8x8x2); past FOLDED_MAX_BYTES it is as fast or
+    # faster (1x64x32x32x8, 2 MiB: 2.4 vs 3.5 ms forward).
     if "folded" in paths and a.numel() * a.element_size() <= (FOLDED_MAX_BYTES[direction]):
         return "folded"
     return "aten"
@@ -338,8 +339,11 @@ def _taps(weight: torch.Tensor) -> list[tuple[int, ...]]:
 
 
 def _shifted(size: int, offset: int) -> tuple[slice, slice]:
-    """Destination and source ranges along one axis for out[p] += z[p + offset] (inside bounds)."""
-    return slice(max(0, -offset), size - max(0, offset)), slice(max(0, offset), size - max(0, -offset))
+    """Destination and source ranges along one axis for out[p] += z[p + offset] (inside bounds;
+    empty when the offset is as long as the axis)."""
+    n = max(0, size - abs(offset))
+    dst, src = (max(0, -offset), max(0, offset)) if n else (0, 0)
+    return slice(dst, dst + n), slice(src, src + n)
 
 
 def _tap_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -350,7 +354,8 @@ def _tap_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = sum over taps t of shift_t(W_t a): one matrix product for every tap (z, taps x Co
-    channels, in a pooled scratch buffer: a temporary), then each tap's map added at its offset. The
+    channels, a temporary: in a pooled scratch buffer at batch 1), then each tap's map added at its
+    offset. The
     additions run over the flattened maps (long contiguous runs, where per-axis slices of a 1x1x3
     kernel are runs of D - 1 values). In the flat sum, output p reads z_t at flat(p) + flat(offset):
     that is z_t[p + offset] when p + offset is inside the map, and otherwise a value r whose own
@@ -361,7 +366,8 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     nd = len(spatial)
     taps = _taps(weight)
     wall = _tap_matrix(weight)
-    with _scratch(a, n * wall.shape[0] * math.prod(spatial)) as buffer:
+    # at batch 1 the tap maps go into a pooled buffer (a larger batch's matrix product has no out=)
+    with _scratch(a, wall.shape[0] * math.prod(spatial)) if n == 1 else contextlib.nullcontext() as buffer:
         if n == 1:
             z = torch.mm(wall, a.reshape(ci, -1), out=buffer.view(wall.shape[0], -1))
         else:
@@ -378,7 +384,7 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 for axis, (size, o) in enumerate(zip(spatial, offset)):
                     if o:
                         index = [slice(None)] * nd
-                        index[axis] = slice(0, o) if o > 0 else slice(size + o, size)
+                        index[axis] = slice(0, o) if o > 0 else slice(max(0, size + o), size)
                         zt[(slice(None), slice(None), *index)] = 0
                 shift = sum(o * math.prod(spatial[i + 1:]) for i, o in enumerate(offset))
                 if abs(shift) < length:
@@ -416,15 +422,16 @@ def _copy_shifted(dst: torch.Tensor, src: torch.Tensor, offset: Sequence[int]) -
     for axis, (size, o) in enumerate(zip(sizes, offset)):
         if o:
             index = [slice(None)] * nd
-            index[axis] = slice(0, o) if o > 0 else slice(size + o, size)
+            index[axis] = slice(0, o) if o > 0 else slice(max(0, size + o), size)
             dst[(*lead, *index)] = 0
 
 
 def _scratch(like: torch.Tensor, numel: int):
-    """A pooled flat buffer of like's dtype and device for the shift path's shifted copies of the
-    output gradient (ahnet_fast._scratch: on CPU a fresh one would fault in every page each call;
-    at AH-Net's last dense block 15 MiB per unit)."""
-    return scratch.borrow("aniso_conv.shifted_gradient", numel, like.dtype, like.device)
+    """A pooled flat buffer of like's dtype and device for the shift path's temporaries: the
+    backward's shifted copies of the output gradient, the forward's tap maps (ahnet_fast._scratch:
+    on CPU a fresh one would fault in every page each call; at AH-Net's last dense block 15 MiB per
+    unit). Never both at once: no shift forward runs inside a shift backward."""
+    return scratch.borrow("aniso_conv.shift", numel, like.dtype, like.device)
 
 
 def _trailing_contiguous(t: torch.Tensor, nd: int) -> bool:
@@ -689,7 +696,8 @@ class _SliceFoldConvPool(torch.autograd.Function):
         n = a.shape[0]
         co, kh = weight.shape[0], weight.shape[2]
         folded = _fold_slices(a, weight.shape[4], padding[2])  # (N * Do, Ci * kd, H, W)
-        # padded along H once (a copy of the image's size), so that every band is a plain slice
+        # padded along H once (a copy of the folded slices, kd times the image), so that every band
+        # is a plain slice
         padded = torch.nn.functional.pad(folded, (0, 0, padding[0], padding[0])) if padding[0] else folded
         wf = _fold_weight(weight)
         d_out = folded.shape[0] // n
