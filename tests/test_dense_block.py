@@ -115,7 +115,7 @@ def test_gradcheck(training):
     assert torch.autograd.gradcheck(f, (x, *block.parameters()), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def _op_args(block, x, training, keep=False):
+def _op_args(block, x, training, keep=False, skip=None):
     weights, means, variances = [], [], []
     for layer in block:
         for bn, conv in ((layer.bn1, layer.conv1), (layer.bn2, layer.conv2), (layer.bn3, layer.conv3),
@@ -123,21 +123,24 @@ def _op_args(block, x, training, keep=False):
             weights += [bn.weight.detach(), bn.bias.detach(), conv.weight.detach()]
             means.append(bn.running_mean)
             variances.append(bn.running_var)
-    return (x, weights, [] if training else means, [] if training else variances, training, 1e-5, keep)
+    return (x, weights, [] if training else means, [] if training else variances, training, 1e-5, keep, skip)
 
 
 @needs_ext
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute-c1", "keep-c1"])
-def test_opcheck(training, kind, keep):
+@pytest.mark.parametrize("with_skip", [False, True], ids=["x", "x+skip"])
+def test_opcheck(training, kind, keep, with_skip):
     block = make_block(3, 4, layers=2, growth=3, bn_size=2, dtype=torch.float32)
     x = torch.randn(2, 4, 5, 4, 3)
+    skip = torch.randn(2, 4, 5, 4, 3) if with_skip else None
     if kind == "channels_last_3d":
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    args = _op_args(block, x, training, keep)
+    args = _op_args(block, x, training, keep, skip)
     torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, args)
-    grad_args = (args[0].clone().requires_grad_(), [w.clone().requires_grad_() for w in args[1]], *args[2:])
+    grad_args = (args[0].clone().requires_grad_(), [w.clone().requires_grad_() for w in args[1]], *args[2:-1],
+                 None if skip is None else skip.clone().requires_grad_())
     torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, grad_args)
     out, saved = torch.ops.ahnet_fast.dense_block.default(*args)
     torch.library.opcheck(torch.ops.ahnet_fast.dense_block_backward.default,
@@ -251,3 +254,34 @@ def test_results_do_not_share_the_scratch_pool(keep):
     call(torch.randn(1, 6, 7, 5, 3) * 2 + 1, torch.randn(1, 21, 7, 5, 3))
     for a, b in zip(first, kept):
         assert torch.equal(a, b)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last_3d"])
+def test_skip_is_the_block_on_the_sum(backend, kind):
+    """dense_block(x, skip=s) == dense_block(x + s) (the sum written into the block's buffer), and
+    x and s both get the gradient of the sum; a skip of another shape is a ValueError."""
+    block = make_block(3, 5, layers=2, growth=3, bn_size=2)
+    block.backend = backend
+    x = torch.randn(2, 5, 6, 4, 3, dtype=torch.float64)
+    s = torch.randn(2, 5, 6, 4, 3, dtype=torch.float64)
+    if kind == "channels_last_3d":
+        x, s = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, s))
+    grad = torch.randn(2, 11, 6, 4, 3, dtype=torch.float64)
+    xi, si = x.clone().requires_grad_(), s.clone().requires_grad_()
+    y = block(xi, si)
+    gx, gs = torch.autograd.grad(y, (xi, si), grad)
+    ref = copy.deepcopy(block)
+    total = (x + s).requires_grad_()
+    y_ref = ref(total)
+    (g_ref,) = torch.autograd.grad(y_ref, (total,), grad)
+    assert_close_normwise(y, y_ref, 1e-13, what="output")
+    assert_close_normwise(gx, g_ref, 1e-12, what="grad x")
+    assert_close_normwise(gs, g_ref, 1e-12, what="grad skip")
+    with pytest.raises(ValueError, match="skip must have the input's shape"):
+        block(x, s[:, :4])
+    # another dtype: the sum promotes as eager PyTorch's does, then the block runs on it
+    y_mixed = block(x, s.float())
+    assert y_mixed.dtype == torch.float64
+    assert_close_normwise(y_mixed, block(x + s.float()), 1e-13, what="mixed-dtype skip")

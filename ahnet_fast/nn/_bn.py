@@ -56,9 +56,11 @@ def bn_relu_conv(bn: nn.modules.batchnorm._BatchNorm, conv: nn.modules.conv._Con
                             conv.weight, list(conv.stride), list(conv.padding), backend=backend)
 
 
-def dense_block(layers, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """A sequence of AH-Net dense layers (modules with bn1..bn4 / conv1..conv4) as the one-buffer op;
-    each layer's bottleneck output is kept for backward except inside a checkpointed segment."""
+def dense_block(layers, x: torch.Tensor, backend: str | None = None, skip: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """A sequence of AH-Net dense layers (modules with bn1..bn4 / conv1..conv4) as the one-buffer op,
+    applied to x (+ skip); each layer's bottleneck output is kept for backward except inside a
+    checkpointed segment."""
     weights, means, variances, momenta = [], [], [], []
     training = None
     for layer in layers:
@@ -73,7 +75,7 @@ def dense_block(layers, x: torch.Tensor, backend: str | None = None) -> torch.Te
             variances.append(running_var)
             momenta.append(momentum)
     return ops_dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend,
-                           keep_bottleneck=not in_checkpoint_segment())
+                           keep_bottleneck=not in_checkpoint_segment(), skip=skip)
 
 
 def set_backend(root: nn.Module, backend: str | None) -> nn.Module:

@@ -280,8 +280,10 @@ class DenseBlock(nn.Sequential):
                                                                 growth_rate, bn_size, dropout_prob))
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_block(list(self), x, self.backend)
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The block on ``x`` (MONAI's call), or on ``x + skip`` with the sum written into the block's
+        buffer (AH-Net's decoder stages)."""
+        return dense_block(list(self), x, self.backend, skip)
 
 
 class PyramidVolumetricPooling(nn.Module):
@@ -535,7 +537,7 @@ class AHNet(nn.Module):
         fm1, fm2, fm3, fm4 = features
 
         def stage(up, dense):
-            return lambda a, skip: dense(up(a) + skip)
+            return lambda a, skip: dense(up(a), skip)  # dense(up(a) + skip), the sum in the block's buffer
 
         d0 = segment(decoder, stage(self.up0, self.dense0), (self.up0, self.dense0), fm4, fm3)
         d1 = segment(decoder, stage(self.up1, self.dense1), (self.up1, self.dense1), d0, fm2)

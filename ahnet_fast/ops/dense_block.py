@@ -110,7 +110,8 @@ def _check(x, weights, running_means, running_vars, momenta):
 
 def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor | None],
                 running_vars: Sequence[torch.Tensor | None], training: bool, momenta: Sequence[float], eps: float,
-                *, backend: str | None = None, keep_bottleneck: bool = False) -> torch.Tensor:
+                *, backend: str | None = None, keep_bottleneck: bool = False,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
     """``cat(x, f_1, ..., f_L)`` of AH-Net's pseudo-3D dense layers (see the module docstring).
 
     weights: per layer bn1.weight, bn1.bias, conv1.weight, bn2.weight, bn2.bias, conv2.weight,
@@ -124,21 +125,32 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     on CPU; for a + b the 1x1x3 convolution and the sum, ~3 ms per layer of the last block at a
     128x128x32 input). The AH-Net module turns
     it on outside activation checkpointing (inside it, memory is the priority).
+
+    skip: the block is applied to ``x + skip`` (AH-Net's decoder stages add the encoder's feature
+    map to the upsampled one), the sum written straight into the block's buffer instead of a tensor
+    of its own; both get the gradient of the sum.
     """
     _check(x, weights, running_means, running_vars, momenta)
     cast = autocast_dtype(x)
+    if skip is not None:
+        if skip.shape != x.shape or skip.device != x.device:
+            raise ValueError(f"dense_block: skip must have the input's shape and device, got {tuple(skip.shape)} "
+                             f"on {skip.device} for {tuple(x.shape)} on {x.device}")
+        if skip.dtype != x.dtype or cast is not None:
+            # the sum as eager PyTorch forms it (type promotion; under autocast before the cast)
+            x, skip = x + skip, None
     if cast is not None:  # convolutions under autocast: input and convolution weights in the low precision
         x = x.to(cast)
         weights = [w.to(cast) if i % 3 == 2 else w for i, w in enumerate(weights)]
     chosen = backends.select("dense_block", IMPLEMENTATIONS, x.device, (x,), backend)
     if chosen == "reference":
-        return dense_block_reference(x, list(weights), list(running_means), list(running_vars), training,
-                                     list(momenta), eps)
+        return dense_block_reference(x if skip is None else x + skip, list(weights), list(running_means),
+                                     list(running_vars), training, list(momenta), eps)
     have_running = all(t is not None for t in running_means) and all(t is not None for t in running_vars)
     use_batch_stats = training or not have_running
     op = torch.ops.ahnet_fast.dense_block if chosen == "cpp" else _triton_op()
     out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
-                    list(running_vars) if not use_batch_stats else [], use_batch_stats, eps, keep_bottleneck)
+                    list(running_vars) if not use_batch_stats else [], use_batch_stats, eps, keep_bottleneck, skip)
     if training and have_running:
         stats = _split_saved(saved, len(weights) // PARAMS_PER_LAYER)[3]
         count = x.numel() // x.shape[1]  # every unit keeps the spatial size
@@ -177,13 +189,16 @@ def _scratch(out, channels, slot=SCRATCH_SLOT):
     return scratch.borrow(slot, out.numel() // out.shape[1] * channels, out.dtype, out.device)
 
 
-def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck):
+def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck, skip=None):
     layers = _split(weights)
     channels = [x.shape[1]]
     for units in layers:
         channels.append(channels[-1] + units[3][2].shape[0])
     out = _empty(x, channels[-1])
-    out[:, :channels[0]].copy_(x)
+    if skip is None:
+        out[:, :channels[0]].copy_(x)
+    else:
+        torch.add(x, skip, out=out[:, :channels[0]])
     # One buffer for the units' activations (each lives only until its convolution has read it)
     # instead of a fresh tensor per unit: on CPU fresh pages cost a page fault each, and at AH-Net's
     # last block the prefixes' activations were 16-28 MiB apiece.
@@ -304,7 +319,7 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
         return grad[:, :channels0], grads_w
 
 
-def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck):
+def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck, skip):
     layers = _split(weights)
     total = x.shape[1] + sum(units[3][2].shape[0] for units in layers)
     out = _empty(x, total)
@@ -339,24 +354,26 @@ def _backward_fake(grad_out, out, channels0, weights, saved, use_batch_stats, ep
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, running_means, running_vars, use_batch_stats, eps, _keep = inputs
+    x, weights, running_means, running_vars, use_batch_stats, eps, _keep, skip = inputs
     out, saved = output
     ctx.save_for_backward(out, *weights, *saved)
     # the saved list is an output only to reach backward: its gradient is always None, and
     # materialising it would fill zeros the size of every kept tensor (16 ms per step at 128x128x32)
     ctx.set_materialize_grads(False)
-    ctx.args = (x.shape[1], len(weights), use_batch_stats, eps, len(running_means), len(running_vars))
+    ctx.args = (x.shape[1], len(weights), use_batch_stats, eps, len(running_means), len(running_vars),
+                skip is not None)
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_out, _grad_saved):
-        channels0, n_weights, use_batch_stats, eps, n_means, n_vars = ctx.args
+        channels0, n_weights, use_batch_stats, eps, n_means, n_vars, has_skip = ctx.args
         if grad_out is None:  # the block's output took no part in the loss
-            return None, [None] * n_weights, [None] * n_means, [None] * n_vars, None, None, None
+            return None, [None] * n_weights, [None] * n_means, [None] * n_vars, None, None, None, None
         out, *rest = ctx.saved_tensors
         weights, saved = rest[:n_weights], rest[n_weights:]
         grad_x, grads_w = backward_op(grad_out, out, channels0, weights, saved, use_batch_stats, eps)
-        return grad_x, grads_w, [None] * n_means, [None] * n_vars, None, None, None
+        # x + skip: the same gradient for both
+        return grad_x, grads_w, [None] * n_means, [None] * n_vars, None, None, None, grad_x if has_skip else None
 
     return backward
 
@@ -370,10 +387,10 @@ def _define(name: str, engine):
 
     @torch.library.custom_op(f"ahnet_fast::{name}", mutates_args=())
     def forward_op(x: torch.Tensor, weights: list[torch.Tensor], running_means: list[torch.Tensor],
-                   running_vars: list[torch.Tensor], use_batch_stats: bool, eps: float, keep_bottleneck: bool
-                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   running_vars: list[torch.Tensor], use_batch_stats: bool, eps: float, keep_bottleneck: bool,
+                   skip: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out, saved = _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps,
-                              keep_bottleneck)
+                              keep_bottleneck, skip)
         # outputs must not alias inputs (eval mode hands back the running statistics)
         ids = {id(t) for t in running_means} | {id(t) for t in running_vars}
         return out, [t.clone() if id(t) in ids else t for t in saved]
