@@ -12,7 +12,8 @@ CPU requests are served from the pool.
 What is kept is at most one buffer per slot (the largest request so far); :func:`release` drops
 them all (and ``AHNET_FAST_SCRATCH=0`` turns the pool off: every borrow is then a fresh tensor).
 The pool is per thread: each thread that runs the ops keeps its own buffers, and :func:`release`
-frees the calling thread's. A borrowed buffer is the borrower's until the ``with`` block ends; nothing that outlives the block
+frees the calling thread's; :func:`set_keep` (False) makes every borrow a fresh tensor, freed when
+returned, where memory comes first. A borrowed buffer is the borrower's until the ``with`` block ends; nothing that outlives the block
 may be a view of it (the ops hand out only tensors computed from it). A nested borrow of a slot
 already out gets a fresh tensor, so nesting is safe, merely not pooled.
 """
@@ -24,13 +25,27 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["borrow", "release", "pooled_bytes", "enabled"]
+__all__ = ["borrow", "release", "pooled_bytes", "enabled", "set_keep", "keeping"]
 
 _local = threading.local()
+_keep = True  # see set_keep
 
 
 def enabled() -> bool:
     return os.environ.get("AHNET_FAST_SCRATCH", "1") != "0"
+
+
+def set_keep(keep: bool) -> None:
+    """Whether borrowed buffers are kept for the next borrow (the default) or freed when returned.
+    Keeping trades memory (the pool's buffers, held between steps) for time; a model that puts
+    memory first (AHNet with activation checkpointing) turns it off, and every thread's pool then
+    drops its buffers at its next borrow."""
+    global _keep
+    _keep = bool(keep)
+
+
+def keeping() -> bool:
+    return _keep
 
 
 def _pool() -> dict:
@@ -49,6 +64,10 @@ def borrow(slot: str, numel: int, dtype: torch.dtype, device: torch.device):
         yield torch.empty(numel, dtype=dtype, device=device)
         return
     pool = _pool()
+    if not _keep:
+        pool.clear()
+        yield torch.empty(numel, dtype=dtype, device=device)
+        return
     key = (slot, dtype)
     buf = pool.pop(key, None)  # taken out while borrowed: a nested borrow of the slot cannot share it
     if buf is None or buf.numel() < numel:

@@ -96,3 +96,25 @@ def test_a_buffer_first_made_under_inference_mode_serves_training_later():
     block(xi).sum().backward()
     assert xi.grad is not None and torch.isfinite(xi.grad).all()
     scratch.release()
+
+
+def test_ahnet_keeps_the_pool_only_without_checkpointing():
+    """AHNet puts memory first under activation checkpointing: no buffers are kept between steps
+    there (they would count in the step's peak); without checkpointing they are."""
+    import pytest
+
+    import ahnet_fast
+
+    if not ahnet_fast.extension_available():
+        pytest.skip("compiled extension not built")
+    x = torch.randn(1, 1, 64, 64, 32)
+    try:
+        for policy, expect_kept in (("all", False), ("none", True), ("decoder", False)):
+            scratch.release()
+            net = ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=2, checkpoint=policy).train()
+            net(x).sum().backward()
+            assert (scratch.pooled_bytes() > 0) == expect_kept, policy
+            assert scratch.keeping() == expect_kept
+    finally:
+        scratch.set_keep(True)
+        scratch.release()

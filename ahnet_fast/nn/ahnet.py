@@ -18,6 +18,7 @@ from torch import nn
 from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, set_backend
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
+from ahnet_fast import _scratch as scratch
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype
 from ahnet_fast.backends import requested_backend
@@ -521,6 +522,9 @@ class AHNet(nn.Module):
         if policy == "auto":
             policy = resolve_auto(self, x) if self.training and torch.is_grad_enabled() else "none"
         encoder, decoder, stem = policy in ("encoder", "all"), policy in ("decoder", "all"), policy == "all"
+        # the ops' reused CPU scratch buffers (ahnet_fast._scratch) cost memory between steps: kept
+        # when time comes first, freed under activation checkpointing, where memory does
+        scratch.set_keep(policy == "none")
 
         def segment(enabled, fn, modules, *args):
             return checkpoint_segment(fn, modules, *args) if enabled and self.training else fn(*args)
