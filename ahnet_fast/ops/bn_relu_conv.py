@@ -155,8 +155,8 @@ class CppEngine(_Engine):
         """(gradient of the activation, weight gradient); the activation is recomputed when not given,
         from the same statistics and the same arithmetic as forward: into ``workspace`` (a flat
         buffer of x's dtype the caller reuses from unit to unit) when it is given, large enough and x
-        is contiguous or channels-last, so that the recomputation does not take fresh memory each time (on CPU fresh
-        pages cost a page fault each: ~9 ms for 32 MiB on the development machine). With
+        is contiguous or channels-last, so that the recomputation does not take fresh memory each
+        time (on CPU fresh pages cost a page fault each: ~9 ms for 32 MiB on the development machine). With
         ``grad_in_workspace``, on the matmul path, the activation's gradient goes into the workspace
         too once the weight gradient has read the activation: the returned gradient is then a view
         of the workspace, which the caller must consume before the workspace's next use. The shift
