@@ -355,9 +355,8 @@ def _tap_matrix(weight: torch.Tensor) -> torch.Tensor:
 def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = sum over taps t of shift_t(W_t a): one matrix product for every tap (z, taps x Co
     channels, a temporary: in a pooled scratch buffer at batch 1), then each tap's map added at its
-    offset. The
-    additions run over the flattened maps (long contiguous runs, where per-axis slices of a 1x1x3
-    kernel are runs of D - 1 values). In the flat sum, output p reads z_t at flat(p) + flat(offset):
+    offset. The additions run over the flattened maps (long contiguous runs, where per-axis slices
+    of a 1x1x3 kernel are runs of D - 1 values). In the flat sum, output p reads z_t at flat(p) + flat(offset):
     that is z_t[p + offset] when p + offset is inside the map, and otherwise a value r whose own
     r - offset is outside the map (flat indices are one-to-one inside it), which no output reads
     legitimately: those values lie in the strips zeroed first, so a wrapped read adds zero."""
@@ -375,21 +374,15 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         z = z.view(n, len(taps), co, *spatial)
         centre = taps.index(tuple(0 for _ in spatial))
         y = z[:, centre].clone()
-        length = math.prod(spatial)
         for t, offset in enumerate(taps):
             if t == centre:
                 continue
             zt = z[:, t]
             if _trailing_contiguous(y, nd) and _trailing_contiguous(zt, nd):
-                for axis, (size, o) in enumerate(zip(spatial, offset)):
-                    if o:
-                        index = [slice(None)] * nd
-                        index[axis] = slice(0, o) if o > 0 else slice(max(0, size + o), size)
-                        zt[(slice(None), slice(None), *index)] = 0
-                shift = sum(o * math.prod(spatial[i + 1:]) for i, o in enumerate(offset))
-                if abs(shift) < length:
-                    yf, zf = y.flatten(-nd) if nd > 1 else y, zt.flatten(-nd) if nd > 1 else zt
-                    yf[..., max(0, -shift):length - max(0, shift)] += zf[..., max(0, shift):length - max(0, -shift)]
+                _zero_strips(zt, offset)
+                runs = _flat_runs(y, zt, [-o for o in offset])  # y[p] += zt[p + offset]
+                if runs is not None:
+                    runs[0].add_(runs[1])
             else:
                 dst, src = zip(*(_shifted(size, o) for size, o in zip(spatial, offset)))
                 y[(slice(None), slice(None), *dst)] += zt[(slice(None), slice(None), *src)]
@@ -411,19 +404,38 @@ def _copy_shifted(dst: torch.Tensor, src: torch.Tensor, offset: Sequence[int]) -
         # per-axis slices below copy runs of the last axis's length (AH-Net's depth axis: 1x1x3
         # shifts copy 7 of every 8 values, at ~1 GB/s). The values that wrap across a row land
         # in the strips zeroed below.
-        shift = sum(o * math.prod(sizes[i + 1:]) for i, o in enumerate(offset))
-        length = math.prod(sizes)
-        d, f = dst.flatten(-nd) if nd > 1 else dst, src.flatten(-nd) if nd > 1 else src
-        if abs(shift) < length:
-            d[..., max(0, shift):length + min(0, shift)] = f[..., max(0, -shift):length - max(0, shift)]
+        runs = _flat_runs(dst, src, offset)
+        if runs is not None:
+            runs[0].copy_(runs[1])
     else:
         dst_idx, src_idx = zip(*(_shifted(size, -o) for size, o in zip(sizes, offset)))
         dst[(*lead, *dst_idx)] = src[(*lead, *src_idx)]
-    for axis, (size, o) in enumerate(zip(sizes, offset)):
+    _zero_strips(dst, offset)
+
+
+def _flat_runs(dst: torch.Tensor, src: torch.Tensor, offset: Sequence[int]):
+    """(dst run, src run): views of the flattened trailing len(offset) axes (contiguous there, of
+    the same sizes) pairing dst at flat(q) with src at flat(q) - flat(offset); None when the offset
+    moves everything out. Positions whose q - offset leaves an axis pair with wrapped values."""
+    nd = len(offset)
+    sizes = dst.shape[dst.dim() - nd:]
+    shift = sum(o * math.prod(sizes[i + 1:]) for i, o in enumerate(offset))
+    length = math.prod(sizes)
+    if abs(shift) >= length:
+        return None
+    d, f = (dst.flatten(-nd), src.flatten(-nd)) if nd > 1 else (dst, src)
+    return d[..., max(0, shift):length + min(0, shift)], f[..., max(0, -shift):length - max(0, shift)]
+
+
+def _zero_strips(t: torch.Tensor, offset: Sequence[int]) -> None:
+    """Zeroes t[..., q] (trailing len(offset) axes) wherever q - offset leaves some axis."""
+    nd = len(offset)
+    lead = (slice(None),) * (t.dim() - nd)
+    for axis, (size, o) in enumerate(zip(t.shape[t.dim() - nd:], offset)):
         if o:
             index = [slice(None)] * nd
             index[axis] = slice(0, o) if o > 0 else slice(max(0, size + o), size)
-            dst[(*lead, *index)] = 0
+            t[(*lead, *index)] = 0
 
 
 def _scratch(like: torch.Tensor, numel: int):
