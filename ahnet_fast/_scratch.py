@@ -13,8 +13,9 @@ What is kept is at most one buffer per slot (the largest request so far); :func:
 them all (and ``AHNET_FAST_SCRATCH=0`` turns the pool off: every borrow is then a fresh tensor).
 The pool is per thread: each thread that runs the ops keeps its own buffers, and :func:`release`
 frees the calling thread's; :func:`set_keep` (False) makes every borrow a fresh tensor, freed when
-returned, where memory comes first. A borrowed buffer is the borrower's until the ``with`` block ends; nothing that outlives the block
-may be a view of it (the ops hand out only tensors computed from it). A nested borrow of a slot
+returned, where memory comes first. A borrowed buffer is the borrower's until the ``with`` block
+ends; nothing that outlives the block may be a view of it (the ops hand out only tensors computed
+from it). A nested borrow of a slot
 already out gets a fresh tensor, so nesting is safe, merely not pooled.
 """
 from __future__ import annotations

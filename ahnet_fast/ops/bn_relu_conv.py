@@ -163,10 +163,9 @@ class CppEngine(_Engine):
         path writes the gradient into ``grad_buffer`` (another flat scratch buffer) when given, with
         the same rule."""
         owned = activation is None
-        a = activation
-        in_workspace = owned and _in_workspace(workspace, x) is not None
+        a = _in_workspace(workspace, x) if owned else activation
+        in_workspace = owned and a is not None
         if in_workspace:
-            a = _in_workspace(workspace, x)
             torch.ops.ahnet_fast.bn_relu_apply_(x, bn_weight, bn_bias, mean, var, eps, a)
         elif owned:
             a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
