@@ -2,7 +2,7 @@
 # Installs what ahnet_fast needs into the current Python and builds its compiled extension.
 #   bash scripts/setup.sh          # the library
 #   bash scripts/setup.sh test     # plus the test dependencies (pytest, MONAI 1.6.1)
-# torch: an installed torch (>= 2.5) is kept, e.g. a CUDA build on a GPU machine; without one,
+# torch: an installed torch (>= 2.9) is kept, e.g. a CUDA build on a GPU machine; without one,
 # torch==2.13.0 is installed (set AHNET_FAST_TORCH to another requirement to override). A plain
 # `pip install torch` could pull a multi-GB CUDA build, hence the pin.
 set -euo pipefail
@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [ -n "${AHNET_FAST_TORCH:-}" ]; then
   "$PY" -m pip install "$AHNET_FAST_TORCH"
-elif ! "$PY" -c "import torch, sys; sys.exit(0 if tuple(int(v) for v in torch.__version__.split('+')[0].split('.')[:2]) >= (2, 5) else 1)" 2>/dev/null; then
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if tuple(int(v) for v in torch.__version__.split('+')[0].split('.')[:2]) >= (2, 9) else 1)" 2>/dev/null; then
   "$PY" -m pip install "torch==2.13.0"
 fi
 # build requirements: the extension is built against the torch above, so no isolated build env

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: set up with the test dependencies, then pytest.
+# The whole test suite, from a fresh machine: set up with the test dependencies, then the Triton
+# compile matrix (every kernel variant for sm_80/sm_90 under the oldest supported Triton, 3.6 and the
+# newest, each installed beside the package) and pytest. With arguments, only pytest runs, with them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
@@ -9,4 +11,14 @@ import ahnet_fast, sys
 # The suite must exercise the compiled ops: a silently missing build would only test the fallback.
 sys.exit(0 if ahnet_fast.extension_available() else "the compiled extension did not build/load")
 PYEOF
-exec "$PY" -m pytest -q "$@"
+matrix_rc=0
+if [ $# -eq 0 ]; then
+  bash scripts/compile_matrix.sh || matrix_rc=$?
+fi
+pytest_rc=0
+"$PY" -m pytest -q "$@" || pytest_rc=$?
+if [ "$matrix_rc" -ne 0 ]; then
+  echo "scripts/compile_matrix.sh failed (exit $matrix_rc): see its output above" >&2
+  exit "$matrix_rc"
+fi
+exit "$pytest_rc"
