@@ -33,24 +33,30 @@ import triton
 import triton.language as tl
 
 from ahnet_fast._layout import is_channels_last, opmath_dtype
+from ahnet_fast.kernels.triton._launch import kernel, launch
 
 NUM_WARPS = 4
 KERNEL_SIZES = ((3, 3, 1), (1, 1, 3), (1, 1, 1))
 PRECISIONS = ("ieee", "tf32")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Tiles by dot path: "mma" fp16/bf16 and "tf32" on tensor cores; "fma" exact fp32 (and fp64), where
-# tl.dot is a register-blocked FMA loop with its operands in registers. Chosen so that every build
-# fits in registers without spilling on sm_80 and sm_90 (compile_check), not tuned on a GPU.
-# (BLOCK_M positions, BLOCK_N output channels, BLOCK_K) of the forward and input-gradient GEMMs, by
-# the number of output channels (BLOCK_N 32 for the dense layers' 20 channels).
-GEMM_TILES = {"mma": ((128, 32, 32), (128, 64, 16), (64, 128, 16)),
-              "tf32": ((128, 32, 8), (128, 64, 8), (64, 128, 8)),
-              "fma": ((64, 64, 8),) * 3}
-# (BLOCK_CI, BLOCK_CO, BLOCK_M) of the weight-gradient GEMM (BLOCK_M is its K step).
-WGRAD_TILES = {"mma": ((32, 32, 32), (64, 32, 32), (64, 64, 16), (64, 128, 16)),
-               "tf32": ((32, 32, 16), (64, 32, 16), (64, 64, 8), (64, 128, 8)),
-               "fma": ((32, 32, 8), (64, 32, 8), (64, 64, 8), (32, 128, 8))}
+# Tiles by dot path: "mma" fp16/bf16 and "tf32" on tensor cores, both compiled for GPUs; "fma"
+# exact fp32 and fp64 (tl.dot as a register-blocked FMA loop), which run only in the interpreter:
+# on a GPU those convolve on cuDNN (ops/bn_relu_conv.py), since no FMA tile fits the registers under
+# every supported Triton. Chosen so that every GPU build compiles and fits in registers without
+# spilling on sm_80 and sm_90 under Triton 3.5-3.9 (scripts/compile_matrix.sh), not tuned on a
+# GPU. Two constraints came from older Tritons: a dot's K must be >= 16 for fp32 operands before
+# Triton 3.8 (3.8 accepts 8), and Triton 3.5/3.6 keep about twice the registers per tile that 3.8
+# does, so the larger tiles run with 8 warps.
+# (BLOCK_M positions, BLOCK_N output channels, BLOCK_K, warps) of the forward and input-gradient
+# GEMMs, by the number of output channels (BLOCK_N 32 for the dense layers' 20 channels).
+GEMM_TILES = {"mma": ((128, 32, 16, 8), (64, 64, 16, 8), (128, 64, 16, 8)),
+              "tf32": ((128, 32, 16, 8), (128, 64, 16, 8), (64, 128, 16, 8)),
+              "fma": ((32, 32, 16, 4),) * 3}
+# (BLOCK_CI, BLOCK_CO, BLOCK_M, warps) of the weight-gradient GEMM (BLOCK_M is its K step).
+WGRAD_TILES = {"mma": ((32, 32, 32, 4), (64, 32, 32, 4), (64, 64, 16, 4), (64, 128, 16, 8)),
+               "tf32": ((32, 32, 32, 4), (64, 32, 16, 4), (64, 64, 16, 4), (64, 128, 16, 8)),
+               "fma": ((32, 32, 16, 4),) * 4}
 REDUCE_BLOCK = 512
 WGRAD_TARGET_PROGRAMS = 1024  # enough programs to fill an H100 several times over
 WGRAD_MAX_SPLITS = 256
@@ -89,7 +95,10 @@ def _tap(tap, KW, KD):
     return tap // (KW * KD), (tap // KD) % KW, tap % KD
 
 
-@triton.jit
+_GEOMETRY_ARGS = ("SH", "SW", "SD", "PH", "PW", "PD")
+
+
+@kernel(do_not_specialize=("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "M") + _GEOMETRY_ARGS + ("KH", "KW", "KD"))
 def conv_fwd_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, Ci, Co, H, W, D, Ho, Wo, Do, M,
                     sxn, sxc, sxh, sxw, sxd, syn, syc, syh, syw, syd, SH, SW, SD, PH, PW, PD, KH, KW, KD,
                     PROLOGUE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -122,13 +131,14 @@ def conv_fwd_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, Ci, Co, H, W, D, 
             c_mask = c < Ci
             a_t = _operand_t(x_ptr, scale_ptr, shift_ptr, offs, valid, c, c_mask, sxc, PROLOGUE, op_dtype)
             w_t = tl.load(w_tap + co[:, None] * Ci + c[None, :], mask=co_mask[:, None] & c_mask[None, :], other=0)
-            acc = tl.dot(w_t, a_t, acc, input_precision=PRECISION)
+            acc = tl.dot(w_t, a_t, acc, input_precision=PRECISION, out_dtype=acc_dtype)
     y_offs = n.to(tl.int64) * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw + do.to(tl.int64) * syd
     y_ptrs = y_ptr + y_offs[None, :] + co[:, None].to(tl.int64) * syc
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=co_mask[:, None] & m_mask[None, :])
 
 
-@triton.jit
+@kernel(do_not_specialize=("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "Hc", "Wc", "Dc", "Mc") + _GEOMETRY_ARGS
+        + ("KH", "KW", "KD"))
 def conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, Ci, Co, H, W, D, Ho, Wo, Do, Hc, Wc, Dc, Mc,
                       sgn, sgc, sgh, sgw, sgd, sdn, sdc, sdh, sdw, sdd, SH, SW, SD, PH, PW, PD, KH, KW, KD,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -172,13 +182,14 @@ def conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, Ci, Co, H, W, D, Ho, Wo, Do, Hc, Wc,
                 c_mask = c < Co
                 g_t = _operand_t(g_ptr, g_ptr, g_ptr, offs, valid, c, c_mask, sgc, False, op_dtype)
                 w_t = tl.load(w_tap + ci[:, None] * Co + c[None, :], mask=ci_mask[:, None] & c_mask[None, :], other=0)
-                acc = tl.dot(w_t, g_t, acc, input_precision=PRECISION)
+                acc = tl.dot(w_t, g_t, acc, input_precision=PRECISION, out_dtype=acc_dtype)
     dx_offs = n.to(tl.int64) * sdn + h.to(tl.int64) * sdh + w.to(tl.int64) * sdw + d.to(tl.int64) * sdd
     dx_ptrs = dx_ptr + dx_offs[None, :] + ci[:, None].to(tl.int64) * sdc
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=ci_mask[:, None] & p_mask[None, :])
 
 
-@triton.jit
+@kernel(do_not_specialize=("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "M", "per_split") + _GEOMETRY_ARGS
+        + ("KW", "KD"))
 def conv_wgrad_kernel(x_ptr, g_ptr, part_ptr, scale_ptr, shift_ptr, Ci, Co, H, W, D, Ho, Wo, Do, M, per_split,
                       sxn, sxc, sxh, sxw, sxd, sgn, sgc, sgh, sgw, sgd, SH, SW, SD, PH, PW, PD, KW, KD,
                       PROLOGUE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_CI: tl.constexpr,
@@ -212,14 +223,14 @@ def conv_wgrad_kernel(x_ptr, g_ptr, part_ptr, scale_ptr, shift_ptr, Ci, Co, H, W
         a_t = _operand_t(x_ptr, scale_ptr, shift_ptr, x_offs, valid, ci, ci_mask, sxc, PROLOGUE, op_dtype)
         g_offs = n.to(tl.int64) * sgn + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw + do.to(tl.int64) * sgd
         g_t = _operand_t(g_ptr, g_ptr, g_ptr, g_offs, m_mask, co, co_mask, sgc, False, op_dtype)
-        acc = tl.dot(a_t, tl.trans(g_t), acc, input_precision=PRECISION)
+        acc = tl.dot(a_t, tl.trans(g_t), acc, input_precision=PRECISION, out_dtype=acc_dtype)
     taps = tl.num_programs(1)
     size = Co * Ci * taps
     dst = part_ptr + split.to(tl.int64) * size + (co[None, :] * Ci + ci[:, None]) * taps + tap
     tl.store(dst, acc, mask=ci_mask[:, None] & co_mask[None, :])
 
 
-@triton.jit
+@kernel(do_not_specialize=("size", "SPLITS"))
 def wgrad_reduce_kernel(part_ptr, out_ptr, size, SPLITS, BLOCK: tl.constexpr):
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = e < size
@@ -308,7 +319,7 @@ def _path(dtype, precision):
 
 
 def _gemm_tile(n_cols, path):
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for a GEMM with n_cols output channels."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) for a GEMM with n_cols output channels."""
     tiles = GEMM_TILES[path]
     return tiles[0] if n_cols <= 32 else tiles[1] if n_cols <= 64 else tiles[2]
 
@@ -345,11 +356,11 @@ def conv_forward(x, weight, scale, shift, stride, padding, precision="ieee"):
         return y
     # the weight is small: repack it as (tap, co, ci) in the operand dtype
     wp = weight.detach().to(x.dtype).permute(2, 3, 4, 0, 1).contiguous()
-    bm, bn, bk = _gemm_tile(co, _path(x.dtype, prec))
+    bm, bn, bk, warps = _gemm_tile(co, _path(x.dtype, prec))
     grid = (triton.cdiv(m, bm), triton.cdiv(co, bn))
-    conv_fwd_kernel[grid](x, wp, y, scale, shift, ci, co, h, w, d, ho, wo, do, m, *x.stride(), *y.stride(),
-                          *stride, *padding, kh, kw, kd, PROLOGUE=on, PRECISION=prec,
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+    launch(conv_fwd_kernel, grid, x, wp, y, scale, shift, ci, co, h, w, d, ho, wo, do, m, *x.stride(), *y.stride(),
+           *stride, *padding, kh, kw, kd, PROLOGUE=on, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+           num_warps=warps)
     return y
 
 
@@ -378,11 +389,11 @@ def conv_input_grad(grad_y, weight, input_shape, stride, padding, precision="iee
     wp = weight.detach().to(grad_y.dtype).permute(2, 3, 4, 1, 0).contiguous()  # (tap, ci, co)
     hc, wc, dc = (triton.cdiv(s, t) for s, t in zip((h, w, d), stride))
     mc = n * hc * wc * dc
-    bm, bn, bk = _gemm_tile(ci, _path(grad_y.dtype, prec))
+    bm, bn, bk, warps = _gemm_tile(ci, _path(grad_y.dtype, prec))
     grid = (triton.cdiv(mc, bm), triton.cdiv(ci, bn), stride[0] * stride[1] * stride[2])
-    conv_dgrad_kernel[grid](grad_y, wp, dx, ci, co, h, w, d, ho, wo, do, hc, wc, dc, mc, *grad_y.stride(),
-                            *dx.stride(), *stride, *padding, kh, kw, kd, PRECISION=prec,
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+    launch(conv_dgrad_kernel, grid, grad_y, wp, dx, ci, co, h, w, d, ho, wo, do, hc, wc, dc, mc, *grad_y.stride(),
+           *dx.stride(), *stride, *padding, kh, kw, kd, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+           num_warps=warps)
     return dx
 
 
@@ -415,68 +426,64 @@ def conv_weight_grad(x, grad_y, scale, shift, weight_shape, stride, padding, pre
         return out
     if m == 0:
         return out.zero_()
-    bci, bco, bm = _wgrad_tile(ci, co, _path(x.dtype, prec))
+    bci, bco, bm, warps = _wgrad_tile(ci, co, _path(x.dtype, prec))
     taps = kh * kw * kd
     tiles = triton.cdiv(ci, bci) * triton.cdiv(co, bco)
     per, splits = _wgrad_splits(m, tiles * taps, bm)
     part = torch.empty((splits, out.numel()), dtype=acc_dtype, device=x.device)
-    conv_wgrad_kernel[(tiles, taps, splits)](x, grad_y, part, scale, shift, ci, co, h, w, d, ho, wo, do, m, per,
-                                             *x.stride(), *grad_y.stride(), *stride, *padding, kw, kd,
-                                             PROLOGUE=on, PRECISION=prec, BLOCK_CI=bci, BLOCK_CO=bco,
-                                             BLOCK_M=bm, num_warps=NUM_WARPS)
+    launch(conv_wgrad_kernel, (tiles, taps, splits), x, grad_y, part, scale, shift, ci, co, h, w, d, ho, wo, do, m,
+           per, *x.stride(), *grad_y.stride(), *stride, *padding, kw, kd, PROLOGUE=on, PRECISION=prec,
+           BLOCK_CI=bci, BLOCK_CO=bco, BLOCK_M=bm, num_warps=warps)
     size = out.numel()
-    wgrad_reduce_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](part, out, size, splits, BLOCK=REDUCE_BLOCK,
-                                                            num_warps=NUM_WARPS)
+    launch(wgrad_reduce_kernel, (triton.cdiv(size, REDUCE_BLOCK),), part, out, size, splits, BLOCK=REDUCE_BLOCK,
+           num_warps=NUM_WARPS)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # What compile_check builds.
 
-_GEOMETRY = ("SH", "SW", "SD", "PH", "PW", "PD")
-
-
 def _variants():
-    """(name, dtype string, precision) of every operand precision the launchers use on a GPU."""
-    return (("fp32", "fp32", "ieee"), ("fp32-tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee"),
-            ("fp16", "fp16", "ieee"))
+    """(name, dtype string, precision) of every operand precision the launchers use on a GPU: TF32
+    for fp32 (exact fp32 and fp64 convolve on cuDNN there, see ops/bn_relu_conv.py), bf16, fp16."""
+    return (("fp32-tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee"), ("fp16", "fp16", "ieee"))
+
+
+def _ints(*names):
+    return {k: "i32" for k in names}
 
 
 def compile_specs():
     """One entry per (kernel, operand dtype and dot precision, tile, prologue on/off); the kernel
-    size, stride and padding are runtime arguments, so one build serves 3x3x1, 1x1x3 and 1x1x1."""
+    size, stride and padding are runtime arguments, so one build serves 3x3x1, 1x1x3 and 1x1x1.
+    Integers are i32, as Triton types them at launch (sizes and strides below 2**31)."""
     specs = []
+    strides = lambda p: _ints(*(f"s{p}{a}" for a in "nchwd"))  # noqa: E731
     for vname, dt, prec in _variants():
-        path = _path(torch.float32 if dt == "fp32" else torch.float16, prec)
-        sizes = {k: "i32" for k in _GEOMETRY + ("KH", "KW", "KD")}
-        for bm, bn, bk in dict.fromkeys(GEMM_TILES[path]):
+        path = _path({"fp32": torch.float32, "fp64": torch.float64}.get(dt, torch.float16), prec)
+        math = "fp64" if dt == "fp64" else "fp32"
+        geometry = _ints(*_GEOMETRY_ARGS, "KH", "KW", "KD")
+        for bm, bn, bk, warps in dict.fromkeys(GEMM_TILES[path]):
             tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
             for on in (True, False):
-                sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scale_ptr": "*fp32",
-                       "shift_ptr": "*fp32"}
-                sig.update({k: "i32" for k in ("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "M")})
-                sig.update({f"sx{a}": "i64" for a in "nchwd"})
-                sig.update({f"sy{a}": "i64" for a in "nchwd"})
-                sig.update(sizes)
-                specs.append((f"{vname}-{bm}x{bn}x{bk}-{'bnrelu' if on else 'plain'}", conv_fwd_kernel, sig,
-                              dict(PROLOGUE=on, PRECISION=prec, **tile), NUM_WARPS))
-            sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}"}
-            sig.update({k: "i32" for k in ("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "Hc", "Wc", "Dc", "Mc")})
-            sig.update({f"sg{a}": "i64" for a in "nchwd"})
-            sig.update({f"sd{a}": "i64" for a in "nchwd"})
-            sig.update(sizes)
-            specs.append((f"{vname}-{bm}x{bn}x{bk}", conv_dgrad_kernel, sig, dict(PRECISION=prec, **tile), NUM_WARPS))
-        for bci, bco, bm in WGRAD_TILES[path]:
+                sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scale_ptr": f"*{math}",
+                       "shift_ptr": f"*{math}", **_ints("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "M"),
+                       **strides("x"), **strides("y"), **geometry}
+                specs.append((f"{vname}-{bm}x{bn}x{bk}-w{warps}-{'bnrelu' if on else 'plain'}", conv_fwd_kernel, sig,
+                              dict(PROLOGUE=on, PRECISION=prec, **tile), warps))
+            sig = {"g_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
+                   **_ints("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "Hc", "Wc", "Dc", "Mc"),
+                   **strides("g"), **strides("d"), **geometry}
+            specs.append((f"{vname}-{bm}x{bn}x{bk}-w{warps}", conv_dgrad_kernel, sig, dict(PRECISION=prec, **tile),
+                          warps))
+        for bci, bco, bm, warps in WGRAD_TILES[path]:
             for on in (True, False):
-                sig = {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "part_ptr": "*fp32", "scale_ptr": "*fp32",
-                       "shift_ptr": "*fp32"}
-                sig.update({k: "i32" for k in ("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "M", "per_split")})
-                sig.update({f"sx{a}": "i64" for a in "nchwd"})
-                sig.update({f"sg{a}": "i64" for a in "nchwd"})
-                sig.update({k: "i32" for k in _GEOMETRY + ("KW", "KD")})
-                specs.append((f"{vname}-{bci}x{bco}x{bm}-{'bnrelu' if on else 'plain'}", conv_wgrad_kernel, sig,
-                              dict(PROLOGUE=on, PRECISION=prec, BLOCK_CI=bci, BLOCK_CO=bco, BLOCK_M=bm),
-                              NUM_WARPS))
-    specs.append(("fp32", wgrad_reduce_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "size": "i32",
-                                                "SPLITS": "i32"}, dict(BLOCK=REDUCE_BLOCK), NUM_WARPS))
+                sig = {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "part_ptr": f"*{math}", "scale_ptr": f"*{math}",
+                       "shift_ptr": f"*{math}",
+                       **_ints("Ci", "Co", "H", "W", "D", "Ho", "Wo", "Do", "M", "per_split"),
+                       **strides("x"), **strides("g"), **_ints(*_GEOMETRY_ARGS, "KW", "KD")}
+                specs.append((f"{vname}-{bci}x{bco}x{bm}-w{warps}-{'bnrelu' if on else 'plain'}", conv_wgrad_kernel,
+                              sig, dict(PROLOGUE=on, PRECISION=prec, BLOCK_CI=bci, BLOCK_CO=bco, BLOCK_M=bm), warps))
+    specs.append(("fp32", wgrad_reduce_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "size": "i32", "SPLITS": "i32"},
+                  dict(BLOCK=REDUCE_BLOCK), NUM_WARPS))
     return specs

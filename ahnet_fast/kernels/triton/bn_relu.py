@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ahnet_fast._layout import opmath_dtype, readable
+from ahnet_fast._layout import opmath_dtype, output_like
+from ahnet_fast.kernels.triton._launch import kernel, launch
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -44,7 +45,7 @@ def _channel_params(mean_ptr, invstd_ptr, w_ptr, b_ptr, c):
     return mean, tl.load(invstd_ptr + c), tl.load(w_ptr + c).to(mean.dtype), tl.load(b_ptr + c).to(mean.dtype)
 
 
-@triton.jit
+@kernel(do_not_specialize=("M", "S", "per_slice", "SLICES"))
 def bn_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, S, sn, sc, ss, per_slice, SLICES,
                     BLOCK: tl.constexpr):
     c = tl.program_id(0)
@@ -74,7 +75,7 @@ def bn_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, S, sn, sc, ss, per_sl
     tl.store(m2_ptr + out, m2_acc)
 
 
-@triton.jit
+@kernel(do_not_specialize=("M", "S"))
 def bn_relu_fwd_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, M, S, sxn, sxc, sxs, syn, syc, sys_,
                        BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -89,7 +90,7 @@ def bn_relu_fwd_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, M, S, s
     tl.store(y_ptr + c.to(tl.int64) * syc + _offsets(e, S, syn, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@kernel(do_not_specialize=("M", "S", "per_slice", "SLICES"))
 def bn_relu_grad_sums_kernel(g_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr, M, S,
                              sgn, sgc, sgs, sxn, sxc, sxs, per_slice, SLICES, BLOCK: tl.constexpr):
     c = tl.program_id(0)
@@ -112,7 +113,7 @@ def bn_relu_grad_sums_kernel(g_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, s
     tl.store(sum_gx_ptr + c * SLICES + k, tl.sum(acc_gx, axis=0))
 
 
-@triton.jit
+@kernel(do_not_specialize=("M", "S"))
 def bn_relu_bwd_kernel(g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sum_g_ptr, sum_gx_ptr, M, S,
                        sgn, sgc, sgs, sxn, sxc, sxs, sdn, sdc, sds, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -135,15 +136,30 @@ def bn_relu_bwd_kernel(g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
 # Launchers (arguments and results as the C++ ops take and give them).
 
 
+def _spatial_stride(t: torch.Tensor) -> int | None:
+    """The one stride of the flattened spatial index when the spatial axes collapse into one
+    (stride[i] == stride[i + 1] * size[i + 1], size-1 axes ignored), else None."""
+    axes = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    if not axes:
+        return 1
+    for (_, outer), (size, inner) in zip(axes, axes[1:]):
+        if outer != inner * size:
+            return None
+    return axes[-1][1]
+
+
+def indexable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when the kernels can index it as (n, c, s) with one stride each, which covers
+    contiguous and channels-last tensors and the dense block's channel prefix ``buf[:, :C]`` of
+    either (read in place, not copied); otherwise a contiguous copy."""
+    return t if _spatial_stride(t) is not None else t.contiguous()
+
+
 def _ncs(t: torch.Tensor):
-    """(N, C, S) sizes and the strides of n, c and the flattened spatial index s: channel-first
-    (s contiguous) or channels-last (c contiguous) layouts, as the op's callers guarantee."""
+    """(N, C, S) sizes and the strides of n, c and the flattened spatial index s (see indexable)."""
     n, c = t.shape[:2]
-    s = t[0, 0].numel()
-    if t.dim() == 2:
-        return n, c, 1, (t.stride(0), t.stride(1), 1)
-    inner = t.stride(-1)  # the smallest spatial stride: 1 channel-first, C channels-last
-    return n, c, s, (t.stride(0), t.stride(1), inner)
+    s = t[0, 0].numel() if t.dim() > 2 else 1
+    return n, c, s, (t.stride(0), t.stride(1), _spatial_stride(t) if t.dim() > 2 else 1)
 
 
 def _slices(m: int) -> tuple[int, int]:
@@ -153,7 +169,7 @@ def _slices(m: int) -> tuple[int, int]:
 
 def bn_stats(x):
     """Per-channel batch mean and biased variance of ``x`` (N, C, ...) in the kernels' precision."""
-    x = readable(x)
+    x = indexable(x)
     n, c, s, (sn, sc, ss) = _ncs(x)
     m = n * s
     sd = opmath_dtype(x.dtype)
@@ -161,8 +177,8 @@ def bn_stats(x):
     count = torch.empty(c * slices, dtype=torch.float32, device=x.device)
     mean_p = torch.empty(c * slices, dtype=sd, device=x.device)
     m2_p = torch.empty(c * slices, dtype=sd, device=x.device)
-    bn_stats_kernel[(c, slices)](x, count, mean_p, m2_p, m, s, sn, sc, ss, per, slices, BLOCK=BLOCK,
-                                 num_warps=NUM_WARPS)
+    launch(bn_stats_kernel, (c, slices), x, count, mean_p, m2_p, m, s, sn, sc, ss, per, slices, BLOCK=BLOCK,
+           num_warps=NUM_WARPS)
     # Chan's combination of the slices, in float64 (C x slices numbers)
     count, mean_p, m2_p = (t.double().view(c, slices) for t in (count, mean_p, m2_p))
     mean64 = (count * mean_p).sum(1) / m
@@ -171,7 +187,7 @@ def bn_stats(x):
 
 
 def bn_relu_forward(x, weight, bias, running_mean, running_var, training, eps):
-    x = readable(x)
+    x = indexable(x)
     n, c, s, (sn, sc, ss) = _ncs(x)
     m = n * s
     sd = opmath_dtype(x.dtype)
@@ -180,17 +196,16 @@ def bn_relu_forward(x, weight, bias, running_mean, running_var, training, eps):
     else:
         mean, var = running_mean.to(sd), running_var.to(sd)
     invstd = torch.rsqrt(var.double() + eps).to(sd)
-    y = torch.empty_like(x)
+    y = output_like(x)
     _, _, _, (yn, yc, ys) = _ncs(y)
-    bn_relu_fwd_kernel[(triton.cdiv(m, BLOCK), c)](x, y, mean.contiguous(), invstd, weight.contiguous(),
-                                                  bias.contiguous(), m, s, sn, sc, ss, yn, yc, ys, BLOCK=BLOCK,
-                                                  num_warps=NUM_WARPS)
+    launch(bn_relu_fwd_kernel, (triton.cdiv(m, BLOCK), c), x, y, mean.contiguous(), invstd, weight.contiguous(),
+           bias.contiguous(), m, s, sn, sc, ss, yn, yc, ys, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y, mean, var
 
 
 def bn_relu_backward(grad_out, x, weight, bias, mean, var, training, eps):
-    x = readable(x)
-    grad_out = readable(grad_out)
+    x = indexable(x)
+    grad_out = indexable(grad_out)
     n, c, s, (sxn, sxc, sxs) = _ncs(x)
     _, _, _, (sgn, sgc, sgs) = _ncs(grad_out)
     m = n * s
@@ -201,15 +216,14 @@ def bn_relu_backward(grad_out, x, weight, bias, mean, var, training, eps):
     per, slices = _slices(m)
     sum_g = torch.empty(c * slices, dtype=sd, device=x.device)
     sum_gx = torch.empty(c * slices, dtype=sd, device=x.device)
-    bn_relu_grad_sums_kernel[(c, slices)](grad_out, x, mean, invstd, w, b, sum_g, sum_gx, m, s, sgn, sgc, sgs,
-                                          sxn, sxc, sxs, per, slices, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch(bn_relu_grad_sums_kernel, (c, slices), grad_out, x, mean, invstd, w, b, sum_g, sum_gx, m, s, sgn, sgc,
+           sgs, sxn, sxc, sxs, per, slices, BLOCK=BLOCK, num_warps=NUM_WARPS)
     sum_g = sum_g.view(c, slices).sum(1)
     sum_gx = sum_gx.view(c, slices).sum(1)
-    dx = torch.empty_like(x)
+    dx = output_like(x)
     _, _, _, (sdn, sdc, sds) = _ncs(dx)
-    bn_relu_bwd_kernel[(triton.cdiv(m, BLOCK), c)](grad_out, x, dx, mean, invstd, w, b, sum_g, sum_gx, m, s,
-                                                  sgn, sgc, sgs, sxn, sxc, sxs, sdn, sdc, sds, TRAINING=training,
-                                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
+    launch(bn_relu_bwd_kernel, (triton.cdiv(m, BLOCK), c), grad_out, x, dx, mean, invstd, w, b, sum_g, sum_gx, m, s,
+           sgn, sgc, sgs, sxn, sxc, sxs, sdn, sdc, sds, TRAINING=training, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dx, sum_gx.to(weight.dtype), sum_g.to(bias.dtype)
 
 
@@ -218,25 +232,26 @@ def bn_relu_backward(grad_out, x, weight, bias, mean, var, training, eps):
 
 
 def compile_specs():
+    """Every kernel for each input dtype (statistics in fp32, fp64 for fp64); integers i32, as Triton
+    types sizes and strides below 2**31 at launch."""
     specs = []
     for dt in ("fp32", "bf16", "fp16"):
-        sig = {"x_ptr": f"*{dt}", "count_ptr": "*fp32", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "M": "i32", "S": "i32",
-               "sn": "i64", "sc": "i64", "ss": "i64", "per_slice": "i32", "SLICES": "i32"}
+        sd = "fp64" if dt == "fp64" else "fp32"
+        ints = lambda *names: {k: "i32" for k in names}  # noqa: E731
+        sig = {"x_ptr": f"*{dt}", "count_ptr": "*fp32", "mean_ptr": f"*{sd}", "m2_ptr": f"*{sd}",
+               **ints("M", "S", "sn", "sc", "ss", "per_slice", "SLICES")}
         specs.append((dt, bn_stats_kernel, sig, dict(BLOCK=BLOCK), NUM_WARPS))
-        sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "w_ptr": "*fp32",
-               "b_ptr": "*fp32", "M": "i32", "S": "i32", "sxn": "i64", "sxc": "i64", "sxs": "i64", "syn": "i64",
-               "syc": "i64", "sys_": "i64"}
+        params = {"mean_ptr": f"*{sd}", "invstd_ptr": f"*{sd}", "w_ptr": f"*{sd}", "b_ptr": f"*{sd}"}
+        sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", **params, **ints("M", "S", "sxn", "sxc", "sxs", "syn", "syc",
+                                                                       "sys_")}
         specs.append((dt, bn_relu_fwd_kernel, sig, dict(BLOCK=BLOCK), NUM_WARPS))
-        sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "w_ptr": "*fp32",
-               "b_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_gx_ptr": "*fp32", "M": "i32", "S": "i32", "sgn": "i64",
-               "sgc": "i64", "sgs": "i64", "sxn": "i64", "sxc": "i64", "sxs": "i64", "per_slice": "i32",
-               "SLICES": "i32"}
+        sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", **params, "sum_g_ptr": f"*{sd}", "sum_gx_ptr": f"*{sd}",
+               **ints("M", "S", "sgn", "sgc", "sgs", "sxn", "sxc", "sxs", "per_slice", "SLICES")}
         specs.append((dt, bn_relu_grad_sums_kernel, sig, dict(BLOCK=BLOCK), NUM_WARPS))
         for training in (True, False):
-            sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "mean_ptr": "*fp32",
-                   "invstd_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "sum_g_ptr": "*fp32",
-                   "sum_gx_ptr": "*fp32", "M": "i32", "S": "i32", "sgn": "i64", "sgc": "i64", "sgs": "i64",
-                   "sxn": "i64", "sxc": "i64", "sxs": "i64", "sdn": "i64", "sdc": "i64", "sds": "i64"}
+            sig = {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dx_ptr": f"*{dt}", **params, "sum_g_ptr": f"*{sd}",
+                   "sum_gx_ptr": f"*{sd}", **ints("M", "S", "sgn", "sgc", "sgs", "sxn", "sxc", "sxs", "sdn", "sdc",
+                                                  "sds")}
             specs.append((f"{dt}-{'train' if training else 'eval'}", bn_relu_bwd_kernel, sig,
                           dict(TRAINING=training, BLOCK=BLOCK), NUM_WARPS))
     return specs

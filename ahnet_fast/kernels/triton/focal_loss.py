@@ -16,9 +16,12 @@ import triton
 import triton.language as tl
 
 from ahnet_fast._layout import is_channels_last
+from ahnet_fast.kernels.triton._launch import kernel, launch
 
-BLOCK = 256
-NUM_WARPS = 4
+BLOCK = 512
+# 8 warps: with 4, Triton 3.5/3.6 spill a few bytes of the softmax paths on sm_90 (a stack slot,
+# not register pressure: 40-96 registers)
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -50,12 +53,14 @@ def _focal_terms(lp, gamma, GAMMA_TWO: tl.constexpr):
     return mod * (1.0 - gamma * p * ratio), -mod * lp
 
 
-@triton.jit
+# Flags that select between a few instructions per voxel are runtime arguments, not constexprs:
+# one compiled kernel per (path, target kind, dtypes) instead of 2**4 more, at no measurable cost in a
+# kernel bound by memory. SOFTMAX and LABELS change the loops' structure and stay compile-time.
+@kernel(do_not_specialize=("S", "C", "FIRST", "IGNORE", "BINARY", "HAS_IGNORE", "ALPHA_LINEAR", "COMPUTE_GRAD"))
 def focal_loss_fwd_kernel(
     x_ptr, t_ptr, grad_ptr, fpos_ptr, fneg_ptr, scale_ptr, loss_part_ptr, count_part_ptr, bad_part_ptr,
-    S, C, FIRST, IGNORE, x_sb, x_sc, x_ss, t_sb, t_sc, t_ss, gamma,
-    SOFTMAX: tl.constexpr, LABELS: tl.constexpr, BINARY: tl.constexpr, HAS_IGNORE: tl.constexpr,
-    ALPHA_LINEAR: tl.constexpr, GAMMA_TWO: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    S, C, FIRST, IGNORE, x_sb, x_sc, x_ss, t_sb, t_sc, t_ss, gamma, BINARY, HAS_IGNORE, ALPHA_LINEAR, COMPUTE_GRAD,
+    SOFTMAX: tl.constexpr, LABELS: tl.constexpr, GAMMA_TWO: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -63,6 +68,10 @@ def focal_loss_fwd_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inb = offs < S
     offs64 = offs.to(tl.int64)
+    # channel offsets c * x_sc can pass 2**31 on large volumes: int64 strides (Triton passes ints
+    # below 2**31 as i32)
+    x_sc = tl.cast(x_sc, tl.int64)
+    t_sc = tl.cast(t_sc, tl.int64)
     x_row = x_ptr + b.to(tl.int64) * x_sb + offs64 * x_ss
     g_row = grad_ptr + b.to(tl.int64) * x_sb + offs64 * x_ss
     t_row = t_ptr + b.to(tl.int64) * t_sb + offs64 * t_ss
@@ -73,20 +82,12 @@ def focal_loss_fwd_kernel(
     cls = tl.zeros([BLOCK], dtype=tl.int32)
     if LABELS:
         v = tl.load(t_row, mask=inb, other=0).to(tl.int64)
-        if HAS_IGNORE:
-            ignored = v == IGNORE
-        else:
-            ignored = v != v
-        if BINARY:
-            out = (v != 0) & (v != 1)
-        else:
-            out = (v < 0) | (v >= C)
+        ignored = (v == IGNORE) & (HAS_IGNORE != 0)
+        binary = BINARY != 0
+        out = tl.where(binary, (v != 0) & (v != 1), (v < 0) | (v >= C))
         bad = (inb & (~ignored) & out).to(tl.int32)
         valid = inb & (~ignored) & (~out)
-        if BINARY:
-            cls = tl.where(valid, v, -1).to(tl.int32)
-        else:
-            cls = tl.where(valid, v - FIRST, -1).to(tl.int32)
+        cls = tl.where(valid, tl.where(binary, v, v - FIRST), -1).to(tl.int32)
     vloss = tl.zeros([BLOCK], dtype=tl.float32)
 
     if SOFTMAX:
@@ -108,7 +109,7 @@ def focal_loss_fwd_kernel(
             a = tl.where(hit, a, 0.0)
             vloss = a * loss_term
             gy = a * F
-            if COMPUTE_GRAD:
+            if COMPUTE_GRAD != 0:
                 for c in range(FIRST, C):
                     z = tl.load(x_row + c * x_sc, mask=inb, other=0.0).to(tl.float32)
                     p = tl.exp((z - m) - lse)
@@ -127,7 +128,7 @@ def focal_loss_fwd_kernel(
                 F, loss_term = _focal_terms((z - m) - lse, gamma, GAMMA_TWO)
                 vloss += a * tv * loss_term
                 gsum += a * tv * F
-            if COMPUTE_GRAD:
+            if COMPUTE_GRAD != 0:
                 for c in range(FIRST, C):
                     z = tl.load(x_row + c * x_sc, mask=inb, other=0.0).to(tl.float32)
                     tv = tl.load(t_row + c * t_sc, mask=inb, other=0.0).to(tl.float32)
@@ -141,10 +142,7 @@ def focal_loss_fwd_kernel(
         for c in range(FIRST, C):
             xv = tl.load(x_row + c * x_sc, mask=inb, other=0.0).to(tl.float32)
             if LABELS:
-                if BINARY:
-                    tv = (cls == 1).to(tl.float32)
-                else:
-                    tv = (cls == c - FIRST).to(tl.float32)
+                tv = tl.where(BINARY != 0, cls == 1, cls == c - FIRST).to(tl.float32)
             else:
                 tv = tl.load(t_row + c * t_sc, mask=inb, other=0.0).to(tl.float32)
                 is_bad = inb & ~((tv >= 0.0) & (tv <= 1.0))
@@ -153,10 +151,7 @@ def focal_loss_fwd_kernel(
                 tv = tl.where(is_bad, 0.0, tv)
             pos = tl.load(fpos_ptr + c - FIRST)
             neg = tl.load(fneg_ptr + c - FIRST)
-            if ALPHA_LINEAR:
-                a = tv * pos + (1.0 - tv) * neg
-            else:
-                a = tl.where(tv == 1.0, pos, neg)
+            a = tl.where(ALPHA_LINEAR != 0, tv * pos + (1.0 - tv) * neg, tl.where(tv == 1.0, pos, neg))
             bce = _softplus(xv) - xv * tv
             two_t_minus_1 = 2.0 * tv - 1.0
             u = -xv * two_t_minus_1
@@ -166,11 +161,11 @@ def focal_loss_fwd_kernel(
             else:
                 mod = tl.exp(-gamma * _softplus(-u))
             vloss += a * bce * mod
-            if COMPUTE_GRAD:
+            if COMPUTE_GRAD != 0:
                 d = a * ((_sigmoid(xv) - tv) * mod - bce * mod * gamma * (1.0 - sig_u) * two_t_minus_1)
                 tl.store(g_row + c * x_sc, tl.where(valid, scale * d, 0.0).to(grad_ptr.dtype.element_ty),
                          mask=inb)
-    if COMPUTE_GRAD:
+    if COMPUTE_GRAD != 0:
         for c in range(0, FIRST):  # classes excluded from the loss get no gradient
             tl.store(g_row + c * x_sc, tl.zeros([BLOCK], dtype=tl.float32).to(grad_ptr.dtype.element_ty),
                      mask=inb)
@@ -194,7 +189,9 @@ def focal_loss_forward(logits, target, factor_pos, factor_neg, grad_scale, gamma
     b, c = x.shape[:2]
     s = x[0, 0].numel()
     if label_target:
-        t = target.reshape(b, s).contiguous()
+        # int32 or int64 labels: uint8 maps are widened, so that two label dtypes cover every call
+        t = target.reshape(b, s)
+        t = (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32)).contiguous()
         t_sb, t_sc, t_ss = s, 0, 1
     else:
         t, t_ss = _readable(target)
@@ -205,37 +202,37 @@ def focal_loss_forward(logits, target, factor_pos, factor_neg, grad_scale, gamma
     loss_part = torch.empty(grid[0] * b, dtype=torch.float32, device=dev)
     count_part = torch.empty_like(loss_part)
     bad_part = torch.empty(grid[0] * b, dtype=torch.int32, device=dev)
-    focal_loss_fwd_kernel[grid](
-        x, t, grad if compute_grad else x, factor_pos.to(dev, torch.float32), factor_neg.to(dev, torch.float32),
-        grad_scale.to(dev, torch.float32), loss_part, count_part, bad_part,
-        s, c, first_channel, ignore_index, x.stride(0), x.stride(1), x_ss, t_sb, t_sc, t_ss, float(gamma),
-        SOFTMAX=bool(softmax), LABELS=bool(label_target), BINARY=bool(label_target and c == 1),
-        HAS_IGNORE=bool(has_ignore), ALPHA_LINEAR=bool(alpha_linear), GAMMA_TWO=float(gamma) == 2.0,
-        COMPUTE_GRAD=bool(compute_grad), BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )
+    launch(focal_loss_fwd_kernel, grid,
+           x, t, grad if compute_grad else x, factor_pos.to(dev, torch.float32), factor_neg.to(dev, torch.float32),
+           grad_scale.to(dev, torch.float32), loss_part, count_part, bad_part,
+           s, c, first_channel, ignore_index, x.stride(0), x.stride(1), x_ss, t_sb, t_sc, t_ss, float(gamma),
+           int(label_target and c == 1), int(has_ignore), int(alpha_linear), int(compute_grad),
+           SOFTMAX=bool(softmax), LABELS=bool(label_target), GAMMA_TWO=float(gamma) == 2.0, BLOCK=BLOCK,
+           num_warps=NUM_WARPS)
     loss_sum = loss_part.view(b, -1).double().sum(1)
     count = count_part.view(b, -1).double().sum(1)
     return loss_sum, count, grad, bad_part.sum().to(torch.int64)
 
 
-# Configurations that compile_check builds ahead of time (every constexpr combination that the
-# launcher can produce for fp32 logits, plus fp16/bf16 stores).
 def compile_specs():
+    """Every configuration the launcher produces: path (softmax/sigmoid) x target kind x gamma == 2,
+    for each logits dtype and each target dtype it passes (labels int32/int64; dense targets fp32
+    or the logits' dtype). Binary labels, ignore_index, the alpha form and the gradient are runtime
+    flags: one build covers them."""
     specs = []
-    for softmax in (False, True):
-        for labels in (False, True):
-            for gamma_two in (False, True):
-                for grad_dtype in ("fp32", "bf16", "fp16"):
-                    sig = {
-                        "x_ptr": f"*{grad_dtype}", "t_ptr": "*i64" if labels else "*fp32", "grad_ptr": f"*{grad_dtype}",
-                        "fpos_ptr": "*fp32", "fneg_ptr": "*fp32", "scale_ptr": "*fp32", "loss_part_ptr": "*fp32",
-                        "count_part_ptr": "*fp32", "bad_part_ptr": "*i32", "S": "i32", "C": "i32", "FIRST": "i32",
-                        "IGNORE": "i64", "x_sb": "i64", "x_sc": "i64", "x_ss": "i64", "t_sb": "i64", "t_sc": "i64",
-                        "t_ss": "i64", "gamma": "fp32",
-                    }
-                    consts = dict(SOFTMAX=softmax, LABELS=labels, BINARY=False, HAS_IGNORE=labels, ALPHA_LINEAR=True,
-                                  GAMMA_TWO=gamma_two, COMPUTE_GRAD=True, BLOCK=BLOCK)
-                    name = (f"{'softmax' if softmax else 'sigmoid'}-{'labels' if labels else 'dense'}-"
-                            f"{'g2' if gamma_two else 'g'}-{grad_dtype}")
+    for dt in ("fp32", "bf16", "fp16"):
+        targets = [("labels", "i32"), ("labels", "i64")] + [("dense", t) for t in dict.fromkeys(("fp32", dt))]
+        for softmax in (False, True):
+            for kind, t_dt in targets:
+                for gamma_two in (False, True):
+                    sig = {"x_ptr": f"*{dt}", "t_ptr": f"*{t_dt}", "grad_ptr": f"*{dt}", "fpos_ptr": "*fp32",
+                           "fneg_ptr": "*fp32", "scale_ptr": "*fp32", "loss_part_ptr": "*fp32",
+                           "count_part_ptr": "*fp32", "bad_part_ptr": "*i32"}
+                    sig.update({k: "i32" for k in ("S", "C", "FIRST", "IGNORE", "x_sb", "x_sc", "x_ss", "t_sb",
+                                                    "t_sc", "t_ss")})
+                    sig["gamma"] = "fp32"
+                    sig.update({k: "i32" for k in ("BINARY", "HAS_IGNORE", "ALPHA_LINEAR", "COMPUTE_GRAD")})
+                    consts = dict(SOFTMAX=softmax, LABELS=kind == "labels", GAMMA_TWO=gamma_two, BLOCK=BLOCK)
+                    name = f"{'softmax' if softmax else 'sigmoid'}-{kind}-{t_dt}-{'g2' if gamma_two else 'g'}-{dt}"
                     specs.append((name, focal_loss_fwd_kernel, sig, consts, NUM_WARPS))
     return specs

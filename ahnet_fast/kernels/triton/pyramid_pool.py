@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ahnet_fast._layout import channels_innermost, opmath_dtype
+from ahnet_fast.kernels.triton._launch import kernel, launch
 
 BLOCK = 256
 NUM_WARPS = 4
@@ -42,7 +43,7 @@ def _split(offs, W, D):
     return t // W, t % W, offs % D
 
 
-@triton.jit
+@kernel(do_not_specialize=("C", "h0", "w0", "D", "out_c0"))
 def psp_pool0_kernel(x_ptr, out_ptr, pooled_ptr, arg_ptr, C, h0, w0, D,
                      sxn, sxc, sxh, sxw, sxd, son, soc, soh, sow, sod, out_c0,
                      S: tl.constexpr, SW: tl.constexpr, COPY: tl.constexpr, BLOCK: tl.constexpr):
@@ -85,7 +86,7 @@ def _beats(va, pa, vb, pb):
     return tl.where(na | nb, by_nan, by_value)
 
 
-@triton.jit
+@kernel(do_not_specialize=("hi", "wi", "ho", "wo", "D"))
 def psp_coarsen_kernel(pin_ptr, ain_ptr, pout_ptr, aout_ptr, hi, wi, ho, wo, D,
                        SP: tl.constexpr, SWP: tl.constexpr, CW: tl.constexpr, BLOCK: tl.constexpr):
     # children per cell: 2 rows by CW (2 when the columns are pooled, else 1) columns; the larger
@@ -115,7 +116,7 @@ def psp_coarsen_kernel(pin_ptr, ain_ptr, pout_ptr, aout_ptr, hi, wi, ho, wo, D,
     tl.store(aout_ptr + o, best_p.to(tl.int16), mask=mask)
 
 
-@triton.jit
+@kernel(do_not_specialize=("C", "h", "w", "D"))
 def psp_project_kernel(pooled_ptr, w_ptr, b_ptr, pp_ptr, C, h, w, D, PAD: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -133,7 +134,7 @@ def psp_project_kernel(pooled_ptr, w_ptr, b_ptr, pp_ptr, C, h, w, D, PAD: tl.con
     tl.store(pp_ptr + ((n * (h + 2) + i + 1) * wp + j + PAD) * D + d, acc, mask=mask)
 
 
-@triton.jit
+@kernel(do_not_specialize=("H", "W", "D", "hp", "wp", "channel", "S", "SW"))
 def psp_upsample_kernel(pp_ptr, out_ptr, ih_ptr, lh_ptr, iw_ptr, lw_ptr, upw_ptr, upb_ptr, H, W, D, hp, wp,
                         son, soc, soh, sow, sod, channel, S, SW,
                         LINEAR: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK: tl.constexpr):
@@ -179,7 +180,7 @@ def _route_level(acc, gp_ptr, a_ptr, nc, hh, ww, d, H, W, D, mask, S: tl.constex
     return acc + g
 
 
-@triton.jit
+@kernel(do_not_specialize=("C", "H", "W", "D"))
 def psp_route_kernel(gid_ptr, gx_ptr, gp0, a0, gp1, a1, gp2, a2, gp3, a3, C, H, W, D,
                      sgn, sgc, sgh, sgw, sgd, sxn, sxc, sxh, sxw, sxd,
                      LEVELS: tl.constexpr, POOL_W: tl.constexpr, HAS_ID: tl.constexpr, BLOCK: tl.constexpr):
@@ -238,7 +239,7 @@ def psp_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h
     s0, sw0 = 8, (8 if pool_w else 1)
     h0, w0 = h // s0, w // sw0
     cells = h0 * w0 * d
-    psp_pool0_kernel[(triton.cdiv(cells, BLOCK), n * c)](
+    launch(psp_pool0_kernel, (triton.cdiv(cells, BLOCK), n * c),
         x, out, pooled[0], args[0], c, h0, w0, d, *x.stride(), *out.stride(), levels,
         S=s0, SW=sw0, COPY=concat_input, BLOCK=BLOCK, num_warps=NUM_WARPS)
     if concat_input:  # rows and columns outside the whole windows: copied, not pooled
@@ -251,13 +252,13 @@ def psp_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h
         swp = sp if pool_w else 1
         hi_, wi = pooled[level - 1].shape[2:4]
         ho, wo = pooled[level].shape[2:4]
-        psp_coarsen_kernel[(triton.cdiv(ho * wo * d, BLOCK), n * c)](
+        launch(psp_coarsen_kernel, (triton.cdiv(ho * wo * d, BLOCK), n * c),
             pooled[level - 1], args[level - 1], pooled[level], args[level], hi_, wi, ho, wo, d,
             SP=sp, SWP=swp, CW=2 if pool_w else 1, BLOCK=BLOCK, num_warps=NUM_WARPS)
     for level in range(levels):
         hl, wl = pooled[level].shape[2:4]
         proj[level].copy_(pb[level].expand_as(proj[level]))  # the ring; the kernel writes the interior
-        psp_project_kernel[(triton.cdiv(hl * wl * d, BLOCK), n)](
+        launch(psp_project_kernel, (triton.cdiv(hl * wl * d, BLOCK), n),
             pooled[level], pw[level], pb[level:], proj[level], c, hl, wl, d, PAD=pad, BLOCK=BLOCK,
             num_warps=NUM_WARPS)
     ih, iw = index_h.contiguous(), index_w.contiguous()
@@ -268,7 +269,7 @@ def psp_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h
     for level in range(levels):
         s = 8 << level
         hp, wp = proj[level].shape[1:3]
-        psp_upsample_kernel[(triton.cdiv(h * w * d, BLOCK), n)](
+        launch(psp_upsample_kernel, (triton.cdiv(h * w * d, BLOCK), n),
             proj[level], out, ih[level], lh[level], iw[level], lw[level], uw[level], ub[level:], h, w, d, hp, wp,
             *out.stride(), level, s, s if pool_w else 1, LINEAR=linear, TRANSPOSE=transpose, BLOCK=BLOCK,
             num_warps=NUM_WARPS)
@@ -288,7 +289,7 @@ def psp_backward(grad_identity, grad_pooled, argmax, size, pool_w, dtype, channe
         gps.append(gps[0])
         aps.append(aps[0])
     gid = grad_identity if grad_identity is not None else gx
-    psp_route_kernel[(triton.cdiv(h * w * d, BLOCK), n * c)](
+    launch(psp_route_kernel, (triton.cdiv(h * w * d, BLOCK), n * c),
         gid, gx, gps[0], aps[0], gps[1], aps[1], gps[2], aps[2], gps[3], aps[3], c, h, w, d,
         *gid.stride(), *gx.stride(), LEVELS=levels, POOL_W=pool_w, HAS_ID=grad_identity is not None, BLOCK=BLOCK,
         num_warps=NUM_WARPS)
@@ -304,12 +305,13 @@ _STRIDES = ("n", "c", "h", "w", "d")
 def compile_specs():
     specs = []
     for dt in ("fp32", "bf16", "fp16"):
+        op = "fp64" if dt == "fp64" else "fp32"
         for pool_w in (True, False):
             for copy in (True, False):
                 sig = {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "pooled_ptr": f"*{dt}", "arg_ptr": "*i8", "C": "i32",
                        "h0": "i32", "w0": "i32", "D": "i32", "out_c0": "i32"}
-                sig.update({f"sx{k}": "i64" for k in _STRIDES})
-                sig.update({f"so{k}": "i64" for k in _STRIDES})
+                sig.update({f"sx{k}": "i32" for k in _STRIDES})
+                sig.update({f"so{k}": "i32" for k in _STRIDES})
                 name = f"{dt}-{'3d' if pool_w else '2d'}-{'concat' if copy else 'psp'}"
                 specs.append((name, psp_pool0_kernel, sig,
                               dict(S=8, SW=8 if pool_w else 1, COPY=copy, BLOCK=BLOCK), NUM_WARPS))
@@ -319,26 +321,26 @@ def compile_specs():
                        "aout_ptr": "*i16", "hi": "i32", "wi": "i32", "ho": "i32", "wo": "i32", "D": "i32"}
                 specs.append((f"{dt}-{'3d' if pool_w else '2d'}-level{level}", psp_coarsen_kernel, sig,
                               dict(SP=sp, SWP=sp if pool_w else 1, CW=2 if pool_w else 1, BLOCK=BLOCK), NUM_WARPS))
-            for levels in (1, 4):
+            for levels in (1, 2, 3, 4):
                 for has_id in (True, False):
                     sig = {"gid_ptr": f"*{dt}", "gx_ptr": f"*{dt}", "C": "i32", "H": "i32", "W": "i32", "D": "i32"}
                     for k in range(4):
-                        sig[f"gp{k}"] = "*fp32"
+                        sig[f"gp{k}"] = f"*{op}"
                         sig[f"a{k}"] = "*i8" if k == 0 else "*i16"
-                    sig.update({f"sg{k}": "i64" for k in _STRIDES})
-                    sig.update({f"sx{k}": "i64" for k in _STRIDES})
+                    sig.update({f"sg{k}": "i32" for k in _STRIDES})
+                    sig.update({f"sx{k}": "i32" for k in _STRIDES})
                     name = f"{dt}-{'3d' if pool_w else '2d'}-L{levels}-{'concat' if has_id else 'psp'}"
                     specs.append((name, psp_route_kernel, sig,
                                   dict(LEVELS=levels, POOL_W=pool_w, HAS_ID=has_id, BLOCK=BLOCK), NUM_WARPS))
-        sig = {"pooled_ptr": f"*{dt}", "w_ptr": "*fp32", "b_ptr": "*fp32", "pp_ptr": "*fp32", "C": "i32", "h": "i32",
+        sig = {"pooled_ptr": f"*{dt}", "w_ptr": f"*{op}", "b_ptr": f"*{op}", "pp_ptr": f"*{op}", "C": "i32", "h": "i32",
                "w": "i32", "D": "i32"}
         for pad in (0, 1):
             specs.append((f"{dt}-pad{pad}", psp_project_kernel, sig, dict(PAD=pad, BLOCK=BLOCK), NUM_WARPS))
         for mode in ("transpose", "linear", "nearest"):
-            sig = {"pp_ptr": "*fp32", "out_ptr": f"*{dt}", "ih_ptr": "*i64", "lh_ptr": "*fp32", "iw_ptr": "*i64",
-                   "lw_ptr": "*fp32", "upw_ptr": "*fp32", "upb_ptr": "*fp32", "H": "i32", "W": "i32", "D": "i32",
+            sig = {"pp_ptr": f"*{op}", "out_ptr": f"*{dt}", "ih_ptr": "*i64", "lh_ptr": f"*{op}", "iw_ptr": "*i64",
+                   "lw_ptr": f"*{op}", "upw_ptr": f"*{op}", "upb_ptr": f"*{op}", "H": "i32", "W": "i32", "D": "i32",
                    "hp": "i32", "wp": "i32", "channel": "i32", "S": "i32", "SW": "i32"}
-            sig.update({f"so{k}": "i64" for k in _STRIDES})
+            sig.update({f"so{k}": "i32" for k in _STRIDES})
             specs.append((f"{dt}-{mode}", psp_upsample_kernel, sig,
                           dict(LINEAR=mode == "linear", TRANSPOSE=mode == "transpose", BLOCK=BLOCK), NUM_WARPS))
     return specs
