@@ -3,7 +3,7 @@ from ahnet_fast._extension import extension_available, load_extension
 
 load_extension()  # registers torch.ops.ahnet_fast.*, or warns once that the reference path is used
 
-from ahnet_fast.backends import BACKENDS, BackendUnavailableError, backend  # noqa: E402
+from ahnet_fast.backends import BACKENDS, BackendUnavailableError, backend, fallback_report  # noqa: E402
 from ahnet_fast.nn import AHNet, FCN, MCFCN, FocalLoss, PyramidVolumetricPooling  # noqa: E402
 from ahnet_fast import memory  # noqa: E402  (also resolves AHNet(checkpoint="auto"))
 
@@ -18,4 +18,5 @@ __all__ = [
     "BackendUnavailableError",
     "backend",
     "extension_available",
+    "fallback_report",
 ]

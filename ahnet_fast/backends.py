@@ -9,15 +9,24 @@ Which backend is requested, highest priority first: an explicit ``backend=`` arg
 module), the innermost ``with ahnet_fast.backend(name):`` block, the ``AHNET_FAST_BACKEND``
 environment variable, then ``auto``. Forcing a backend that cannot run a call raises
 :class:`BackendUnavailableError` with every reason, instead of silently running something else.
+
+A Triton kernel that fails to compile or launch at run time (a Triton version, GPU or compiler it
+was never checked on) does not end the run under ``auto``: the op runs its ATen/cuDNN composition
+instead, one warning names the kernel and the error, and :func:`fallback_report` lists every such
+fallback. Forced (``backend="triton"``, ``with backend("triton")`` or the environment variable), the
+failure raises :class:`BackendUnavailableError`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ahnet_fast.kernels.errors import TritonKernelError
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 ENV_VAR = "AHNET_FAST_BACKEND"
@@ -94,3 +103,92 @@ def select(op: str, implementations: Sequence[Implementation], device: torch.dev
     if reasons:
         raise BackendUnavailableError(f"backend {wanted!r} cannot run {op}: " + "; ".join(reasons))
     return wanted
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-time Triton failures: fall back under auto, raise when forced.
+
+_strict: list[bool] = []
+_fallbacks: dict[tuple[str, str], dict] = {}
+
+
+@contextlib.contextmanager
+def triton_strictness(strict: bool) -> Iterator[None]:
+    """Inside: whether a Triton failure raises (Triton was forced) or falls back (auto). Ops enter it
+    around their Triton forward, and their backward re-enters what the forward saw."""
+    _strict.append(bool(strict))
+    try:
+        yield
+    finally:
+        _strict.pop()
+
+
+def triton_strict() -> bool:
+    """True when a Triton failure here must raise: inside a forced call, or Triton requested by the
+    context manager or the environment."""
+    if _strict:
+        return _strict[-1]
+    return requested_backend() == "triton"
+
+
+def note_fallback(op: str, error: TritonKernelError) -> None:
+    """Records that ``op`` ran its composition because ``error.kernel`` failed; warns once per
+    (op, kernel)."""
+    key = (op, error.kernel)
+    entry = _fallbacks.get(key)
+    if entry is None:
+        _fallbacks[key] = {"op": op, "kernel": error.kernel, "error": error.cause, "count": 1}
+        warnings.warn(f"ahnet_fast: {op} falls back from Triton to its ATen composition: {error}. "
+                      f"Results are the same, speed and memory are not; ahnet_fast.fallback_report() "
+                      f"lists every fallback.", RuntimeWarning, stacklevel=3)
+    else:
+        entry["count"] += 1
+
+
+def fallback_report() -> list[dict]:
+    """Every (op, kernel) that fell back from Triton in this process: op, kernel, error, count."""
+    return [dict(e) for e in _fallbacks.values()]
+
+
+def clear_fallback_report() -> None:
+    _fallbacks.clear()
+
+
+def guarded(op: str, launcher: Callable, composition: Callable) -> Callable:
+    """``launcher`` (a Triton kernel launcher), or under auto, when its kernel cannot run,
+    ``composition``: an ATen function with the same arguments and results."""
+    def call(*args, **kwargs):
+        try:
+            return launcher(*args, **kwargs)
+        except TritonKernelError as exc:
+            if triton_strict():
+                raise BackendUnavailableError(f"backend 'triton' cannot run {op}: {exc}") from exc
+            note_fallback(op, exc)
+            return composition(*args, **kwargs)
+    call.__name__ = getattr(launcher, "__name__", op)
+    call.__doc__ = launcher.__doc__
+    return call
+
+
+def dispatch(op: str, implementations: Sequence[Implementation], device: torch.device, args: tuple,
+             explicit: str | None, run: Callable[[str], object]):
+    """``run(backend)`` for the backend :func:`select` picks; when that is Triton under auto and one
+    of its kernels cannot run, warns (once) and runs the next backend that can."""
+    chosen = select(op, implementations, device, args, explicit)
+    if chosen != "triton":
+        return run(chosen)
+    forced = requested_backend(explicit) == "triton"
+    _strict.append(forced)  # a plain push and pop, not a context manager: torch.compile traces it
+    try:
+        return run("triton")
+    except TritonKernelError as exc:
+        if forced:
+            raise BackendUnavailableError(f"backend 'triton' cannot run {op}: {exc}") from exc
+        note_fallback(op, exc)
+    finally:
+        _strict.pop()
+    for name in device_preference(device):
+        impl = next((i for i in implementations if i.backend == name), None)
+        if name != "triton" and impl is not None and not impl.not_supported_reasons(*args):
+            return run(name)
+    return run("reference")

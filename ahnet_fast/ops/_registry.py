@@ -5,11 +5,13 @@ that backend selection stays traceable by torch.compile (dynamo cannot trace the
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 
 import torch
 
+from ahnet_fast import backends
 from ahnet_fast._extension import extension_available, extension_error
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -33,12 +35,35 @@ def cpp_kernel_reasons(qualname: str, device: torch.device) -> list[str]:
     return []
 
 
+# The Triton versions every kernel is compiled against (scripts/compile_matrix.sh): those that
+# torch 2.9 to 2.14 bring. A newer Triton is tried (a failure falls back at run time); an older one
+# is not used: its lowering differs enough (tl.dot's minimum sizes, register use) to fail or spill.
+OLDEST_TRITON = (3, 5)
+NEWEST_CHECKED_TRITON = (3, 9)
+_triton_version: tuple[int, int] | None = None
+
+
 def triton_available() -> bool:
     """True when triton can be imported (looked up once)."""
     global _triton
     if _triton is None:
         _triton = importlib.util.find_spec("triton") is not None
     return _triton
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton, read from its package metadata (not by importing it)."""
+    global _triton_version
+    if _triton_version is None:
+        try:
+            text = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            import triton
+
+            text = triton.__version__
+        parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in text.split(".")[:2]]
+        _triton_version = (parts[0], parts[1] if len(parts) > 1 else 0)
+    return _triton_version
 
 
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -53,15 +78,36 @@ def triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why the Triton kernels cannot run on tensors of this device and dtype (empty if they can)."""
     reasons = []
     if not triton_available():
-        reasons.append("triton is not installed (pip install 'triton>=3.1')")
+        reasons.append("triton is not installed (it comes with CUDA builds of torch >= 2.9)")
+    elif triton_version() < OLDEST_TRITON:
+        reasons.append(f"Triton {'.'.join(map(str, triton_version()))} is older than "
+                       f"{'.'.join(map(str, OLDEST_TRITON))}, the oldest the kernels are compiled against")
     elif device.type == "cpu" and not triton_interpreted():
         reasons.append("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before "
                        "importing ahnet_fast")
     elif device.type not in ("cpu", "cuda"):
         reasons.append(f"the Triton kernels run on CUDA tensors, not {device.type}")
+    elif device.type == "cuda" and cuda_capability(device) < (8, 0):
+        major, minor = cuda_capability(device)
+        reasons.append(f"the GPU is sm_{major}{minor}; the Triton kernels need sm_80 or newer (bf16 dots, "
+                       f"the tiles they are compiled for)")
+    if dtype == torch.float64 and device.type == "cuda":
+        reasons.append("float64 runs on ATen/cuDNN on a GPU: the kernels are compiled for fp32 (TF32), bf16 "
+                       "and fp16 there (float64 Triton runs in the interpreter, for the tests)")
     if dtype == torch.bfloat16 and triton_interpreted():
         reasons.append("the Triton interpreter has no bfloat16")
     return reasons
+
+
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device (looked up once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = tuple(torch.cuda.get_device_capability(index))
+    return _capabilities[index]
 
 
 def triton_interpreted() -> bool:
@@ -88,5 +134,17 @@ def register_triton_pair(forward_op, backward_op, forward_fake, backward_fake, m
     backward_op.register_fake(backward_fake)
     forward_op.register_fake(forward_fake)
     backward_overload = getattr(torch.ops.ahnet_fast, backward_op._name).default
-    forward_op.register_autograd(make_backward(backward_overload), setup_context=setup_context)
+    inner = make_backward(backward_overload)
+
+    # The backward's Triton launches fall back or raise as the forward's did (a forced Triton stays
+    # forced in backward, outside the call that forced it).
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.triton_strict = backends.triton_strict()
+
+    def backward(ctx, *grads):
+        with backends.triton_strictness(ctx.triton_strict):
+            return inner(ctx, *grads)
+
+    forward_op.register_autograd(backward, setup_context=setup)
     return getattr(torch.ops.ahnet_fast, forward_op._name).default, backward_overload

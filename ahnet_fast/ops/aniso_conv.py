@@ -166,7 +166,9 @@ def choose(direction: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequen
         if _forced == "triton" and extra and "triton" in extra:
             return "triton"
         return _forced if _forced in candidates(a, weight, stride, padding) else "aten"
-    key = _key(direction, a, weight, stride, padding)
+    # the engine's own candidates are part of the key: a call that offers the Triton convolution
+    # must not reuse the choice made for one that did not (another backend, same shape)
+    key = _key(direction, a, weight, stride, padding) + "".join(f"|+{name}" for name in sorted(extra or {}))
     hit = _choices.get(key)
     if hit is not None:
         return hit["path"]

@@ -66,18 +66,18 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
                     *, backend: str | None = None) -> torch.Tensor:
     """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``."""
     _check(x, running_mean, running_var, weight, bias, training)
-    chosen = backends.select("batch_norm_relu", IMPLEMENTATIONS, x.device, (x,), backend)
-    if chosen == "reference":
-        return batch_norm_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    channels = x.shape[1]
-    weight, bias, use_batch_stats = kernel_arguments(x, weight, bias, training, running_mean, running_var)
-    forward = torch.ops.ahnet_fast.bn_relu if chosen == "cpp" else _triton_ops()[0]
-    y, mean, var = forward(
-        x, weight, bias, None if use_batch_stats else running_mean, None if use_batch_stats else running_var,
-        use_batch_stats, eps,
-    )
-    update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // channels)
-    return y
+
+    def run(chosen):
+        if chosen == "reference":
+            return batch_norm_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        w, b, use_batch_stats = kernel_arguments(x, weight, bias, training, running_mean, running_var)
+        forward = torch.ops.ahnet_fast.bn_relu if chosen == "cpp" else _triton_ops()[0]
+        y, mean, var = forward(x, w, b, None if use_batch_stats else running_mean,
+                               None if use_batch_stats else running_var, use_batch_stats, eps)
+        update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // x.shape[1])
+        return y
+
+    return backends.dispatch("batch_norm_relu", IMPLEMENTATIONS, x.device, (x,), backend, run)
 
 
 def kernel_arguments(x, weight, bias, training, running_mean, running_var):
@@ -139,7 +139,7 @@ def _triton_ops():
     (CUDA, or CPU under TRITON_INTERPRET=1), with the C++ ops' fakes and autograd."""
     global _TRITON_OPS
     if _TRITON_OPS is None:
-        from ahnet_fast.kernels.triton import bn_relu as kernels
+        from ahnet_fast.ops import _triton as kernels
 
         @torch.library.custom_op("ahnet_fast::bn_relu_backward_triton", mutates_args=())
         def bn_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

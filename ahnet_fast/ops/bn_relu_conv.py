@@ -250,9 +250,13 @@ class TritonEngine(_Engine):
 
     @staticmethod
     def _path(direction, x, weight, stride, padding, scale, shift):
-        from ahnet_fast.kernels.triton import aniso_conv as kernels
+        from ahnet_fast.ops import _triton as kernels
 
         prec = _precision(x)
+        if x.is_cuda and prec == "ieee" and x.dtype == torch.float32:
+            # exact fp32 (TF32 turned off): Triton's FMA dot needs more registers than a GPU thread
+            # has under some supported Tritons, so cuDNN convolves; the BatchNorm stays Triton's
+            return aniso_conv.choose(direction, x, weight, stride, padding)
         if direction == "forward":
             def fused():
                 return kernels.conv_forward(x, weight, scale, shift, tuple(stride), tuple(padding), precision=prec)
@@ -269,10 +273,10 @@ class TritonEngine(_Engine):
     def forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding,
                 workspace=None):
         """``workspace`` is unused: the Triton convolution normalises on load."""
-        from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
+        from ahnet_fast.ops import _triton as kernels
 
         if use_batch_stats:
-            mean, var = bn_kernels.bn_stats(x)
+            mean, var = kernels.bn_stats(x)
         else:
             sd = opmath_dtype(x.dtype)
             mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
@@ -281,7 +285,7 @@ class TritonEngine(_Engine):
         if path == "triton":
             y = kernels.conv_forward(x, weight, scale, shift, tuple(stride), tuple(padding), precision=_precision(x))
         else:
-            a, _, _ = bn_kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
+            a, _, _ = kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
             y = aniso_conv.forward(path, a, weight, stride, padding).contiguous(memory_format=output_format(x))
         return y, mean, var
 
@@ -295,7 +299,7 @@ class TritonEngine(_Engine):
     def conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride, padding, activation=None,
                       workspace=None, grad_in_workspace=False, grad_buffer=None):
         """``workspace`` and ``grad_buffer`` are unused: the Triton convolution normalises on load."""
-        from ahnet_fast.kernels.triton import aniso_conv as kernels, bn_relu as bn_kernels
+        from ahnet_fast.ops import _triton as kernels
 
         scale, shift = TritonEngine._scale_shift(bn_weight, bn_bias, mean, var, eps)
         path = TritonEngine._path("backward", x, weight, stride, padding, scale, shift)
@@ -306,15 +310,15 @@ class TritonEngine(_Engine):
             grad_a = kernels.conv_input_grad(grad_y, weight, tuple(x.shape), tuple(stride), tuple(padding),
                                              precision=prec)
         else:
-            a, _, _ = bn_kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
+            a, _, _ = kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
             grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
         return grad_a, grad_w.contiguous()
 
     @staticmethod
     def _bn_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps):
-        from ahnet_fast.kernels.triton import bn_relu as bn_kernels
+        from ahnet_fast.ops import _triton as kernels
 
-        return bn_kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
+        return kernels.bn_relu_backward(grad_a, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -358,20 +362,21 @@ def bn_relu_conv(x, running_mean, running_var, bn_weight, bn_bias, training: boo
     cast = autocast_dtype(x)
     if cast is not None:  # a convolution under autocast: its operands in the low precision
         x, weight = x.to(cast), weight.to(cast)
-    chosen = backends.select("bn_relu_conv", IMPLEMENTATIONS, x.device, (x, weight), backend)
-    if chosen == "reference":
-        return bn_relu_conv_reference(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
-                                      weight, stride, padding)
-    if bn_weight is None:
-        bn_weight = x.new_ones(x.shape[1], dtype=opmath_dtype(x.dtype))
-    if bn_bias is None:
-        bn_bias = torch.zeros_like(bn_weight)
-    use_batch_stats = training or running_mean is None or running_var is None
-    op = torch.ops.ahnet_fast.bn_relu_conv if chosen == "cpp" else _triton_op()
-    y, mean, var = op(x, bn_weight, bn_bias, None if use_batch_stats else running_mean,
-                      None if use_batch_stats else running_var, use_batch_stats, eps, weight, stride, padding)
-    update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // x.shape[1])
-    return y
+
+    def run(chosen):
+        if chosen == "reference":
+            return bn_relu_conv_reference(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+                                          weight, stride, padding)
+        bw = x.new_ones(x.shape[1], dtype=opmath_dtype(x.dtype)) if bn_weight is None else bn_weight
+        bb = torch.zeros_like(bw) if bn_bias is None else bn_bias
+        use_batch_stats = training or running_mean is None or running_var is None
+        op = torch.ops.ahnet_fast.bn_relu_conv if chosen == "cpp" else _triton_op()
+        y, mean, var = op(x, bw, bb, None if use_batch_stats else running_mean,
+                          None if use_batch_stats else running_var, use_batch_stats, eps, weight, stride, padding)
+        update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // x.shape[1])
+        return y
+
+    return backends.dispatch("bn_relu_conv", IMPLEMENTATIONS, x.device, (x, weight), backend, run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,21 +142,25 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     if cast is not None:  # convolutions under autocast: input and convolution weights in the low precision
         x = x.to(cast)
         weights = [w.to(cast) if i % 3 == 2 else w for i, w in enumerate(weights)]
-    chosen = backends.select("dense_block", IMPLEMENTATIONS, x.device, (x,), backend)
-    if chosen == "reference":
-        return dense_block_reference(x if skip is None else x + skip, list(weights), list(running_means),
-                                     list(running_vars), training, list(momenta), eps)
-    have_running = all(t is not None for t in running_means) and all(t is not None for t in running_vars)
-    use_batch_stats = training or not have_running
-    op = torch.ops.ahnet_fast.dense_block if chosen == "cpp" else _triton_op()
-    out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
-                    list(running_vars) if not use_batch_stats else [], use_batch_stats, eps, keep_bottleneck, skip)
-    if training and have_running:
-        stats = _split_saved(saved, len(weights) // PARAMS_PER_LAYER)[3]
-        count = x.numel() // x.shape[1]  # every unit keeps the spatial size
-        for u, (rm, rv, mom) in enumerate(zip(running_means, running_vars, momenta)):
-            update_running_stats(rm, rv, stats[2 * u], stats[2 * u + 1], training, mom, count)
-    return out
+
+    def run(chosen):
+        if chosen == "reference":
+            return dense_block_reference(x if skip is None else x + skip, list(weights), list(running_means),
+                                         list(running_vars), training, list(momenta), eps)
+        have_running = all(t is not None for t in running_means) and all(t is not None for t in running_vars)
+        use_batch_stats = training or not have_running
+        op = torch.ops.ahnet_fast.dense_block if chosen == "cpp" else _triton_op()
+        out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
+                        list(running_vars) if not use_batch_stats else [], use_batch_stats, eps, keep_bottleneck,
+                        skip)
+        if training and have_running:
+            stats = _split_saved(saved, len(weights) // PARAMS_PER_LAYER)[3]
+            count = x.numel() // x.shape[1]  # every unit keeps the spatial size
+            for u, (rm, rv, mom) in enumerate(zip(running_means, running_vars, momenta)):
+                update_running_stats(rm, rv, stats[2 * u], stats[2 * u + 1], training, mom, count)
+        return out
+
+    return backends.dispatch("dense_block", IMPLEMENTATIONS, x.device, (x,), backend, run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ together with ``ignore_index``, run the reference.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -294,16 +295,24 @@ IMPLEMENTATIONS = (
 )
 
 
-def _fused(p: _Problem, op) -> torch.Tensor:
+SYNC_CHECKS_ENV = "AHNET_FAST_SYNC_CHECKS"
+
+
+def _fused(p: _Problem, op, gradient_in_backward: bool = False) -> torch.Tensor:
+    """The loss from a fused op. The C++ op writes the gradient during the forward, already carrying
+    the reduction's final scale (with ignore_index that scale needs the count of voxels that count,
+    read once from the label map), so that the usual loss.backward() returns it untouched. The
+    Triton op (``gradient_in_backward``) computes the gradient in backward instead, scaled by the
+    upstream gradient on the device: no host sync, no logits-sized multiply, and no gradient held
+    between forward and backward."""
     b, c = p.logits.shape[:2]
     voxels = p.logits[0, 0].numel()
     n_classes = c - p.first
     need_grad = p.logits.requires_grad and torch.is_grad_enabled()
-    # The stored gradient carries the reduction's final scale, so that the backward of the usual
-    # loss.backward() (upstream gradient 1) returns it untouched. With ignore_index the scale
-    # depends on how many voxels count: one read of the label map counts them first.
     eps = torch.finfo(torch.float32).eps
-    if p.ignore_index is None:
+    if gradient_in_backward:
+        grad_scale = torch.ones(b, dtype=torch.float64, device=p.logits.device)
+    elif p.ignore_index is None:
         per = 1.0 / (b * n_classes * voxels) if p.reduction == "mean" else 1.0 / voxels
         grad_scale = torch.full((b,), per, dtype=torch.float64)
     else:
@@ -314,17 +323,27 @@ def _fused(p: _Problem, op) -> torch.Tensor:
             grad_scale = 1.0 / counted.clamp(min=eps)
     loss_sum, count, _, invalid = op(
         p.logits, p.target, p.factor_pos, p.factor_neg, grad_scale, p.gamma, p.softmax, p.label, p.first,
-        0 if p.ignore_index is None else p.ignore_index, p.ignore_index is not None, p.alpha_linear, need_grad)
-    if int(invalid) > 0:
-        if p.label:
-            _check_target_values(p)  # finds the range for the message
-            raise ValueError(_label_range_message(p))
-        raise ValueError("focal_loss: target values must be in [0, 1] (and not NaN)")
+        0 if p.ignore_index is None else p.ignore_index, p.ignore_index is not None, p.alpha_linear,
+        need_grad and not gradient_in_backward)
     if p.reduction == "mean":
         denom = count.sum().clamp(min=eps) if p.ignore_index is not None else float(b * n_classes * voxels)
-        return (loss_sum.sum() / denom).to(_compute_dtype(p.logits))
-    per_sample = count.clamp(min=eps) if p.ignore_index is not None else torch.full_like(count, float(voxels))
-    return (loss_sum / per_sample).sum().to(_compute_dtype(p.logits))
+        loss = loss_sum.sum() / denom
+    else:
+        per_sample = count.clamp(min=eps) if p.ignore_index is not None else torch.full_like(count, float(voxels))
+        loss = (loss_sum / per_sample).sum()
+    if p.logits.device.type == "cpu" or os.environ.get(SYNC_CHECKS_ENV) == "1" or \
+            torch.compiler.is_compiling():
+        if int(invalid) > 0:
+            if p.label:
+                _check_target_values(p)  # finds the range for the message
+                raise ValueError(_label_range_message(p))
+            raise ValueError("focal_loss: target values must be in [0, 1] (and not NaN)")
+    else:
+        # On a GPU the range check would stop the pipeline for a host sync on every call: a bad
+        # target makes the loss NaN instead (never a quiet number), and AHNET_FAST_SYNC_CHECKS=1
+        # raises the ValueError naming the bad values.
+        loss = loss + torch.where(invalid > 0, float("nan"), 0.0)
+    return loss.to(_compute_dtype(p.logits))
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0,
@@ -339,13 +358,16 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
     p = _prepare(logits, target, gamma=gamma, alpha=alpha, weight=weight, reduction=reduction,
                  use_softmax=use_softmax, include_background=include_background, to_onehot_y=to_onehot_y,
                  ignore_index=ignore_index)
-    chosen = backends.select("focal_loss", IMPLEMENTATIONS, p.logits.device, (p,), backend)
-    if chosen == "cpp":
-        return _fused(p, torch.ops.ahnet_fast.focal_loss_forward)
-    if chosen == "triton":
-        return _fused(p, _triton_op())
-    _check_target_values(p)
-    return focal_loss_reference(p)
+
+    def run(chosen):
+        if chosen == "cpp":
+            return _fused(p, torch.ops.ahnet_fast.focal_loss_forward)
+        if chosen == "triton":
+            return _fused(p, _triton_op(), gradient_in_backward=True)
+        _check_target_values(p)
+        return focal_loss_reference(p)
+
+    return backends.dispatch("focal_loss", IMPLEMENTATIONS, p.logits.device, (p,), backend, run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +408,25 @@ def _backward(ctx, grad_loss_sum, _count, _grad, _invalid):
     return (grad * factor.view(-1, *([1] * (grad.dim() - 1))),) + (None,) * 12
 
 
+def _triton_setup_context(ctx, inputs, output):
+    (logits, target, factor_pos, factor_neg, _grad_scale, gamma, softmax, label_target, first_channel, ignore_index,
+     has_ignore, alpha_linear, _compute_grad) = inputs
+    ctx.save_for_backward(logits, target, factor_pos, factor_neg)
+    ctx.args = (gamma, softmax, label_target, first_channel, ignore_index, has_ignore, alpha_linear)
+    ctx.set_materialize_grads(False)
+
+
+def _triton_backward(ctx, grad_loss_sum, _count, _grad, _invalid):
+    """The kernel again, now writing the gradient, each sample's scaled by its upstream gradient
+    read on the device."""
+    if grad_loss_sum is None:
+        return (None,) * 13
+    logits, target, factor_pos, factor_neg = ctx.saved_tensors
+    grad = torch.ops.ahnet_fast.focal_loss_backward_triton(logits, target, factor_pos, factor_neg, grad_loss_sum,
+                                                           *ctx.args)
+    return (grad,) + (None,) * 12
+
+
 _TRITON_OP = None
 
 
@@ -406,8 +447,19 @@ def _triton_op():
                                       label_target, first_channel, ignore_index, has_ignore, alpha_linear,
                                       compute_grad)
 
+        @torch.library.custom_op("ahnet_fast::focal_loss_backward_triton", mutates_args=())
+        def focal_loss_backward_triton(logits: torch.Tensor, target: torch.Tensor, factor_pos: torch.Tensor,
+                                       factor_neg: torch.Tensor, grad_loss_sum: torch.Tensor, gamma: float,
+                                       softmax: bool, label_target: bool, first_channel: int, ignore_index: int,
+                                       has_ignore: bool, alpha_linear: bool) -> torch.Tensor:
+            from ahnet_fast.kernels.triton.focal_loss import focal_loss_forward
+
+            return focal_loss_forward(logits, target, factor_pos, factor_neg, grad_loss_sum, gamma, softmax,
+                                      label_target, first_channel, ignore_index, has_ignore, alpha_linear, True)[2]
+
+        focal_loss_backward_triton.register_fake(lambda logits, *args: output_like(logits))
         focal_loss_forward_triton.register_fake(_fake)
-        focal_loss_forward_triton.register_autograd(_backward, setup_context=_setup_context)
+        focal_loss_forward_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
         _TRITON_OP = torch.ops.ahnet_fast.focal_loss_forward_triton.default
     return _TRITON_OP
 

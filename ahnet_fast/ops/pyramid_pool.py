@@ -207,7 +207,11 @@ def _cpp_reasons(x) -> list[str]:
 
 
 def _triton_reasons(x) -> list[str]:
-    return triton_reasons(x.device, x.dtype) + dtype_reasons(x.dtype)
+    reasons = triton_reasons(x.device, x.dtype) + dtype_reasons(x.dtype)
+    if x.dim() >= 2 and x.shape[0] * x.shape[1] > 65535:  # the kernels' second grid axis: CUDA's limit
+        reasons.append(f"batch x channels = {x.shape[0] * x.shape[1]} exceeds the 65535 programs CUDA allows "
+                       f"along a grid's second axis")
+    return reasons
 
 
 IMPLEMENTATIONS = (
@@ -234,14 +238,17 @@ def pyramid_pool(x: torch.Tensor, proj_weights: Sequence[torch.Tensor], proj_bia
         x = x.to(cast)
     if levels == 0:
         return x.clone() if concat_input else x.new_empty((x.shape[0], 0, *x.shape[2:]))
-    chosen = backends.select("pyramid_pool", IMPLEMENTATIONS, x.device, (x,), backend)
-    if chosen == "reference":
-        return pyramid_pool_reference(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode,
-                                      concat_input)
-    a = _Args(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode)
-    forward = torch.ops.ahnet_fast.psp_forward if chosen == "cpp" else _triton_ops()[0]
-    out = forward(*a.op_args(concat_input))[0]
-    return out if a.spatial_dims == 3 else out.squeeze(3)
+
+    def run(chosen):
+        if chosen == "reference":
+            return pyramid_pool_reference(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode,
+                                          concat_input)
+        a = _Args(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode)
+        forward = torch.ops.ahnet_fast.psp_forward if chosen == "cpp" else _triton_ops()[0]
+        out = forward(*a.op_args(concat_input))[0]
+        return out if a.spatial_dims == 3 else out.squeeze(3)
+
+    return backends.dispatch("pyramid_pool", IMPLEMENTATIONS, x.device, (x,), backend, run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +372,7 @@ def _triton_ops():
     (CUDA, or CPU under TRITON_INTERPRET=1), with the C++ ops' fakes and autograd."""
     global _TRITON_OPS
     if _TRITON_OPS is None:
-        from ahnet_fast.kernels.triton import pyramid_pool as kernels
+        from ahnet_fast.ops import _triton as kernels
 
         @torch.library.custom_op("ahnet_fast::psp_backward_triton", mutates_args=())
         def psp_backward_triton(grad_identity: torch.Tensor | None, grad_pooled: list[torch.Tensor],
