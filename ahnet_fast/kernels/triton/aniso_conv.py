@@ -55,7 +55,7 @@ GEMM_TILES = {"mma": ((128, 32, 16, 8), (64, 64, 16, 8), (128, 64, 16, 8)),
               "fma": ((32, 32, 16, 4),) * 3}
 # (BLOCK_CI, BLOCK_CO, BLOCK_M, warps) of the weight-gradient GEMM (BLOCK_M is its K step).
 WGRAD_TILES = {"mma": ((32, 32, 32, 4), (64, 32, 32, 4), (64, 64, 16, 4), (64, 128, 16, 8)),
-               "tf32": ((32, 32, 32, 4), (64, 32, 16, 4), (64, 64, 16, 4), (64, 128, 16, 8)),
+               "tf32": ((32, 32, 32, 4), (32, 32, 32, 4), (64, 64, 16, 4), (64, 128, 16, 8)),
                "fma": ((32, 32, 16, 4),) * 4}
 REDUCE_BLOCK = 512
 WGRAD_TARGET_PROGRAMS = 1024  # enough programs to fill an H100 several times over

@@ -18,9 +18,10 @@ import triton.language as tl
 from ahnet_fast._layout import is_channels_last
 from ahnet_fast.kernels.triton._launch import kernel, launch
 
-BLOCK = 512
-# 8 warps: with 4, Triton 3.5/3.6 spill a few bytes of the softmax paths on sm_90 (a stack slot,
-# not register pressure: 40-96 registers)
+# One voxel a thread: with 2 or 4 a thread, some supported Triton spills a few bytes of a softmax
+# path (3.5/3.6 on sm_90 at 256 voxels and 4 warps, 3.7 on sm_80 at 512 and 8 warps: a stack slot at
+# 40-96 registers, not register pressure); at 256 and 8 warps none does (compile_matrix.sh)
+BLOCK = 256
 NUM_WARPS = 8
 
 
