@@ -94,12 +94,16 @@ def compile_spec(fn, signature, constexprs, num_warps, arch, num_stages=None):
 
 
 def all_specs(modules=KERNEL_MODULES):
-    """[(module name, index, kernel name, configuration name)] of every configuration."""
-    out = []
+    """[(module name, index, kernel name, configuration name)] of every distinct configuration (a
+    tile that serves two channel ranges is built once: a second build would be a cache hit)."""
+    out, seen = [], set()
     for module_name in modules:
         module = importlib.import_module(module_name)
-        for i, (name, fn, _sig, _constexprs, _warps) in enumerate(module.compile_specs()):
-            out.append((module_name, i, fn.__name__, name))
+        for i, (name, fn, sig, constexprs, warps) in enumerate(module.compile_specs()):
+            key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), warps)
+            if key not in seen:
+                seen.add(key)
+                out.append((module_name, i, fn.__name__, name))
     return out
 
 
