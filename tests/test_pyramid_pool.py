@@ -1,8 +1,7 @@
 """Pyramid volumetric pooling (the op ahnet_fast.ops.pyramid_pool and the module AHNet.psp): every backend
 against MONAI's PSP and the reference, values and gradients, every mode; ties and NaN; layouts and dtypes;
-gradcheck and opcheck; what the backward keeps; sizes it cannot take."""
-import os
-
+gradcheck and opcheck; what the backward keeps; sizes it cannot take. The Triton kernels:
+test_pyramid_pool_triton.py."""
 import pytest
 import torch
 
@@ -14,9 +13,6 @@ from tests.conftest import assert_close_normwise, rel_err
 
 monai_ahnet = pytest.importorskip("monai.networks.nets.ahnet")
 needs_ext = pytest.mark.skipif(not extension_available(), reason="compiled extension not built")
-TRITON_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="needs a GPU or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 MODES = {3: ("transpose", "trilinear", "nearest"), 2: ("transpose", "bilinear", "nearest")}
 CASES = [(3, p, mode) for p in (1, 2, 3, 4) for mode in MODES[3]] + [(2, p, mode) for p in (1, 4) for mode in MODES[2]]
@@ -276,73 +272,3 @@ def test_zero_levels_give_no_channels():
     x = torch.randn(1, 5, 8, 8, 2)
     assert psp(x).shape == (1, 0, 8, 8, 2)
     assert torch.equal(psp(x, concat_input=True), x)
-
-
-# ---------------------------------------------------------------------------------------------
-# The Triton kernels: interpreted on CPU here, on CUDA on a GPU machine. Tiny shapes.
-
-TRITON_CASES = [(3, 1, "transpose"), (3, 2, "transpose"), (3, 2, "trilinear"), (3, 1, "nearest"),
-                (2, 2, "bilinear"), (2, 1, "transpose")]
-
-
-def _triton_shape(spatial_dims, psp, mode):
-    window = 2 ** (psp + 2)
-    if spatial_dims == 2:
-        return (1, 3, window * 2 + (0 if mode == "transpose" else 3), 3)
-    return (1, 3, window + (0 if mode == "transpose" else 5), window, 2)
-
-
-@needs_triton
-@pytest.mark.parametrize("spatial_dims,psp,mode", TRITON_CASES)
-@pytest.mark.parametrize("ties", [False, True])
-def test_triton_matches_reference(spatial_dims, psp, mode, ties):
-    _, ours = _pair(spatial_dims, psp, mode, channels=3)
-    ours = ours.to(DEVICE)
-    shape = _triton_shape(spatial_dims, psp, mode)
-    g = torch.Generator().manual_seed(psp)
-    x = (torch.randint(-1, 2, shape, generator=g).float() if ties else torch.randn(shape, generator=g)).to(DEVICE)
-    ours.backend = "reference"
-    ref = run_model(_Concat(ours), x)
-    ours.backend = "triton"
-    _compare(run_model(_Concat(ours), x), ref, 1e-5)
-
-
-@needs_triton
-def test_triton_fp16_and_channels_last_and_psp_alone():
-    _, ours = _pair(3, 1, "transpose", channels=4)
-    ours = ours.to(DEVICE)
-    x = torch.randn(1, 4, 16, 8, 3, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
-    ours.backend = "reference"
-    ref = run_model(ours, x)
-    ours.backend = "triton"
-    got = run_model(ours, x)
-    _compare(got, ref, 1e-5)
-    truth = run_model(ours.double(), x.double())
-    ours.backend = "reference"
-    ref16 = run_model(ours.half(), x.half())
-    ours.backend = "triton"
-    got16 = run_model(ours, x.half())
-    for i in (0, 1):
-        assert rel_err(got16[i], truth[i]) <= 2 * rel_err(ref16[i], truth[i]) + 1e-3
-
-
-@needs_triton
-def test_triton_opcheck():
-    from ahnet_fast.ops.pyramid_pool import _triton_ops
-
-    forward, backward = _triton_ops()
-    _, ours = _pair(3, 1, "trilinear", channels=2)
-    x = torch.randn(1, 2, 11, 9, 2, device=DEVICE, requires_grad=True)
-    a = _Args(x, *(None if p is None else [t.to(DEVICE) for t in p] for p in _params(ours)), "trilinear")
-    torch.library.opcheck(forward, a.op_args(True), test_utils=("test_schema", "test_faketensor",
-                                                                "test_autograd_registration"))
-
-
-@needs_triton
-def test_forced_triton_without_the_interpreter_says_why(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA machine: Triton runs")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _, ours = _pair(3, 1, "transpose", channels=2)
-    with pytest.raises(ahnet_fast.BackendUnavailableError, match="TRITON_INTERPRET=1"):
-        pyramid_pool(torch.randn(1, 2, 8, 8, 1), *_params(ours), backend="triton")
