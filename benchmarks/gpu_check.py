@@ -93,8 +93,7 @@ SMOKE_TOTAL_S = 300
 # The pytest section: every tests/test_*triton*.py (their module names match -k triton; the
 # convolutions' first, as they matter most), then the Triton tests inside these files.
 PYTEST_FIRST = "tests/test_aniso_conv_triton.py"
-PYTEST_ALSO = ("tests/test_bn_relu_conv.py", "tests/test_dense_block.py", "tests/test_pyramid_pool.py",
-               "tests/test_bn_relu.py")
+PYTEST_ALSO = ("tests/test_bn_relu_conv.py", "tests/test_dense_block.py")
 PYTEST_SELECT = "triton and not compile_check"  # compile_check needs no GPU: CI runs it
 # --smoke on a CPU: tests/conftest.py runs Triton in its interpreter there, so only the quick checks
 # of bad arguments

@@ -476,7 +476,7 @@ def compile_specs():
                    **strides("g"), **strides("d"), **geometry}
             specs.append((f"{vname}-{bm}x{bn}x{bk}-w{warps}", conv_dgrad_kernel, sig, dict(PRECISION=prec, **tile),
                           warps))
-        for bci, bco, bm, warps in WGRAD_TILES[path]:
+        for bci, bco, bm, warps in dict.fromkeys(WGRAD_TILES[path]):
             for on in (True, False):
                 sig = {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "part_ptr": f"*{math}", "scale_ptr": f"*{math}",
                        "shift_ptr": f"*{math}",
