@@ -40,6 +40,11 @@ __all__ = ["MemoryEstimate", "estimate_training_memory", "plan", "parse_bytes", 
 WORKSPACE_FACTOR = 1.7
 STEP_FACTOR = 1.11
 STEP_OVERHEAD = 42 * 2**20
+# What those constants were fitted on: the model of benchmarks/bench_memory.py (MONAI's default AHNet,
+# 3 classes, psp_block_num=4; Adam; two training steps) at these (input shape, checkpoint, precision).
+# tests/test_memory.py judges the planner's accuracy on configurations other than these.
+CALIBRATION_MODEL = {"in_channels": 1, "out_channels": 3, "psp_block_num": 4}
+CALIBRATION_POINTS = (((1, 1, 128, 128, 32), "none", "fp32"), ((1, 1, 256, 256, 32), "none", "fp32"))
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
 # relative step time of each choice (measured on CPU, benchmarks/results/e2e_cpu.md; on GPUs bf16 is

@@ -145,3 +145,30 @@ def test_triton_opcheck():
 def test_coverage_table():
     """Every constexpr value compile_specs() builds is in the table above, with a test that runs it."""
     check_coverage(__doc__, kernels, globals())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_prefix_read_in_place(channels_last):
+    """The dense block's input is a channel prefix buf[:, :C] of its concatenation buffer: at batch 2
+    it is not contiguous, and the kernels index it where it lies instead of copying it."""
+    g = torch.Generator().manual_seed(11)
+    buf = torch.randn(2, 9, 5, 6, 3, generator=g, dtype=torch.float64).to(DEVICE)
+    if channels_last:
+        buf = buf.contiguous(memory_format=torch.channels_last_3d)
+    x = buf[:, :4]
+    assert not x.is_contiguous()
+    assert kernels.indexable(x) is x
+    weight = torch.rand(4, generator=g, dtype=torch.float64).to(DEVICE) + 0.5
+    bias = torch.randn(4, generator=g, dtype=torch.float64).to(DEVICE) * 0.1
+    y, mean, var = kernels.bn_relu_forward(x, weight, bias, None, None, True, 1e-5)
+    ref = torch.relu(torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5))
+    assert_close_normwise(y, ref, 1e-12)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    dx, dw, db = kernels.bn_relu_backward(gy, x, weight, bias, mean, var, True, 1e-5)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    torch.relu(torch.nn.functional.batch_norm(xr, None, None, wr, br, True, 0.0, 1e-5)).backward(gy)
+    for a, b in ((dx, xr.grad), (dw, wr.grad), (db, br.grad)):
+        assert_close_normwise(a, b, 1e-10)
+    # a layout whose spatial axes do not collapse into one stride is copied
+    permuted = buf.permute(0, 1, 3, 2, 4)[:, :4]
+    assert kernels.indexable(permuted) is not permuted

@@ -198,25 +198,156 @@ def test_extreme_logits_stay_finite(softmax):
             assert torch.isfinite(ours_i).all()
 
 
-@needs_ext
-@pytest.mark.parametrize("softmax", [False, True])
-@pytest.mark.parametrize("target_kind", ["labels", "onehot", "soft"])
-@pytest.mark.parametrize("reduction,ignore", [("mean", None), ("sum", None), ("mean", 1), ("sum", 9)])
-def test_gradcheck_float64(softmax, target_kind, reduction, ignore):
-    if ignore is not None and target_kind != "labels":
-        return  # the fused kernel takes ignore_index with label maps (covered by test_backend_reasons)
-    x, labels, onehot = data((2, 3, 3, 2, 2), seed=11, dtype=torch.float64)
+# ---------------------------------------------------------------------------------------------
+# Float64 gradcheck of every variant, on each CPU backend that runs it. The fused kernel's contract
+# (ops/focal_loss.py): reductions "mean" and "sum", and ignore_index only with a label map; the
+# reference runs everything. Combinations outside the kernel's contract are not generated for it:
+# test_cpp_refuses_outside_its_contract checks that it refuses each of them, naming why, and the
+# reference's gradcheck covers each of them.
+
+GC_SHAPE = (2, 3, 3, 2, 2)
+GC_TARGETS = ("labels", "onehot", "soft")
+# no ignore_index; a class (a dense target's mask is then 1 - t[:, 1], MONAI's); outside the classes
+# (a dense target's ignored voxels are its all-zero rows)
+GC_IGNORES = (None, 1, 9)
+# (alpha, weight, include_background), cycled through each (backend, softmax, target) group so that
+# every group gets scalar and per-class alpha and both include_background values, and the softmax
+# groups the scalar alpha that include_background=False drops (test_gradcheck_matrix_covers_every_variant)
+GC_FACTORS = (("scalar", None, True), ("per_class", "per_class", False), ("scalar", "per_class", False),
+              ("per_class", "scalar", True))
+
+
+def _cpp_takes(reduction, target_kind, ignore):
+    return reduction != "none" and (target_kind == "labels" or ignore is None)
+
+
+def _gradcheck_cases():
+    cases = []
+    for backend in ("reference", "cpp"):
+        for softmax in (False, True):
+            for target_kind in GC_TARGETS:
+                j = 2 * softmax  # the softmax groups start half a cycle later
+                for reduction, ignore in itertools.product(("mean", "sum", "none"), GC_IGNORES):
+                    if backend == "cpp" and not _cpp_takes(reduction, target_kind, ignore):
+                        continue
+                    alpha, weight, include_background = GC_FACTORS[j % len(GC_FACTORS)]
+                    j += 1
+                    cases.append(dict(backend=backend, softmax=softmax, target_kind=target_kind, reduction=reduction,
+                                      ignore=ignore, alpha=alpha, weight=weight, include_background=include_background))
+    return cases
+
+
+GRADCHECK_CASES = _gradcheck_cases()
+CPP_REFUSED = [dict(softmax=s, target_kind=t, reduction=r, ignore=i) for s, t, r, i in itertools.product(
+    (False, True), GC_TARGETS, ("mean", "sum", "none"), GC_IGNORES) if not _cpp_takes(r, t, i)]
+
+
+def _case_id(c):
+    return (f"{c.get('backend', 'cpp')}-{'softmax' if c['softmax'] else 'sigmoid'}-{c['target_kind']}-{c['reduction']}"
+            f"-ignore{c['ignore']}" + (f"-alpha_{c['alpha']}-weight_{c['weight']}-bg{int(c['include_background'])}"
+                                      if "alpha" in c else ""))
+
+
+def _gradcheck_inputs(target_kind, ignore):
+    """float64 logits and the target: a label map with some voxels set to ``ignore``, or the dense
+    target that ignores the same voxels under MONAI's rules."""
+    x, labels, _ = data(GC_SHAPE, seed=11, dtype=torch.float64)
+    c = GC_SHAPE[1]
     if ignore is not None:
-        labels[0, 0] = ignore
-    target = {"labels": labels, "onehot": onehot.double(),
-              "soft": torch.softmax(torch.randn(onehot.shape, dtype=torch.float64), 1)}[target_kind]
+        labels[0, 0] = ignore  # 4 voxels of sample 0 (ignore=1: every voxel of class 1 is ignored anyway)
+    if target_kind == "labels":
+        return x, labels
+    valid = ((labels >= 0) & (labels < c)).unsqueeze(1)  # out-of-range labels: all-zero rows
+    if target_kind == "onehot":
+        dense = F.one_hot(labels.clamp(0, c - 1), c).movedim(-1, 1).double()
+    else:
+        g = torch.Generator().manual_seed(12)
+        dense = torch.softmax(torch.randn(GC_SHAPE, dtype=torch.float64, generator=g), 1)
+    return x, dense * valid
+
+
+def _factors(case):
+    n = GC_SHAPE[1] - (0 if case["include_background"] else 1)
+    alpha = 0.3 if case["alpha"] == "scalar" else [0.2, 0.6, 0.9][:n]
+    weight = {None: None, "scalar": 2.0, "per_class": [1.5, 0.5, 3.0][:n]}[case["weight"]]
+    return alpha, weight
+
+
+@pytest.fixture
+def one_thread():
+    """gradcheck makes ~150 calls on 72-element tensors: on a busy 2-core machine a second intra-op
+    thread only adds waits at each parallel region (20-50x slower); the result is the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:`include_background=False`, scalar `alpha` ignored when using softmax")
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_ext) if c["backend"] == "cpp" else c
+                                  for c in GRADCHECK_CASES], ids=[_case_id(c) for c in GRADCHECK_CASES])
+def test_gradcheck_float64(case, one_thread):
+    """Analytical against numerical gradients in float64 (every element of the Jacobian) for every
+    variant: sigmoid/softmax, label map/one-hot/soft target, reductions, ignore_index in and out of
+    the class range, scalar/per-class alpha and weight, include_background."""
+    x, target = _gradcheck_inputs(case["target_kind"], case["ignore"])
+    alpha, weight = _factors(case)
     x.requires_grad_()
 
     def f(a):
-        return ahnet_fast.ops.focal_loss(a, target, use_softmax=softmax, reduction=reduction, gamma=1.5,
-                                         alpha=0.3, ignore_index=ignore, backend="cpp")
+        return ahnet_fast.ops.focal_loss(a, target, use_softmax=case["softmax"], reduction=case["reduction"],
+                                         gamma=1.5, alpha=alpha, weight=weight,
+                                         include_background=case["include_background"], ignore_index=case["ignore"],
+                                         backend=case["backend"])
 
+    out = f(x)
+    first = 0 if case["include_background"] else 1
+    assert out.dtype == torch.float64
+    assert out.shape == ((GC_SHAPE[0], GC_SHAPE[1] - first, *GC_SHAPE[2:]) if case["reduction"] == "none" else ())
     assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_gradcheck_matrix_covers_every_variant():
+    """What the cycling of GC_FACTORS must reach; and every combination the kernel refuses is
+    gradchecked on the reference."""
+    for backend in ("reference", "cpp"):
+        mine = [c for c in GRADCHECK_CASES if c["backend"] == backend]
+        for softmax, target_kind in itertools.product((False, True), GC_TARGETS):
+            group = [c for c in mine if c["softmax"] == softmax and c["target_kind"] == target_kind]
+            what = (backend, softmax, target_kind)
+            assert {c["alpha"] for c in group} == {"scalar", "per_class"}, what
+            assert {c["include_background"] for c in group} == {True, False}, what
+            assert {c["reduction"] for c in group} == ({"mean", "sum", "none"} if backend == "reference"
+                                                       else {"mean", "sum"}), what
+            assert {c["ignore"] for c in group} == (set(GC_IGNORES) if backend == "reference" or target_kind == "labels"
+                                                    else {None}), what
+        assert {c["weight"] for c in mine} == {None, "scalar", "per_class"}, backend
+        assert any(c["softmax"] and c["alpha"] == "scalar" and not c["include_background"] for c in mine), backend
+    reference = {(c["softmax"], c["target_kind"], c["reduction"], c["ignore"]) for c in GRADCHECK_CASES
+                 if c["backend"] == "reference"}
+    cpp = {(c["softmax"], c["target_kind"], c["reduction"], c["ignore"]) for c in GRADCHECK_CASES
+           if c["backend"] == "cpp"}
+    refused = {(c["softmax"], c["target_kind"], c["reduction"], c["ignore"]) for c in CPP_REFUSED}
+    assert len(reference) == 2 * 3 * 3 * 3 and refused <= reference and not refused & cpp
+    assert cpp | refused == reference  # every combination: gradchecked on the kernel, or refused by it
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CPP_REFUSED, ids=[_case_id(c) for c in CPP_REFUSED])
+def test_cpp_refuses_outside_its_contract(case):
+    """The combinations the gradcheck does not generate for the kernel: forcing it raises, naming why;
+    under auto the same call runs the reference."""
+    x, target = _gradcheck_inputs(case["target_kind"], case["ignore"])
+    kwargs = dict(use_softmax=case["softmax"], reduction=case["reduction"], ignore_index=case["ignore"])
+    reason = "reduction='none'" if case["reduction"] == "none" else "ignore_index with a dense"
+    p = _prepare(x, target, gamma=2.0, alpha=None, weight=None, include_background=True, to_onehot_y=False,
+                 **kwargs)
+    assert IMPLEMENTATIONS[1].backend == "cpp"
+    assert any(reason in r for r in IMPLEMENTATIONS[1].not_supported_reasons(p))
+    with pytest.raises(ahnet_fast.BackendUnavailableError, match=reason):
+        ahnet_fast.ops.focal_loss(x, target, **kwargs, backend="cpp")
+    got = ahnet_fast.ops.focal_loss(x, target, **kwargs, backend="auto")  # auto runs it on the reference
+    assert torch.equal(got, ahnet_fast.ops.focal_loss(x, target, **kwargs, backend="reference"))
 
 
 @needs_ext

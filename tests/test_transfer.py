@@ -28,19 +28,45 @@ def test_conv1_slice_z_sees_slices_z_minus_1_to_z_plus_1(pair):
         assert_close_normwise(out3d[..., z], net2d.conv1(stacked), 1e-12, what=f"slice {z}")
 
 
-@pytest.mark.parametrize("layer,block", [("layer1", None), ("layer2", 1), ("layer3", 5), ("layer4", 2)])
-def test_stride1_encoder_stages_act_slice_by_slice(pair, layer, block):
-    """layer1 (stride 1 throughout) and every stride-1 block of the later stages equal their 2D
+LAYERS = (3, 4, 6, 3)  # AHNet's and FCN's default block counts
+# every block but the first of layers 2-4 (stride 2 in-plane, and its downsample branch pools the
+# slice axis) keeps stride 1 and the slice axis; layer1 also as a whole
+STRIDE1_BLOCKS = [("layer1", None)] + [(f"layer{i}", j) for i, n in enumerate(LAYERS, 1) for j in range(n)
+                                       if i == 1 or j > 0]
+
+
+def test_the_stride1_blocks_are_those_tested(pair):
+    """STRIDE1_BLOCKS lists exactly the encoder blocks whose convolutions keep stride 1 and whose
+    downsample branch, if any, pools nothing."""
+    _, net3d = pair
+    assert tuple(len(getattr(net3d, f"layer{i}")) for i in range(1, 5)) == LAYERS
+    stride1 = []
+    for i in range(1, 5):
+        for j, block in enumerate(getattr(net3d, f"layer{i}")):
+            # block.pool (1x1x2) pools the main branch only when the downsample branch changed the shape
+            strided = [m for m in (block.conv1, block.conv2, block.conv3, *(block.downsample or ()))
+                       if isinstance(m, (torch.nn.Conv3d, torch.nn.MaxPool3d))]
+            if all(tuple(m.stride) == (1, 1, 1) for m in strided):
+                stride1.append((f"layer{i}", j))
+    assert stride1 == STRIDE1_BLOCKS[1:]
+
+
+@pytest.mark.parametrize("layer,block", STRIDE1_BLOCKS,
+                         ids=[f"{layer}" if block is None else f"{layer}[{block}]" for layer, block in STRIDE1_BLOCKS])
+def test_stride1_encoder_blocks_act_slice_by_slice(pair, layer, block):
+    """layer1 (stride 1 throughout) and every stride-1 block of the encoder equal their 2D
     counterpart applied to each slice (eval mode: running statistics were transferred too)."""
     net2d, net3d = pair
     m2, m3 = getattr(net2d, layer), getattr(net3d, layer)
     if block is not None:
         m2, m3 = m2[block], m3[block]
     channels = m3[0].conv1.in_channels if block is None else m3.conv1.in_channels
-    x = torch.randn(1, channels, 12, 10, 3, dtype=torch.float64)
-    out3d = m3(x)
-    for z in range(x.shape[-1]):
-        assert_close_normwise(out3d[..., z], m2(x[..., z]), 1e-12, what=f"{layer} slice {z}")
+    x = torch.randn(1, channels, 12, 10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(channels))
+    with torch.no_grad():
+        out3d = m3(x)
+        assert out3d.shape[-1] == x.shape[-1]
+        for z in range(x.shape[-1]):
+            assert_close_normwise(out3d[..., z], m2(x[..., z]), 1e-12, what=f"{layer}[{block}] slice {z}")
 
 
 def test_batchnorm_statistics_are_copied(pair):
