@@ -1,7 +1,8 @@
 """Builds the compiled operators `ahnet_fast._C` from csrc/.
 
-CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built; CUDA sources (csrc/cuda/*.cu) when the
-installed torch has CUDA and a CUDA toolkit is found. torch must already be installed, and the
+CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. There are no CUDA C++ sources today (the
+GPU kernels are Triton's); should csrc/cuda/*.cu appear, they are built when the installed torch has
+CUDA and a CUDA toolkit is found. torch must already be installed, and the
 build must see it: install with `pip install --no-build-isolation .` (an isolated build would pull
 a multi-GB CUDA torch). With no torch at build time, or AHNET_FAST_NO_EXTENSION=1, the package is
 installed without the extension and runs on its pure-PyTorch reference path.

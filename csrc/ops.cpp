@@ -1,4 +1,5 @@
-// Operator schemas of ahnet_fast. Kernels register per device in csrc/cpu and csrc/cuda;
+// Operator schemas of ahnet_fast. Kernels register per device: the CPU ones in csrc/cpu (the GPU
+// kernels are Triton's, ahnet_fast/kernels/triton; there is no CUDA C++ kernel yet);
 // fake (meta) and autograd formulas are registered from Python (ahnet_fast/ops/*.py).
 #include <Python.h>
 #include <torch/library.h>

@@ -28,6 +28,17 @@ def assert_close_normwise(a, b, rtol, atol=0.0, what=""):
     assert err <= bound, f"{what}: ||a-b|| = {err:.3e} > {bound:.3e} (rel {rel_err(a, b):.3e})"
 
 
+class ConcatInput(torch.nn.Module):
+    """A pyramid-pooling module called as AH-Net calls it: its output concatenated with its input."""
+
+    def __init__(self, psp):
+        super().__init__()
+        self.psp = psp
+
+    def forward(self, x):
+        return self.psp(x, concat_input=True)
+
+
 @pytest.fixture
 def seed():
     torch.manual_seed(1234)

@@ -7,9 +7,9 @@ import torch
 
 import ahnet_fast
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops.pyramid_pool import _Args, pyramid_pool, pyramid_pool_reference
+from ahnet_fast.ops.pyramid_pool import _Args, pyramid_pool
 from tests._monai import run_model
-from tests.conftest import assert_close_normwise, rel_err
+from tests.conftest import ConcatInput, assert_close_normwise, rel_err
 
 monai_ahnet = pytest.importorskip("monai.networks.nets.ahnet")
 needs_ext = pytest.mark.skipif(not extension_available(), reason="compiled extension not built")
@@ -69,15 +69,6 @@ def test_matches_monai_psp(spatial_dims, psp, mode, dtype, rtol, backend):
         assert rel_err(mine, exact) <= max(rtol, 2 * rel_err(theirs32, exact)), what
 
 
-class _Concat(torch.nn.Module):
-    def __init__(self, psp):
-        super().__init__()
-        self.psp = psp
-
-    def forward(self, x):
-        return self.psp(x, concat_input=True)
-
-
 class _MonaiConcat(torch.nn.Module):
     def __init__(self, psp):
         super().__init__()
@@ -94,7 +85,7 @@ def test_concat_input_is_the_concatenation_ahnet_takes(spatial_dims, psp, mode):
     theirs, ours = _pair(spatial_dims, psp, mode)
     theirs, ours = theirs.double(), ours.double()
     x = torch.randn(_shape(spatial_dims, psp, mode), dtype=torch.float64)
-    _compare(run_model(_Concat(ours), x), run_model(_MonaiConcat(theirs), x), 1e-12)
+    _compare(run_model(ConcatInput(ours), x), run_model(_MonaiConcat(theirs), x), 1e-12)
 
 
 @needs_ext
@@ -108,7 +99,7 @@ def test_ties_go_where_pytorch_puts_them(spatial_dims, psp, mode):
     shape = _shape(spatial_dims, psp, mode)
     for seed in range(3):
         x = torch.randint(-1, 2, shape, generator=torch.Generator().manual_seed(seed)).double()
-        _compare(run_model(_Concat(ours), x), run_model(_MonaiConcat(theirs), x), 1e-12)
+        _compare(run_model(ConcatInput(ours), x), run_model(_MonaiConcat(theirs), x), 1e-12)
 
 
 @needs_ext
@@ -130,7 +121,7 @@ def test_nan_propagates_and_takes_the_gradient_as_in_pytorch():
     x[0, 0, 1, 2, 0] = float("nan")
     x[0, 0, 9, 9, 0] = float("nan")  # two NaN in the 16x16 window: PyTorch takes the last one
     x[0, 1, 12, 3, 1] = float("nan")
-    got, ref = run_model(_Concat(ours), x), run_model(_MonaiConcat(theirs), x)
+    got, ref = run_model(ConcatInput(ours), x), run_model(_MonaiConcat(theirs), x)
     assert torch.equal(got[0].isnan(), ref[0].isnan())
     assert torch.equal(got[1].isnan(), ref[1].isnan())
     assert torch.equal(got[1] != 0, ref[1] != 0)  # the same elements receive gradient
@@ -150,10 +141,10 @@ def test_layouts(layout, mode):
         x = base.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)
     else:  # every other depth slice of a larger tensor
         x = torch.randn(2, 6, 32, 16, 10)[..., ::2]
-    y = _Concat(ours)(x)
+    y = ConcatInput(ours)(x)
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last_3d)
-    _compare(run_model(_Concat(ours), x), run_model(_MonaiConcat(theirs), x), 1e-5)
+    _compare(run_model(ConcatInput(ours), x), run_model(_MonaiConcat(theirs), x), 1e-5)
 
 
 @needs_ext
@@ -166,7 +157,7 @@ def test_low_precision(dtype, mode):
     x = torch.randn(2, 8, 32, 32, 4, dtype=torch.float64)
     truth = run_model(_MonaiConcat(theirs.double()), x)
     ref = run_model(_MonaiConcat(theirs.to(dtype)), x.to(dtype))
-    got = run_model(_Concat(ours.to(dtype)), x.to(dtype))
+    got = run_model(ConcatInput(ours.to(dtype)), x.to(dtype))
     for i, what in ((0, "output"), (1, "input grad")):
         assert got[i].dtype == dtype
         assert rel_err(got[i], truth[i]) <= 2 * rel_err(ref[i], truth[i]) + 1e-3, what
@@ -231,7 +222,7 @@ def test_backward_keeps_no_input_copy_and_no_int64():
 def test_torch_compile_fullgraph():
     theirs, ours = _pair(3, 2, "trilinear", channels=4)
     x = torch.randn(1, 4, 32, 32, 3)
-    compiled = torch.compile(_Concat(ours), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(ConcatInput(ours), fullgraph=True, backend="aot_eager")
     y, gx, grads, _ = run_model(compiled, x)
     grads = {name.removeprefix("_orig_mod."): g for name, g in grads.items()}
     _compare((y, gx, grads), run_model(_MonaiConcat(theirs), x), 1e-5)

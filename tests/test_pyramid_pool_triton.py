@@ -45,21 +45,12 @@ import ahnet_fast
 from ahnet_fast.ops.pyramid_pool import _Args, pyramid_pool
 from tests._triton_support import (DEVICE, allow_bf16, check_coverage, launches,  # noqa: F401 (fixture)
                                    low_precision_ok, runs_here)
-from tests.conftest import assert_close_normwise
+from tests.conftest import ConcatInput, assert_close_normwise
 
 pytest.importorskip("triton")
 from ahnet_fast.kernels.triton import pyramid_pool as kernels  # noqa: E402
 
 psp_module = importlib.import_module("ahnet_fast.ops.pyramid_pool")  # the package re-exports the function
-
-
-class _Concat(torch.nn.Module):
-    def __init__(self, psp):
-        super().__init__()
-        self.psp = psp
-
-    def forward(self, x):
-        return self.psp(x, concat_input=True)
 
 
 def _module(spatial_dims, psp, mode, channels, seed=0):
@@ -72,7 +63,7 @@ def _run(module, x, backend, dtype, concat, grad_dtype=None):
     upstream gradient rounded to ``grad_dtype`` (default ``dtype``) first."""
     m = copy.deepcopy(module).to(DEVICE, dtype)
     m.backend = backend
-    net = _Concat(m) if concat else m
+    net = ConcatInput(m) if concat else m
     xi = x.to(DEVICE, dtype).detach().clone().requires_grad_()
     y = net(xi)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
