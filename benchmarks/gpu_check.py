@@ -1062,6 +1062,17 @@ def _row_state(r: dict) -> str | None:
     return None
 
 
+def _md_table(header, rows, lead, values):
+    """A markdown table: per row its leading cells, then its values, or, for a row that failed or was
+    skipped, what happened (the remaining cells left empty)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        first, state = lead(r), _row_state(r)
+        rest = [state] + [""] * (len(header) - len(first) - 1) if state else values(r)
+        lines.append("| " + " | ".join(first + rest) + " |")
+    return lines
+
+
 def _md_env(rec):
     e = rec["result"]
     keys = ("gpu_name", "gpu_capability", "gpu_memory_bytes", "torch", "torch_cuda", "cudnn", "triton",
@@ -1071,11 +1082,9 @@ def _md_env(rec):
 
 
 def _md_train_step(rec):
-    lines = ["| input | precision | network | ms/step (median) | peak allocated |", "|---|---|---|---|---|"]
-    for r in rec["result"].get("rows", []):
-        state = _row_state(r)
-        lines.append(f"| {tuple(r['shape'])} | {r['amp']} | {r['net']} | "
-                     + (f"{state} | |" if state else f"{r['ms']:.1f} | {_gib(r.get('peak_bytes'))} |"))
+    lines = _md_table(["input", "precision", "network", "ms/step (median)", "peak allocated"],
+                      rec["result"].get("rows", []), lambda r: [str(tuple(r["shape"])), r["amp"], r["net"]],
+                      lambda r: [f"{r['ms']:.1f}", _gib(r.get("peak_bytes"))])
     for v in rec["result"].get("vs_monai", []):
         peak = v.get("monai_peak_over_ours")
         lines.append(f"\n{tuple(v['shape'])} {v['amp']}: {v['speedup_vs_monai']:.2f}x MONAI's speed"
@@ -1084,39 +1093,30 @@ def _md_train_step(rec):
 
 
 def _md_planner(rec):
-    lines = ["| input | checkpoint | precision | estimated | measured (max_memory_allocated) | estimate / measured | "
-             "ms/step |", "|---|---|---|---|---|---|---|"]
-    for r in rec["result"].get("rows", []):
-        state = _row_state(r)
-        head = f"| {tuple(r['shape'])} | {r['checkpoint']} | {r['precision']} | "
-        lines.append(head + (f"{state} | | | |" if state else
-                             f"{_gib(r['estimate']['total'])} | {_gib(r.get('measured_bytes'))} | "
-                             f"{_f(r.get('estimate_over_measured'))} | {_f(r.get('ms'), '.0f')} |"))
-    return lines
+    return _md_table(["input", "checkpoint", "precision", "estimated", "measured (max_memory_allocated)",
+                      "estimate / measured", "ms/step"], rec["result"].get("rows", []),
+                     lambda r: [str(tuple(r["shape"])), r["checkpoint"], r["precision"]],
+                     lambda r: [_gib(r["estimate"]["total"]), _gib(r.get("measured_bytes")),
+                                _f(r.get("estimate_over_measured")), _f(r.get("ms"), ".0f")])
 
 
 def _md_slab(rec):
-    lines = ["| input | asked | chosen | ms/step | peak | estimate | estimate / peak |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rec["result"].get("rows", []):
-        state = _row_state(r)
-        head = f"| {tuple(r['shape'])} {r.get('precision', '')} | {r['checkpoint']} | "
-        lines.append(head + (f"{state} | | | | |" if state else
-                             f"{r['policy_chosen']} | {r['ms']:.0f} | {_gib(r.get('peak_bytes'))} | "
-                             f"{_gib(r['estimate_bytes'])} | {_f(r.get('estimate_over_measured'))} |"))
-    return lines
+    return _md_table(["input", "asked", "chosen", "ms/step", "peak", "estimate", "estimate / peak"],
+                     rec["result"].get("rows", []),
+                     lambda r: [f"{tuple(r['shape'])} {r.get('precision', '')}", r["checkpoint"]],
+                     lambda r: [r["policy_chosen"], f"{r['ms']:.0f}", _gib(r.get("peak_bytes")),
+                                _gib(r["estimate_bytes"]), _f(r.get("estimate_over_measured"))])
 
 
 def _md_correctness(rec):
-    lines = ["| input | mode | output rel err | input grad rel err | param grads rel err | worst parameter |",
-             "|---|---|---|---|---|---|"]
-    for r in rec["result"].get("rows", []):
-        state = _row_state(r)
+    def values(r):
         w = r.get("param_grad_worst") or {}
-        lines.append(f"| {tuple(r['shape'])} | {r['mode']} | " + (f"{state} | | | |" if state else
-                     f"{r['out_rel']:.2e} | {r['xgrad_rel']:.2e} | {r['param_grad_rel']:.2e} | "
-                     f"{w.get('name')} {_f(w.get('rel'), '.2e')} |"))
-    return lines
+        return [f"{r['out_rel']:.2e}", f"{r['xgrad_rel']:.2e}", f"{r['param_grad_rel']:.2e}",
+                f"{w.get('name')} {_f(w.get('rel'), '.2e')}"]
+
+    return _md_table(["input", "mode", "output rel err", "input grad rel err", "param grads rel err",
+                      "worst parameter"], rec["result"].get("rows", []),
+                     lambda r: [str(tuple(r["shape"])), r["mode"]], values)
 
 
 def _md_file(rec):
@@ -1134,18 +1134,16 @@ def _md_file(rec):
 
 
 def _md_bandwidth(rec, cols):
-    lines = [f"copy bandwidth measured: {_f(rec['result'].get('copy_GBps'), '.0f')} GB/s (read + write)", "",
-             "| case | dtype | impl | ms (fwd+bwd) | rel err vs fp64 | extra peak | GB/s | of copy bw |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rec["result"].get("rows", []):
-        state = _row_state(r)
-        case = " ".join(f"{c}={r[c]}" for c in cols)
+    def values(r):
         err = (f"{r['out_rel_err']:.1e} / " if "out_rel_err" in r else "") + (f"{r['grad_rel_err']:.1e}"
                                                                                if "grad_rel_err" in r else "")
         extra = "n/a" if r.get("extra_peak_bytes") is None else f"{r['extra_peak_bytes'] / 2**20:.0f} MiB"
-        lines.append(f"| {case} | {r['dtype']} | {r['impl']} | " + (f"{state} | | | | |" if state else
-                     f"{r['ms']:.3f} | {err} | {extra} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% |"))
-    return lines
+        return [f"{r['ms']:.3f}", err, extra, f"{r['GBps']:.0f}", f"{100 * r['fraction_of_copy']:.0f}%"]
+
+    return [f"copy bandwidth measured: {_f(rec['result'].get('copy_GBps'), '.0f')} GB/s (read + write)", ""] + \
+        _md_table(["case", "dtype", "impl", "ms (fwd+bwd)", "rel err vs fp64", "extra peak", "GB/s", "of copy bw"],
+                  rec["result"].get("rows", []),
+                  lambda r: [" ".join(f"{c}={r[c]}" for c in cols), str(r["dtype"]), str(r["impl"])], values)
 
 
 def _md_pytest(rec):
