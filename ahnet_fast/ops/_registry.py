@@ -39,7 +39,6 @@ def cpp_kernel_reasons(qualname: str, device: torch.device) -> list[str]:
 # torch 2.9 to 2.14 bring. A newer Triton is tried (a failure falls back at run time); an older one
 # is not used: its lowering differs enough (tl.dot's minimum sizes, register use) to fail or spill.
 OLDEST_TRITON = (3, 5)
-NEWEST_CHECKED_TRITON = (3, 9)
 _triton_version: tuple[int, int] | None = None
 
 

@@ -33,14 +33,14 @@ def _bn_stats_composition(x):
     return mean, var
 
 
-def _affine(x, weight, bias, mean, var, eps):
-    """(scale, shift) per channel, shaped to broadcast over x, in the math precision."""
-    sd = opmath_dtype(x.dtype)
+def scale_shift(weight, bias, mean, var, eps):
+    """BatchNorm as one multiply-add per channel, (scale, shift), formed in float64 and kept in the
+    statistics' precision: what the kernels' BN-ReLU prologue applies."""
     invstd = torch.rsqrt(var.double() + eps)
     scale = weight.double() * invstd
     shift = bias.double() - mean.double() * scale
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return scale.to(sd).view(shape), shift.to(sd).view(shape)
+    dt = opmath_dtype(mean.dtype)
+    return scale.to(dt).contiguous(), shift.to(dt).contiguous()
 
 
 def _bn_relu_forward_composition(x, weight, bias, running_mean, running_var, training, eps):
@@ -49,9 +49,8 @@ def _bn_relu_forward_composition(x, weight, bias, running_mean, running_var, tra
         mean, var = _bn_stats_composition(x)
     else:
         mean, var = running_mean.to(sd), running_var.to(sd)
-    scale, shift = _affine(x, weight, bias, mean, var, eps)
     y = output_like(x)
-    y.copy_(torch.relu(x.to(sd) * scale + shift))
+    y.copy_(_operand(x, *scale_shift(weight, bias, mean, var, eps)))
     return y, mean, var
 
 

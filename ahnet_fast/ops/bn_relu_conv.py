@@ -242,11 +242,9 @@ class TritonEngine(_Engine):
 
     @staticmethod
     def _scale_shift(bn_weight, bn_bias, mean, var, eps):
-        invstd = torch.rsqrt(var.double() + eps)
-        scale = bn_weight.double() * invstd
-        shift = bn_bias.double() - mean.double() * scale
-        dt = opmath_dtype(mean.dtype)
-        return scale.to(dt).contiguous(), shift.to(dt).contiguous()
+        from ahnet_fast.ops._triton import scale_shift
+
+        return scale_shift(bn_weight, bn_bias, mean, var, eps)
 
     @staticmethod
     def _path(direction, x, weight, stride, padding, scale, shift):
