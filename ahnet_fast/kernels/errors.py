@@ -55,5 +55,9 @@ def remembered_failure(key: tuple) -> str | None:
     return _failed.get(key)
 
 
+def any_remembered() -> bool:
+    return bool(_failed)
+
+
 def remember_failure(key: tuple, cause: str) -> None:
     _failed[key] = cause

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 import torch
 import triton
 
-from ahnet_fast.kernels.errors import (InjectedFailure, TritonKernelError, injected, remember_failure,
-                                       remembered_failure)
+from ahnet_fast.kernels.errors import (InjectedFailure, TritonKernelError, any_remembered, injected,
+                                       remember_failure, remembered_failure)
 
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
 
@@ -119,10 +119,10 @@ def launch(fn, grid: tuple, *args, num_warps: int = 4, **constexprs) -> None:
         rec.add(specialization_key(fn, args, constexprs, num_warps))
     if _dry and _dry[-1]:
         return
-    variant = _variant(fn, args, constexprs, num_warps)
-    earlier = remembered_failure(variant)
-    if earlier is not None:
-        raise TritonKernelError(name, earlier)
+    if any_remembered():  # the variant key is built only once something has failed
+        earlier = remembered_failure(_variant(fn, args, constexprs, num_warps))
+        if earlier is not None:
+            raise TritonKernelError(name, earlier)
     try:
         if injected(name):
             raise InjectedFailure(f"injected compile failure of {name}")
@@ -130,5 +130,5 @@ def launch(fn, grid: tuple, *args, num_warps: int = 4, **constexprs) -> None:
     except Exception as exc:  # whatever Triton raises: compile, ptxas, resources, driver
         lines = str(exc).strip().splitlines()
         cause = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
-        remember_failure(variant, cause)
+        remember_failure(_variant(fn, args, constexprs, num_warps), cause)
         raise TritonKernelError(name, cause) from exc
