@@ -2,9 +2,8 @@
 
 On CPU a tensor of 32 MiB or more is a fresh ``mmap`` from glibc every time it is allocated, and
 smaller ones often are too once the heap has been trimmed: every 4 KiB page of it then costs a page
-fault (the kernel zeroes it) on first touch. Measured on the 2-core development machine: writing a
-fresh 35 MB tensor takes 11 ms, writing the same tensor again 1 ms. AH-Net's last dense block and
-final block recompute 16-35 MB activations in every training step, so the ops borrow those
+fault (the kernel zeroes it) on first touch, which costs many times the write itself. AH-Net's last
+dense block and final block recompute activations of tens of megabytes in every training step, so the ops borrow those
 temporaries from here instead: one flat buffer per (thread, slot, dtype), kept between calls, grown
 when a larger one is needed. The CUDA caching allocator already does this for GPU tensors, so only
 CPU requests are served from the pool.
@@ -13,7 +12,10 @@ What is kept is at most one buffer per slot (the largest request so far); :func:
 them all (and ``AHNET_FAST_SCRATCH=0`` turns the pool off: every borrow is then a fresh tensor).
 The pool is per thread: each thread that runs the ops keeps its own buffers, and :func:`release`
 frees the calling thread's; :func:`set_keep` (False) makes every borrow a fresh tensor, freed when
-returned, where memory comes first. A borrowed buffer is the borrower's until the ``with`` block
+returned, where memory comes first. A model that puts memory first for one call says so with
+:func:`push_keep` / :func:`pop_keep` around it (AHNet under activation checkpointing); the ops keep
+what was in force at their forward for their backward (``ops._registry``), so two models in one
+process do not change each other's behaviour. A borrowed buffer is the borrower's until the ``with`` block
 ends; nothing that outlives the block may be a view of it (the ops hand out only tensors computed
 from it). A nested borrow of a slot
 already out gets a fresh tensor, so nesting is safe, merely not pooled.
@@ -26,10 +28,13 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["borrow", "release", "pooled_bytes", "enabled", "set_keep", "keeping"]
+__all__ = ["borrow", "release", "pooled_bytes", "enabled", "set_keep", "keeping", "push_keep", "pop_keep"]
 
 _local = threading.local()
 _keep = True  # see set_keep
+# Per-call choices (push_keep/pop_keep), innermost last. A plain list, not a context manager or a
+# thread-local, so that torch.compile traces a model's forward through it (as backends._stack).
+_keep_stack: list[bool] = []
 
 
 def enabled() -> bool:
@@ -46,7 +51,17 @@ def set_keep(keep: bool) -> None:
 
 
 def keeping() -> bool:
-    return _keep
+    """Whether borrowed buffers are kept now: the innermost push_keep, else set_keep's default."""
+    return _keep_stack[-1] if _keep_stack else _keep
+
+
+def push_keep(keep: bool) -> None:
+    """Until the matching :func:`pop_keep`: keep borrowed buffers (True) or free them (False)."""
+    _keep_stack.append(bool(keep))
+
+
+def pop_keep() -> None:
+    _keep_stack.pop()
 
 
 def _pool() -> dict:
@@ -65,7 +80,7 @@ def borrow(slot: str, numel: int, dtype: torch.dtype, device: torch.device):
         yield torch.empty(numel, dtype=dtype, device=device)
         return
     pool = _pool()
-    if not _keep:
+    if not keeping():
         pool.clear()
         yield torch.empty(numel, dtype=dtype, device=device)
         return

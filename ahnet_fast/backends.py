@@ -1,9 +1,16 @@
 """Backend selection, in one place for every op.
 
 A backend is one implementation family: ``reference`` (pure PyTorch, always available; the test
-oracle), ``cpp`` (the compiled ops in csrc/, registered with TORCH_LIBRARY) and ``triton`` (GPU
-kernels; on CPU tensors only under ``TRITON_INTERPRET=1``). ``auto`` picks, per call, the first
-backend in the op's order of preference for that device that can run the call.
+oracle, with the arithmetic of the MONAI modules it replaces), ``cpp`` (the CPU path: the compiled
+ops in csrc/, registered with TORCH_LIBRARY, and the ATen compositions measured faster than the
+reference on a CPU) and ``triton`` (the GPU path: the Triton kernels, and where an op has none,
+the ATen/cuDNN composition its table names; on CPU tensors only under ``TRITON_INTERPRET=1``).
+``auto`` picks, per call, the first backend in the op's order of preference for that device that
+can run the call and is not known to be slower for it.
+
+Every op declares its implementations once, in its own module under ``ahnet_fast/ops/``, as a
+table of :class:`Implementation` registered here (:func:`register`; :func:`registered` lists
+them all); nothing above ``ops`` decides how an op runs.
 
 Which backend is requested, highest priority first: an explicit ``backend=`` argument (e.g. on a
 module), the innermost ``with ahnet_fast.backend(name):`` block, the ``AHNET_FAST_BACKEND``
@@ -46,6 +53,11 @@ def _validate(name: str, where: str) -> str:
     return name
 
 
+def check_backend_name(name: str | None, where: str = "backend=") -> str | None:
+    """``name`` if it is None or one of :data:`BACKENDS`, else ValueError naming the choices."""
+    return name if name is None else _validate(name, where)
+
+
 def requested_backend(explicit: str | None = None) -> str:
     """The backend asked for: explicit argument, then context manager, then environment, then auto."""
     if explicit is not None:
@@ -71,10 +83,51 @@ def backend(name: str) -> Iterator[None]:
 @dataclass(frozen=True)
 class Implementation:
     """One backend of one op. ``not_supported_reasons(*args)`` returns why it cannot run a call
-    (an empty list when it can), an idea borrowed from xformers' operator dispatch."""
+    (an empty list when it can), an idea borrowed from xformers' operator dispatch.
+    ``slower_reasons(*args)``, where given, says why ``auto`` should pass it over for a call it
+    can run (measured slower there); a forced backend ignores it."""
 
     backend: str
     not_supported_reasons: Callable[..., list[str]]
+    slower_reasons: Callable[..., list[str]] | None = None
+    runs: str = ""  # what runs, in words (for the docs and explain())
+
+
+_tables: dict[str, tuple[Implementation, ...]] = {}
+
+
+def register(op: str, implementations: Sequence[Implementation]) -> tuple[Implementation, ...]:
+    """Declares ``op``'s implementation table (once, where the op is defined); returns it."""
+    table = tuple(implementations)
+    names = [impl.backend for impl in table]
+    if "reference" not in names or len(set(names)) != len(names) or not set(names) <= set(BACKENDS[1:]):
+        raise ValueError(f"{op}: an implementation table needs one 'reference' and distinct backends out of "
+                         f"{BACKENDS[1:]}, got {names}")
+    _tables[op] = table
+    return table
+
+
+def registered() -> dict[str, tuple[Implementation, ...]]:
+    """Every op's implementation table (op name -> implementations), as registered."""
+    return dict(_tables)
+
+
+def explain(op: str, device: torch.device, *args, explicit: str | None = None) -> dict:
+    """For one call of ``op``: the backend that would run it and, for every implementation, why
+    it cannot or why ``auto`` passes it over (empty lists where neither)."""
+    table = _tables[op]
+    out = {"op": op, "requested": requested_backend(explicit), "implementations": {}}
+    for impl in table:
+        out["implementations"][impl.backend] = {
+            "runs": impl.runs,
+            "not_supported": impl.not_supported_reasons(*args),
+            "slower": impl.slower_reasons(*args) if impl.slower_reasons is not None else [],
+        }
+    try:
+        out["chosen"] = _select(op, table, device, args, explicit)
+    except BackendUnavailableError as exc:
+        out["chosen"], out["error"] = None, str(exc)
+    return out
 
 
 def device_preference(device: torch.device) -> Sequence[str]:
@@ -84,17 +137,45 @@ def device_preference(device: torch.device) -> Sequence[str]:
     return ("cpp", "reference")
 
 
+# recording(): op -> {backend: calls} while a block records, else None. Plain module state (not a
+# ContextVar) so that torch.compile traces through the check.
+_record: list[dict[str, dict[str, int]]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, dict[str, int]]]:
+    """Within the block, counts which backend ran each op call: yields {op: {backend: calls}}
+    (filled as the block runs; a Triton failure's fallback counts as ``"<backend> after triton
+    failed"``). The benchmarks store it with every measurement: the backend that actually ran."""
+    counts: dict[str, dict[str, int]] = {}
+    _record.append(counts)
+    try:
+        yield counts
+    finally:
+        _record.remove(counts)
+
+
+def _note(op: str, name: str) -> None:
+    for counts in _record:
+        per_op = counts.setdefault(op, {})
+        per_op[name] = per_op.get(name, 0) + 1
+
+
 def select(op: str, implementations: Sequence[Implementation], device: torch.device, args: tuple,
            explicit: str | None = None) -> str:
     """The backend that runs this call of ``op``: the requested one, or the best for ``auto``."""
+    chosen = _select(op, implementations, device, args, explicit)
+    if _record:
+        _note(op, chosen)
+    return chosen
+
+
+def _select(op: str, implementations: Sequence[Implementation], device: torch.device, args: tuple,
+            explicit: str | None = None) -> str:
     by_name = {impl.backend: impl for impl in implementations}
     wanted = requested_backend(explicit)
     if wanted == "auto":
-        for name in device_preference(device):
-            impl = by_name.get(name)
-            if impl is not None and not impl.not_supported_reasons(*args):
-                return name
-        return "reference"
+        return _auto(implementations, device, args)
     impl = by_name.get(wanted)
     if impl is None:
         reasons = [f"{op} has no {wanted} implementation (it has: {', '.join(sorted(by_name))})"]
@@ -103,6 +184,19 @@ def select(op: str, implementations: Sequence[Implementation], device: torch.dev
     if reasons:
         raise BackendUnavailableError(f"backend {wanted!r} cannot run {op}: " + "; ".join(reasons))
     return wanted
+
+
+def _auto(implementations: Sequence[Implementation], device: torch.device, args: tuple,
+          skip: str | None = None) -> str:
+    by_name = {impl.backend: impl for impl in implementations}
+    for name in device_preference(device):
+        impl = by_name.get(name)
+        if name == skip or impl is None or impl.not_supported_reasons(*args):
+            continue
+        if impl.slower_reasons is not None and impl.slower_reasons(*args):
+            continue
+        return name
+    return "reference"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +281,7 @@ def dispatch(op: str, implementations: Sequence[Implementation], device: torch.d
         note_fallback(op, exc)
     finally:
         _strict.pop()
-    for name in device_preference(device):
-        impl = next((i for i in implementations if i.backend == name), None)
-        if name != "triton" and impl is not None and not impl.not_supported_reasons(*args):
-            return run(name)
-    return run("reference")
+    fallback = _auto(implementations, device, args, skip="triton")
+    if _record:
+        _note(op, f"{fallback} after triton failed")
+    return run(fallback)

@@ -174,17 +174,35 @@ def cmd_plan(args) -> int:
     result = plan(budget, tuple(args.shape), model=model, max_batch=args.max_batch, optimizer=args.optimizer,
                   precisions=tuple(args.precisions))
     gib = 2**30
-    print(f"AH-Net training step on {' x '.join(map(str, args.shape))} voxels per sample ({args.in_channels} input "
-          f"channel(s), {args.out_channels} classes), {args.optimizer}; budget {budget / gib:.2f} GiB\n")
-    print(f"{'precision':<10} {'checkpoint':<11} {'batch':>5} {'peak GiB':>9} {'fits':>5} {'rel. speed':>10}")
+    lines = [f"AH-Net training step on {' x '.join(map(str, args.shape))} voxels per sample ({args.in_channels} input "
+             f"channel(s), {args.out_channels} classes), {args.optimizer}; budget {budget / gib:.2f} GiB", "",
+             f"{'precision':<10} {'checkpoint':<11} {'batch':>5} {'peak GiB':>9} {'fits':>5} {'rel. speed':>10}"]
     for row in result["table"]:
-        print(f"{row['precision']:<10} {row['checkpoint']:<11} {row['batch']:>5} {row['total'] / gib:>9.2f} "
-              f"{'yes' if row['fits'] else 'no':>5} {row['relative_speed']:>10.2f}")
+        lines.append(f"{row['precision']:<10} {row['checkpoint']:<11} {row['batch']:>5} {row['total'] / gib:>9.2f} "
+                     f"{'yes' if row['fits'] else 'no':>5} {row['relative_speed']:>10.2f}")
     est = result["estimate"]
-    print(f"\nchosen: {result['precision']}, checkpoint={result['checkpoint']!r}, batch {result['batch']}: predicted "
-          f"peak {est.total / gib:.2f} GiB = parameters {est.parameters / gib:.2f} + gradients {est.gradients / gib:.2f}"
-          f" + optimizer state {est.optimizer_state / gib:.2f} + activations {est.activations / gib:.2f} + workspace "
-          f"{est.workspace / gib:.2f}")
+    lines += ["", f"chosen: {result['precision']}, checkpoint={result['checkpoint']!r}, batch {result['batch']}: "
+                  f"predicted peak {est.total / gib:.2f} GiB = parameters {est.parameters / gib:.2f} + gradients "
+                  f"{est.gradients / gib:.2f} + optimizer state {est.optimizer_state / gib:.2f} + activations "
+                  f"{est.activations / gib:.2f} + workspace {est.workspace / gib:.2f}"]
+    print("\n".join(lines))
+    if args.json:  # the README's transcript is generated from this file (benchmarks/report.py)
+        import datetime
+        import json
+
+        from ahnet_fast._atomic import atomic_path
+
+        record = dict(date=str(datetime.date.today()), torch=torch.__version__,
+                      argv=["ahnet-fast", "plan", "--budget", args.budget, "--shape", *map(str, args.shape),
+                            "--max-batch", str(args.max_batch)],
+                      shape=list(args.shape), in_channels=args.in_channels, out_channels=args.out_channels,
+                      psp_block_num=args.psp_block_num, optimizer=args.optimizer, budget=budget,
+                      table=result["table"], chosen=dict(precision=result["precision"],
+                                                         checkpoint=result["checkpoint"], batch=result["batch"],
+                                                         estimate=est.as_dict()),
+                      transcript=lines)
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
     return 0
 
 
@@ -286,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_p.add_argument("--max-batch", type=int, default=4)
     plan_p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd", "sgd_momentum"))
     plan_p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp16", "fp32"))
+    plan_p.add_argument("--json", default=None, help="also write the search and the choice to this JSON file")
     plan_p.set_defaults(func=cmd_plan)
 
     train_p = sub.add_parser("train", help="train AH-Net (the paper's 2D->3D schedule) on synthetic or real CT",

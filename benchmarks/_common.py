@@ -97,5 +97,34 @@ def run_info(device: str, name: str) -> dict:
         import triton
 
         triton_version = triton.__version__
+    import ahnet_fast
+
     return dict(device=name, device_type=device, torch=torch.__version__, triton=triton_version,
-                date=str(datetime.date.today()), threads=torch.get_num_threads())
+                date=str(datetime.date.today()), threads=torch.get_num_threads(),
+                extension=ahnet_fast.extension_available(), requested_backend=ahnet_fast.backends.requested_backend())
+
+
+def backends_that_ran(fn: Callable[[], object]) -> tuple[object, dict]:
+    """``fn()`` and {op: {backend: calls}}: which backend ran each ahnet_fast op call in it (the
+    record every measurement of ahnet_fast carries, see ahnet_fast.backends.recording)."""
+    from ahnet_fast import backends
+
+    with backends.recording() as record:
+        out = fn()
+    return out, record
+
+
+def backend_summary(record: dict | None, extension: bool | None = None) -> str:
+    """One line for a report: the backend that ran every op, or each op's where they differ."""
+    if not record:
+        return "not recorded"
+    per_backend: dict[str, list[str]] = {}
+    for op, counts in sorted(record.items()):
+        for name in counts:
+            per_backend.setdefault(name, []).append(op)
+    ext = "" if extension is None else (", extension loaded" if extension else ", extension NOT loaded")
+    if len(per_backend) == 1:
+        return f"{next(iter(per_backend))} (every op{ext})"
+    main = max(per_backend, key=lambda k: len(per_backend[k]))
+    others = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(per_backend.items()) if k != main)
+    return f"{main}, except {others}{ext}"

@@ -24,7 +24,8 @@ import torch
 from _common import finish_report, median_seconds  # benchmarks/ is the script's folder, first on sys.path
 
 from ahnet_fast import AHNet
-from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops import aniso_conv, _conv_paths as conv_paths
+from ahnet_fast.ops.pointwise_conv import pointwise_conv
 
 KERNELS = ((1, 1, 1), (3, 3, 1), (1, 1, 3), (7, 7, 3))
 COLUMNS = ("aten", "matmul", "shift", "folded", "slice_fold", "triton")
@@ -96,21 +97,21 @@ def main():
             x = torch.randn(xs, device=device)
             w = torch.randn(ws, device=device) * 0.05
             stride, padding = list(stride), list(padding)
-            g = aniso_conv.forward("aten", x, w, stride, padding).normal_()
+            g = conv_paths.forward("aten", x, w, stride, padding).normal_()
             paths = aniso_conv.candidates(x, w, stride, padding)
             times = {}
             for path in paths:
-                tf = median_seconds(lambda: aniso_conv.forward(path, x, w, stride, padding), args.repeats, sync=sync)
-                tb = median_seconds(lambda: aniso_conv.backward(path, g, x, w, stride, padding), args.repeats,
+                tf = median_seconds(lambda: conv_paths.forward(path, x, w, stride, padding), args.repeats, sync=sync)
+                tb = median_seconds(lambda: conv_paths.backward(path, g, x, w, stride, padding), args.repeats,
                                     sync=sync)
                 times[path] = (tf, tb)
             pointwise = all(k == 1 for k in ws[2:]) and not any(padding)
             if pointwise and "matmul" not in times and device.type == "cpu":  # (CUDA: pointwise_conv is cuDNN)
                 # a strided 1x1x1 (the encoder's downsampling): aniso_conv.pointwise_conv's matrix product
                 # on the subsampled input, backward through its autograd
-                tf = median_seconds(lambda: aniso_conv.pointwise_conv(x, w, None, stride), args.repeats, sync=sync)
+                tf = median_seconds(lambda: pointwise_conv(x, w, None, stride), args.repeats, sync=sync)
                 xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-                y = aniso_conv.pointwise_conv(xr, wr, None, stride)
+                y = pointwise_conv(xr, wr, None, stride)
                 tb = median_seconds(lambda: torch.autograd.grad(y, (xr, wr), g, retain_graph=True), args.repeats,
                                     sync=sync)
                 times["matmul"] = (tf, tb)
@@ -127,7 +128,7 @@ def main():
                                     args.repeats, sync=sync)
                 times["triton"] = (tf, tb)
             aniso_conv.set_tuning(False)
-            rule = (aniso_conv._rule("forward", x, w, paths), aniso_conv._rule("backward", x, w, paths))
+            rule = (aniso_conv.rule("forward", x, w, paths), aniso_conv.rule("backward", x, w, paths))
             if pointwise and device.type == "cpu":  # the model calls pointwise_conv: matmul on CPU, any stride
                 rule = ("matmul", "matmul")
             best = min(sum(t) for t in times.values())

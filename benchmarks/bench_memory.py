@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import torch
-from _common import rss_bytes  # benchmarks/ is the script's folder, first on sys.path
+from _common import backends_that_ran, rss_bytes, run_info  # benchmarks/ is the script's folder, first on sys.path
 
 CONFIGS = [  # (input shape, checkpoint, precision)
     ((1, 1, 128, 128, 32), "none", "fp32"),
@@ -47,13 +47,17 @@ def measure(shape, checkpoint, precision):
     before = rss_bytes("VmRSS")
     net = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4, checkpoint=checkpoint)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    for _ in range(2):  # the second step has the gradients and Adam's moments from the first
+
+    def step():
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = net(x)
         loss_fn(out.float(), y).backward()
         opt.step()
-    return rss_bytes("VmHWM") - before
+
+    _, ran = backends_that_ran(step)
+    step()  # the second step has the gradients and Adam's moments from the first
+    return {"peak": rss_bytes("VmHWM") - before, "backends": ran}
 
 
 def main():
@@ -88,21 +92,24 @@ def main():
                              capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
-        measured = json.loads(out.stdout.strip().splitlines()[-1])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        measured = result["peak"]
         fixed = est.parameters + est.gradients + est.optimizer_state
         lines.append(f"| {'x'.join(map(str, shape))} | {checkpoint} | {precision} | {est.total / 2**20:.0f} "
                      f"({fixed / 2**20:.0f} / {est.activations / 2**20:.0f} / {est.workspace / 2**20:.0f}) | "
                      f"{measured / 2**20:.0f} | {est.total / measured:.2f} |")
         print(lines[-1], flush=True)
         records.append(dict(shape=list(shape), checkpoint=checkpoint, precision=precision, estimate=est.as_dict(),
-                            measured_step_peak=measured))
+                            measured_step_peak=measured, backends=result["backends"]))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device="cpu", torch=torch.__version__, date=str(datetime.date.today()), results=records), f,
-                      indent=1)
+            from ahnet_fast.memory import CALIBRATION_POINTS
+
+            json.dump(dict(run_info("cpu", "cpu"), calibration_points=[list(p) for p in CALIBRATION_POINTS],
+                           results=records), f, indent=1)
 
 
 if __name__ == "__main__":

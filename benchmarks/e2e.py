@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from _common import rss_bytes, run_info  # benchmarks/ is the script's folder, first on sys.path
+from _common import backends_that_ran, rss_bytes, run_info  # benchmarks/ is the script's folder, first on sys.path
 
 def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
     """(model, loss) of one implementation with the same initial weights and the same batch."""
@@ -86,7 +86,9 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
             with torch.no_grad(), autocast:
                 return net(x).float().mean()
 
-    first = float(step())  # warm-up (and the optimizer state)
+    # warm-up (and the optimizer state), recording which backend ran each of ahnet_fast's ops
+    first, ran = (step(), {}) if impl == "MONAI" else backends_that_ran(step)
+    first = float(first)
     sync()
     if repeats:
         times = []
@@ -95,7 +97,7 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
             step()
             sync()
             times.append(time.perf_counter() - t0)
-        return {"ms": [t * 1e3 for t in times], "first_loss": first}
+        return {"ms": [t * 1e3 for t in times], "first_loss": first, "backends": ran}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -112,7 +114,7 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
         before = rss_bytes("VmRSS")
         step()
         peak = rss_bytes("VmHWM") - before
-    return {"peak_bytes": peak, "first_loss": first}
+    return {"peak_bytes": peak, "first_loss": first, "backends": ran}
 
 
 def _quantile(v, q):
@@ -189,6 +191,7 @@ def main():
                     r = one(impl, args.repeats, None)
                     res[impl]["ms"] += r["ms"]
                     res[impl]["first_loss"] = r["first_loss"]
+                    res[impl]["backends"] = r["backends"]
             for impl in impls:
                 res[impl]["peak_bytes"] = one(impl, 0, env)["peak_bytes"]
             base = res["MONAI"]
@@ -204,7 +207,8 @@ def main():
                 print(lines[-1], flush=True)
                 records.append(dict(mode=mode, shape=[1, 1, *size], impl=impl, median_ms=med,
                                     p20_ms=_quantile(r["ms"], 0.2), p80_ms=_quantile(r["ms"], 0.8), ms=r["ms"],
-                                    peak_bytes=r["peak_bytes"], first_loss=r["first_loss"]))
+                                    peak_bytes=r["peak_bytes"], first_loss=r["first_loss"],
+                                    backends=r["backends"] or None))  # None: MONAI, no ahnet_fast op ran
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

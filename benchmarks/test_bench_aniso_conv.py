@@ -13,7 +13,7 @@ import pytest
 import torch
 from _common import assert_matches, smoke
 
-from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops import aniso_conv, _conv_paths as conv_paths
 
 pytest.importorskip("pytest_benchmark")
 
@@ -39,15 +39,15 @@ def test_aniso_conv_forward_backward(benchmark, case, path):
     candidates = aniso_conv.candidates(x, w, stride, padding)
     if path != "dispatched" and path not in candidates:
         pytest.skip(f"path {path} cannot compute {case}")
-    grad = torch.randn(aniso_conv.forward("aten", x, w, stride, padding).shape, generator=g)
+    grad = torch.randn(conv_paths.forward("aten", x, w, stride, padding).shape, generator=g)
 
     def run():
         fp = aniso_conv.choose("forward", x, w, stride, padding) if path == "dispatched" else path
         bp = aniso_conv.choose("backward", x, w, stride, padding) if path == "dispatched" else path
-        return (aniso_conv.forward(fp, x, w, stride, padding),) + tuple(
-            aniso_conv.backward(bp, grad, x, w, stride, padding))
+        return (conv_paths.forward(fp, x, w, stride, padding),) + tuple(
+            conv_paths.backward(bp, grad, x, w, stride, padding))
 
-    reference = (aniso_conv.forward("aten", x, w, stride, padding),) + tuple(
-        aniso_conv.backward("aten", grad, x, w, stride, padding))
+    reference = (conv_paths.forward("aten", x, w, stride, padding),) + tuple(
+        conv_paths.backward("aten", grad, x, w, stride, padding))
     assert_matches(run(), reference, f"{case} {path}")
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)

@@ -4,6 +4,8 @@
 # newest, each installed beside the package) and pytest. With arguments, only pytest runs, with them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# phase markers (seconds since the epoch) for scripts/time_clean_clone.sh
+echo "[ahnet_fast phase] setup $(date +%s)"
 bash scripts/setup.sh test
 PY="${PYTHON:-python3}"
 "$PY" - <<'PYEOF'
@@ -13,10 +15,13 @@ sys.exit(0 if ahnet_fast.extension_available() else "the compiled extension did 
 PYEOF
 matrix_rc=0
 if [ $# -eq 0 ]; then
+  echo "[ahnet_fast phase] compile_matrix $(date +%s)"
   bash scripts/compile_matrix.sh || matrix_rc=$?
 fi
+echo "[ahnet_fast phase] pytest $(date +%s)"
 pytest_rc=0
 "$PY" -m pytest -q "$@" || pytest_rc=$?
+echo "[ahnet_fast phase] end $(date +%s)"
 if [ "$matrix_rc" -ne 0 ]; then
   echo "scripts/compile_matrix.sh failed (exit $matrix_rc): see its output above" >&2
   exit "$matrix_rc"

@@ -1,11 +1,17 @@
-"""The convolution paths of ahnet_fast.ops.aniso_conv against ATen, and the recorded, reproducible choice."""
+"""The convolution paths (ahnet_fast.ops._conv_paths) against ATen, and their recorded, reproducible choice
+(ahnet_fast.ops.aniso_conv)."""
 import json
+
+import importlib
 
 import pytest
 import torch
 
-from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops import aniso_conv, _conv_paths as conv_paths
 from tests.conftest import assert_close_normwise, rel_err
+
+# the module (ahnet_fast.ops exports the function under the same name)
+stem_ops = importlib.import_module("ahnet_fast.ops.stem_conv_pool")
 
 A = torch.ops.aten
 
@@ -52,13 +58,13 @@ def test_every_candidate_matches_aten_float64(case, layout):
     if layout != "channels_last" and any(k > 1 for k in kernel):
         assert "shift" in paths
     for path in paths:
-        y = aniso_conv.forward(path, x, w, stride, pad)
-        ga, gw = aniso_conv.backward(path, g, x, w, stride, pad)
+        y = conv_paths.forward(path, x, w, stride, pad)
+        ga, gw = conv_paths.backward(path, g, x, w, stride, pad)
         assert_close_normwise(y, ref_y, 1e-13, what=f"{path} y")
         assert_close_normwise(ga, ref_ga, 1e-13, what=f"{path} grad input")
         assert_close_normwise(gw, ref_gw, 1e-13, what=f"{path} grad weight")
         if layout == "channels_last" and path != "folded":
-            assert y.is_contiguous(memory_format=aniso_conv.output_format(x)), path
+            assert y.is_contiguous(memory_format=conv_paths.output_format(x)), path
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if any(k > 1 for k in c[0])],
@@ -73,7 +79,7 @@ def test_shift_backward_in_tap_groups_matches_aten_float64(case, chunks):
     w = torch.randn(co, shape[1], *kernel, dtype=torch.float64)
     g = torch.randn((shape[0], co, *shape[2:]), dtype=torch.float64)
     _, ref_ga, ref_gw = aten_pair(x, w, g)
-    ga, gw = aniso_conv._shift_backward(g, x, w, chunks=chunks)
+    ga, gw = conv_paths._shift_backward(g, x, w, chunks=chunks)
     assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
     assert_close_normwise(gw, ref_gw, 1e-13, what="grad weight")
 
@@ -85,8 +91,8 @@ def test_shift_backward_groups_taps_past_the_size_threshold(monkeypatch):
     added = []
     real_addmm_ = torch.Tensor.addmm_
     monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a: added.append(1) or real_addmm_(self, *a))
-    monkeypatch.setattr(aniso_conv, "SHIFT_CHUNK_BYTES", g.numel() * 8 * 3)  # three taps per group
-    ga, gw = aniso_conv._shift_backward(g, x, w)
+    monkeypatch.setattr(conv_paths, "SHIFT_CHUNK_BYTES", g.numel() * 8 * 3)  # three taps per group
+    ga, gw = conv_paths._shift_backward(g, x, w)
     _, ref_ga, ref_gw = aten_pair(x, w, g)
     assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
     assert_close_normwise(gw, ref_gw, 1e-13, what="grad weight")
@@ -111,11 +117,11 @@ def test_shift_backward_by_rows_matches_aten_float64(case, monkeypatch):
     x = torch.randn(shape, dtype=torch.float64)
     w = torch.randn(co, shape[1], *kernel, dtype=torch.float64)
     g = torch.randn((shape[0], co, *shape[2:]), dtype=torch.float64)
-    monkeypatch.setattr(aniso_conv, "SHIFT_CHUNK_BYTES", g[0].numel() * 8)  # every kernel is past it
+    monkeypatch.setattr(conv_paths, "SHIFT_CHUNK_BYTES", g[0].numel() * 8)  # every kernel is past it
     used = []
-    real = aniso_conv._shift_backward_by_rows
-    monkeypatch.setattr(aniso_conv, "_shift_backward_by_rows", lambda *a: used.append(1) or real(*a))
-    ga, gw = aniso_conv._shift_backward(g, x, w)
+    real = conv_paths._shift_backward_by_rows
+    monkeypatch.setattr(conv_paths, "_shift_backward_by_rows", lambda *a: used.append(1) or real(*a))
+    ga, gw = conv_paths._shift_backward(g, x, w)
     assert used, "the by-rows grouping did not run"
     _, ref_ga, ref_gw = aten_pair(x, w, g)
     assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
@@ -153,16 +159,16 @@ def test_slice_fold_matches_aten_float64(case):
     g = torch.randn(ref_y.shape, dtype=torch.float64)
     ref_ga, ref_gw, _ = A.convolution_backward(g, x, w, None, list(stride), list(pad), [1, 1, 1], False, [0, 0, 0],
                                                1, [True, True, False])
-    assert_close_normwise(aniso_conv.forward("slice_fold", x, w, stride, pad), ref_y, 1e-13, what="y")
-    ga, gw = aniso_conv.backward("slice_fold", g, x, w, stride, pad)
+    assert_close_normwise(conv_paths.forward("slice_fold", x, w, stride, pad), ref_y, 1e-13, what="y")
+    ga, gw = conv_paths.backward("slice_fold", g, x, w, stride, pad)
     assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")
     assert_close_normwise(gw, ref_gw, 1e-13, what="grad weight")
     # the differentiable entry the stem uses: slice axis outermost in memory, bias, gradcheck
     with aniso_conv.use_path("slice_fold"):
-        y = aniso_conv.conv3d(x, w, b, stride, pad)
+        y = stem_ops.conv3d(x, w, b, stride, pad)
         assert_close_normwise(y, torch.nn.functional.conv3d(x, w, b, stride, pad), 1e-13, what="conv3d")
         assert y.stride(4) > y.stride(1)  # slice axis outside the channels
-        assert torch.autograd.gradcheck(lambda *t: aniso_conv.conv3d(t[0], t[1], t[2], stride, pad),
+        assert torch.autograd.gradcheck(lambda *t: stem_ops.conv3d(t[0], t[1], t[2], stride, pad),
                                         (x[..., :4].clone().requires_grad_(), w.clone().requires_grad_(),
                                          b.clone().requires_grad_()))
 
@@ -177,7 +183,7 @@ def test_slice_fold_candidates_and_rule(fresh_choices):
     wide = torch.randn(1, 6, 16, 16, 6)  # 6 channels x 3 taps > SLICE_FOLD_MAX_CHANNELS
     assert "slice_fold" not in aniso_conv.candidates(wide, torch.randn(8, 6, 7, 7, 3), [2, 2, 1], [3, 3, 1])
     with aniso_conv.use_path("aten"):  # forcing aten keeps conv3d's own output layout
-        assert aniso_conv.conv3d(x, stem, None, [2, 2, 1], [3, 3, 1]).is_contiguous()
+        assert stem_ops.conv3d(x, stem, None, [2, 2, 1], [3, 3, 1]).is_contiguous()
 
 
 def test_slice_fold_output_feeds_slice_pooling_in_place():
@@ -188,7 +194,7 @@ def test_slice_fold_output_feeds_slice_pooling_in_place():
     x = torch.randn(1, 1, 20, 18, 8, dtype=torch.float64)
     w = torch.randn(6, 1, 7, 7, 3, dtype=torch.float64, requires_grad=True)
     with aniso_conv.use_path("slice_fold"):
-        y = aniso_conv.conv3d(x, w, None, [2, 2, 1], [3, 3, 1])
+        y = stem_ops.conv3d(x, w, None, [2, 2, 1], [3, 3, 1])
     assert not y.is_contiguous() and y.stride(4) == max(y.stride()[1:])
     pooled = slice_max_pool(y, 2)
     assert pooled.is_contiguous()
@@ -201,7 +207,7 @@ def test_slice_fold_output_feeds_slice_pooling_in_place():
 def test_slice_fold_compiles_without_graph_breaks():
     x = torch.randn(1, 1, 16, 16, 6)
     w = torch.randn(4, 1, 7, 7, 3, requires_grad=True)
-    fn = lambda t: aniso_conv.conv3d(t, w, None, [2, 2, 1], [3, 3, 1]).sum()  # noqa: E731
+    fn = lambda t: stem_ops.conv3d(t, w, None, [2, 2, 1], [3, 3, 1]).sum()  # noqa: E731
     assert torch._dynamo.explain(fn)(x).graph_break_count == 0
     assert_close_normwise(torch.compile(fn, backend="aot_eager")(x),
                           torch.nn.functional.conv3d(x, w, None, [2, 2, 1], [3, 3, 1]).sum(), 1e-5)
@@ -266,12 +272,12 @@ def test_float32_within_twice_aten_error(case):
     x64 = torch.randn(shape, generator=g, dtype=torch.float64).relu() * 100
     w64 = torch.randn(co, shape[1], *kernel, generator=g, dtype=torch.float64)
     stride, pad = [1] * len(kernel), [(k - 1) // 2 for k in kernel]
-    gy64 = torch.randn(aniso_conv.forward("aten", x64, w64, stride, pad).shape, generator=g, dtype=torch.float64)
-    truth = (aniso_conv.forward("aten", x64, w64, stride, pad), *aniso_conv.backward("aten", gy64, x64, w64, stride, pad))
+    gy64 = torch.randn(conv_paths.forward("aten", x64, w64, stride, pad).shape, generator=g, dtype=torch.float64)
+    truth = (conv_paths.forward("aten", x64, w64, stride, pad), *conv_paths.backward("aten", gy64, x64, w64, stride, pad))
     x, w, gy = x64.float(), w64.float(), gy64.float()
-    aten = (aniso_conv.forward("aten", x, w, stride, pad), *aniso_conv.backward("aten", gy, x, w, stride, pad))
+    aten = (conv_paths.forward("aten", x, w, stride, pad), *conv_paths.backward("aten", gy, x, w, stride, pad))
     for path in aniso_conv.candidates(x, w, stride, pad):
-        got = (aniso_conv.forward(path, x, w, stride, pad), *aniso_conv.backward(path, gy, x, w, stride, pad))
+        got = (conv_paths.forward(path, x, w, stride, pad), *conv_paths.backward(path, gy, x, w, stride, pad))
         for a, b, t, name in zip(got, aten, truth, ("y", "grad input", "grad weight")):
             assert rel_err(a, t) <= 2 * rel_err(b, t) + 1e-7, f"{path} {name}: {rel_err(a, t):.2e} vs aten {rel_err(b, t):.2e}"
 
@@ -287,163 +293,6 @@ def test_use_path_forces_and_records_nothing(fresh_choices):
     with pytest.raises(ValueError, match="unknown path"):
         with aniso_conv.use_path("cudnn"):
             pass
-
-
-# (weight shape, input shape, stride): the bottlenecks' 1x1x1 and the strided downsampling, odd sizes,
-# batch 2, 2D
-POINTWISE_CASES = [
-    ((7, 5, 1, 1, 1), (1, 5, 6, 5, 3), (1, 1, 1)),
-    ((4, 6, 1, 1, 1), (2, 6, 7, 6, 4), (2, 2, 1)),
-    ((3, 4, 1, 1, 1), (1, 4, 5, 9, 5), (2, 3, 2)),
-    ((5, 3, 1, 1), (2, 3, 7, 6), (2, 2)),
-]
-
-
-@pytest.mark.parametrize("case", POINTWISE_CASES, ids=["s1", "s221-n2", "s232-odd", "2d-s22-n2"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_pointwise_conv_matches_aten_float64(case, layout, bias):
-    wshape, shape, stride = case
-    x = torch.randn(shape, dtype=torch.float64)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
-    elif layout == "strided":
-        x = torch.zeros((*shape[:-1], 2 * shape[-1]), dtype=torch.float64)[..., ::2].copy_(x)
-    w = torch.randn(wshape, dtype=torch.float64)
-    b = torch.randn(wshape[0], dtype=torch.float64) if bias else None
-    conv = torch.nn.functional.conv3d if x.dim() == 5 else torch.nn.functional.conv2d
-    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = aniso_conv.pointwise_conv(xs, ws, b, stride)
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    ref = conv(xr, wr, b, stride)
-    assert y.shape == ref.shape
-    assert_close_normwise(y, ref, 1e-13, what="output")
-    if layout == "channels_last":
-        assert y.is_contiguous(memory_format=aniso_conv.output_format(x))
-    g = torch.randn_like(ref)
-    y.backward(g)
-    ref.backward(g)
-    assert_close_normwise(xs.grad, xr.grad, 1e-13, what="grad input")
-    assert_close_normwise(ws.grad, wr.grad, 1e-13, what="grad weight")
-
-
-def test_pointwise_conv_gradcheck_and_forced_aten():
-    x = torch.randn(2, 3, 5, 4, 3, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, 1, 1, 1, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: aniso_conv.pointwise_conv(*t, (2, 2, 1)), (x, w, b))
-    assert torch.autograd.gradgradcheck(lambda *t: aniso_conv.pointwise_conv(*t, (1, 1, 1)), (x, w, b))
-    with aniso_conv.use_path("aten"):  # ATen's convolution, bit for bit
-        y = aniso_conv.pointwise_conv(x, w, b, (2, 2, 1))
-    assert torch.equal(y, torch.nn.functional.conv3d(x, w, b, (2, 2, 1)))
-
-
-def test_pointwise_conv_rejects_other_kernels_and_strides():
-    x = torch.randn(1, 3, 4, 4, 2)
-    with pytest.raises(ValueError, match="not a 1x1 kernel"):
-        aniso_conv.pointwise_conv(x, torch.randn(2, 3, 3, 3, 1), None, (1, 1, 1))
-    with pytest.raises(ValueError, match="not a 1x1 kernel"):
-        aniso_conv.pointwise_conv(x, torch.randn(2, 4, 1, 1, 1), None, (1, 1, 1))
-    with pytest.raises(ValueError, match="stride"):
-        aniso_conv.pointwise_conv(x, torch.randn(2, 3, 1, 1, 1), None, (1, 1))
-    with pytest.raises(ValueError, match="stride"):
-        aniso_conv.pointwise_conv(x, torch.randn(2, 3, 1, 1, 1), None, (0, 1, 1))
-
-
-def test_pointwise_conv_under_autocast_keeps_the_low_precision():
-    x = torch.randn(1, 4, 6, 5, 3)
-    w = torch.randn(3, 4, 1, 1, 1)
-    b = torch.randn(3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = aniso_conv.pointwise_conv(x, w, b, (2, 2, 1))
-        ref = torch.nn.functional.conv3d(x, w, b, (2, 2, 1))
-    assert y.dtype == ref.dtype == torch.bfloat16
-    assert rel_err(y.float(), ref.float()) < 2e-2
-
-
-# (input shape, weight shape, bias, stride, padding, k): the stem's conv1 + pool1 (smaller), batch 2 with a
-# bias, two input channels and a leftover slice that floor-mode pooling drops, a window of 3, no padding
-# along the rows (the bands are plain slices of the input)
-STEM_CASES = [
-    ((1, 1, 13, 10, 8), (6, 1, 7, 7, 3), False, (2, 2, 1), (3, 3, 1), 2),
-    ((2, 1, 9, 8, 6), (4, 1, 7, 7, 3), True, (2, 2, 1), (3, 3, 1), 2),
-    ((1, 2, 7, 9, 9), (3, 2, 3, 5, 3), True, (1, 2, 1), (1, 2, 1), 2),
-    ((1, 1, 6, 5, 10), (5, 1, 3, 3, 3), False, (1, 1, 1), (1, 1, 0), 3),
-    ((2, 1, 9, 6, 6), (3, 1, 3, 3, 3), True, (2, 1, 1), (0, 1, 1), 2),
-]
-
-
-@pytest.mark.parametrize("case", STEM_CASES, ids=["stem", "n2-bias", "2ch-leftover", "k3", "n2-no-row-padding"])
-@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30], ids=["chunked", "whole"])
-def test_slice_fold_conv_pool_matches_conv_then_pool_float64(case, chunk_bytes, monkeypatch):
-    shape, wshape, bias, stride, padding, k = case
-    monkeypatch.setattr(aniso_conv, "SLICE_CHUNK_BYTES", chunk_bytes)
-    x = torch.randn(shape, dtype=torch.float64)
-    w = torch.randn(wshape, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(wshape[0], dtype=torch.float64, requires_grad=True) if bias else None
-    params = [w] + ([b] if bias else [])
-    y = aniso_conv.slice_fold_conv_pool(x, w, b, stride, padding, k)
-    ref = torch.nn.functional.max_pool3d(torch.nn.functional.conv3d(x, w, b, stride, padding), (1, 1, k), (1, 1, k))
-    assert y.shape == ref.shape and y.is_contiguous()
-    assert_close_normwise(y, ref, 1e-13, what="output")
-    g = torch.randn_like(ref)
-    for got, want, name in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g),
-                               ("weight", "bias")):
-        assert_close_normwise(got, want, 1e-13, what=f"grad {name}")
-    assert torch.autograd.gradcheck(lambda *p: aniso_conv.slice_fold_conv_pool(x, p[0], p[1] if bias else None,
-                                                                               stride, padding, k),
-                                    tuple(params) if bias else (w, None))
-
-
-def test_slice_fold_conv_pool_refuses_an_input_that_needs_a_gradient():
-    x = torch.randn(1, 1, 8, 8, 4, requires_grad=True)
-    with pytest.raises(ValueError, match="must not need a gradient"):
-        aniso_conv.slice_fold_conv_pool(x, torch.randn(2, 1, 3, 3, 3), None, (1, 1, 1), (1, 1, 1), 2)
-
-
-def test_the_model_stem_takes_the_chunked_path_on_cpu_and_matches_the_composition():
-    from ahnet_fast.nn.ahnet import AHNet, slice_pool, stem_conv, stem_conv_pool
-
-    net = AHNet(in_channels=1, out_channels=2, psp_block_num=1).double()
-    x = torch.randn(1, 1, 32, 32, 32, dtype=torch.float64)
-    fused = stem_conv_pool(net.conv1, net.pool1, x)
-    assert fused is not None
-    composed = slice_pool(net.pool1, stem_conv(net.conv1, x))
-    assert_close_normwise(fused, composed, 1e-13)
-    assert stem_conv_pool(net.conv1, net.pool1, x, backend="reference") is None
-    assert stem_conv_pool(net.conv1, net.pool1, x.clone().requires_grad_()) is None
-    with aniso_conv.use_path("aten"):
-        assert stem_conv_pool(net.conv1, net.pool1, x) is None
-
-
-def test_the_model_stem_keeps_the_composition_under_autocast_and_a_chosen_path():
-    from ahnet_fast.nn.ahnet import AHNet, stem_conv_pool
-
-    net = AHNet(in_channels=1, out_channels=2, psp_block_num=1)
-    x = torch.randn(1, 1, 32, 32, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert stem_conv_pool(net.conv1, net.pool1, x) is None  # conv2d's autocast casting stays autograd's
-    key = next(iter(aniso_conv.choices()), None)
-    assert stem_conv_pool(net.conv1, net.pool1, x) is not None
-    stem_keys = [k for k, v in aniso_conv.choices().items() if v["path"] == "slice_fold"]
-    assert stem_keys, key
-    saved = aniso_conv.choices()
-    try:  # a loaded choice of aten for conv1 is honoured
-        aniso_conv.clear_choices()
-        import json
-        import os
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "paths.json")
-            with open(path, "w") as f:
-                json.dump({k: {"path": "aten"} for k in stem_keys}, f)
-            aniso_conv.load_choices(path)
-        assert stem_conv_pool(net.conv1, net.pool1, x) is None
-    finally:
-        aniso_conv.clear_choices()
-        for k, v in saved.items():
-            aniso_conv._choices[k] = v
 
 
 def _shifted_reference(src, offset):
@@ -473,7 +322,7 @@ def test_copy_shifted_matches_padding_and_slicing(offset, kind):
         dst = torch.full((2, 3, 4, 5, 14), float("nan"), dtype=torch.float64)[..., ::2]
     else:
         dst = torch.full((2, 3, 4, 5, 7), float("nan"), dtype=torch.float64)
-    aniso_conv._copy_shifted(dst, src, offset)
+    conv_paths._copy_shifted(dst, src, offset)
     assert torch.equal(dst, _shifted_reference(src, offset))
 
 
@@ -482,17 +331,17 @@ def test_shift_backward_writes_into_a_given_buffer(by_rows, monkeypatch):
     """At batch 1 the shift path can write grad_a into a caller's flat scratch buffer (the dense
     block's pooled one): the same values, as a view of that buffer; a batch of 2 ignores it."""
     if by_rows:
-        monkeypatch.setattr(aniso_conv, "SHIFT_CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv_paths, "SHIFT_CHUNK_BYTES", 1)
     x = torch.randn(1, 6, 7, 5, 3, dtype=torch.float64)
     w = torch.randn(4, 6, 3, 3, 1, dtype=torch.float64)
     g = torch.randn(1, 4, 7, 5, 3, dtype=torch.float64)
-    ref_ga, ref_gw = aniso_conv.backward("shift", g, x, w, [1, 1, 1], [1, 1, 0])
+    ref_ga, ref_gw = conv_paths.backward("shift", g, x, w, [1, 1, 1], [1, 1, 0])
     buf = torch.full((x.numel() + 5,), float("nan"), dtype=torch.float64)
-    ga, gw = aniso_conv.backward("shift", g, x, w, [1, 1, 1], [1, 1, 0], buf)
+    ga, gw = conv_paths.backward("shift", g, x, w, [1, 1, 1], [1, 1, 0], buf)
     assert ga.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
     assert torch.equal(ga, ref_ga) and torch.equal(gw, ref_gw)
     x2, g2 = torch.cat([x, x]), torch.cat([g, g])
-    ga2, _ = aniso_conv.backward("shift", g2, x2, w, [1, 1, 1], [1, 1, 0], torch.empty(x2.numel(), dtype=x.dtype))
+    ga2, _ = conv_paths.backward("shift", g2, x2, w, [1, 1, 1], [1, 1, 0], torch.empty(x2.numel(), dtype=x.dtype))
     assert torch.equal(ga2[:1], ref_ga)
 
 
@@ -507,8 +356,8 @@ def test_shift_path_with_a_kernel_wider_than_an_axis(kernel, shape):
     padding = [(k - 1) // 2 for k in kernel]
     stride = [1] * len(kernel)
     assert "shift" in aniso_conv.candidates(x, w, stride, padding)
-    y = aniso_conv.forward("shift", x, w, stride, padding)
-    ga, gw = aniso_conv.backward("shift", g, x, w, stride, padding)
+    y = conv_paths.forward("shift", x, w, stride, padding)
+    ga, gw = conv_paths.backward("shift", g, x, w, stride, padding)
     ref_y, ref_ga, ref_gw = aten_pair(x, w, g)
     assert_close_normwise(y, ref_y, 1e-13, what="output")
     assert_close_normwise(ga, ref_ga, 1e-13, what="grad input")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ahnet_fast
-from ahnet_fast.ops import aniso_conv, bn_relu_conv, bn_relu_conv_reference
+from ahnet_fast.ops import bn_relu_conv, bn_relu_conv_reference, _conv_paths as conv_paths
 from benchmarks._common import saved_bytes
 from tests.conftest import assert_close_normwise, rel_err
 
@@ -144,7 +144,7 @@ def test_opcheck(case, kind):
     torch.library.opcheck(op, (leaves[0], leaves[1], leaves[2], None, None, True, 1e-5, leaves[3], stride, padding))
     # the backward op too (autograd calls it; torch.compile traces it through its fake)
     y, mean, var = op(x, bw, bb, None, None, True, 1e-5, w, stride, padding)
-    grad = torch.randn(y.shape).contiguous(memory_format=aniso_conv.output_format(x))
+    grad = torch.randn(y.shape).contiguous(memory_format=conv_paths.output_format(x))
     for training in (True, False):
         torch.library.opcheck(torch.ops.ahnet_fast.bn_relu_conv_backward.default,
                               (grad, x, bw, bb, mean, var, training, 1e-5, w, stride, padding))

@@ -141,7 +141,7 @@ def _finish(proc, what):
         proc.kill()
         raise
     assert proc.returncode == 0, f"{what}: {err[-3000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])["peak"]  # (and "backends": which backend ran each op)
 
 
 def _meta_model(kwargs):

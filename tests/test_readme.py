@@ -35,3 +35,71 @@ def test_results_table_is_generated_from_the_committed_json():
 
     out = subprocess.run([sys.executable, "benchmarks/report.py", "--check"], capture_output=True, text=True)
     assert out.returncode == 0, "README's results table is stale: run python benchmarks/report.py"
+
+
+# A measured figure: a ratio, a time, a size, a rate or a share. Outside the generated blocks the
+# README may state only rules and tolerances (the phrases below), never a measurement.
+FIGURE = re.compile(r"\d+(?:\.\d+)?\s?(?:[–-]\s?\d+(?:\.\d+)?\s?)?(?:×(?![\w(])|x\b|ms\b|%|MiB\b|GiB\b|KiB\b|MB\b|GB\b|"
+                    r"KB\b|GFLOP/s|GB/s|minutes?\b|seconds?\b|s per\b|hours?\b)")
+RULES = ("2× ATen's own", "2× MONAI's own", "2× rule", "4 × reductions")
+
+
+def _outside_generated(text):
+    text = re.sub(r"<!-- results:begin -->.*?<!-- results:end -->", "", text, flags=re.S)
+    return re.sub(r"<!-- generated:(\w+) -->.*?<!-- /generated:\1 -->", "", text, flags=re.S)
+
+
+def figures_without_a_source(text):
+    found = []
+    for line in _outside_generated(text).splitlines():
+        for m in FIGURE.finditer(line):
+            context = line[m.start():m.end() + 12]
+            if not any(context.startswith(rule) for rule in RULES):
+                found.append(line.strip())
+    return found
+
+
+def test_every_figure_in_the_readme_comes_from_a_committed_result():
+    """Measured numbers live only in the blocks benchmarks/report.py generates from committed JSON."""
+    with open(README) as f:
+        found = figures_without_a_source(f.read())
+    assert not found, "README figures outside the generated blocks:\n" + "\n".join(found)
+
+
+def test_the_figure_scan_sees_figures():
+    sample = "It is 1.53× faster and uses 0.41x the memory (323 MiB, 12 ms, 5–6 GB/s, 28%).\n" \
+             "<!-- generated:e2e -->\n| 2.00x |\n<!-- /generated:e2e -->\nwithin 2× MONAI's own error"
+    assert len(figures_without_a_source(sample)) == 6
+
+
+def _report_module(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    bench = os.path.join(os.path.dirname(README), "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    spec = importlib.util.spec_from_file_location("report_under_test", os.path.join(bench, "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    monkeypatch.setattr(report, "HERE", str(tmp_path))
+    (tmp_path / "results").mkdir()
+    assert "report_under_test" not in sys.modules
+    return report
+
+
+def test_report_refuses_a_fraction_of_the_roof_above_100_percent(tmp_path, monkeypatch):
+    import json
+
+    report = _report_module(tmp_path, monkeypatch)
+    row = dict(op="bn_add_relu", shape="256 @32x32x8", flops=0, min_bytes=10**8, ms=2.9, gflops_per_s=0.0,
+               gbytes_per_s=34.4, bound="memory", fraction_of_roof=1.37, speedup=1.6, baseline="F.batch_norm")
+    (tmp_path / "results" / "roofline_cpu_2026-01-01.json").write_text(json.dumps(dict(
+        date="2026-01-01", device="cpu", threads=2, torch="x", ceilings={"matmul_fp32_GFLOPs": 300, "copy_GBps": 25},
+        results=[row])))
+    with pytest.raises(SystemExit, match="above 100% of the roof"):
+        report.roofline_table()
+    row["fraction_of_roof"] = 0.9
+    (tmp_path / "results" / "roofline_cpu_2026-01-01.json").write_text(json.dumps(dict(
+        date="2026-01-01", device="cpu", threads=2, torch="x", ceilings={"matmul_fp32_GFLOPs": 300, "copy_GBps": 25},
+        results=[row], extension=True)))
+    assert any("| bn_add_relu |" in line for line in report.roofline_table())

@@ -100,7 +100,8 @@ def test_a_buffer_first_made_under_inference_mode_serves_training_later():
 
 def test_ahnet_keeps_the_pool_only_without_checkpointing():
     """AHNet puts memory first under activation checkpointing: no buffers are kept between steps
-    there (they would count in the step's peak); without checkpointing they are."""
+    there (they would count in the step's peak); without checkpointing they are. The choice holds
+    for the model's own forward and backward only: the process-wide default is left as it was."""
     import pytest
 
     import ahnet_fast
@@ -114,7 +115,34 @@ def test_ahnet_keeps_the_pool_only_without_checkpointing():
             net = ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=2, checkpoint=policy).train()
             net(x).sum().backward()
             assert (scratch.pooled_bytes() > 0) == expect_kept, policy
-            assert scratch.keeping() == expect_kept
+            assert scratch.keeping()  # the default, untouched
     finally:
-        scratch.set_keep(True)
+        scratch.release()
+
+
+def test_two_models_do_not_change_each_others_pool_choice():
+    """A checkpointed model's backward frees the pool as its forward asked, even when another
+    model's forward ran in between; the other model's backward keeps its buffers."""
+    import pytest
+
+    import ahnet_fast
+
+    if not ahnet_fast.extension_available():
+        pytest.skip("compiled extension not built")
+    x = torch.randn(1, 1, 64, 64, 32)
+    lean = ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=2, checkpoint="all").train()
+    fast = ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=2, checkpoint="none").train()
+    try:
+        scratch.release()
+        y_lean = lean(x).sum()
+        y_fast = fast(x).sum()
+        y_fast.backward()
+        assert scratch.pooled_bytes() > 0  # the fast model keeps
+        y_lean.backward()
+        assert scratch.pooled_bytes() == 0  # the lean one's backward (and recomputation) frees
+        y_fast = fast(x).sum()
+        y_lean = lean(x).sum()  # a lean forward after the fast one ...
+        y_fast.backward()
+        assert scratch.pooled_bytes() > 0  # ... does not make the fast backward lean
+    finally:
         scratch.release()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ahnet_fast.backends import requested_backend
+from ahnet_fast.backends import check_backend_name
 from ahnet_fast.nn._checkpoint import in_checkpoint_segment
 from ahnet_fast.ops import batch_norm_add_relu, batch_norm_relu
 from ahnet_fast.ops.bn_relu_conv import bn_relu_conv as ops_bn_relu_conv
@@ -36,12 +36,10 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, backend: str |
 def bn_add_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, residual: torch.Tensor,
                 backend: str | None = None) -> torch.Tensor:
     """``relu(bn(x) + residual)`` through the fused op (a bottleneck's tail), with ``bn``'s
-    bookkeeping. The op has no Triton kernel: where the model runs the Triton backend, this part is
-    the torch composition."""
-    wanted = requested_backend(backend)
+    bookkeeping."""
     running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
     return batch_norm_add_relu(x, residual, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum,
-                               bn.eps, backend="reference" if wanted == "triton" else wanted)
+                               bn.eps, backend=backend)
 
 
 def bn_relu_conv(bn: nn.modules.batchnorm._BatchNorm, conv: nn.modules.conv._ConvNd, x: torch.Tensor,
@@ -81,8 +79,7 @@ def dense_block(layers, x: torch.Tensor, backend: str | None = None, skip: torch
 def set_backend(root: nn.Module, backend: str | None) -> nn.Module:
     """Validates ``backend`` (None: follow the global choice) and sets it on ``root`` and on every
     submodule that calls the fused ops (those with a ``backend`` attribute)."""
-    if backend is not None:
-        requested_backend(backend)
+    check_backend_name(backend)
     for m in root.modules():
         if m is root or hasattr(m, "backend"):
             m.backend = backend

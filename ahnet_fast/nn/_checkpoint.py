@@ -17,10 +17,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ahnet_fast import _scratch as scratch
+
 POLICIES = ("none", "encoder", "decoder", "all", "auto")
 
-# checkpoint="auto" asks the memory planner, which sits above the modules (ahnet_fast.memory
-# registers itself here when imported), for the cheapest policy that fits the memory budget
+# checkpoint="auto" asks the memory planner, which sits above the modules, for the cheapest policy
+# that fits the memory budget: ahnet_fast.memory registers itself here when imported, and the
+# package imports it (so the modules never import upward)
 _auto_resolver: Callable | None = None
 
 
@@ -31,7 +34,8 @@ def set_auto_resolver(fn: Callable) -> None:
 
 def resolve_auto(model: nn.Module, x: torch.Tensor) -> str:
     if _auto_resolver is None:
-        import ahnet_fast.memory  # noqa: F401  (registers the resolver)
+        raise RuntimeError("checkpoint='auto' needs the memory planner: import ahnet_fast (which imports "
+                           "ahnet_fast.memory) before the first forward")
     return _auto_resolver(model, x)
 
 
@@ -69,14 +73,17 @@ def checkpoint_segment(fn: Callable[..., torch.Tensor], modules: tuple[nn.Module
     """``fn(*args)`` with its activations dropped after forward and recomputed in backward;
     ``modules`` are those ``fn`` runs (their BatchNorm buffers are restored after the recomputation)."""
     calls = [0]
+    keep = scratch.keeping()  # the recomputation in backward keeps scratch buffers as this call did
 
     def run(*inputs):
         calls[0] += 1
         snapshot = [(b, b.clone()) for b in _bn_buffers(modules)] if calls[0] > 1 else []
+        scratch.push_keep(keep)
         try:
             with prefer_recomputation():
                 return fn(*inputs)
         finally:
+            scratch.pop_keep()
             with torch.no_grad():
                 for buffer, value in snapshot:
                     buffer.copy_(value)

@@ -12,19 +12,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, set_backend
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
 from ahnet_fast import _scratch as scratch
-from ahnet_fast._extension import extension_available
-from ahnet_fast._layout import autocast_dtype
-from ahnet_fast.backends import requested_backend
-from ahnet_fast.ops import aniso_conv
-from ahnet_fast.ops.slice_pool import slice_max_pool
-from ahnet_fast.ops.transposed_conv import strided_transposed_conv
+from ahnet_fast.ops import pointwise_conv, slice_max_pool, stem_conv_pool, strided_transposed_conv
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
 
 __all__ = ["AHNet", "AHnet", "Ahnet", "PyramidVolumetricPooling", "UPSAMPLE_MODES"]
@@ -52,78 +46,54 @@ def _upsample(upsample_mode: str) -> nn.Upsample:
     return nn.Upsample(scale_factor=2, mode=upsample_mode, align_corners=align_corners)
 
 
+def _is_slice_pool(pool: nn.Module, nd: int) -> bool:
+    """A max pool over the last axis alone, stride = window, nothing else set: AH-Net's slice pools."""
+    if not isinstance(pool, (nn.MaxPool2d, nn.MaxPool3d)):
+        return False
+    kernel = _as_tuple(pool.kernel_size, nd)
+    return kernel == _as_tuple(pool.stride, nd) and all(k == 1 for k in kernel[:-1]) and \
+        not any(_as_tuple(pool.padding, nd)) and all(d == 1 for d in _as_tuple(pool.dilation, nd)) and \
+        not pool.ceil_mode and not pool.return_indices
+
+
+def _is_plain_conv(conv: nn.Module) -> bool:
+    """Zero padding given as numbers, groups 1, dilation 1: the convolutions the ops take."""
+    return isinstance(conv, (nn.Conv2d, nn.Conv3d)) and conv.padding_mode == "zeros" and conv.groups == 1 and \
+        all(d == 1 for d in conv.dilation) and not isinstance(conv.padding, str)
+
+
 def slice_pool(pool: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """``pool(x)`` for AH-Net's slice-axis max pools ((1, 1, k) windows, stride = window) through the op
-    that keeps one byte per output for backward; any other pool runs as is."""
-    kernel = _as_tuple(pool.kernel_size, x.dim() - 2)
-    if isinstance(pool, (nn.MaxPool2d, nn.MaxPool3d)) and kernel == _as_tuple(pool.stride, x.dim() - 2) and \
-            all(k == 1 for k in kernel[:-1]) and not any(_as_tuple(pool.padding, x.dim() - 2)) and \
-            all(d == 1 for d in _as_tuple(pool.dilation, x.dim() - 2)) and not pool.ceil_mode and \
-            not pool.return_indices and x.shape[-1] >= kernel[-1]:
-        return slice_max_pool(x, kernel[-1], backend=backend)
+    """``pool(x)``; AH-Net's slice-axis max pools ((1, 1, k) windows, stride = window) through
+    ``ops.slice_max_pool``."""
+    if _is_slice_pool(pool, x.dim() - 2) and x.shape[-1] >= _as_tuple(pool.kernel_size, x.dim() - 2)[-1]:
+        return slice_max_pool(x, _as_tuple(pool.kernel_size, x.dim() - 2)[-1], backend=backend)
     return pool(x)
 
 
-def stem_conv(conv: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """``conv(x)`` for conv1 (7x7x3 on the image): a plain 3D convolution goes through
-    ``aniso_conv.conv3d``, which folds its slice taps into a 2D convolution where that is faster
-    (the output then has its slice axis outermost in memory, which slice pooling reads as is). The
-    ``reference`` backend keeps ``conv(x)``: MONAI's arithmetic."""
-    if requested_backend(backend) != "reference" and isinstance(conv, nn.Conv3d) and \
-            conv.padding_mode == "zeros" and conv.groups == 1 and \
-            all(d == 1 for d in conv.dilation) and not isinstance(conv.padding, str):
-        return aniso_conv.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
-    return conv(x)
-
-
-def stem_conv_pool(conv: nn.Module, pool: nn.Module, x: torch.Tensor, backend: str | None = None):
-    """``pool(conv(x))`` for conv1 and pool1 through ``aniso_conv.slice_fold_conv_pool`` (a few slices
-    at a time, the convolution's full output never allocated: conv + pool forward+backward 67 -> 49 ms
-    alone at a 128x128x32 input, the difference being page faults on that 32 MiB output; ~10 ms of a
-    training step in an alternating A/B, within this machine's noise) where it applies:
-    CPU with the compiled extension, the image needing no gradient, no autocast, the slice_fold path
-    chosen for conv1 (``aniso_conv.choose``: the rule's choice, or a tuned, loaded or forced one; not
-    while torch.compile traces, nor with the reference backend), a (1, 1, k) max pool with stride k.
-    None where it does not: the caller composes :func:`stem_conv` and :func:`slice_pool`."""
-    if x.device.type != "cpu" or x.requires_grad or not extension_available() or autocast_dtype(x) is not None or \
-            requested_backend(backend) == "reference" or torch.compiler.is_compiling() or \
-            not isinstance(conv, nn.Conv3d) or not isinstance(pool, nn.MaxPool3d):
-        return None
-    if conv.padding_mode != "zeros" or conv.groups != 1 or any(d != 1 for d in conv.dilation) or \
-            isinstance(conv.padding, str):
-        return None
-    kernel, stride = _as_tuple(pool.kernel_size, 3), _as_tuple(pool.stride, 3)
-    if kernel != stride or kernel[:2] != (1, 1) or any(_as_tuple(pool.padding, 3)) or pool.ceil_mode or \
-            pool.return_indices or any(d != 1 for d in _as_tuple(pool.dilation, 3)):
-        return None
-    stride_c, padding_c = list(conv.stride), list(conv.padding)
-    if "slice_fold" not in aniso_conv.candidates(x, conv.weight, stride_c, padding_c) or \
-            aniso_conv.choose("forward", x, conv.weight, stride_c, padding_c) != "slice_fold":
-        return None
-    d_out = x.shape[4] + 2 * padding_c[2] - conv.weight.shape[4] + 1
-    if d_out < kernel[2]:
-        return None
-    return aniso_conv.slice_fold_conv_pool(x, conv.weight, conv.bias, stride_c, padding_c, kernel[2])
+def stem(conv: nn.Module, pool: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``pool(conv(x))`` for conv1 and pool1, through ``ops.stem_conv_pool`` where the modules are
+    AH-Net's (a plain convolution, a slice-axis max pool)."""
+    nd = x.dim() - 2
+    if _is_plain_conv(conv) and _is_slice_pool(pool, nd):
+        window = _as_tuple(pool.kernel_size, nd)[-1]
+        d_out = x.shape[-1] + 2 * conv.padding[-1] - conv.kernel_size[-1] + 1
+        if d_out >= window and conv.weight.shape[1] == x.shape[1]:
+            return stem_conv_pool(x, conv.weight, conv.bias, conv.stride, conv.padding, window, backend=backend)
+    return pool(conv(x))
 
 
 def pointwise(conv: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """``conv(x)`` for a 1x1x1 convolution without padding (the bottlenecks' first convolution and
-    the downsampling projections, strided): through ``aniso_conv.pointwise_conv`` (a matrix
-    product on CPU, measured faster there). The ``reference`` backend keeps ``conv(x)``."""
-    if requested_backend(backend) != "reference" and isinstance(conv, (nn.Conv2d, nn.Conv3d)) and \
-            all(k == 1 for k in conv.kernel_size) and conv.padding_mode == "zeros" and conv.groups == 1 and \
-            not isinstance(conv.padding, str) and not any(conv.padding) and all(d == 1 for d in conv.dilation):
-        return aniso_conv.pointwise_conv(x, conv.weight, conv.bias, conv.stride)
+    """``conv(x)``; a 1x1x1 convolution without padding (the bottlenecks' first convolution and the
+    downsampling projections, strided) through ``ops.pointwise_conv``."""
+    if _is_plain_conv(conv) and all(k == 1 for k in conv.kernel_size) and not any(conv.padding):
+        return pointwise_conv(x, conv.weight, conv.bias, conv.stride, backend=backend)
     return conv(x)
 
 
 def upsample(up: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """``up(x)``; on CPU a transposed convolution whose kernel equals its stride (the x2
-    up-transitions) runs as a matrix product and a voxel shuffle (``ops.transposed_conv``: measured
-    faster there), except inside ``aniso_conv.use_path("aten")``, which asks for ATen's convolution
-    arithmetic everywhere. CUDA keeps cuDNN's transposed convolution until a GPU run has compared them."""
-    if x.device.type == "cpu" and aniso_conv.forced_path() != "aten" and \
-            isinstance(up, (nn.ConvTranspose2d, nn.ConvTranspose3d)) and tuple(up.kernel_size) == tuple(up.stride) and \
+    """``up(x)``; a transposed convolution whose kernel equals its stride (the x2 up-transitions)
+    through ``ops.strided_transposed_conv``."""
+    if isinstance(up, (nn.ConvTranspose2d, nn.ConvTranspose3d)) and tuple(up.kernel_size) == tuple(up.stride) and \
             not any(up.padding) and not any(up.output_padding) and up.groups == 1 and \
             all(d == 1 for d in up.dilation) and up.padding_mode == "zeros":
         return strided_transposed_conv(x, up.weight, up.bias, up.stride, backend=backend)
@@ -523,12 +493,19 @@ class AHNet(nn.Module):
             policy = resolve_auto(self, x) if self.training and torch.is_grad_enabled() else "none"
         encoder, decoder, stem = policy in ("encoder", "all"), policy in ("decoder", "all"), policy == "all"
         # the ops' reused CPU scratch buffers (ahnet_fast._scratch) cost memory between steps: kept
-        # when time comes first, freed under activation checkpointing, where memory does
-        scratch.set_keep(policy == "none")
+        # when time comes first, freed under activation checkpointing, where memory does (for this
+        # call and its backward only)
+        scratch.push_keep(policy == "none")
+        try:
+            return self._forward(x, encoder, decoder, stem)
+        finally:
+            scratch.pop_keep()
 
-        def segment(enabled, fn, modules, *args):
-            return checkpoint_segment(fn, modules, *args) if enabled and self.training else fn(*args)
+    def _segment(self, enabled: bool, fn, modules, *args):
+        return checkpoint_segment(fn, modules, *args) if enabled and self.training else fn(*args)
 
+    def _forward(self, x: torch.Tensor, encoder: bool, decoder: bool, stem: bool) -> torch.Tensor:
+        segment = self._segment
         conv_x = segment(stem, self._stem, (self.conv1, self.bn0), x)
         x = self.maxpool(conv_x)
         pool_x = x
@@ -540,21 +517,31 @@ class AHNet(nn.Module):
             features.append(x)
         fm1, fm2, fm3, fm4 = features
 
-        def stage(up, dense):
-            return lambda a, skip: dense(up(a), skip)  # dense(up(a) + skip), the sum in the block's buffer
-
-        d0 = segment(decoder, stage(self.up0, self.dense0), (self.up0, self.dense0), fm4, fm3)
-        d1 = segment(decoder, stage(self.up1, self.dense1), (self.up1, self.dense1), d0, fm2)
-        d2 = segment(decoder, stage(self.up2, self.dense2), (self.up2, self.dense2), d1, fm1)
-        d3 = segment(decoder, stage(self.trans1, self.dense3), (self.trans1, self.dense3), d2, pool_x)
-        d4 = segment(decoder, stage(self.up3, self.dense4), (self.up3, self.dense4), d3, conv_x)
+        # each decoder stage is dense(up(a) + skip), the sum written into the block's buffer
+        d0 = segment(decoder, self._stage0, (self.up0, self.dense0), fm4, fm3)
+        d1 = segment(decoder, self._stage1, (self.up1, self.dense1), d0, fm2)
+        d2 = segment(decoder, self._stage2, (self.up2, self.dense2), d1, fm1)
+        d3 = segment(decoder, self._stage3, (self.trans1, self.dense3), d2, pool_x)
+        d4 = segment(decoder, self._stage4, (self.up3, self.dense4), d3, conv_x)
         return segment(decoder, self._head, (self.psp, self.final), d4)
 
+    def _stage0(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.dense0(self.up0(a), skip)
+
+    def _stage1(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.dense1(self.up1(a), skip)
+
+    def _stage2(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.dense2(self.up2(a), skip)
+
+    def _stage3(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.dense3(self.trans1(a), skip)
+
+    def _stage4(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.dense4(self.up3(a), skip)
+
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = stem_conv_pool(self.conv1, self.pool1, x, self.backend)
-        if pooled is None:
-            pooled = slice_pool(self.pool1, stem_conv(self.conv1, x, self.backend), self.backend)
-        return bn_relu(self.bn0, pooled, self.backend)
+        return bn_relu(self.bn0, stem(self.conv1, self.pool1, x, self.backend), self.backend)
 
     def _head(self, d4: torch.Tensor) -> torch.Tensor:
         if self.psp_block_num > 0:

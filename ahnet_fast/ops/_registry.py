@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ahnet_fast import backends
+from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast._extension import extension_available, extension_error
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -100,6 +100,22 @@ def triton_reasons(device: torch.device, dtype: torch.dtype, *, interpreter_bf16
     return reasons
 
 
+def gpu_composition_reasons(device: torch.device) -> list[str]:
+    """Why the ``triton`` entry of an op without a Triton kernel (its GPU path is an ATen/cuDNN
+    composition) cannot run on ``device``: only the device matters, not Triton or the dtype."""
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        return []
+    if device.type == "cpu":
+        return ["the triton backend is the GPU path: CUDA tensors (CPU tensors only with TRITON_INTERPRET=1, "
+                "for the tests)"]
+    return [f"the triton backend runs on CUDA tensors, not {device.type}"]
+
+
+def cpu_reasons(device: torch.device) -> list[str]:
+    """Why the ``cpp`` entry of an op whose CPU path is an ATen composition cannot run on ``device``."""
+    return [] if device.type == "cpu" else [f"the cpp backend is the CPU path; this tensor is on {device.type}"]
+
+
 _capabilities: dict[int, tuple[int, int]] = {}
 
 
@@ -137,15 +153,21 @@ def register_triton_pair(forward_op, backward_op, forward_fake, backward_fake, m
     backward_overload = getattr(torch.ops.ahnet_fast, backward_op._name).default
     inner = make_backward(backward_overload)
 
-    # The backward's Triton launches fall back or raise as the forward's did (a forced Triton stays
-    # forced in backward, outside the call that forced it).
+    # The backward runs under the choices in force at the forward, which has returned by then: its
+    # Triton launches fall back or raise as the forward's did (a forced Triton stays forced), and
+    # it keeps or frees scratch buffers as the forward's caller asked (scratch.push_keep).
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
         ctx.triton_strict = backends.triton_strict()
+        ctx.scratch_keep = scratch.keeping()
 
     def backward(ctx, *grads):
-        with backends.triton_strictness(ctx.triton_strict):
-            return inner(ctx, *grads)
+        scratch.push_keep(ctx.scratch_keep)
+        try:
+            with backends.triton_strictness(ctx.triton_strict):
+                return inner(ctx, *grads)
+        finally:
+            scratch.pop_keep()
 
     forward_op.register_autograd(backward, setup_context=setup)
     return getattr(torch.ops.ahnet_fast, forward_op._name).default, backward_overload

@@ -11,11 +11,12 @@ backward two passes, the second writing both gradients.
 Backends:
 
 - ``reference``: ``F.relu(F.batch_norm(...) + residual)``: the oracle, and what runs where the
-  compiled kernel cannot (CUDA, mixed dtypes).
+  compiled kernel cannot (mixed dtypes), and under ``auto`` on maps too small for it to gain.
 - ``cpp``: ``torch.ops.ahnet_fast.bn_add_relu`` / ``bn_add_relu_backward`` (csrc/cpu/bn_relu.cpp,
   the statistics shared with ``bn_relu``). Backward reads the output (the ReLU mask, as torch's
   ReLU backward does: blocked where output <= 0) and the input: the tensors the composition keeps,
   and the output is the next block's input, kept by it anyway.
+- ``triton`` (the GPU path; no Triton kernel): the same composition, cuDNN's BatchNorm.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import opmath_dtype, output_like
-from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, register_compiled_pair
+from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, gpu_composition_reasons, register_compiled_pair
 from ahnet_fast.ops.bn_relu import kernel_arguments, update_running_stats
 
 __all__ = ["batch_norm_add_relu", "batch_norm_add_relu_reference"]
@@ -61,16 +62,27 @@ def _cpp_reasons(x, residual):
     return reasons
 
 
-IMPLEMENTATIONS = (
-    backends.Implementation("reference", lambda *a: []),
-    backends.Implementation("cpp", _cpp_reasons),
-)
-
 # Below this many values per channel "auto" runs the composition: the compiled op's fixed cost (a
-# Python autograd node, a parallel loop over channels) outweighs its saved passes. Measured
-# (benchmarks/results/bn_add_relu_cpu.md, training step): 1.69x at 8192 values per channel (layer1),
-# 1.19x at 1024 (layer2), 0.85x at 128 (layer3), 0.69x at 16 (layer4).
+# Python autograd node, a parallel loop over channels) outweighs its saved passes (measured in
+# benchmarks/bench_bn_add_relu.py, benchmarks/results/bn_add_relu_cpu.md: the encoder's layer3 and
+# layer4 maps are below it).
 AUTO_MIN_VALUES_PER_CHANNEL = 512
+
+
+def _cpp_slower(x, residual):
+    per_channel = x.numel() // max(x.shape[1], 1)
+    if per_channel < AUTO_MIN_VALUES_PER_CHANNEL:
+        return [f"{per_channel} values per channel < {AUTO_MIN_VALUES_PER_CHANNEL}: the composition is faster"]
+    return []
+
+
+IMPLEMENTATIONS = backends.register("batch_norm_add_relu", (
+    backends.Implementation("reference", lambda *a: [], runs="F.relu(F.batch_norm(x) + residual)"),
+    backends.Implementation("cpp", _cpp_reasons, slower_reasons=_cpp_slower,
+                            runs="ahnet_fast::bn_add_relu (csrc/cpu/bn_relu.cpp)"),
+    backends.Implementation("triton", lambda x, residual: gpu_composition_reasons(x.device),
+                            runs="the composition on cuDNN's BatchNorm (no Triton kernel)"),
+))
 
 
 def batch_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, running_mean, running_var, weight, bias,
@@ -78,14 +90,11 @@ def batch_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, running_mean, r
     """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
 
     backend: "auto" (the compiled kernel where it runs and the map is large enough to gain,
-    AUTO_MIN_VALUES_PER_CHANNEL, else the composition), "reference" or "cpp"; None follows ``ahnet_fast.backend(...)``. There is no Triton kernel: on CUDA "auto"
-    gives the composition (cuDNN's BatchNorm), and a forced "triton" is an error naming that."""
+    AUTO_MIN_VALUES_PER_CHANNEL, else the composition), "reference", "cpp" or "triton" (the GPU
+    path: the composition, there is no Triton kernel); None follows ``ahnet_fast.backend(...)``."""
     _check(x, residual, running_mean, running_var, weight, bias, training)
-    if backends.requested_backend(backend) == "auto" and x.numel() // max(x.shape[1], 1) < AUTO_MIN_VALUES_PER_CHANNEL:
-        chosen = "reference"
-    else:
-        chosen = backends.select("batch_norm_add_relu", IMPLEMENTATIONS, x.device, (x, residual), backend)
-    if chosen == "reference":
+    chosen = backends.select("batch_norm_add_relu", IMPLEMENTATIONS, x.device, (x, residual), backend)
+    if chosen != "cpp":
         return batch_norm_add_relu_reference(x, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps)
     channels = x.shape[1]

@@ -56,11 +56,11 @@ def _triton_reasons(x, *_):
     return triton_reasons(x.device, x.dtype, interpreter_bf16=True) + dtype_reasons(x.dtype)
 
 
-IMPLEMENTATIONS = (
+IMPLEMENTATIONS = backends.register("batch_norm_relu", (
     backends.Implementation("reference", lambda *a: []),
     backends.Implementation("cpp", _cpp_reasons),
     backends.Implementation("triton", _triton_reasons),
-)
+))
 
 
 def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float,

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from ahnet_fast import _scratch as scratch, backends
-from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops import aniso_conv, _conv_paths as conv_paths
 from ahnet_fast.ops.bn_relu import update_running_stats
-from ahnet_fast.ops.aniso_conv import output_format
+from ahnet_fast.ops._conv_paths import output_format
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, is_channels_last, opmath_dtype, output_like
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, note_compiled_kernels, register_triton_pair,
@@ -137,7 +137,7 @@ class CppEngine(_Engine):
                 sd = opmath_dtype(x.dtype)
                 mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
             torch.ops.ahnet_fast.bn_relu_apply_(x, bn_weight, bn_bias, mean, var, eps, a)
-        y = aniso_conv.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
+        y = conv_paths.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
         return y.contiguous(memory_format=output_format(x)), mean, var
 
     @staticmethod
@@ -146,7 +146,7 @@ class CppEngine(_Engine):
         needs both, and passes the activation on to :meth:`conv_backward` instead of recomputing it
         (keep_activation=False: None, when holding it would cost more memory than recomputing it)."""
         a, _, _ = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, mean, var, False, eps)
-        y = aniso_conv.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
+        y = conv_paths.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
         return y.contiguous(memory_format=output_format(x)), (a if keep_activation else None)
 
     @staticmethod
@@ -156,7 +156,7 @@ class CppEngine(_Engine):
         from the same statistics and the same arithmetic as forward: into ``workspace`` (a flat
         buffer of x's dtype the caller reuses from unit to unit) when it is given, large enough and x
         is contiguous or channels-last, so that the recomputation does not take fresh memory each
-        time (on CPU fresh pages cost a page fault each: ~9 ms for 32 MiB on the development machine). With
+        time (on CPU fresh pages cost a page fault each on first touch). With
         ``grad_in_workspace``, on the matmul path, the activation's gradient goes into the workspace
         too once the weight gradient has read the activation: the returned gradient is then a view
         of the workspace, which the caller must consume before the workspace's next use. The shift
@@ -173,13 +173,13 @@ class CppEngine(_Engine):
         if owned and path == "matmul":
             # weight gradient first, then the activation is freed (or overwritten in the workspace)
             # before its gradient is written
-            grad_w = aniso_conv.matmul_weight_grad(grad_y, a, weight)
+            grad_w = conv_paths.matmul_weight_grad(grad_y, a, weight)
             like = torch.empty_like(a, device="meta")  # the activation's shape and layout, no storage
             target = a if in_workspace and grad_in_workspace else None
             del a
-            grad_a = aniso_conv.matmul_input_grad(grad_y, like, weight, out=target)
+            grad_a = conv_paths.matmul_input_grad(grad_y, like, weight, out=target)
         else:
-            grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding, grad_buffer)
+            grad_a, grad_w = conv_paths.backward(path, grad_y, a, weight, stride, padding, grad_buffer)
         return grad_a, grad_w.contiguous()  # the fake promises the weight's layout
 
     @classmethod
@@ -284,7 +284,7 @@ class TritonEngine(_Engine):
             y = kernels.conv_forward(x, weight, scale, shift, tuple(stride), tuple(padding), precision=_precision(x))
         else:
             a, _, _ = kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
-            y = aniso_conv.forward(path, a, weight, stride, padding).contiguous(memory_format=output_format(x))
+            y = conv_paths.forward(path, a, weight, stride, padding).contiguous(memory_format=output_format(x))
         return y, mean, var
 
     @staticmethod
@@ -309,7 +309,7 @@ class TritonEngine(_Engine):
                                              precision=prec)
         else:
             a, _, _ = kernels.bn_relu_forward(x, bn_weight, bn_bias, mean, var, False, eps)
-            grad_a, grad_w = aniso_conv.backward(path, grad_y, a, weight, stride, padding)
+            grad_a, grad_w = conv_paths.backward(path, grad_y, a, weight, stride, padding)
         return grad_a, grad_w.contiguous()
 
     @staticmethod
@@ -340,11 +340,11 @@ def _triton_reasons(x, weight=None, *_):
     return reasons
 
 
-IMPLEMENTATIONS = (
+IMPLEMENTATIONS = backends.register("bn_relu_conv", (
     backends.Implementation("reference", lambda *a: []),
     backends.Implementation("cpp", _cpp_reasons),
     backends.Implementation("triton", _triton_reasons),
-)
+))
 
 
 def bn_relu_conv(x, running_mean, running_var, bn_weight, bn_bias, training: bool, momentum: float, eps: float,

@@ -41,10 +41,13 @@ from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype
 from ahnet_fast.ops._registry import register_triton_pair
 from ahnet_fast.ops.bn_relu import update_running_stats
-from ahnet_fast.ops.bn_relu_conv import SCRATCH_SLOT, ENGINES, IMPLEMENTATIONS, output_format, \
+from ahnet_fast.ops.bn_relu_conv import IMPLEMENTATIONS as UNIT_IMPLEMENTATIONS, SCRATCH_SLOT, ENGINES, output_format, \
     same_padding
 
 __all__ = ["dense_block", "dense_block_reference", "PARAMS_PER_LAYER", "BNS_PER_LAYER"]
+
+# The block runs the BatchNorm+ReLU+convolution unit's engines: the same implementations and reasons.
+IMPLEMENTATIONS = backends.register("dense_block", UNIT_IMPLEMENTATIONS)
 
 # Per layer: (bn1.weight, bn1.bias, conv1.weight, bn2..., conv2, bn3..., conv3, bn4..., conv4).
 PARAMS_PER_LAYER = 12
@@ -121,9 +124,8 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
 
     keep_bottleneck: also keep each layer's c1 = conv1x1(relu(bn1(prefix))) (4g channels) and
     a + b (g channels) for backward instead of recomputing them there (for c1 a BatchNorm+ReLU pass
-    over the prefix and the block's largest 1x1x1 product per layer, ~10% of the block's step time
-    on CPU; for a + b the 1x1x3 convolution and the sum, ~3 ms per layer of the last block at a
-    128x128x32 input). The AH-Net module turns
+    over the prefix and the block's largest 1x1x1 product per layer; for a + b the 1x1x3
+    convolution and the sum). The AH-Net module turns
     it on outside activation checkpointing (inside it, memory is the priority).
 
     skip: the block is applied to ``x + skip`` (AH-Net's decoder stages add the encoder's feature
@@ -256,7 +258,7 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     with _scratch(out, widest) as workspace, _scratch(out, bottleneck, GRADIENT_SLOT) as grad_buffer:
         # The order below frees each temporary as soon as it is used. Held longer, the last layer's
         # normalised prefix, c1, c1's activation and their gradients were alive together with the 3x3x1
-        # unit's shifted gradient copies (aniso_conv._shift_backward): that was the block's peak. So
+        # unit's shifted gradient copies (conv_paths._shift_backward): that was the block's peak. So
         # the normalised prefix is recomputed for the first unit's backward (one BatchNorm+ReLU pass)
         # rather than kept through the 3x3x1 unit's, and each gradient is dropped once consumed.
         for i in reversed(range(len(layers))):
@@ -362,7 +364,7 @@ def _setup_context(ctx, inputs, output):
     out, saved = output
     ctx.save_for_backward(out, *weights, *saved)
     # the saved list is an output only to reach backward: its gradient is always None, and
-    # materialising it would fill zeros the size of every kept tensor (16 ms per step at 128x128x32)
+    # materialising it would fill zeros the size of every kept tensor, every step
     ctx.set_materialize_grads(False)
     ctx.args = (x.shape[1], len(weights), use_batch_stats, eps, len(running_means), len(running_vars),
                 skip is not None)

@@ -289,11 +289,11 @@ def _triton_reasons(p: _Problem) -> list[str]:
     return triton_reasons(p.logits.device, p.logits.dtype, interpreter_bf16=True) + _kernel_contract_reasons(p)
 
 
-IMPLEMENTATIONS = (
+IMPLEMENTATIONS = backends.register("focal_loss", (
     backends.Implementation("reference", lambda p: []),
     backends.Implementation("cpp", _cpp_reasons),
     backends.Implementation("triton", _triton_reasons),
-)
+))
 
 
 SYNC_CHECKS_ENV = "AHNET_FAST_SYNC_CHECKS"

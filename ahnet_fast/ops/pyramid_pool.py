@@ -214,11 +214,11 @@ def _triton_reasons(x) -> list[str]:
     return reasons
 
 
-IMPLEMENTATIONS = (
+IMPLEMENTATIONS = backends.register("pyramid_pool", (
     backends.Implementation("reference", lambda x: []),
     backends.Implementation("cpp", _cpp_reasons),
     backends.Implementation("triton", _triton_reasons),
-)
+))
 
 
 def pyramid_pool(x: torch.Tensor, proj_weights: Sequence[torch.Tensor], proj_biases: Sequence[torch.Tensor],

@@ -12,11 +12,15 @@ Ties and NaN follow ``F.max_pool3d`` on CPU and CUDA: the first maximum in the w
 NaN wins over any number (the last NaN if several). Windows that would run past the end are dropped
 (floor mode), as in ``nn.MaxPool3d(ceil_mode=False)``. A window of 1 is the identity.
 
-Implementations: the compiled CPU kernel ``ahnet_fast::slice_max_pool`` (csrc/cpu/slice_pool.cpp:
-one pass each way, any dense input strides, so it also takes the stem's slice-folded convolution
-output, whose slice axis is outermost, and writes a contiguous result without a separate
-transposition); elsewhere (CUDA, or no extension) the same arithmetic composed of torch ops; the
-reference ``F.max_pool3d`` only when the ``reference`` backend is requested.
+Backends (the table :data:`IMPLEMENTATIONS`):
+
+- ``reference``: ``F.max_pool3d`` (2D: ``F.max_pool2d``).
+- ``cpp``: the compiled CPU kernel ``ahnet_fast::slice_max_pool`` (csrc/cpu/slice_pool.cpp: one
+  pass each way, any dense input strides, so it also takes the stem's slice-folded convolution
+  output, whose slice axis is outermost, and writes a contiguous result without a separate
+  transposition).
+- ``triton`` (the GPU path; no Triton kernel): the same arithmetic composed of torch ops (a few
+  elementwise passes, nothing a kernel would save), keeping the uint8 positions.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, register_compiled_pair
+from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, gpu_composition_reasons, register_compiled_pair
 
 __all__ = ["slice_max_pool", "slice_max_pool_reference"]
 
@@ -104,23 +108,30 @@ def _dense(x):
     return True
 
 
+IMPLEMENTATIONS = backends.register("slice_max_pool", (
+    backends.Implementation("reference", lambda x: [], runs="F.max_pool3d"),
+    backends.Implementation("cpp", _cpp_reasons, runs="ahnet_fast::slice_max_pool (csrc/cpu/slice_pool.cpp)"),
+    backends.Implementation("triton", lambda x: gpu_composition_reasons(x.device),
+                            runs="torch ops keeping uint8 window positions (no Triton kernel)"),
+))
+
+
 def slice_max_pool(x: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
     """``max_pool3d(x, (1, 1, k), (1, 1, k))`` (2D: ``max_pool2d(x, (1, k), (1, k))``), keeping a uint8
-    window position per output for backward instead of the input and int64 indices.
-
-    Backends: ``reference`` (forced) is ``F.max_pool3d``; otherwise the compiled kernel where it can
-    run, else the torch composition (CUDA has no compiled kernel and no Triton one: the composition
-    is a few elementwise passes, so a forced ``triton`` or ``cpp`` falls back to it rather than
-    failing inside a model)."""
+    window position per output for backward instead of the input and int64 indices (except the
+    ``reference`` backend, which is ``F.max_pool3d`` itself)."""
     _check(x, k)
     if k == 1:
         return x
-    wanted = backends.requested_backend(backend)
-    if wanted == "reference":
-        return slice_max_pool_reference(x, k)
-    if extension_available() and not _cpp_reasons(x):
-        return torch.ops.ahnet_fast.slice_max_pool(x, k)[0]
-    return _SliceMaxPool.apply(x, k)
+
+    def run(chosen):
+        if chosen == "reference":
+            return slice_max_pool_reference(x, k)
+        if chosen == "cpp":
+            return torch.ops.ahnet_fast.slice_max_pool(x, k)[0]
+        return _SliceMaxPool.apply(x, k)
+
+    return backends.dispatch("slice_max_pool", IMPLEMENTATIONS, x.device, (x,), backend, run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,14 @@ gradient before accumulating; here the shuffle is the compiled ``ahnet_fast::vox
 output row interleaves f2 contiguous rows of T). Measured in
 ``benchmarks/test_bench_transposed_conv.py``.
 
-Where the compiled shuffle cannot run (CUDA, no extension) the shuffle is torch's
-``view/permute/reshape`` (the same values); the ``reference`` backend is ``F.conv_transpose3d``.
+Backends (the table :data:`IMPLEMENTATIONS`):
+
+- ``reference``: ``F.conv_transpose3d`` (2D: ``conv_transpose2d``).
+- ``cpp`` (CPU): the matrix product and the compiled shuffle (torch's ``view/permute/reshape``,
+  the same values, where the extension is missing); inside ``aniso_conv.use_path(p)`` with p other
+  than "matmul", ATen's transposed convolution (eager arithmetic).
+- ``triton`` (the GPU path; no Triton kernel): cuDNN's transposed convolution, until a GPU run has
+  compared it with the product and shuffle.
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, note_compiled_kernels
+from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops._registry import cpp_kernel_reasons, cpu_reasons, dtype_reasons, gpu_composition_reasons, \
+    note_compiled_kernels
 
 __all__ = ["strided_transposed_conv", "strided_transposed_conv_reference", "voxel_shuffle", "voxel_unshuffle",
            "voxel_shuffle_reference", "voxel_unshuffle_reference"]
@@ -96,14 +104,28 @@ def _check(x, weight, bias, stride):
 def strided_transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             stride: Sequence[int], *, backend: str | None = None) -> torch.Tensor:
     """``conv_transpose3d(x, weight, bias, stride)`` (2D: ``conv_transpose2d``) for kernel == stride,
-    no padding, groups 1, as a matrix product and a voxel shuffle (see the module docstring). The
-    ``reference`` backend runs ``F.conv_transpose3d``; any other runs this composition (the shuffle
-    compiled where it can, torch ops elsewhere: it has no Triton form, a forced ``triton`` inside a
-    model falls back to it rather than failing)."""
+    no padding, groups 1; on CPU as a matrix product and a voxel shuffle (see the module docstring)."""
     stride = [int(s) for s in stride]
     _check(x, weight, bias, stride)
-    if backends.requested_backend(backend) == "reference":
+
+    def run(chosen):
+        if chosen == "cpp" and aniso_conv.forced_path() in (None, "matmul"):
+            return _product_shuffle(x, weight, bias, stride)
         return strided_transposed_conv_reference(x, weight, bias, stride)
+
+    return backends.dispatch("strided_transposed_conv", IMPLEMENTATIONS, x.device, (x,), backend, run)
+
+
+IMPLEMENTATIONS = backends.register("strided_transposed_conv", (
+    backends.Implementation("reference", lambda x: [], runs="F.conv_transpose3d"),
+    backends.Implementation("cpp", lambda x: cpu_reasons(x.device),
+                            runs="a matrix product and ahnet_fast::voxel_shuffle; ATen inside use_path"),
+    backends.Implementation("triton", lambda x: gpu_composition_reasons(x.device),
+                            runs="cuDNN transposed convolution (no Triton kernel)"),
+))
+
+
+def _product_shuffle(x, weight, bias, stride):
     n, ci = x.shape[:2]
     co = weight.shape[1]
     taps = weight[0, 0].numel()

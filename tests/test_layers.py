@@ -1,0 +1,146 @@
+"""The package's structure as the design states it, checked on the source:
+
+- layers, each importing only those at or below it: cli -> training/inference -> nn -> ops ->
+  backends -> kernels, with the base helpers (_atomic, _layout, _scratch, _extension) under all;
+  nn does not reach into kernels, and nothing above nn reaches into ops or kernels;
+- no import circle between modules (imports inside functions count: they are circles at run time);
+- nn/ makes no decision about how an op runs (no device, extension, autocast, compile or backend
+  checks): the op tables in ops/ are the one place.
+"""
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "ahnet_fast"
+
+BASE = {"ahnet_fast._atomic", "ahnet_fast._layout", "ahnet_fast._scratch", "ahnet_fast._extension",
+        "ahnet_fast.kernels.errors"}
+UPPER = ("ahnet_fast.training", "ahnet_fast.inference", "ahnet_fast.memory", "ahnet_fast.metrics",
+         "ahnet_fast.plots", "ahnet_fast.data")
+
+
+def layer(module: str) -> int:
+    if module in BASE:
+        return 0
+    if module.startswith("ahnet_fast.kernels"):
+        return 1
+    if module == "ahnet_fast.backends":
+        return 2
+    if module.startswith("ahnet_fast.ops"):
+        return 3
+    if module.startswith("ahnet_fast.nn"):
+        return 4
+    if module.startswith(UPPER) or module == "ahnet_fast":  # the package re-exports the user API
+        return 5
+    if module in ("ahnet_fast.cli", "ahnet_fast.__main__"):
+        return 6
+    raise AssertionError(f"{module} is in no layer: add it to tests/test_layers.py")
+
+
+def modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
+    """ahnet_fast modules that ``name`` imports anywhere in its source (a package's ``from p
+    import x`` counts as importing p.x when that is a module, else p)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("ahnet_fast")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            if base.startswith("ahnet_fast"):
+                out |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
+    return {m for m in out if m in known and m != name}
+
+
+GRAPH = {name: imports(name, path, set(modules())) for name, path in modules().items()}
+
+
+def test_every_module_is_in_a_layer_and_imports_only_at_or_below_it():
+    wrong = []
+    for name, targets in GRAPH.items():
+        if name == "ahnet_fast":
+            continue  # the package itself: the public API, re-exported
+        for target in targets:
+            if name == "ahnet_fast._extension" and target == "ahnet_fast":
+                continue  # `from ahnet_fast import _C`: the compiled library, not the package's API
+            if layer(target) > layer(name):
+                wrong.append(f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("importer,forbidden", [
+    (4, ("ahnet_fast.kernels",)),  # nn -> ops only
+    (5, ("ahnet_fast.ops", "ahnet_fast.kernels")),  # training/inference -> nn only, no shortcut into ops
+    (6, ("ahnet_fast.ops", "ahnet_fast.kernels")),
+])
+def test_no_layer_is_skipped(importer, forbidden):
+    wrong = [f"{name} imports {target}" for name, targets in GRAPH.items() if name != "ahnet_fast"
+             and layer(name) == importer for target in targets if target.startswith(forbidden)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_circle():
+    graph = {n: {t for t in ts if t != "ahnet_fast"} for n, ts in GRAPH.items() if n != "ahnet_fast"}
+    # the package facade is where everything starts, not a module the others depend on for code
+    state, path, circles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt.startswith(node + "."):
+                continue  # a package importing its own submodules to re-export them
+            if state.get(nxt) == "open":
+                circles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not circles, "\n".join(circles)
+
+
+# What deciding how an op runs looks like in source: these belong in ops/ (the tables), not in nn/.
+DECISIONS = {"extension_available", "is_compiling", "autocast_dtype", "get_autocast_dtype", "is_autocast_enabled",
+             "requested_backend", "forced_path", "use_path", "triton_interpreted", "is_cuda", "select", "dispatch"}
+
+
+def test_modules_decide_nothing_about_how_ops_run():
+    found = []
+    for path in sorted((ROOT / "nn").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in DECISIONS:
+                found.append(f"{path.name}:{node.lineno} uses {name}")
+            # x.device.type == "cpu" and the like
+            if isinstance(node, ast.Attribute) and node.attr == "type" and isinstance(node.value, ast.Attribute) and \
+                    node.value.attr == "device":
+                found.append(f"{path.name}:{node.lineno} checks a device type")
+    assert not found, "\n".join(found)
+
+
+def test_the_checks_find_what_they_look_for(tmp_path):
+    """The scans above are not vacuous: they see an upward import and a device check."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from ahnet_fast.training import loop\nimport torch\nif x.device.type == 'cpu': pass\n")
+    assert imports("ahnet_fast.ops.bad", bad, set(modules())) == {"ahnet_fast.training.loop"}
+    tree = ast.parse(bad.read_text())
+    assert any(isinstance(n, ast.Attribute) and n.attr == "type" and getattr(n.value, "attr", None) == "device"
+               for n in ast.walk(tree))
+    assert layer("ahnet_fast.training.loop") > layer("ahnet_fast.ops.bad")
