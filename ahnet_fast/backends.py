@@ -137,8 +137,8 @@ def device_preference(device: torch.device) -> Sequence[str]:
     return ("cpp", "reference")
 
 
-# recording(): op -> {backend: calls} while a block records, else None. Plain module state (not a
-# ContextVar) so that torch.compile traces through the check.
+# The tallies of the open recording() blocks, innermost last. Plain module state (not a ContextVar)
+# so that torch.compile traces through the check.
 _record: list[dict[str, dict[str, int]]] = []
 
 
@@ -151,8 +151,8 @@ def recording() -> Iterator[dict[str, dict[str, int]]]:
     _record.append(counts)
     try:
         yield counts
-    finally:
-        _record.remove(counts)
+    finally:  # by identity: an enclosing block's tally may be equal to this one
+        del _record[next(i for i, c in enumerate(_record) if c is counts)]
 
 
 def _note(op: str, name: str) -> None:

@@ -126,5 +126,7 @@ def backend_summary(record: dict | None, extension: bool | None = None) -> str:
     if len(per_backend) == 1:
         return f"{next(iter(per_backend))} (every op{ext})"
     main = max(per_backend, key=lambda k: len(per_backend[k]))
-    others = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(per_backend.items()) if k != main)
-    return f"{main}, except {others}{ext}"
+    mixed = {op for op, counts in record.items() if len(counts) > 1}
+    others = "; ".join(f"{k} for " + ", ".join(f"{op} (some calls)" if op in mixed else op for op in v)
+                       for k, v in sorted(per_backend.items()) if k != main)
+    return f"{main}, and {others}{ext}"

@@ -25,7 +25,7 @@ import json
 import platform
 
 import torch
-from _common import finish_report, median_seconds, saved_bytes  # benchmarks/ is the script's folder, first on sys.path
+from _common import backends_that_ran, finish_report, median_seconds, run_info, saved_bytes  # benchmarks/ is the script's folder, first on sys.path
 
 from ahnet_fast.nn._checkpoint import prefer_recomputation
 from ahnet_fast.nn.ahnet import DenseBlock
@@ -86,8 +86,11 @@ def main():
             x = torch.randn(shape).requires_grad_()
             grad = torch.randn(1, channels + 60, *shape[2:])
             rows = {}
+            ran_by_impl = {}
             for impl, f in impls.items():
                 saved, _ = saved_bytes(lambda: f(x), exclude=params)
+                # which backend ran each ahnet_fast op (empty for MONAI's block)
+                _, ran_by_impl[impl] = backends_that_ran(lambda: f(x).backward(grad))
 
                 def step():
                     x.grad = None
@@ -95,8 +98,8 @@ def main():
 
                 rows[impl] = (saved, median_seconds(step, args.repeats))
             base = rows.get("MONAI", rows["layers"])
-            records.extend(dict(block=name, shape=list(shape), impl=impl, saved_bytes=saved, ms=t * 1e3)
-                           for impl, (saved, t) in rows.items())
+            records.extend(dict(block=name, shape=list(shape), impl=impl, saved_bytes=saved, ms=t * 1e3,
+                                backends=ran_by_impl[impl] or None) for impl, (saved, t) in rows.items())
             for impl, (saved, t) in rows.items():
                 lines.append(f"| {name} | {shape} | {impl} | {saved / 2**20:.1f} | {saved / base[0]:.2f}x | "
                              f"{t * 1e3:.1f} | {base[1] / t:.2f}x |")
@@ -104,9 +107,7 @@ def main():
     finish_report(lines, args.out)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=platform.processor() or platform.machine(), torch=torch.__version__,
-                           date=str(datetime.date.today()), threads=torch.get_num_threads(), results=records), f,
-                      indent=1)
+            json.dump(dict(run_info("cpu", platform.processor() or platform.machine()), results=records), f, indent=1)
 
 
 if __name__ == "__main__":

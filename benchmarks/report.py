@@ -91,17 +91,20 @@ def rows():
         by = {(r["block"], r["impl"]): r for r in dense["results"]}
         ratios = [by[(b, "block")]["saved_bytes"] / by[(b, "MONAI")]["saved_bytes"]
                   for b, impl in by if impl == "MONAI" and (b, "block") in by]
+        ran = next((r.get("backends") for r in dense["results"] if r["impl"] == "block" and r.get("backends")), None)
         if ratios:
             out.append(("5", f"bytes a decoder dense block keeps for backward vs MONAI's ({len(ratios)} blocks)",
                         f"{min(ratios):.2f}–{max(ratios):.2f}x", "≤ 0.4x", _verdict(max(ratios), 0.4, False),
-                        f"{dense['date']}, {dense['device']}, torch {dense['torch']}", dense_path))
+                        f"{dense['date']}, {dense['device']}, torch {dense['torch']}; ran "
+                        f"{backend_summary(ran, dense.get('extension'))}", dense_path))
     mem, mem_path = _latest("memory_cpu_*.json")
     if mem:
         # the planner's constants were fitted on two configurations: judged on the others, reported apart
         calibration = {(tuple(s), c, p) for s, c, p in mem.get("calibration_points", [])}
         held_out = [r for r in mem["results"] if (tuple(r["shape"]), r["checkpoint"], r["precision"]) not in calibration]
         fitted = [r for r in mem["results"] if r not in held_out]
-        where = f"{mem['date']}, {mem['device']}, torch {mem['torch']}"
+        ran = next((r.get("backends") for r in mem["results"] if r.get("backends")), None)
+        where = f"{mem['date']}, {mem['device']}, torch {mem['torch']}; ran {backend_summary(ran, mem.get('extension'))}"
         for label, group in (("held out", held_out), ("calibration", fitted)):
             if not group:
                 continue
@@ -120,16 +123,18 @@ def rows():
             gains.append(aten / best)
         out.append(("5", f"CPU convolution paths vs ATen over {len(gains)} AH-Net shapes (fwd+bwd, best path)",
                     f"median {statistics.median(gains):.2f}x, max {max(gains):.2f}x", "—", "",
-                    f"{conv['date']}, {conv['device']}, torch {conv['torch']}", conv_path))
+                    f"{conv['date']}, {conv['device']}, torch {conv['torch']}; each path called directly "
+                    f"(ahnet_fast.ops._conv_paths), no backend dispatch", conv_path))
     roof, roof_path = _latest("roofline_cpu_*.json")
     if roof:
         step = next((r for r in roof["results"] if r["op"] == "training step"), None)
         if step:
+            step_ran = backend_summary(step.get("backends"), roof.get("extension"))
             out.append(("8", f"roofline, CPU training step {step['shape']}: FLOP rate (% of the fp32 matmul peak "
                              "measured in the same run)",
                         f"{step['gflops_per_s']:.0f} GFLOP/s ({step['pct_matmul_peak']:.0f}%)", "—", "",
-                        f"{roof['date']}, {roof['device']} ({roof['threads']} threads), torch {roof['torch']}",
-                        roof_path))
+                        f"{roof['date']}, {roof['device']} ({roof['threads']} threads), torch {roof['torch']}; ran "
+                        f"{step_ran}", roof_path))
     gpu, gpu_path = _latest("gpu_check*.json")
     if gpu:
         info = gpu.get("info", {})

@@ -140,8 +140,10 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
                       baseline_name="F.batch_norm + F.relu", min_bytes=2 * nbytes(x) + 3 * nbytes(x)))
 
     # a bottleneck's tail, BatchNorm + residual + ReLU, at layer1 (256 channels, a quarter of the
-    # dense4 map): read x twice and the residual, write y; backward reads x, y and the gradient twice
-    # and writes two gradients
+    # dense4 map). The minimum: forward reads x and the residual and writes y; backward reads the
+    # gradient, x and y (the ReLU mask) and writes the two gradients: 8 tensors. (The kernels move
+    # more: a statistics pass reads x once more each way, and the gradient is read twice; counting
+    # those as "minimum" put the op above 100% of a roof, an impossible figure.)
     c1, s1 = (6, s) if smoke else (256, (32, 32, 8))
     x1, r1 = randn(1, c1, *s1).requires_grad_(), randn(1, c1, *s1).requires_grad_()
     bw1, bb1 = (randn(c1).abs() + 0.5).requires_grad_(), randn(c1).requires_grad_()
@@ -161,7 +163,7 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
                       run=_fwd_bwd(tail(tail_backend), x1, gy1, (r1, bw1, bb1)),
                       reference=_fwd_bwd(tail("reference"), x1, gy1, (r1, bw1, bb1)),
                       baseline=_fwd_bwd(torch_tail, x1, gy1, (r1, bw1, bb1)),
-                      baseline_name="F.batch_norm + add + F.relu", min_bytes=12 * nbytes(x1)))
+                      baseline_name="F.batch_norm + add + F.relu", min_bytes=8 * nbytes(x1)))
 
     ci, co = 104, 80
     x = randn(1, ci, *s).requires_grad_()
