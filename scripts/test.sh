@@ -20,7 +20,7 @@ if [ $# -eq 0 ]; then
 fi
 echo "[ahnet_fast phase] pytest $(date +%s)"
 pytest_rc=0
-"$PY" -m pytest -q "$@" || pytest_rc=$?
+"$PY" -m pytest -q --durations=25 "$@" || pytest_rc=$?
 echo "[ahnet_fast phase] end $(date +%s)"
 if [ "$matrix_rc" -ne 0 ]; then
   echo "scripts/compile_matrix.sh failed (exit $matrix_rc): see its output above" >&2
