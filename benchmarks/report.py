@@ -232,7 +232,9 @@ def ci_block() -> list[str]:
     if not ci:
         return ["Not timed yet (`bash scripts/time_clean_clone.sh`)."]
     parts = ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in ci["phases"].items())
-    return [f"{ci['date']}, {ci['device']} ({ci['cpus']} CPUs), commit {ci['commit'][:10]}: {parts}; "
+    cache = {True: " (the compile matrix's Triton versions already downloaded)",
+             False: " (the compile matrix's Triton versions downloaded in the run)"}.get(ci.get("triton_cache_warm"), "")
+    return [f"{ci['date']}, {ci['device']} ({ci['cpus']} CPUs), commit {ci['commit'][:10]}: {parts}{cache}; "
             f"{ci['total_s'] / 60:.1f} min in all, exit status {ci['exit_status']} (`{path}`)."]
 
 
