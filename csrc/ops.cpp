@@ -67,13 +67,13 @@ TORCH_LIBRARY(ahnet_fast, m) {
   // window positions of the maxima per level (int8 for level 0, int16 above), padded projections
   // per level (float32, float64 for float64 x)).
   m.def(
-      "psp_forward(Tensor x, Tensor proj_weight, Tensor proj_bias, Tensor? up_weight, Tensor? up_bias, "
+      "pyramid_pool_forward(Tensor x, Tensor proj_weight, Tensor proj_bias, Tensor? up_weight, Tensor? up_bias, "
       "Tensor index_h, Tensor lambda_h, Tensor index_w, Tensor lambda_w, int levels, bool pool_w, bool linear, "
       "bool concat_input) -> (Tensor, Tensor[], Tensor[], Tensor[])");
-  // Gradient of psp_forward with respect to x: grad_identity (the gradient of the concatenated x,
+  // Gradient of pyramid_pool_forward with respect to x: grad_identity (the gradient of the concatenated x,
   // or None) plus each level's pooled gradient routed to its argmax.
   m.def(
-      "psp_backward(Tensor? grad_identity, Tensor[] grad_pooled, Tensor[] argmax, int[] size, bool pool_w, "
+      "pyramid_pool_backward(Tensor? grad_identity, Tensor[] grad_pooled, Tensor[] argmax, int[] size, bool pool_w, "
       "ScalarType dtype, bool channels_last) -> Tensor");
   // Max pooling along the last axis only (windows (1, 1, k) / (1, k), stride k, floor mode) of an
   // input of any dense strides; see csrc/cpu/slice_pool.cpp. Returns (out: contiguous, or

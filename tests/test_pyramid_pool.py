@@ -194,10 +194,10 @@ def test_opcheck():
         x = torch.randn(_shape(spatial_dims, 2, mode, channels=3))
         for xin in (x, x.clone().requires_grad_()):
             a = _Args(xin, *_params(ours), mode)
-            torch.library.opcheck(torch.ops.ahnet_fast.psp_forward.default, a.op_args(concat))
-        out, pooled, args, _ = torch.ops.ahnet_fast.psp_forward(*a.op_args(concat))
+            torch.library.opcheck(torch.ops.ahnet_fast.pyramid_pool_forward.default, a.op_args(concat))
+        out, pooled, args, _ = torch.ops.ahnet_fast.pyramid_pool_forward(*a.op_args(concat))
         gid = torch.randn(a.x5.shape) if concat else None
-        torch.library.opcheck(torch.ops.ahnet_fast.psp_backward.default,
+        torch.library.opcheck(torch.ops.ahnet_fast.pyramid_pool_backward.default,
                               (gid, [torch.randn(p.shape) for p in pooled], args, list(a.x5.shape), a.pool_w,
                                torch.float32, False))
 

@@ -113,7 +113,7 @@ conv_weight_grad = guarded("aniso_conv", _conv.conv_weight_grad, _conv_weight_gr
 # inside each window; windows of one level do not overlap).
 
 
-def _psp_backward_composition(grad_identity, grad_pooled, argmax, size, pool_w, dtype, channels_last):
+def _pyramid_pool_backward_composition(grad_identity, grad_pooled, argmax, size, pool_w, dtype, channels_last):
     n, c, h, w, d = size
     op = opmath_dtype(dtype)
     gx = torch.zeros((n, c, h * w, d), dtype=op, device=grad_pooled[0].device)
@@ -133,5 +133,5 @@ def _psp_backward_composition(grad_identity, grad_pooled, argmax, size, pool_w, 
     return gx.to(dtype).contiguous(memory_format=fmt)
 
 
-psp_backward = guarded("pyramid_pool", _psp.psp_backward, _psp_backward_composition)
-psp_forward = _psp.psp_forward  # a failure here reaches the op's dispatch, which runs another backend
+pyramid_pool_backward = guarded("pyramid_pool", _psp.pyramid_pool_backward, _pyramid_pool_backward_composition)
+pyramid_pool_forward = _psp.pyramid_pool_forward  # a failure here reaches the op's dispatch, which runs another backend

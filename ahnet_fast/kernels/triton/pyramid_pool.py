@@ -1,6 +1,6 @@
 """Triton kernels of pyramid volumetric pooling (the op ``ahnet_fast.ops.pyramid_pool``).
 
-Same contract as the C++ kernels ``ahnet_fast::psp_forward`` / ``psp_backward``
+Same contract as the C++ kernels ``ahnet_fast::pyramid_pool_forward`` / ``pyramid_pool_backward``
 (csrc/cpu/pyramid_pool.cpp); the map is (N, C, H, W, D), level l pools windows of s = 8 << l rows
 by s (pool_w) or 1 columns. Kernels:
 
@@ -218,8 +218,8 @@ def _check_grid(planes):
         raise ValueError(f"pyramid_pool (Triton): batch x channels = {planes} exceeds 65535; split the batch")
 
 
-def psp_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h, index_w, lambda_w, levels, pool_w,
-                linear, concat_input):
+def pyramid_pool_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h, index_w, lambda_w, levels,
+                         pool_w, linear, concat_input):
     n, c, h, w, d = x.shape
     _check_grid(n * c)
     op = opmath_dtype(x.dtype)
@@ -276,7 +276,7 @@ def psp_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h
     return out, pooled, args, proj
 
 
-def psp_backward(grad_identity, grad_pooled, argmax, size, pool_w, dtype, channels_last):
+def pyramid_pool_backward(grad_identity, grad_pooled, argmax, size, pool_w, dtype, channels_last):
     n, c, h, w, d = size
     _check_grid(n * c)
     levels = len(grad_pooled)
