@@ -65,20 +65,19 @@ def _is_plain_conv(conv: nn.Module) -> bool:
 def slice_pool(pool: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """``pool(x)``; AH-Net's slice-axis max pools ((1, 1, k) windows, stride = window) through
     ``ops.slice_max_pool``."""
-    if _is_slice_pool(pool, x.dim() - 2) and x.shape[-1] >= _as_tuple(pool.kernel_size, x.dim() - 2)[-1]:
-        return slice_max_pool(x, _as_tuple(pool.kernel_size, x.dim() - 2)[-1], backend=backend)
+    window = _as_tuple(pool.kernel_size, x.dim() - 2)[-1]
+    if _is_slice_pool(pool, x.dim() - 2) and x.shape[-1] >= window:
+        return slice_max_pool(x, window, backend=backend)
     return pool(x)
 
 
 def stem(conv: nn.Module, pool: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """``pool(conv(x))`` for conv1 and pool1, through ``ops.stem_conv_pool`` where the modules are
-    AH-Net's (a plain convolution, a slice-axis max pool)."""
+    AH-Net's (a plain convolution, a slice-axis max pool); the op checks the shapes."""
     nd = x.dim() - 2
     if _is_plain_conv(conv) and _is_slice_pool(pool, nd):
-        window = _as_tuple(pool.kernel_size, nd)[-1]
-        d_out = x.shape[-1] + 2 * conv.padding[-1] - conv.kernel_size[-1] + 1
-        if d_out >= window and conv.weight.shape[1] == x.shape[1]:
-            return stem_conv_pool(x, conv.weight, conv.bias, conv.stride, conv.padding, window, backend=backend)
+        return stem_conv_pool(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                              _as_tuple(pool.kernel_size, nd)[-1], backend=backend)
     return pool(conv(x))
 
 

@@ -60,12 +60,13 @@ def conv3d(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
            padding: Sequence[int]) -> torch.Tensor:
     """A plain (not BatchNorm-fused) 3D convolution, zero padding, dilation 1, groups 1, by the path
     ``aniso_conv.choose`` picks among ``aten`` and ``slice_fold``, differentiable. A ``slice_fold``
-    result has its slice axis outermost in memory (see ``conv_paths.slice_fold_forward``)."""
+    result has its slice axis outermost in memory (see ``_conv_paths.slice_fold_forward``)."""
     stride, padding = list(stride), list(padding)
-    if "slice_fold" in aniso_conv.candidates(a, weight, stride, padding):
+    paths = aniso_conv.candidates(a, weight, stride, padding)
+    if "slice_fold" in paths:
         if torch.compiler.is_compiling() and aniso_conv.forced_path() is None:
             # no recording or measuring while tracing: the static rule
-            path = aniso_conv.rule("forward", a, weight, aniso_conv.candidates(a, weight, stride, padding))
+            path = aniso_conv.rule("forward", a, weight, paths)
         else:
             path = aniso_conv.choose("forward", a, weight, stride, padding)
         if path == "slice_fold":
