@@ -1,8 +1,7 @@
 """Builds the compiled operators `ahnet_fast._C` from csrc/.
 
-CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. There are no CUDA C++ sources today (the
-GPU kernels are Triton's); should csrc/cuda/*.cu appear, they are built when the installed torch has
-CUDA and a CUDA toolkit is found. torch must already be installed, and the
+The sources are csrc/ops.cpp (the schemas) and csrc/cpu/*.cpp (the CPU kernels); the GPU kernels are
+Triton's (ahnet_fast/kernels/triton) and need no build step. torch must already be installed, and the
 build must see it: install with `pip install --no-build-isolation .` (an isolated build would pull
 a multi-GB CUDA torch). With no torch at build time, or AHNET_FAST_NO_EXTENSION=1, the package is
 installed without the extension and runs on its pure-PyTorch reference path.
@@ -20,8 +19,7 @@ def _extensions():
     if os.environ.get("AHNET_FAST_NO_EXTENSION") == "1":
         return [], {}
     try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         print("ahnet_fast: torch is not importable at build time; building without the extension", file=sys.stderr)
         return [], {}
@@ -30,9 +28,6 @@ def _extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cuda_sources = rel("csrc/cuda/*.cu")
-    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None \
-        and os.environ.get("AHNET_FAST_NO_CUDA") != "1"
     debug = os.environ.get("AHNET_FAST_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math / -fno-math-errno: lets GCC turn selects and min/max into vector code
@@ -41,19 +36,7 @@ def _extensions():
     # results do not depend on the CPU the kernels run on.
     cxx += ["-fopenmp", "-std=c++17", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off",
             "-fdiagnostics-color=always"]
-    extra = {"cxx": cxx}
-    ext_cls = CppExtension
-    if with_cuda:
-        sources += cuda_sources
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
-        ext_cls = CUDAExtension
-    ext = ext_cls(
-        "ahnet_fast._C",
-        sources,
-        extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
-        define_macros=[("AHNET_FAST_WITH_CUDA", "1")] if with_cuda else [],
-    )
+    ext = CppExtension("ahnet_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

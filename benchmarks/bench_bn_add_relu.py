@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import ahnet_fast
-from ahnet_fast.ops import batch_norm_add_relu
+from ahnet_fast.ops import bn_add_relu
 from _common import finish_report, median_seconds  # benchmarks/ is the script's folder, first on sys.path
 from bench_bn_relu import saved_bytes
 
@@ -46,7 +46,7 @@ def bench(shape, layout, repeats):
         return F.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5) + r)
 
     def fused_op(training):
-        return batch_norm_add_relu(x, r, rm, rv, w, b, training, 0.1, 1e-5, backend="cpp")
+        return bn_add_relu(x, r, rm, rv, w, b, training, 0.1, 1e-5, backend="cpp")
 
     def step(f):
         return lambda: torch.autograd.backward(f(True), grad)

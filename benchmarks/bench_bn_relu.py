@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import ahnet_fast
-from ahnet_fast.ops import batch_norm_relu
+from ahnet_fast.ops import bn_relu
 from _common import finish_report, median_seconds  # benchmarks/ is the script's folder, first on sys.path
 
 # (name, shape) of BN-ReLU inputs in AH-Net at 1x1x128x128x32
@@ -54,7 +54,7 @@ def bench(shape, layout, repeats):
         return F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
 
     def fused_train():
-        return batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, backend="cpp")
+        return bn_relu(x, rm, rv, w, b, True, 0.1, 1e-5, backend="cpp")
 
     def step(f):
         def run():
@@ -68,7 +68,7 @@ def bench(shape, layout, repeats):
                 if f_name == "torch":
                     F.relu(F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))
                 else:
-                    batch_norm_relu(x, rm, rv, w, b, False, 0.1, 1e-5, backend="cpp")
+                    bn_relu(x, rm, rv, w, b, False, 0.1, 1e-5, backend="cpp")
         return run
 
     dst = torch.empty_like(x)

@@ -38,11 +38,11 @@ from _common import backends_that_ran, finish_report, median_seconds, run_info, 
 
 import ahnet_fast
 from ahnet_fast.nn.ahnet import DenseBlock, PyramidVolumetricPooling
-from ahnet_fast.ops import aniso_conv, batch_norm_add_relu, batch_norm_relu, bn_relu_conv, _conv_paths as conv_paths
+from ahnet_fast.ops import aniso_conv, bn_add_relu, bn_relu, bn_relu_conv, _conv_paths as conv_paths
 from ahnet_fast.ops.pointwise_conv import pointwise_conv
-from ahnet_fast.ops.slice_pool import slice_max_pool
+from ahnet_fast.ops.slice_max_pool import slice_max_pool
 from ahnet_fast.ops.stem_conv_pool import stem_conv_pool
-from ahnet_fast.ops.transposed_conv import strided_transposed_conv
+from ahnet_fast.ops.transposed_conv import transposed_conv
 
 
 def nbytes(*tensors) -> int:
@@ -126,7 +126,7 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
     gy = randn(1, c, *s)
 
     def bn(backend, bw=bw, bb=bb):
-        return lambda t: batch_norm_relu(t, torch.zeros(c, device=device), torch.ones(c, device=device), bw, bb,
+        return lambda t: bn_relu(t, torch.zeros(c, device=device), torch.ones(c, device=device), bw, bb,
                                          True, 0.1, 1e-5, backend=backend)
 
     def torch_bn(t, bw=bw, bb=bb):
@@ -150,7 +150,7 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
     gy1 = randn(1, c1, *s1)
 
     def tail(backend, r1=r1, bw1=bw1, bb1=bb1, c1=c1):
-        return lambda t: batch_norm_add_relu(t, r1, torch.zeros(c1, device=device), torch.ones(c1, device=device),
+        return lambda t: bn_add_relu(t, r1, torch.zeros(c1, device=device), torch.ones(c1, device=device),
                                              bw1, bb1, True, 0.1, 1e-5, backend=backend)
 
     def torch_tail(t, r1=r1, bw1=bw1, bb1=bb1, c1=c1):
@@ -268,7 +268,7 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
     ss = (6, 5, 4) if smoke else (64, 64, 32)
     x = randn(1, 64 if not smoke else 3, *ss).requires_grad_()
     gy = randn(*x.shape[:-1], ss[-1] // 2)
-    cases.append(dict(op="slice_pool", shape=f"{x.shape[1]} @{'x'.join(map(str, ss))}",
+    cases.append(dict(op="slice_max_pool", shape=f"{x.shape[1]} @{'x'.join(map(str, ss))}",
                       run=_fwd_bwd(lambda t: slice_max_pool(t, 2), x, gy),
                       reference=_fwd_bwd(lambda t: F.max_pool3d(t, (1, 1, 2), (1, 1, 2)), x, gy),
                       baseline=_fwd_bwd(lambda t: F.max_pool3d(t, (1, 1, 2), (1, 1, 2)), x, gy),
@@ -286,7 +286,7 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
     def up(backend):
         def run():
             x.grad = w.grad = None
-            strided_transposed_conv(x, w, None, (2, 2, 2), backend=backend).backward(gy)
+            transposed_conv(x, w, None, (2, 2, 2), backend=backend).backward(gy)
         return run
 
     cases.append(dict(op="transposed_conv", shape=f"{ch}->{ch} x2 @{'x'.join(map(str, us))}", run=up(None),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from _common import assert_matches, smoke
 
 import ahnet_fast
-from ahnet_fast.ops import batch_norm_add_relu
+from ahnet_fast.ops import bn_add_relu
 
 pytest.importorskip("pytest_benchmark")
 
@@ -44,7 +44,7 @@ def test_bn_add_relu_forward_backward(benchmark, case, layout, impl):
         if which == "torch":
             y = F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5) + r)
         else:
-            y = batch_norm_add_relu(x, r, rm, rv, w, b, True, 0.1, 1e-5,
+            y = bn_add_relu(x, r, rm, rv, w, b, True, 0.1, 1e-5,
                                     backend="cpp" if which == "fused" else "reference")
         y.backward(grad)
         return y.detach(), x.grad, r.grad, w.grad, b.grad

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from _common import assert_matches, smoke
 
 import ahnet_fast
-from ahnet_fast.ops import batch_norm_relu
+from ahnet_fast.ops import bn_relu
 
 pytest.importorskip("pytest_benchmark")
 
@@ -43,7 +43,7 @@ def test_bn_relu_forward_backward(benchmark, case, layout, impl):
         if which == "torch":
             y = F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
         else:
-            y = batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, backend="cpp" if which == "fused" else "reference")
+            y = bn_relu(x, rm, rv, w, b, True, 0.1, 1e-5, backend="cpp" if which == "fused" else "reference")
         y.backward(grad)
         return y.detach(), x.grad, w.grad, b.grad
 

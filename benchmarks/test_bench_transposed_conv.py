@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from _common import assert_matches, smoke
 
-from ahnet_fast.ops.transposed_conv import strided_transposed_conv
+from ahnet_fast.ops.transposed_conv import transposed_conv
 
 pytest.importorskip("pytest_benchmark")
 
@@ -34,7 +34,7 @@ def test_transposed_conv_forward_backward(benchmark, case, impl):
 
     def run(which):
         x.grad = w.grad = None
-        y = F.conv_transpose3d(x, w, None, 2) if which == "torch" else strided_transposed_conv(x, w, None, (2, 2, 2))
+        y = F.conv_transpose3d(x, w, None, 2) if which == "torch" else transposed_conv(x, w, None, (2, 2, 2))
         y.backward(grad)
         return y.detach(), x.grad, w.grad
 

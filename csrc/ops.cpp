@@ -1,5 +1,5 @@
 // Operator schemas of ahnet_fast. Kernels register per device: the CPU ones in csrc/cpu (the GPU
-// kernels are Triton's, ahnet_fast/kernels/triton; there is no CUDA C++ kernel yet);
+// kernels are Triton's, ahnet_fast/kernels/triton);
 // fake (meta) and autograd formulas are registered from Python (ahnet_fast/ops/*.py).
 #include <Python.h>
 #include <torch/library.h>
@@ -34,7 +34,7 @@ TORCH_LIBRARY(ahnet_fast, m) {
       "Tensor(a!) out) -> ()");
   // The batch statistics bn_relu(training=True) uses (mean, biased variance; float32 for reduced
   // precision), without normalising.
-  m.def("bn_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def("bn_relu_stats(Tensor input) -> (Tensor, Tensor)");
   // bn_relu_backward's input gradient written into out (out = grad, or out += grad with accumulate);
   // out has the input's shape and dtype and may be grad_out itself (exactly: out overlapping grad_out or
   // input at another offset is not supported). Returns (grad_weight, grad_bias).
@@ -58,7 +58,7 @@ TORCH_LIBRARY(ahnet_fast, m) {
   // compute_grad, is multiplied by grad_scale[b] per sample. Returns (loss sum per sample, count of
   // voxels that are not ignore_index per sample, gradient or an empty tensor, invalid-target count).
   m.def(
-      "focal_loss_forward(Tensor logits, Tensor target, Tensor factor_pos, Tensor factor_neg, "
+      "focal_loss(Tensor logits, Tensor target, Tensor factor_pos, Tensor factor_neg, "
       "Tensor grad_scale, float gamma, bool softmax, bool label_target, int first_channel, int ignore_index, "
       "bool has_ignore, bool alpha_linear, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // Pyramid volumetric pooling (MONAI's PSP) in one pass over x (N, C, H, W, D); see
@@ -67,16 +67,16 @@ TORCH_LIBRARY(ahnet_fast, m) {
   // window positions of the maxima per level (int8 for level 0, int16 above), padded projections
   // per level (float32, float64 for float64 x)).
   m.def(
-      "pyramid_pool_forward(Tensor x, Tensor proj_weight, Tensor proj_bias, Tensor? up_weight, Tensor? up_bias, "
+      "pyramid_pool(Tensor x, Tensor proj_weight, Tensor proj_bias, Tensor? up_weight, Tensor? up_bias, "
       "Tensor index_h, Tensor lambda_h, Tensor index_w, Tensor lambda_w, int levels, bool pool_w, bool linear, "
       "bool concat_input) -> (Tensor, Tensor[], Tensor[], Tensor[])");
-  // Gradient of pyramid_pool_forward with respect to x: grad_identity (the gradient of the concatenated x,
+  // Gradient of pyramid_pool with respect to x: grad_identity (the gradient of the concatenated x,
   // or None) plus each level's pooled gradient routed to its argmax.
   m.def(
       "pyramid_pool_backward(Tensor? grad_identity, Tensor[] grad_pooled, Tensor[] argmax, int[] size, bool pool_w, "
       "ScalarType dtype, bool channels_last) -> Tensor");
   // Max pooling along the last axis only (windows (1, 1, k) / (1, k), stride k, floor mode) of an
-  // input of any dense strides; see csrc/cpu/slice_pool.cpp. Returns (out: contiguous, or
+  // input of any dense strides; see csrc/cpu/slice_max_pool.cpp. Returns (out: contiguous, or
   // channels-last when the input is; position: uint8, the winning index in each window, laid out
   // as out).
   m.def("slice_max_pool(Tensor x, int k) -> (Tensor, Tensor)");
@@ -86,7 +86,7 @@ TORCH_LIBRARY(ahnet_fast, m) {
   // The 3D (2D) pixel shuffle of a transposed convolution whose kernel equals its stride
   // (csrc/cpu/transposed_conv.cpp): (N, C * f0 * f1 * f2, H, W, D) -> (N, C, H * f0, W * f1, D * f2),
   // channel c * F + tap (tap = (a * f1 + b) * f2 + c) to position (h * f0 + a, w * f1 + b, d * f2 + c);
-  // voxel_unshuffle is the inverse. Both return contiguous tensors.
-  m.def("voxel_shuffle(Tensor x, int[] factors) -> Tensor");
-  m.def("voxel_unshuffle(Tensor y, int[] factors) -> Tensor");
+  // transposed_conv_unshuffle is the inverse. Both return contiguous tensors.
+  m.def("transposed_conv_shuffle(Tensor x, int[] factors) -> Tensor");
+  m.def("transposed_conv_unshuffle(Tensor y, int[] factors) -> Tensor");
 }

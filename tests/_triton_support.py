@@ -9,10 +9,10 @@ our kernels then go wrong in three ways:
 
 - ``tl.dot`` of bfloat16 operands: ``InterpreterBuilder.create_dot`` calls ``np.matmul`` on the
   uint16 bit patterns, silently (aniso_conv's three GEMM kernels: results off by ~1e10);
-- a bfloat16 constant, ``tl.full([BLOCK], float("-inf"), tl.bfloat16)`` in psp_pool0_kernel, raises
+- a bfloat16 constant, ``tl.full([BLOCK], float("-inf"), tl.bfloat16)`` in pyramid_pool_pool0_kernel, raises
   ``AttributeError: 'InterpreterBuilder' object has no attribute 'get_bf16'``; and comparisons and
   ``tl.maximum``/``tl.where`` between bfloat16 values compare the bit patterns as unsigned integers
-  (a negative number beats every positive one: psp_coarsen_kernel's maximum);
+  (a negative number beats every positive one: pyramid_pool_coarsen_kernel's maximum);
 - float32 -> bfloat16 casts (every bfloat16 store) truncate (``_convert_float`` called with no
   rounding mode) where the GPU rounds to nearest even: twice the rounding error.
 

@@ -186,10 +186,10 @@ def test_slice_fold_candidates_and_rule(fresh_choices):
         assert stem_ops.conv3d(x, stem, None, [2, 2, 1], [3, 3, 1]).is_contiguous()
 
 
-def test_slice_fold_output_feeds_slice_pooling_in_place():
+def test_slice_fold_output_feeds_slice_max_pooling_in_place():
     """The stem: the folded convolution's output (slice axis outermost) pooled over slice pairs by
     the compiled kernel straight into a contiguous map, as conv3d + max_pool3d would give."""
-    from ahnet_fast.ops.slice_pool import slice_max_pool
+    from ahnet_fast.ops.slice_max_pool import slice_max_pool
 
     x = torch.randn(1, 1, 20, 18, 8, dtype=torch.float64)
     w = torch.randn(6, 1, 7, 7, 3, dtype=torch.float64, requires_grad=True)

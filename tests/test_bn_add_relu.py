@@ -1,11 +1,13 @@
 """ahnet_fast::bn_add_relu (a bottleneck's BatchNorm + residual sum + ReLU): the C++ kernel against the
 pure-PyTorch reference."""
+import importlib
+
 import pytest
 import torch
 
 import ahnet_fast
 from ahnet_fast import backends
-from ahnet_fast.ops import batch_norm_add_relu, batch_norm_add_relu_reference
+from ahnet_fast.ops import bn_add_relu, bn_add_relu_reference
 from tests.conftest import assert_close_normwise, rel_err
 from tests.test_bn_relu import make_input
 
@@ -21,9 +23,9 @@ def run(x, r, training, backend, dtype_params=torch.float32, momentum=0.1):
     rv = (torch.rand(c, generator=g) + 0.5).to(dtype_params)
     xi, ri = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
     if backend == "reference":
-        y = batch_norm_add_relu_reference(xi, ri, rm, rv, weight, bias, training, momentum, 1e-5)
+        y = bn_add_relu_reference(xi, ri, rm, rv, weight, bias, training, momentum, 1e-5)
     else:
-        y = batch_norm_add_relu(xi, ri, rm, rv, weight, bias, training, momentum, 1e-5, backend=backend)
+        y = bn_add_relu(xi, ri, rm, rv, weight, bias, training, momentum, 1e-5, backend=backend)
     grad = torch.randn(y.shape, generator=g).to(y.dtype)
     y.backward(grad)
     return y, xi.grad, ri.grad, weight.grad, bias.grad, rm, rv
@@ -85,7 +87,7 @@ def test_gradcheck_float64(training, layout):
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
 
     def f(x, r, w, b):
-        return batch_norm_add_relu(x, r, None if training else rm, None if training else rv, w, b, training, 0.1,
+        return bn_add_relu(x, r, None if training else rm, None if training else rv, w, b, training, 0.1,
                                    1e-5, backend="cpp")
 
     assert torch.autograd.gradcheck(f, (x, r, w, b))
@@ -113,7 +115,7 @@ def test_torch_compile_fullgraph():
     w, b = (torch.rand(4) + 0.5).requires_grad_(), torch.randn(4).requires_grad_()
 
     def f(x, r, w, b):
-        return batch_norm_add_relu(x, r, None, None, w, b, True, 0.1, 1e-5, backend="cpp").square().sum()
+        return bn_add_relu(x, r, None, None, w, b, True, 0.1, 1e-5, backend="cpp").square().sum()
 
     eager = torch.autograd.grad(f(x, r, w, b), (x, r, w, b))
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -141,25 +143,25 @@ def test_mixed_dtypes_fall_back_to_the_composition_and_forced_cpp_says_why():
     x = torch.randn(2, 3, 4, 4, 2, dtype=torch.bfloat16)
     r = torch.randn(2, 3, 4, 4, 2)
     w, b = torch.ones(3), torch.zeros(3)
-    y = batch_norm_add_relu(x, r, None, None, w, b, True, 0.1, 1e-5)
+    y = bn_add_relu(x, r, None, None, w, b, True, 0.1, 1e-5)
     assert y.dtype == torch.float32  # the sum promotes, as in the composition
-    assert torch.equal(y, batch_norm_add_relu_reference(x, r, None, None, w, b, True, 0.1, 1e-5))
+    assert torch.equal(y, bn_add_relu_reference(x, r, None, None, w, b, True, 0.1, 1e-5))
     with pytest.raises(backends.BackendUnavailableError, match="residual's dtype"):
-        batch_norm_add_relu(x, r, None, None, w, b, True, 0.1, 1e-5, backend="cpp")
+        bn_add_relu(x, r, None, None, w, b, True, 0.1, 1e-5, backend="cpp")
 
 
 def test_bad_input_raises_value_error():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="residual has shape"):
-        batch_norm_add_relu(x, torch.randn(2, 3, 5), None, None, None, None, True, 0.1, 1e-5)
+        bn_add_relu(x, torch.randn(2, 3, 5), None, None, None, None, True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="3 channels"):
-        batch_norm_add_relu(x, torch.randn(2, 3, 4), None, None, torch.ones(4), torch.zeros(4), True, 0.1, 1e-5)
+        bn_add_relu(x, torch.randn(2, 3, 4), None, None, torch.ones(4), torch.zeros(4), True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        batch_norm_add_relu(torch.randn(1, 3), torch.randn(1, 3), None, None, None, None, True, 0.1, 1e-5)
+        bn_add_relu(torch.randn(1, 3), torch.randn(1, 3), None, None, None, None, True, 0.1, 1e-5)
 
 
 def test_auto_runs_the_composition_on_small_maps(monkeypatch):
-    import ahnet_fast.ops.bn_add_relu as mod
+    mod = importlib.import_module("ahnet_fast.ops.bn_add_relu")  # the package re-exports the op over it
 
     calls = []
     real = torch.ops.ahnet_fast.bn_add_relu
@@ -168,9 +170,9 @@ def test_auto_runs_the_composition_on_small_maps(monkeypatch):
     small = torch.randn(1, 4, 4, 4, 2)  # 32 values per channel
     large = torch.randn(1, 4, 16, 16, 4)  # 1024
     for x in (small, large):
-        batch_norm_add_relu(x, torch.randn_like(x), None, None, None, None, True, 0.1, 1e-5, backend="auto")
+        bn_add_relu(x, torch.randn_like(x), None, None, None, None, True, 0.1, 1e-5, backend="auto")
     assert len(calls) == 1  # the large map only
-    batch_norm_add_relu(small, torch.randn_like(small), None, None, None, None, True, 0.1, 1e-5, backend="cpp")
+    bn_add_relu(small, torch.randn_like(small), None, None, None, None, True, 0.1, 1e-5, backend="cpp")
     assert len(calls) == 2  # a forced backend runs whatever the size
 
 
@@ -184,9 +186,23 @@ def test_nan_follows_torch_relu_backward():
     grads = []
     for backend in ("cpp", "reference"):
         xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
-        y = batch_norm_add_relu(xi, ri, None, None, w, b, True, 0.1, 1e-5, backend=backend)
+        y = bn_add_relu(xi, ri, None, None, w, b, True, 0.1, 1e-5, backend=backend)
         y.backward(torch.ones_like(y))
         grads.append((y.detach(), ri.grad))
     (y, dr), (y_ref, dr_ref) = grads
     assert torch.equal(y.isnan(), y_ref.isnan()) and y.isnan().sum() == 1
     assert torch.equal(dr, dr_ref) and dr[0, 1, 2, 3, 1] == 1
+
+
+def dispatch_sample():
+    """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
+    output, the arguments its table's reasons take)."""
+    from ahnet_fast import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
+    mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64) * 0.1
+    residual = torch.randn_like(x)
+    return (lambda be: ops.bn_add_relu(x, residual, mean.clone(), var.clone(), w, b, True, 0.1, 1e-5, backend=be)), \
+        (x, residual)

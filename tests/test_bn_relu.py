@@ -8,7 +8,7 @@ import torch
 
 import ahnet_fast
 from ahnet_fast import backends
-from ahnet_fast.ops import batch_norm_relu, batch_norm_relu_reference
+from ahnet_fast.ops import bn_relu, bn_relu_reference
 from tests.conftest import assert_close_normwise, rel_err
 
 pytestmark = pytest.mark.skipif(not ahnet_fast.extension_available(), reason="compiled extension not built")
@@ -44,9 +44,9 @@ def run(x, training, backend, dtype_params=torch.float32, momentum=0.1, grad_dty
     rv = (torch.rand(c, generator=g) + 0.5).to(dtype_params).to(dev)
     xi = x.detach().clone().requires_grad_()
     if backend == "reference":
-        y = batch_norm_relu_reference(xi, rm, rv, weight, bias, training, momentum, 1e-5)
+        y = bn_relu_reference(xi, rm, rv, weight, bias, training, momentum, 1e-5)
     else:
-        y = batch_norm_relu(xi, rm, rv, weight, bias, training, momentum, 1e-5, backend=backend)
+        y = bn_relu(xi, rm, rv, weight, bias, training, momentum, 1e-5, backend=backend)
     grad = torch.randn(y.shape, generator=g).to(grad_dtype or y.dtype).to(y.dtype).to(dev)
     y.backward(grad)
     return y, xi.grad, weight.grad, bias.grad, rm, rv
@@ -105,7 +105,7 @@ def test_gradcheck_float64(training, layout):
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
 
     def f(x, w, b):
-        return batch_norm_relu(x, None if training else rm, None if training else rv, w, b, training, 0.1, 1e-5,
+        return bn_relu(x, None if training else rm, None if training else rv, w, b, training, 0.1, 1e-5,
                                backend="cpp")
 
     assert torch.autograd.gradcheck(f, (x, w, b))
@@ -132,7 +132,7 @@ def test_torch_compile_fullgraph():
     rm, rv = torch.zeros(4), torch.ones(4)
 
     def f(x, w, b):
-        return batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, backend="cpp").sum()
+        return bn_relu(x, rm, rv, w, b, True, 0.1, 1e-5, backend="cpp").sum()
 
     eager = torch.autograd.grad(f(x, w, b), (x, w, b))
     rm.zero_(), rv.fill_(1.0)
@@ -159,26 +159,26 @@ def test_running_stats_and_momentum_none_match_batchnorm():
 def test_bad_input_raises_value_error():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="3 channels"):
-        batch_norm_relu(x, None, None, torch.ones(4), torch.zeros(4), True, 0.1, 1e-5)
+        bn_relu(x, None, None, torch.ones(4), torch.zeros(4), True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="shape \\(N, C, ...\\)"):
-        batch_norm_relu(torch.randn(3), None, None, None, None, True, 0.1, 1e-5)
+        bn_relu(torch.randn(3), None, None, None, None, True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        batch_norm_relu(torch.randn(1, 3, 1), None, None, None, None, True, 0.1, 1e-5, backend="cpp")
+        bn_relu(torch.randn(1, 3, 1), None, None, None, None, True, 0.1, 1e-5, backend="cpp")
 
 
 def test_backend_selection(monkeypatch):
     x = torch.randn(2, 3, 4)
-    assert backends.select("batch_norm_relu", ahnet_fast.ops.bn_relu.IMPLEMENTATIONS, x.device, (x,)) == "cpp"
+    assert backends.select("bn_relu", backends.registered()["bn_relu"], x.device, (x,)) == "cpp"
     with ahnet_fast.backend("reference"):
         assert backends.requested_backend() == "reference"
         assert backends.requested_backend("cpp") == "cpp"  # an explicit argument wins
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(backends.BackendUnavailableError, match="TRITON_INTERPRET=1"):
-        batch_norm_relu(x, None, None, None, None, True, 0.1, 1e-5, backend="triton")
+        bn_relu(x, None, None, None, None, True, 0.1, 1e-5, backend="triton")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         ahnet_fast.backend("fast").__enter__()
     with pytest.raises(backends.BackendUnavailableError, match="not a floating type"):
-        backends.select("batch_norm_relu", ahnet_fast.ops.bn_relu.IMPLEMENTATIONS, x.device,
+        backends.select("bn_relu", backends.registered()["bn_relu"], x.device,
                         (x.to(torch.int32),), "cpp")
 
 
@@ -197,7 +197,7 @@ def test_missing_extension_warns_once_and_runs_reference():
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    import torch, ahnet_fast\n"
-        "    from ahnet_fast.ops import batch_norm_relu\n"
+        "    from ahnet_fast.ops import bn_relu\n"
         "    net = ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=0)\n"
         "    y = net(torch.randn(2, 1, 32, 32, 32))\n"
         "msgs = [str(m.message) for m in w if 'ahnet_fast' in str(m.message)]\n"
@@ -205,7 +205,7 @@ def test_missing_extension_warns_once_and_runs_reference():
         "assert 'reference' in msgs[0], msgs\n"
         "assert not ahnet_fast.extension_available()\n"
         "try:\n"
-        "    batch_norm_relu(torch.randn(2, 3, 4), None, None, None, None, True, 0.1, 1e-5, backend='cpp')\n"
+        "    bn_relu(torch.randn(2, 3, 4), None, None, None, None, True, 0.1, 1e-5, backend='cpp')\n"
         "except ahnet_fast.BackendUnavailableError as e:\n"
         "    assert 'not loaded' in str(e), e\n"
         "else:\n"
@@ -252,18 +252,18 @@ def test_apply_into_a_buffer_equals_the_eval_forward_bitwise(layout, dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_stats_alone_equal_the_training_forward_bitwise(layout, dtype):
-    """bn_stats (statistics for a caller that normalises later, into a reused buffer) returns exactly
+    """bn_relu_stats (statistics for a caller that normalises later, into a reused buffer) returns exactly
     the statistics bn_relu(training=True) normalises with."""
     x = make_input((2, 5, 6, 4, 3), dtype, layout)
     sd = torch.float64 if dtype == torch.float64 else torch.float32
     w, b = torch.rand(5, dtype=sd) + 0.5, torch.randn(5, dtype=sd)
     _, mean, var = torch.ops.ahnet_fast.bn_relu(x, w, b, None, None, True, 1e-5)
-    got_mean, got_var = torch.ops.ahnet_fast.bn_stats(x)
+    got_mean, got_var = torch.ops.ahnet_fast.bn_relu_stats(x)
     assert torch.equal(got_mean, mean) and torch.equal(got_var, var)
     assert got_mean.dtype == sd
-    torch.library.opcheck(torch.ops.ahnet_fast.bn_stats.default, (x,))
+    torch.library.opcheck(torch.ops.ahnet_fast.bn_relu_stats.default, (x,))
     with pytest.raises(RuntimeError, match="at least one value per channel"):
-        torch.ops.ahnet_fast.bn_stats(torch.empty(0, 5, 2, 2, 2, dtype=dtype))
+        torch.ops.ahnet_fast.bn_relu_stats(torch.empty(0, 5, 2, 2, 2, dtype=dtype))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
@@ -303,3 +303,15 @@ def test_backward_into_a_buffer_equals_the_backward_op_bitwise(layout, dtype, tr
     torch.library.opcheck(into.default, (g, x, w, b, mean, var, training, 1e-5, torch.empty_like(dx), True))
     with pytest.raises(RuntimeError, match="out must have the input's shape"):
         into(g, x, w, b, mean, var, training, 1e-5, torch.empty(2, 5, 6, 4, 2, dtype=dtype), False)
+
+
+def dispatch_sample():
+    """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
+    output, the arguments its table's reasons take)."""
+    from ahnet_fast import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
+    mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64) * 0.1
+    return (lambda be: ops.bn_relu(x, mean.clone(), var.clone(), w, b, True, 0.1, 1e-5, backend=be)), (x,)

@@ -1,16 +1,16 @@
 """The Triton kernels of BatchNorm + ReLU (ahnet_fast/kernels/triton/bn_relu.py), run in Triton's
-interpreter on CPU tensors (on a GPU machine, on CUDA), through the op ``batch_norm_relu`` with
+interpreter on CPU tensors (on a GPU machine, on CUDA), through the op ``bn_relu`` with
 backend="triton" against the pure-PyTorch reference (float64 where the point is accuracy).
 
 Coverage (branch -> tests); test_coverage_table checks it against the kernels' compile_specs():
 
-    bn_stats_kernel          BLOCK=*             -> test_slices_and_programs, test_matches_reference
+    bn_relu_stats_kernel          BLOCK=*             -> test_slices_and_programs, test_matches_reference
     bn_relu_fwd_kernel       BLOCK=*             -> test_slices_and_programs, test_matches_reference
     bn_relu_grad_sums_kernel BLOCK=*             -> test_slices_and_programs, test_matches_reference
     bn_relu_bwd_kernel       TRAINING=True|False -> test_slices_and_programs, test_matches_reference, test_low_precision
     bn_relu_bwd_kernel       BLOCK=*             -> test_slices_and_programs, test_matches_reference
 
-The reductions (bn_stats_kernel, bn_relu_grad_sums_kernel) run a program per (channel, slice of the
+The reductions (bn_relu_stats_kernel, bn_relu_grad_sums_kernel) run a program per (channel, slice of the
 channel's M = N * S elements); a slice is at least a block, and longer than a block once M passes
 MAX_SLICES blocks. test_slices_and_programs runs both: several one-block slices per
 channel, and slices of two blocks (the in-kernel combination of blocks by Chan's formula, checked
@@ -94,7 +94,7 @@ def test_slices_and_programs(kind, layout, training, launches):
         assert rel_err(got[0][:, 1], truth[0][:, 1]) < 1e-3
     c = shape[1]
     blocks = -(-m // kernels.BLOCK)
-    assert launches.max_grid("bn_stats_kernel") == ((c, slices, 1) if training else (0, 0, 0))
+    assert launches.max_grid("bn_relu_stats_kernel") == ((c, slices, 1) if training else (0, 0, 0))
     assert launches.max_grid("bn_relu_grad_sums_kernel") == (c, slices, 1)
     assert launches.max_grid("bn_relu_fwd_kernel") == (blocks, c, 1)
     assert launches.max_grid("bn_relu_bwd_kernel", TRAINING=training) == (blocks, c, 1)

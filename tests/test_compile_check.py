@@ -20,10 +20,10 @@ def test_every_variant_compiles_for_sm80_and_sm90_without_spills():
     total = len(compile_check.all_specs()) * 2
     assert f"{total} compilations, 0 failures" in out.stdout
     # every kernel of every module is in it
-    for name in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "wgrad_reduce_kernel", "bn_stats_kernel",
+    for name in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "wgrad_reduce_kernel", "bn_relu_stats_kernel",
                  "bn_relu_fwd_kernel", "bn_relu_grad_sums_kernel", "bn_relu_bwd_kernel", "focal_loss_fwd_kernel",
-                 "psp_pool0_kernel", "psp_coarsen_kernel", "psp_project_kernel", "psp_upsample_kernel",
-                 "psp_route_kernel"):
+                 "pyramid_pool_pool0_kernel", "pyramid_pool_coarsen_kernel", "pyramid_pool_project_kernel", "pyramid_pool_upsample_kernel",
+                 "pyramid_pool_route_kernel"):
         assert f"\n{name} " in out.stdout, name
 
 

@@ -9,7 +9,7 @@ from torch import nn
 import ahnet_fast
 from ahnet_fast.nn._bn import dense_block as module_dense_block
 from ahnet_fast.nn.ahnet import DenseBlock
-from ahnet_fast.ops import dense_block, dense_block_reference
+from ahnet_fast.ops import dense_block
 from ahnet_fast.nn import _checkpoint
 from benchmarks._common import saved_bytes
 from tests.conftest import assert_close_normwise, rel_err
@@ -285,3 +285,12 @@ def test_skip_is_the_block_on_the_sum(backend, kind):
     y_mixed = block(x, s.float())
     assert y_mixed.dtype == torch.float64
     assert_close_normwise(y_mixed, block(x + s.float()), 1e-13, what="mixed-dtype skip")
+
+
+def dispatch_sample():
+    """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
+    output, the arguments its table's reasons take)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
+    block = DenseBlock(3, 1, 4, 2, 3, 0.0).double()
+    return (lambda be: module_dense_block(list(block), x, be)), (x,)

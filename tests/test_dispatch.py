@@ -2,71 +2,37 @@
 contract holds for every op: a forced backend that cannot run a call raises
 BackendUnavailableError naming the op and the reason; each backend that can run gives the
 reference's result; ``explain`` says which runs and why."""
+import importlib
+
 import pytest
 import torch
 
 import ahnet_fast
 from ahnet_fast import BackendUnavailableError, backends
 from ahnet_fast import ops
-from ahnet_fast.nn._bn import dense_block as module_dense_block
-from ahnet_fast.nn.ahnet import DenseBlock
 from tests.conftest import assert_close_normwise
 
 D = torch.float64
 
 
-def _bn(c):
-    return [torch.zeros(c, dtype=D), torch.ones(c, dtype=D), torch.rand(c, dtype=D) + 0.5,
-            torch.randn(c, dtype=D) * 0.1]
-
-
 def sample_calls():
-    """op name -> (run(backend) -> output, the arguments its table's reasons take)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, 4, dtype=D)
-    mean, var, w, b = _bn(4)
-    conv_w = torch.randn(5, 4, 3, 3, 1, dtype=D) * 0.2
-    residual = torch.randn_like(x)
-    logits = torch.randn(2, 3, 6, 5, 4, dtype=D)
-    labels = torch.randint(0, 3, (2, 1, 6, 5, 4))
-    psp_x = torch.randn(1, 4, 16, 16, 3, dtype=D)
-    proj_w = [torch.randn(1, 4, 1, 1, 1, dtype=D) for _ in range(2)]
-    proj_b = [torch.randn(1, dtype=D) for _ in range(2)]
-    up_w = [torch.randn(1, 1, 8, 8, 1, dtype=D), torch.randn(1, 1, 16, 16, 1, dtype=D)]
-    up_b = [torch.randn(1, dtype=D) for _ in range(2)]
-    block = DenseBlock(3, 1, 4, 2, 3, 0.0).double()
-    stem_x = torch.randn(1, 1, 12, 12, 6, dtype=D)
-    stem_w = torch.randn(4, 1, 7, 7, 3, dtype=D) * 0.1
-    t_w = torch.randn(4, 3, 2, 2, 2, dtype=D)
-
-    def bn_relu_conv(be):
-        m, v = mean.clone(), var.clone()
-        return ops.bn_relu_conv(x, m, v, w, b, True, 0.1, 1e-5, conv_w, backend=be)
-
-    return {
-        "batch_norm_relu": (lambda be: ops.batch_norm_relu(x, mean.clone(), var.clone(), w, b, True, 0.1, 1e-5,
-                                                           backend=be), (x,)),
-        "batch_norm_add_relu": (lambda be: ops.batch_norm_add_relu(x, residual, mean.clone(), var.clone(), w, b, True,
-                                                                   0.1, 1e-5, backend=be), (x, residual)),
-        "bn_relu_conv": (bn_relu_conv, (x, conv_w)),
-        "dense_block": (lambda be: module_dense_block(list(block), x, be), (x,)),
-        "focal_loss": (lambda be: ops.focal_loss(logits, labels, use_softmax=True, backend=be), None),
-        "pyramid_pool": (lambda be: ops.pyramid_pool(psp_x, proj_w, proj_b, up_w, up_b, backend=be), (psp_x,)),
-        "slice_max_pool": (lambda be: ops.slice_max_pool(x, 2, backend=be), (x,)),
-        "strided_transposed_conv": (lambda be: ops.strided_transposed_conv(x[:, :4], t_w, None, (2, 2, 2),
-                                                                           backend=be), (x,)),
-        "stem_conv_pool": (lambda be: ops.stem_conv_pool(stem_x, stem_w, None, (2, 2, 1), (3, 3, 1), 2, backend=be),
-                           (stem_x, stem_w)),
-        "pointwise_conv": (lambda be: ops.pointwise_conv(x, conv_w[:, :, :1, :1], None, (2, 2, 1), backend=be), (x,)),
-    }
+    """op name -> (run(backend) -> output, the arguments its table's reasons take), from each op's own
+    test file (tests/test_<op>.py: dispatch_sample), so a new op brings its row with its tests."""
+    calls = {}
+    for op in sorted(backends.registered()):
+        module = importlib.import_module(f"tests.test_{op}")
+        assert hasattr(module, "dispatch_sample"), f"tests/test_{op}.py has no dispatch_sample()"
+        calls[op] = module.dispatch_sample()
+    return calls
 
 
 CALLS = sample_calls()
 
 
-def test_every_registered_op_has_a_sample_call_here():
-    """A new op registers its table and gets a row here, so the contract below covers it."""
-    assert set(CALLS) == set(backends.registered())
+def test_every_registered_op_has_a_sample_call():
+    """A new op registers its table and gives a dispatch_sample in its test file, so the contract below
+    covers it."""
+    assert set(CALLS) == set(backends.registered()) and len(CALLS) >= 10
 
 
 @pytest.mark.parametrize("op", sorted(CALLS))
@@ -106,7 +72,7 @@ def test_without_the_extension_auto_runs_and_forced_cpp_says_why(op, monkeypatch
     tol = 1e-12
     assert_close_normwise(run("auto"), ref, tol, what=op)
     table = {impl.backend: impl for impl in backends.registered()[op]}
-    needs_kernel = op not in ("pointwise_conv", "strided_transposed_conv")  # their CPU path is ATen
+    needs_kernel = op not in ("pointwise_conv", "transposed_conv")  # their CPU path is ATen
     if needs_kernel:
         with pytest.raises(BackendUnavailableError, match=f"backend 'cpp' cannot run {op}: .*not loaded"):
             run("cpp")
@@ -127,13 +93,13 @@ def test_explain_names_the_choice_and_every_reason(monkeypatch):
 
 
 def test_auto_passes_over_a_backend_measured_slower_but_forcing_it_runs_it():
-    """batch_norm_add_relu: the compiled kernel is slower on small maps; auto takes the composition."""
+    """bn_add_relu: the compiled kernel is slower on small maps; auto takes the composition."""
     if not ahnet_fast.extension_available():
         pytest.skip("compiled extension not built")
     small = torch.randn(1, 8, 4, 4, 2, dtype=D)
-    report = backends.explain("batch_norm_add_relu", small.device, small, small)
+    report = backends.explain("bn_add_relu", small.device, small, small)
     assert report["chosen"] == "reference" and report["implementations"]["cpp"]["slower"]
-    assert backends.select("batch_norm_add_relu", backends.registered()["batch_norm_add_relu"], small.device,
+    assert backends.select("bn_add_relu", backends.registered()["bn_add_relu"], small.device,
                            (small, small), "cpp") == "cpp"
 
 

@@ -354,7 +354,7 @@ def test_cpp_refuses_outside_its_contract(case):
 def test_opcheck():
     x, labels, onehot = data((2, 3, 4, 3, 2), seed=2)
     ones, scale = torch.ones(3, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
-    op = torch.ops.ahnet_fast.focal_loss_forward.default
+    op = torch.ops.ahnet_fast.focal_loss.default
     for target, is_label in ((labels, True), (onehot, False)):
         for softmax in (False, True):
             for xin in (x, x.clone().requires_grad_(), x.contiguous(memory_format=torch.channels_last_3d)):
@@ -493,3 +493,14 @@ def test_target_dtypes(backend):
     ref1 = run(lambda a, t: ahnet_fast.ops.focal_loss(a, t, backend="reference"), x1, binary.float())
     got1 = run(lambda a, t: ahnet_fast.ops.focal_loss(a, t, backend=backend), x1, binary)
     assert_close_normwise(got1[1], ref1[1], 1e-5, 1e-9)
+
+
+def dispatch_sample():
+    """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
+    output, the arguments its table's reasons take)."""
+    from ahnet_fast import ops
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 5, 4, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 1, 6, 5, 4))
+    return (lambda be: ops.focal_loss(logits, labels, use_softmax=True, backend=be)), None

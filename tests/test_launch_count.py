@@ -39,8 +39,8 @@ def test_training_step_compiles_a_bounded_number_of_kernels(monkeypatch):
     per_kernel = Counter(k[0] for k in keys)
     print(f"{len(keys)} kernels for one step: {dict(per_kernel)}")
     # every Triton op of the network ran through the launchers
-    assert {"conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "bn_stats_kernel", "psp_pool0_kernel",
-            "psp_route_kernel"} <= set(per_kernel)
+    assert {"conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "bn_relu_stats_kernel", "pyramid_pool_pool0_kernel",
+            "pyramid_pool_route_kernel"} <= set(per_kernel)
     assert len(keys) <= MAX_KERNELS_PER_STEP, sorted(keys, key=str)
     # sizes never enter a key: the do_not_specialize arguments are plain integers in every one
     for name, _, _, args in keys:

@@ -8,6 +8,7 @@
   checks): the op tables in ops/ are the one place.
 """
 import ast
+import importlib
 import pathlib
 
 import pytest
@@ -158,3 +159,29 @@ def test_every_kernel_file_has_an_op_module_of_its_name():
                                                                        ("test_bench_", "benchmarks"))
                if not (repo / folder / f"{kind}{op}.py").exists()]
     assert not missing, f"ops without their test or microbenchmark file: {missing}"
+
+
+def test_every_registered_op_and_schema_carries_its_op_name():
+    """The name in backends.register is the op module's name, and every schema under
+    torch.ops.ahnet_fast (C++ and Python-defined) starts with a registered op's name, so a kernel
+    found in a profile leads back to its op module."""
+    import torch
+
+    import ahnet_fast  # noqa: F401  (registers every op)
+    from ahnet_fast import backends
+
+    ops = set(backends.registered()) | {"aniso_conv"}  # aniso_conv's paths are its own table
+    modules = {p.stem for p in (ROOT / "ops").glob("*.py") if not p.stem.startswith("_")}
+    assert set(backends.registered()) <= modules, \
+        f"ops registered under a name with no ahnet_fast/ops/<name>.py: {sorted(set(backends.registered()) - modules)}"
+    for module in sorted(modules):  # define the lazily registered Triton custom ops, so their names are checked too
+        op_module = importlib.import_module(f"ahnet_fast.ops.{module}")
+        for define in ("_triton_op", "_triton_ops"):
+            if hasattr(op_module, define):
+                getattr(op_module, define)()
+    schemas = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("ahnet_fast::")}
+    schemas |= {name for name in dir(torch.ops.ahnet_fast) if not name.startswith("_") and name != "name"
+                and isinstance(getattr(torch.ops.ahnet_fast, name), torch._ops.OpOverloadPacket)}
+    assert schemas, "no ahnet_fast schema found"
+    stray = sorted(s for s in schemas if not any(s == op or s.startswith(op + "_") for op in ops))
+    assert not stray, f"schemas that do not start with an op's name: {stray}"

@@ -92,3 +92,14 @@ def test_pointwise_conv_forced_triton_on_cpu_says_why(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailableError, match="triton.*pointwise_conv.*TRITON_INTERPRET"):
         pointwise_conv(torch.randn(1, 3, 4, 4, 2), torch.randn(2, 3, 1, 1, 1), None, (1, 1, 1), backend="triton")
+
+
+def dispatch_sample():
+    """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
+    output, the arguments its table's reasons take)."""
+    from ahnet_fast import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
+    w = torch.randn(5, 4, 1, 1, 1, dtype=torch.float64) * 0.2
+    return (lambda be: ops.pointwise_conv(x, w, None, (2, 2, 1), backend=be)), (x,)

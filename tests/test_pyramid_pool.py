@@ -194,8 +194,8 @@ def test_opcheck():
         x = torch.randn(_shape(spatial_dims, 2, mode, channels=3))
         for xin in (x, x.clone().requires_grad_()):
             a = _Args(xin, *_params(ours), mode)
-            torch.library.opcheck(torch.ops.ahnet_fast.pyramid_pool_forward.default, a.op_args(concat))
-        out, pooled, args, _ = torch.ops.ahnet_fast.pyramid_pool_forward(*a.op_args(concat))
+            torch.library.opcheck(torch.ops.ahnet_fast.pyramid_pool.default, a.op_args(concat))
+        out, pooled, args, _ = torch.ops.ahnet_fast.pyramid_pool(*a.op_args(concat))
         gid = torch.randn(a.x5.shape) if concat else None
         torch.library.opcheck(torch.ops.ahnet_fast.pyramid_pool_backward.default,
                               (gid, [torch.randn(p.shape) for p in pooled], args, list(a.x5.shape), a.pool_w,
@@ -263,3 +263,17 @@ def test_zero_levels_give_no_channels():
     x = torch.randn(1, 5, 8, 8, 2)
     assert psp(x).shape == (1, 0, 8, 8, 2)
     assert torch.equal(psp(x, concat_input=True), x)
+
+
+def dispatch_sample():
+    """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
+    output, the arguments its table's reasons take)."""
+    from ahnet_fast import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, 3, dtype=torch.float64)
+    proj_w = [torch.randn(1, 4, 1, 1, 1, dtype=torch.float64) for _ in range(2)]
+    proj_b = [torch.randn(1, dtype=torch.float64) for _ in range(2)]
+    up_w = [torch.randn(1, 1, 8, 8, 1, dtype=torch.float64), torch.randn(1, 1, 16, 16, 1, dtype=torch.float64)]
+    up_b = [torch.randn(1, dtype=torch.float64) for _ in range(2)]
+    return (lambda be: ops.pyramid_pool(x, proj_w, proj_b, up_w, up_b, backend=be)), (x,)

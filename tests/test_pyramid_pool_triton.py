@@ -5,23 +5,23 @@ input gradient and parameter gradients.
 
 Coverage (branch -> tests); test_coverage_table checks it against the kernels' compile_specs():
 
-    psp_pool0_kernel     S=8                  -> test_deep_levels, test_several_programs
-    psp_pool0_kernel     SW=8|1               -> test_deep_levels, test_several_programs, test_low_precision
-    psp_pool0_kernel     COPY=True|False      -> test_deep_levels, test_several_programs, test_low_precision
-    psp_pool0_kernel     BLOCK=*              -> test_several_programs
-    psp_coarsen_kernel   SP=8|16|32           -> test_deep_levels, test_several_programs, test_low_precision
-    psp_coarsen_kernel   SWP=8|16|32|1        -> test_deep_levels, test_several_programs, test_low_precision
-    psp_coarsen_kernel   CW=2|1               -> test_deep_levels, test_several_programs, test_low_precision
-    psp_coarsen_kernel   BLOCK=*              -> test_several_programs
-    psp_project_kernel   PAD=1|0              -> test_deep_levels, test_several_programs, test_low_precision
-    psp_project_kernel   BLOCK=*              -> test_several_programs
-    psp_upsample_kernel  LINEAR=True|False    -> test_deep_levels, test_several_programs, test_low_precision
-    psp_upsample_kernel  TRANSPOSE=True|False -> test_deep_levels, test_several_programs, test_low_precision
-    psp_upsample_kernel  BLOCK=*              -> test_several_programs
-    psp_route_kernel     LEVELS=1|2|3|4       -> test_deep_levels, test_several_programs, test_ties
-    psp_route_kernel     POOL_W=True|False    -> test_deep_levels, test_several_programs, test_low_precision
-    psp_route_kernel     HAS_ID=True|False    -> test_deep_levels, test_several_programs, test_low_precision
-    psp_route_kernel     BLOCK=*              -> test_deep_levels, test_several_programs
+    pyramid_pool_pool0_kernel     S=8                  -> test_deep_levels, test_several_programs
+    pyramid_pool_pool0_kernel     SW=8|1               -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_pool0_kernel     COPY=True|False      -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_pool0_kernel     BLOCK=*              -> test_several_programs
+    pyramid_pool_coarsen_kernel   SP=8|16|32           -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_coarsen_kernel   SWP=8|16|32|1        -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_coarsen_kernel   CW=2|1               -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_coarsen_kernel   BLOCK=*              -> test_several_programs
+    pyramid_pool_project_kernel   PAD=1|0              -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_project_kernel   BLOCK=*              -> test_several_programs
+    pyramid_pool_upsample_kernel  LINEAR=True|False    -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_upsample_kernel  TRANSPOSE=True|False -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_upsample_kernel  BLOCK=*              -> test_several_programs
+    pyramid_pool_route_kernel     LEVELS=1|2|3|4       -> test_deep_levels, test_several_programs, test_ties
+    pyramid_pool_route_kernel     POOL_W=True|False    -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_route_kernel     HAS_ID=True|False    -> test_deep_levels, test_several_programs, test_low_precision
+    pyramid_pool_route_kernel     BLOCK=*              -> test_deep_levels, test_several_programs
 
 (3D pools windows of s x s columns: SW = 8, SWP = SP, CW = 2, PAD = 1, POOL_W; 2D pools s x 1: SW = 1,
 SWP = 1, CW = 1, PAD = 0. LINEAR: the (bi/tri)linear modes, TRANSPOSE: "transpose", neither:
@@ -101,10 +101,10 @@ DEEP = [(3, 4, "transpose", True, (2, 1, 64, 64, 1)), (3, 3, "trilinear", False,
 def test_deep_levels(spatial_dims, psp, mode, concat, shape, launches):
     _check_float32(spatial_dims, psp, mode, concat, shape, seed=psp)
     pool_w = spatial_dims == 3
-    assert launches.values("psp_route_kernel", "LEVELS") == {psp}
-    assert launches.values("psp_coarsen_kernel", "SP") == {8 << level for level in range(psp - 1)}
-    route = launches.max_grid("psp_route_kernel", POOL_W=pool_w, HAS_ID=concat)
-    upsample = launches.max_grid("psp_upsample_kernel", LINEAR=mode in ("bilinear", "trilinear"),
+    assert launches.values("pyramid_pool_route_kernel", "LEVELS") == {psp}
+    assert launches.values("pyramid_pool_coarsen_kernel", "SP") == {8 << level for level in range(psp - 1)}
+    route = launches.max_grid("pyramid_pool_route_kernel", POOL_W=pool_w, HAS_ID=concat)
+    upsample = launches.max_grid("pyramid_pool_upsample_kernel", LINEAR=mode in ("bilinear", "trilinear"),
                                  TRANSPOSE=mode == "transpose")
     assert min(route[:2]) >= 2 and min(upsample[:2]) >= 2, (route, upsample)
 
@@ -121,8 +121,8 @@ SEVERAL = [(2, 2, "transpose", True, (2, 2, 16, kernels.BLOCK + 4)),
                          ids=[f"{sd}d-psp{p}-{m}-{'concat' if c else 'psp'}" for sd, p, m, c, _ in SEVERAL])
 def test_several_programs(spatial_dims, psp, mode, concat, shape, launches):
     _check_float32(spatial_dims, psp, mode, concat, shape, seed=3)
-    names = ["psp_pool0_kernel", "psp_project_kernel", "psp_upsample_kernel", "psp_route_kernel"]
-    names += ["psp_coarsen_kernel"] if spatial_dims == 2 and psp > 1 else []
+    names = ["pyramid_pool_pool0_kernel", "pyramid_pool_project_kernel", "pyramid_pool_upsample_kernel", "pyramid_pool_route_kernel"]
+    names += ["pyramid_pool_coarsen_kernel"] if spatial_dims == 2 and psp > 1 else []
     for name in names:
         for grid in launches.grids(name):
             assert min(grid[:2]) >= 2, (name, grid)

@@ -179,3 +179,14 @@ def fresh_choices():
     aniso_conv.clear_choices()
     aniso_conv.set_tuning(None)
     aniso_conv._choices.update(saved)
+
+
+def dispatch_sample():
+    """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
+    output, the arguments its table's reasons take)."""
+    from ahnet_fast import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 12, 12, 6, dtype=torch.float64)
+    w = torch.randn(4, 1, 7, 7, 3, dtype=torch.float64) * 0.1
+    return (lambda be: ops.stem_conv_pool(x, w, None, (2, 2, 1), (3, 3, 1), 2, backend=be)), (x, w)

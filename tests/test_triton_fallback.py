@@ -14,7 +14,7 @@ import torch
 import ahnet_fast
 from ahnet_fast import backends
 from ahnet_fast.kernels import errors
-from ahnet_fast.ops import batch_norm_relu, bn_relu_conv, focal_loss, pyramid_pool
+from ahnet_fast.ops import bn_relu, bn_relu_conv, focal_loss, pyramid_pool
 from tests.conftest import assert_close_normwise
 
 pytest.importorskip("triton")
@@ -98,7 +98,7 @@ def test_grid_past_cuda_limits_falls_back_by_reason():
     assert any("65535" in r for r in _triton_reasons(big))
 
 
-@pytest.mark.parametrize("kernel", ["conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "bn_stats_kernel",
+@pytest.mark.parametrize("kernel", ["conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "bn_relu_stats_kernel",
                                     "bn_relu_bwd_kernel"])
 def test_auto_falls_back_with_one_warning(triton_first, kernel):
     """Forward and backward kernels alike: the result and every gradient match the reference."""
@@ -132,17 +132,17 @@ def test_forced_triton_raises(kernel):
     assert ahnet_fast.fallback_report() == []
 
 
-def test_batch_norm_relu_falls_back(triton_first):
+def test_bn_relu_falls_back(triton_first):
     x = torch.randn(3, 5, 4, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     bw, bb = (t.to(DEVICE) for t in _bn_params(5))
-    ref = batch_norm_relu(x, None, None, bw, bb, True, 0.1, 1e-5, backend="reference")
+    ref = bn_relu(x, None, None, bw, bb, True, 0.1, 1e-5, backend="reference")
     errors.inject_failure("bn_relu_fwd_kernel")
     with pytest.warns(RuntimeWarning, match="bn_relu_fwd_kernel"):
-        got = batch_norm_relu(x, None, None, bw, bb, True, 0.1, 1e-5)
+        got = bn_relu(x, None, None, bw, bb, True, 0.1, 1e-5)
     assert_close_normwise(got, ref, 1e-12)
 
 
-def test_focal_loss_forward_falls_back_to_the_next_backend(triton_first):
+def test_focal_loss_falls_back_to_the_next_backend(triton_first):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 9, 7, generator=g).to(DEVICE).requires_grad_()
     labels = torch.randint(0, 3, (2, 9, 7), generator=g).to(DEVICE)
@@ -164,7 +164,7 @@ def _psp_params(c, levels, dtype):
     return proj_w, proj_b, up_w, up_b
 
 
-@pytest.mark.parametrize("kernel", ["psp_pool0_kernel", "psp_route_kernel"])
+@pytest.mark.parametrize("kernel", ["pyramid_pool_pool0_kernel", "pyramid_pool_route_kernel"])
 def test_pyramid_pool_falls_back(triton_first, kernel):
     """The forward through the op's dispatch; the backward (route kernel) through its composition."""
     levels, c = 2, 3

@@ -7,9 +7,7 @@ from torch import nn
 
 from ahnet_fast.backends import check_backend_name
 from ahnet_fast.nn._checkpoint import in_checkpoint_segment
-from ahnet_fast.ops import batch_norm_add_relu, batch_norm_relu
-from ahnet_fast.ops.bn_relu_conv import bn_relu_conv as ops_bn_relu_conv
-from ahnet_fast.ops.dense_block import dense_block as ops_dense_block
+from ahnet_fast import ops
 
 
 def _bn_state(bn: nn.modules.batchnorm._BatchNorm):
@@ -29,8 +27,8 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, backend: str |
     """``relu(bn(x))`` through the fused op, updating ``bn``'s running statistics and
     ``num_batches_tracked`` exactly as ``bn.forward`` would."""
     running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
-    return batch_norm_relu(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps,
-                           backend=backend)
+    return ops.bn_relu(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps,
+                       backend=backend)
 
 
 def bn_add_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, residual: torch.Tensor,
@@ -38,8 +36,8 @@ def bn_add_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, residual: 
     """``relu(bn(x) + residual)`` through the fused op (a bottleneck's tail), with ``bn``'s
     bookkeeping."""
     running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
-    return batch_norm_add_relu(x, residual, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum,
-                               bn.eps, backend=backend)
+    return ops.bn_add_relu(x, residual, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum,
+                           bn.eps, backend=backend)
 
 
 def bn_relu_conv(bn: nn.modules.batchnorm._BatchNorm, conv: nn.modules.conv._ConvNd, x: torch.Tensor,
@@ -50,7 +48,7 @@ def bn_relu_conv(bn: nn.modules.batchnorm._BatchNorm, conv: nn.modules.conv._Con
             conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"bn_relu_conv: {conv} must have no bias, groups=1, dilation 1 and numeric zero padding")
     running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
-    return ops_bn_relu_conv(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps,
+    return ops.bn_relu_conv(x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps,
                             conv.weight, list(conv.stride), list(conv.padding), backend=backend)
 
 
@@ -72,7 +70,7 @@ def dense_block(layers, x: torch.Tensor, backend: str | None = None, skip: torch
             means.append(running_mean)
             variances.append(running_var)
             momenta.append(momentum)
-    return ops_dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend,
+    return ops.dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend,
                            keep_bottleneck=not in_checkpoint_segment(), skip=skip)
 
 

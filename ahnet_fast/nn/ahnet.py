@@ -2,7 +2,7 @@
 
 Module names, parameter names, defaults, initialisation and function match MONAI 1.6's
 ``monai.networks.nets.AHNet``, so its state dicts load with ``strict=True``. The modules own the
-parameters; BatchNorm+ReLU pairs run through the fused ``ahnet_fast.ops.batch_norm_relu`` op.
+parameters; BatchNorm+ReLU pairs run through the fused ``ahnet_fast.ops.bn_relu`` op.
 In 2D mode MONAI slices some kernel/stride tuples from the front and others from the back; that
 is kept exactly (the second spatial axis then plays the slice axis).
 """
@@ -18,7 +18,7 @@ from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, s
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
 from ahnet_fast import _scratch as scratch
-from ahnet_fast.ops import pointwise_conv, slice_max_pool, stem_conv_pool, strided_transposed_conv
+from ahnet_fast.ops import pointwise_conv, slice_max_pool, stem_conv_pool, transposed_conv
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
 
 __all__ = ["AHNet", "AHnet", "Ahnet", "PyramidVolumetricPooling", "UPSAMPLE_MODES"]
@@ -46,7 +46,7 @@ def _upsample(upsample_mode: str) -> nn.Upsample:
     return nn.Upsample(scale_factor=2, mode=upsample_mode, align_corners=align_corners)
 
 
-def _is_slice_pool(pool: nn.Module, nd: int) -> bool:
+def _is_slice_max_pool(pool: nn.Module, nd: int) -> bool:
     """A max pool over the last axis alone, stride = window, nothing else set: AH-Net's slice pools."""
     if not isinstance(pool, (nn.MaxPool2d, nn.MaxPool3d)):
         return False
@@ -66,7 +66,7 @@ def slice_pool(pool: nn.Module, x: torch.Tensor, backend: str | None = None) -> 
     """``pool(x)``; AH-Net's slice-axis max pools ((1, 1, k) windows, stride = window) through
     ``ops.slice_max_pool``."""
     window = _as_tuple(pool.kernel_size, x.dim() - 2)[-1]
-    if _is_slice_pool(pool, x.dim() - 2) and x.shape[-1] >= window:
+    if _is_slice_max_pool(pool, x.dim() - 2) and x.shape[-1] >= window:
         return slice_max_pool(x, window, backend=backend)
     return pool(x)
 
@@ -75,7 +75,7 @@ def stem(conv: nn.Module, pool: nn.Module, x: torch.Tensor, backend: str | None 
     """``pool(conv(x))`` for conv1 and pool1, through ``ops.stem_conv_pool`` where the modules are
     AH-Net's (a plain convolution, a slice-axis max pool); the op checks the shapes."""
     nd = x.dim() - 2
-    if _is_plain_conv(conv) and _is_slice_pool(pool, nd):
+    if _is_plain_conv(conv) and _is_slice_max_pool(pool, nd):
         return stem_conv_pool(x, conv.weight, conv.bias, conv.stride, conv.padding,
                               _as_tuple(pool.kernel_size, nd)[-1], backend=backend)
     return pool(conv(x))
@@ -91,11 +91,11 @@ def pointwise(conv: nn.Module, x: torch.Tensor, backend: str | None = None) -> t
 
 def upsample(up: nn.Module, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """``up(x)``; a transposed convolution whose kernel equals its stride (the x2 up-transitions)
-    through ``ops.strided_transposed_conv``."""
+    through ``ops.transposed_conv``."""
     if isinstance(up, (nn.ConvTranspose2d, nn.ConvTranspose3d)) and tuple(up.kernel_size) == tuple(up.stride) and \
             not any(up.padding) and not any(up.output_padding) and up.groups == 1 and \
             all(d == 1 for d in up.dilation) and up.padding_mode == "zeros":
-        return strided_transposed_conv(x, up.weight, up.bias, up.stride, backend=backend)
+        return transposed_conv(x, up.weight, up.bias, up.stride, backend=backend)
     return up(x)
 
 

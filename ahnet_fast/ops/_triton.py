@@ -17,7 +17,7 @@ from ahnet_fast._layout import opmath_dtype, output_like
 from ahnet_fast.backends import guarded
 from ahnet_fast.kernels.triton import aniso_conv as _conv
 from ahnet_fast.kernels.triton import bn_relu as _bn
-from ahnet_fast.kernels.triton import pyramid_pool as _psp
+from ahnet_fast.kernels.triton import pyramid_pool as _pyramid
 
 # ---------------------------------------------------------------------------------------------
 # BatchNorm + ReLU
@@ -27,7 +27,7 @@ def _reduce_dims(x):
     return [0] + list(range(2, x.dim()))
 
 
-def _bn_stats_composition(x):
+def _bn_relu_stats_composition(x):
     sd = opmath_dtype(x.dtype)
     var, mean = torch.var_mean(x.to(sd), dim=_reduce_dims(x), correction=0)
     return mean, var
@@ -46,7 +46,7 @@ def scale_shift(weight, bias, mean, var, eps):
 def _bn_relu_forward_composition(x, weight, bias, running_mean, running_var, training, eps):
     sd = opmath_dtype(x.dtype)
     if training:
-        mean, var = _bn_stats_composition(x)
+        mean, var = _bn_relu_stats_composition(x)
     else:
         mean, var = running_mean.to(sd), running_var.to(sd)
     y = output_like(x)
@@ -70,9 +70,9 @@ def _bn_relu_backward_composition(grad_out, x, weight, bias, mean, var, training
     return dx, sum_gx.to(weight.dtype), sum_g.to(bias.dtype)
 
 
-bn_stats = guarded("batch_norm_relu", _bn.bn_stats, _bn_stats_composition)
-bn_relu_forward = guarded("batch_norm_relu", _bn.bn_relu_forward, _bn_relu_forward_composition)
-bn_relu_backward = guarded("batch_norm_relu", _bn.bn_relu_backward, _bn_relu_backward_composition)
+bn_relu_stats = guarded("bn_relu", _bn.bn_relu_stats, _bn_relu_stats_composition)
+bn_relu_forward = guarded("bn_relu", _bn.bn_relu_forward, _bn_relu_forward_composition)
+bn_relu_backward = guarded("bn_relu", _bn.bn_relu_backward, _bn_relu_backward_composition)
 
 # ---------------------------------------------------------------------------------------------
 # Anisotropic convolutions (BN-ReLU on load)
@@ -133,5 +133,5 @@ def _pyramid_pool_backward_composition(grad_identity, grad_pooled, argmax, size,
     return gx.to(dtype).contiguous(memory_format=fmt)
 
 
-pyramid_pool_backward = guarded("pyramid_pool", _psp.pyramid_pool_backward, _pyramid_pool_backward_composition)
-pyramid_pool_forward = _psp.pyramid_pool_forward  # a failure here reaches the op's dispatch, which runs another backend
+pyramid_pool_backward = guarded("pyramid_pool", _pyramid.pyramid_pool_backward, _pyramid_pool_backward_composition)
+pyramid_pool = _pyramid.pyramid_pool  # a failure here reaches the op's dispatch, which runs another backend

@@ -1,6 +1,6 @@
 """BatchNorm, residual sum and ReLU as one op: the tail of a ResNet bottleneck.
 
-``batch_norm_add_relu(x, residual, ...) = relu(F.batch_norm(x, ...) + residual)``, with the
+``bn_add_relu(x, residual, ...) = relu(F.batch_norm(x, ...) + residual)``, with the
 semantics of ``F.batch_norm`` (batch statistics in training, running statistics updated in place
 with ``momentum``; running statistics in eval). AH-Net's encoder ends 13 of its 16 bottlenecks this
 way (the first blocks of layers 2-4 pool bn3's output before the sum: the composition there). Composed of torch ops that is four passes over the block's widest tensor forward (the
@@ -12,7 +12,7 @@ Backends:
 
 - ``reference``: ``F.relu(F.batch_norm(...) + residual)``: the oracle, and what runs where the
   compiled kernel cannot (mixed dtypes), and under ``auto`` on maps too small for it to gain.
-- ``cpp``: ``torch.ops.ahnet_fast.bn_add_relu`` / ``bn_add_relu_backward`` (csrc/cpu/bn_relu.cpp,
+- ``cpp``: ``torch.ops.ahnet_fast.bn_add_relu`` / ``bn_add_relu_backward`` (csrc/cpu/bn_add_relu.cpp,
   the statistics shared with ``bn_relu``). Backward reads the output (the ReLU mask, as torch's
   ReLU backward does: blocked where output <= 0) and the input: the tensors the composition keeps,
   and the output is the next block's input, kept by it anyway.
@@ -29,26 +29,26 @@ from ahnet_fast._layout import opmath_dtype, output_like
 from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, gpu_composition_reasons, register_compiled_pair
 from ahnet_fast.ops.bn_relu import kernel_arguments, update_running_stats
 
-__all__ = ["batch_norm_add_relu", "batch_norm_add_relu_reference"]
+__all__ = ["bn_add_relu", "bn_add_relu_reference"]
 
 
-def batch_norm_add_relu_reference(x, residual, running_mean, running_var, weight, bias, training, momentum, eps):
+def bn_add_relu_reference(x, residual, running_mean, running_var, weight, bias, training, momentum, eps):
     return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)
 
 
 def _check(x, residual, running_mean, running_var, weight, bias, training):
     if x.dim() < 2:
-        raise ValueError(f"batch_norm_add_relu: input must have shape (N, C, ...), got {tuple(x.shape)}")
+        raise ValueError(f"bn_add_relu: input must have shape (N, C, ...), got {tuple(x.shape)}")
     if residual.shape != x.shape:
-        raise ValueError(f"batch_norm_add_relu: residual has shape {tuple(residual.shape)} but the input has "
+        raise ValueError(f"bn_add_relu: residual has shape {tuple(residual.shape)} but the input has "
                          f"{tuple(x.shape)}")
     channels = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.numel() != channels:
-            raise ValueError(f"batch_norm_add_relu: {name} has {t.numel()} elements but the input has {channels} "
+            raise ValueError(f"bn_add_relu: {name} has {t.numel()} elements but the input has {channels} "
                              f"channels (shape {tuple(x.shape)})")
     if training and x.numel() // max(channels, 1) <= 1:
-        raise ValueError(f"batch_norm_add_relu: expected more than 1 value per channel when training, got input of "
+        raise ValueError(f"bn_add_relu: expected more than 1 value per channel when training, got input of "
                          f"shape {tuple(x.shape)}")
 
 
@@ -76,16 +76,16 @@ def _cpp_slower(x, residual):
     return []
 
 
-IMPLEMENTATIONS = backends.register("batch_norm_add_relu", (
+IMPLEMENTATIONS = backends.register("bn_add_relu", (
     backends.Implementation("reference", lambda *a: [], runs="F.relu(F.batch_norm(x) + residual)"),
     backends.Implementation("cpp", _cpp_reasons, slower_reasons=_cpp_slower,
-                            runs="ahnet_fast::bn_add_relu (csrc/cpu/bn_relu.cpp)"),
+                            runs="ahnet_fast::bn_add_relu (csrc/cpu/bn_add_relu.cpp)"),
     backends.Implementation("triton", lambda x, residual: gpu_composition_reasons(x.device),
                             runs="the composition on cuDNN's BatchNorm (no Triton kernel)"),
 ))
 
 
-def batch_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, running_mean, running_var, weight, bias,
+def bn_add_relu(x: torch.Tensor, residual: torch.Tensor, running_mean, running_var, weight, bias,
                         training: bool, momentum: float, eps: float, *, backend: str | None = None) -> torch.Tensor:
     """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
 
@@ -93,9 +93,9 @@ def batch_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, running_mean, r
     AUTO_MIN_VALUES_PER_CHANNEL, else the composition), "reference", "cpp" or "triton" (the GPU
     path: the composition, there is no Triton kernel); None follows ``ahnet_fast.backend(...)``."""
     _check(x, residual, running_mean, running_var, weight, bias, training)
-    chosen = backends.select("batch_norm_add_relu", IMPLEMENTATIONS, x.device, (x, residual), backend)
+    chosen = backends.select("bn_add_relu", IMPLEMENTATIONS, x.device, (x, residual), backend)
     if chosen != "cpp":
-        return batch_norm_add_relu_reference(x, residual, running_mean, running_var, weight, bias, training,
+        return bn_add_relu_reference(x, residual, running_mean, running_var, weight, bias, training,
                                              momentum, eps)
     channels = x.shape[1]
     weight, bias, use_batch_stats = kernel_arguments(x, weight, bias, training, running_mean, running_var)

@@ -1,6 +1,6 @@
 """BatchNorm followed by ReLU, as one op.
 
-``batch_norm_relu`` computes ``relu(batch_norm(x))`` with the semantics of
+``bn_relu`` computes ``relu(batch_norm(x))`` with the semantics of
 ``torch.nn.functional.batch_norm`` (batch statistics in training, updating the running
 statistics in place with ``momentum``; running statistics in eval). Backends:
 
@@ -24,26 +24,26 @@ from ahnet_fast._layout import opmath_dtype, output_like
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, register_compiled_pair,
                                       register_triton_pair, triton_reasons)
 
-__all__ = ["batch_norm_relu", "batch_norm_relu_reference"]
+__all__ = ["bn_relu", "bn_relu_reference"]
 
 
-def batch_norm_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps):
+def bn_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps):
     return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
 
 
 def _check(x, running_mean, running_var, weight, bias, training):
     if x.dim() < 2:
-        raise ValueError(f"batch_norm_relu: input must have shape (N, C, ...), got {tuple(x.shape)}")
+        raise ValueError(f"bn_relu: input must have shape (N, C, ...), got {tuple(x.shape)}")
     channels = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.numel() != channels:
             raise ValueError(
-                f"batch_norm_relu: {name} has {t.numel()} elements but the input has {channels} channels "
+                f"bn_relu: {name} has {t.numel()} elements but the input has {channels} channels "
                 f"(shape {tuple(x.shape)})"
             )
     if training and x.numel() // max(channels, 1) <= 1:
         raise ValueError(
-            f"batch_norm_relu: expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}"
+            f"bn_relu: expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}"
         )
 
 
@@ -56,21 +56,21 @@ def _triton_reasons(x, *_):
     return triton_reasons(x.device, x.dtype, interpreter_bf16=True) + dtype_reasons(x.dtype)
 
 
-IMPLEMENTATIONS = backends.register("batch_norm_relu", (
+IMPLEMENTATIONS = backends.register("bn_relu", (
     backends.Implementation("reference", lambda *a: []),
     backends.Implementation("cpp", _cpp_reasons),
     backends.Implementation("triton", _triton_reasons),
 ))
 
 
-def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float,
+def bn_relu(x, running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float,
                     *, backend: str | None = None) -> torch.Tensor:
     """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``."""
     _check(x, running_mean, running_var, weight, bias, training)
 
     def run(chosen):
         if chosen == "reference":
-            return batch_norm_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
+            return bn_relu_reference(x, running_mean, running_var, weight, bias, training, momentum, eps)
         w, b, use_batch_stats = kernel_arguments(x, weight, bias, training, running_mean, running_var)
         forward = torch.ops.ahnet_fast.bn_relu if chosen == "cpp" else _triton_ops()[0]
         y, mean, var = forward(x, w, b, None if use_batch_stats else running_mean,
@@ -78,7 +78,7 @@ def batch_norm_relu(x, running_mean, running_var, weight, bias, training: bool, 
         update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // x.shape[1])
         return y
 
-    return backends.dispatch("batch_norm_relu", IMPLEMENTATIONS, x.device, (x,), backend, run)
+    return backends.dispatch("bn_relu", IMPLEMENTATIONS, x.device, (x,), backend, run)
 
 
 def kernel_arguments(x, weight, bias, training, running_mean, running_var):
@@ -172,7 +172,7 @@ def _register():
             c = x.shape[1]
             return x.new_empty(c, dtype=opmath_dtype(x.dtype)), x.new_empty(c, dtype=opmath_dtype(x.dtype))
 
-        torch.library.register_fake("ahnet_fast::bn_stats")(stats_fake)
+        torch.library.register_fake("ahnet_fast::bn_relu_stats")(stats_fake)
         # the input gradient goes into `out`; what is returned are the weight and bias gradients
         torch.library.register_fake("ahnet_fast::bn_relu_backward_into_")(
             lambda grad_out, x, weight, bias, mean, var, training, eps, out, accumulate:

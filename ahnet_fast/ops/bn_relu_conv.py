@@ -132,7 +132,7 @@ class CppEngine(_Engine):
                                                         use_batch_stats, eps)
         else:
             if use_batch_stats:
-                mean, var = torch.ops.ahnet_fast.bn_stats(x)
+                mean, var = torch.ops.ahnet_fast.bn_relu_stats(x)
             else:  # what bn_relu hands back in eval: the running statistics in the statistics dtype
                 sd = opmath_dtype(x.dtype)
                 mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
@@ -274,7 +274,7 @@ class TritonEngine(_Engine):
         from ahnet_fast.ops import _triton as kernels
 
         if use_batch_stats:
-            mean, var = kernels.bn_stats(x)
+            mean, var = kernels.bn_relu_stats(x)
         else:
             sd = opmath_dtype(x.dtype)
             mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()

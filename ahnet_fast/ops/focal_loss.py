@@ -281,7 +281,7 @@ def _kernel_contract_reasons(p: _Problem) -> list[str]:
 
 
 def _cpp_reasons(p: _Problem) -> list[str]:
-    return cpp_kernel_reasons("focal_loss_forward", p.logits.device) + _kernel_contract_reasons(p)
+    return cpp_kernel_reasons("focal_loss", p.logits.device) + _kernel_contract_reasons(p)
 
 
 def _triton_reasons(p: _Problem) -> list[str]:
@@ -362,7 +362,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
 
     def run(chosen):
         if chosen == "cpp":
-            return _fused(p, torch.ops.ahnet_fast.focal_loss_forward)
+            return _fused(p, torch.ops.ahnet_fast.focal_loss)
         if chosen == "triton":
             return _fused(p, _triton_op(), gradient_in_backward=True)
         _check_target_values(p)
@@ -432,45 +432,45 @@ _TRITON_OP = None
 
 
 def _triton_op():
-    """``ahnet_fast::focal_loss_forward_triton``: the Triton kernel as a custom op (any device the kernel
+    """``ahnet_fast::focal_loss_triton``: the Triton kernel as a custom op (any device the kernel
     runs on: CUDA, or CPU under TRITON_INTERPRET=1), sharing the C++ op's fake and autograd."""
     global _TRITON_OP
     if _TRITON_OP is None:
-        @torch.library.custom_op("ahnet_fast::focal_loss_forward_triton", mutates_args=())
-        def focal_loss_forward_triton(logits: torch.Tensor, target: torch.Tensor, factor_pos: torch.Tensor,
-                                      factor_neg: torch.Tensor, grad_scale: torch.Tensor, gamma: float,
-                                      softmax: bool, label_target: bool, first_channel: int, ignore_index: int,
-                                      has_ignore: bool, alpha_linear: bool, compute_grad: bool
-                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-            from ahnet_fast.kernels.triton.focal_loss import focal_loss_forward
+        @torch.library.custom_op("ahnet_fast::focal_loss_triton", mutates_args=())
+        def focal_loss_triton(logits: torch.Tensor, target: torch.Tensor, factor_pos: torch.Tensor,
+                              factor_neg: torch.Tensor, grad_scale: torch.Tensor, gamma: float,
+                              softmax: bool, label_target: bool, first_channel: int, ignore_index: int,
+                              has_ignore: bool, alpha_linear: bool, compute_grad: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            from ahnet_fast.kernels.triton import focal_loss as kernel
 
-            return focal_loss_forward(logits, target, factor_pos, factor_neg, grad_scale, gamma, softmax,
-                                      label_target, first_channel, ignore_index, has_ignore, alpha_linear,
-                                      compute_grad)
+            return kernel.focal_loss(logits, target, factor_pos, factor_neg, grad_scale, gamma, softmax,
+                                     label_target, first_channel, ignore_index, has_ignore, alpha_linear,
+                                     compute_grad)
 
         @torch.library.custom_op("ahnet_fast::focal_loss_backward_triton", mutates_args=())
         def focal_loss_backward_triton(logits: torch.Tensor, target: torch.Tensor, factor_pos: torch.Tensor,
                                        factor_neg: torch.Tensor, grad_loss_sum: torch.Tensor, gamma: float,
                                        softmax: bool, label_target: bool, first_channel: int, ignore_index: int,
                                        has_ignore: bool, alpha_linear: bool) -> torch.Tensor:
-            from ahnet_fast.kernels.triton.focal_loss import focal_loss_forward
+            from ahnet_fast.kernels.triton import focal_loss as kernel
 
-            return focal_loss_forward(logits, target, factor_pos, factor_neg, grad_loss_sum, gamma, softmax,
-                                      label_target, first_channel, ignore_index, has_ignore, alpha_linear, True)[2]
+            return kernel.focal_loss(logits, target, factor_pos, factor_neg, grad_loss_sum, gamma, softmax,
+                                     label_target, first_channel, ignore_index, has_ignore, alpha_linear, True)[2]
 
         focal_loss_backward_triton.register_fake(lambda logits, *args: output_like(logits))
-        focal_loss_forward_triton.register_fake(_fake)
-        focal_loss_forward_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
-        _TRITON_OP = torch.ops.ahnet_fast.focal_loss_forward_triton.default
+        focal_loss_triton.register_fake(_fake)
+        focal_loss_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+        _TRITON_OP = torch.ops.ahnet_fast.focal_loss_triton.default
     return _TRITON_OP
 
 
 def _register():
     if not extension_available():
         return
-    note_compiled_kernels("focal_loss_forward")
-    torch.library.register_fake("ahnet_fast::focal_loss_forward")(_fake)
-    torch.library.register_autograd("ahnet_fast::focal_loss_forward", _backward, setup_context=_setup_context)
+    note_compiled_kernels("focal_loss")
+    torch.library.register_fake("ahnet_fast::focal_loss")(_fake)
+    torch.library.register_autograd("ahnet_fast::focal_loss", _backward, setup_context=_setup_context)
 
 
 _register()

@@ -13,7 +13,7 @@ Backends:
 
 - ``reference``: MONAI's sequence of torch ops (max_pool, conv, conv_transpose / interpolate, cat).
   It keeps the int64 argmax of every level and reads ``x`` once per level.
-- ``cpp`` (``torch.ops.ahnet_fast.pyramid_pool_forward``, csrc/cpu/pyramid_pool.cpp) and ``triton``
+- ``cpp`` (``torch.ops.ahnet_fast.pyramid_pool``, csrc/cpu/pyramid_pool.cpp) and ``triton``
   (ahnet_fast/kernels/triton/pyramid_pool.py): one read of ``x`` computes the level-0 maxima; each
   coarser level takes the maxima of 2x2 cells of the level below (8 -> 16 -> 32 -> 64); the
   projections and the upsampling write the output channels directly. For backward they keep only
@@ -203,7 +203,7 @@ class _Args:
 
 
 def _cpp_reasons(x) -> list[str]:
-    return cpp_kernel_reasons("pyramid_pool_forward", x.device) + dtype_reasons(x.dtype)
+    return cpp_kernel_reasons("pyramid_pool", x.device) + dtype_reasons(x.dtype)
 
 
 def _triton_reasons(x) -> list[str]:
@@ -244,7 +244,7 @@ def pyramid_pool(x: torch.Tensor, proj_weights: Sequence[torch.Tensor], proj_bia
             return pyramid_pool_reference(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode,
                                           concat_input)
         a = _Args(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode)
-        forward = torch.ops.ahnet_fast.pyramid_pool_forward if chosen == "cpp" else _triton_ops()[0]
+        forward = torch.ops.ahnet_fast.pyramid_pool if chosen == "cpp" else _triton_ops()[0]
         out = forward(*a.op_args(concat_input))[0]
         return out if a.spatial_dims == 3 else out.squeeze(3)
 
@@ -368,7 +368,7 @@ _TRITON_OPS = None
 
 
 def _triton_ops():
-    """``ahnet_fast::pyramid_pool_forward_triton`` / ``pyramid_pool_backward_triton``: the Triton kernels as custom ops
+    """``ahnet_fast::pyramid_pool_triton`` / ``pyramid_pool_backward_triton``: the Triton kernels as custom ops
     (CUDA, or CPU under TRITON_INTERPRET=1), with the C++ ops' fakes and autograd."""
     global _TRITON_OPS
     if _TRITON_OPS is None:
@@ -380,23 +380,23 @@ def _triton_ops():
                                 channels_last: bool) -> torch.Tensor:
             return kernels.pyramid_pool_backward(grad_identity, grad_pooled, argmax, size, pool_w, dtype, channels_last)
 
-        @torch.library.custom_op("ahnet_fast::pyramid_pool_forward_triton", mutates_args=())
-        def pyramid_pool_forward_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+        @torch.library.custom_op("ahnet_fast::pyramid_pool_triton", mutates_args=())
+        def pyramid_pool_triton(x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
                                up_weight: torch.Tensor | None, up_bias: torch.Tensor | None, index_h: torch.Tensor,
                                lambda_h: torch.Tensor, index_w: torch.Tensor, lambda_w: torch.Tensor, levels: int,
                                pool_w: bool, linear: bool, concat_input: bool
                                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-            return kernels.pyramid_pool_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h,
+            return kernels.pyramid_pool(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h,
                                                 index_w, lambda_w, levels, pool_w, linear, concat_input)
 
-        _TRITON_OPS = register_triton_pair(pyramid_pool_forward_triton, pyramid_pool_backward_triton, _forward_fake,
+        _TRITON_OPS = register_triton_pair(pyramid_pool_triton, pyramid_pool_backward_triton, _forward_fake,
                                            _backward_fake, _make_backward, _setup_context)
     return _TRITON_OPS
 
 
 def _register():
     if extension_available():
-        register_compiled_pair("pyramid_pool_forward", "pyramid_pool_backward", _forward_fake, _backward_fake,
+        register_compiled_pair("pyramid_pool", "pyramid_pool_backward", _forward_fake, _backward_fake,
                                _make_backward, _setup_context)
 
 

@@ -14,7 +14,7 @@ Backends (the table :data:`IMPLEMENTATIONS`; ``ahnet_fast.backends`` picks):
   and no autocast is active, the two run band by band (:func:`slice_fold_conv_pool`): the
   convolution's full output, the model's largest map, is never allocated.
 - ``triton`` (the GPU path; no Triton kernel): cuDNN's convolution, then the slice pooling's GPU
-  composition (``ops.slice_pool``).
+  composition (``ops.slice_max_pool``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ahnet_fast._layout import autocast_dtype
 from ahnet_fast.ops import aniso_conv
 from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, gpu_composition_reasons
 from ahnet_fast.ops._conv_paths import _fold_slices, _fold_weight, slice_fold_forward
-from ahnet_fast.ops.slice_pool import slice_max_pool, slice_max_pool_reference
+from ahnet_fast.ops.slice_max_pool import slice_max_pool, slice_max_pool_reference
 
 __all__ = ["stem_conv_pool", "stem_conv_pool_reference", "conv3d", "slice_fold_conv_pool"]
 

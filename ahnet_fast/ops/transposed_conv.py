@@ -5,13 +5,13 @@ Windows of such a convolution never overlap: the Ci values of one input voxel ti
 (Ci, Co * F) weight matrix (F = kernel volume) give the whole F-voxel block of the output that the
 voxel owns. So
 
-    T = W^T X   (Co * F, S) = (Co * F, Ci) @ (Ci, S),  S = H * W * D,  then  out = voxel_shuffle(T)
+    T = W^T X   (Co * F, S) = (Co * F, Ci) @ (Ci, S),  S = H * W * D,  then  out = transposed_conv_shuffle(T)
 
 where the shuffle moves tap (a, b, c) of channel co to output position (h * f0 + a, w * f1 + b,
 d * f2 + c) (the 3D pixel shuffle). Backward is autograd's: the gradient is unshuffled and goes
 through the two matrix products. ATen on CPU computes these convolutions through oneDNN (with a
 reorder of the output from its blocked layout) or its unfold path and zero-fills the weight
-gradient before accumulating; here the shuffle is the compiled ``ahnet_fast::voxel_shuffle`` (each
+gradient before accumulating; here the shuffle is the compiled ``ahnet_fast::transposed_conv_shuffle`` (each
 output row interleaves f2 contiguous rows of T). Measured in
 ``benchmarks/test_bench_transposed_conv.py``.
 
@@ -38,15 +38,15 @@ from ahnet_fast.ops import aniso_conv
 from ahnet_fast.ops._registry import cpp_kernel_reasons, cpu_reasons, dtype_reasons, gpu_composition_reasons, \
     note_compiled_kernels
 
-__all__ = ["strided_transposed_conv", "strided_transposed_conv_reference", "voxel_shuffle", "voxel_unshuffle",
-           "voxel_shuffle_reference", "voxel_unshuffle_reference"]
+__all__ = ["transposed_conv", "transposed_conv_reference", "transposed_conv_shuffle", "transposed_conv_unshuffle",
+           "transposed_conv_shuffle_reference", "transposed_conv_unshuffle_reference"]
 
 
-def strided_transposed_conv_reference(x, weight, bias, stride):
+def transposed_conv_reference(x, weight, bias, stride):
     return (F.conv_transpose3d if x.dim() == 5 else F.conv_transpose2d)(x, weight, bias, tuple(stride))
 
 
-def voxel_shuffle_reference(t: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+def transposed_conv_shuffle_reference(t: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     n, cf, *spatial = t.shape
     c = cf // math.prod(factors)
     nd = len(spatial)
@@ -56,7 +56,7 @@ def voxel_shuffle_reference(t: torch.Tensor, factors: Sequence[int]) -> torch.Te
     return v.permute(order).reshape(n, c, *[s * f for s, f in zip(spatial, factors)])
 
 
-def voxel_unshuffle_reference(y: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+def transposed_conv_unshuffle_reference(y: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     n, c, *fine = y.shape
     nd = len(fine)
     spatial = [s // f for s, f in zip(fine, factors)]
@@ -66,42 +66,42 @@ def voxel_unshuffle_reference(y: torch.Tensor, factors: Sequence[int]) -> torch.
 
 
 def _compiled(t: torch.Tensor) -> bool:
-    return extension_available() and not cpp_kernel_reasons("voxel_shuffle", t.device) and \
+    return extension_available() and not cpp_kernel_reasons("transposed_conv_shuffle", t.device) and \
         not dtype_reasons(t.dtype)
 
 
-def voxel_shuffle(t: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+def transposed_conv_shuffle(t: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     """(N, C * F, *s) -> (N, C, *(s_i * f_i)): tap (a, b, c) of channel co to position
-    (h * f0 + a, w * f1 + b, d * f2 + c). Differentiable (its gradient is :func:`voxel_unshuffle`)."""
+    (h * f0 + a, w * f1 + b, d * f2 + c). Differentiable (its gradient is :func:`transposed_conv_unshuffle`)."""
     factors = [int(f) for f in factors]
     if _compiled(t):
-        return torch.ops.ahnet_fast.voxel_shuffle(t, factors)
-    return voxel_shuffle_reference(t, factors)
+        return torch.ops.ahnet_fast.transposed_conv_shuffle(t, factors)
+    return transposed_conv_shuffle_reference(t, factors)
 
 
-def voxel_unshuffle(y: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
-    """The inverse of :func:`voxel_shuffle`. Differentiable."""
+def transposed_conv_unshuffle(y: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`transposed_conv_shuffle`. Differentiable."""
     factors = [int(f) for f in factors]
     if _compiled(y):
-        return torch.ops.ahnet_fast.voxel_unshuffle(y, factors)
-    return voxel_unshuffle_reference(y, factors)
+        return torch.ops.ahnet_fast.transposed_conv_unshuffle(y, factors)
+    return transposed_conv_unshuffle_reference(y, factors)
 
 
 def _check(x, weight, bias, stride):
     nd = x.dim() - 2
     if x.dim() not in (4, 5):
-        raise ValueError(f"strided_transposed_conv: input must be (N, C, H, W[, D]), got {tuple(x.shape)}")
+        raise ValueError(f"transposed_conv: input must be (N, C, H, W[, D]), got {tuple(x.shape)}")
     if weight.dim() != x.dim() or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"strided_transposed_conv: weight {tuple(weight.shape)} does not fit input "
+        raise ValueError(f"transposed_conv: weight {tuple(weight.shape)} does not fit input "
                          f"{tuple(x.shape)} (expected (Ci={x.shape[1]}, Co, *kernel))")
     if tuple(weight.shape[2:]) != tuple(stride) or len(stride) != nd:
-        raise ValueError(f"strided_transposed_conv: the kernel {tuple(weight.shape[2:])} must equal the stride "
+        raise ValueError(f"transposed_conv: the kernel {tuple(weight.shape[2:])} must equal the stride "
                          f"{tuple(stride)}")
     if bias is not None and bias.numel() != weight.shape[1]:
-        raise ValueError(f"strided_transposed_conv: bias has {bias.numel()} elements, expected {weight.shape[1]}")
+        raise ValueError(f"transposed_conv: bias has {bias.numel()} elements, expected {weight.shape[1]}")
 
 
-def strided_transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             stride: Sequence[int], *, backend: str | None = None) -> torch.Tensor:
     """``conv_transpose3d(x, weight, bias, stride)`` (2D: ``conv_transpose2d``) for kernel == stride,
     no padding, groups 1; on CPU as a matrix product and a voxel shuffle (see the module docstring)."""
@@ -111,15 +111,15 @@ def strided_transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     def run(chosen):
         if chosen == "cpp" and aniso_conv.forced_path() in (None, "matmul"):
             return _product_shuffle(x, weight, bias, stride)
-        return strided_transposed_conv_reference(x, weight, bias, stride)
+        return transposed_conv_reference(x, weight, bias, stride)
 
-    return backends.dispatch("strided_transposed_conv", IMPLEMENTATIONS, x.device, (x,), backend, run)
+    return backends.dispatch("transposed_conv", IMPLEMENTATIONS, x.device, (x,), backend, run)
 
 
-IMPLEMENTATIONS = backends.register("strided_transposed_conv", (
+IMPLEMENTATIONS = backends.register("transposed_conv", (
     backends.Implementation("reference", lambda x: [], runs="F.conv_transpose3d"),
     backends.Implementation("cpp", lambda x: cpu_reasons(x.device),
-                            runs="a matrix product and ahnet_fast::voxel_shuffle; ATen inside use_path"),
+                            runs="a matrix product and ahnet_fast::transposed_conv_shuffle; ATen inside use_path"),
     backends.Implementation("triton", lambda x: gpu_composition_reasons(x.device),
                             runs="cuDNN transposed convolution (no Triton kernel)"),
 ))
@@ -133,7 +133,7 @@ def _product_shuffle(x, weight, bias, stride):
     m = x.contiguous().view(n, ci, -1)
     w = weight.reshape(ci, co * taps).t()  # (Co * F, Ci), a transposed view
     t = (w @ m[0]).unsqueeze(0) if n == 1 else torch.matmul(w, m)
-    y = voxel_shuffle(t.view(n, co * taps, *x.shape[2:]), stride)
+    y = transposed_conv_shuffle(t.view(n, co * taps, *x.shape[2:]), stride)
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, co, *([1] * (x.dim() - 2)))  # autocast: stay in the product's dtype
     return y
@@ -158,15 +158,15 @@ def _setup(ctx, inputs, output):
 def _register():
     if not extension_available():
         return
-    note_compiled_kernels("voxel_shuffle")
-    torch.library.register_fake("ahnet_fast::voxel_shuffle")(_shuffle_fake)
-    torch.library.register_fake("ahnet_fast::voxel_unshuffle")(_unshuffle_fake)
+    note_compiled_kernels("transposed_conv_shuffle")
+    torch.library.register_fake("ahnet_fast::transposed_conv_shuffle")(_shuffle_fake)
+    torch.library.register_fake("ahnet_fast::transposed_conv_unshuffle")(_unshuffle_fake)
     torch.library.register_autograd(
-        "ahnet_fast::voxel_shuffle",
-        lambda ctx, g: (torch.ops.ahnet_fast.voxel_unshuffle(g, ctx.factors), None), setup_context=_setup)
+        "ahnet_fast::transposed_conv_shuffle",
+        lambda ctx, g: (torch.ops.ahnet_fast.transposed_conv_unshuffle(g, ctx.factors), None), setup_context=_setup)
     torch.library.register_autograd(
-        "ahnet_fast::voxel_unshuffle",
-        lambda ctx, g: (torch.ops.ahnet_fast.voxel_shuffle(g, ctx.factors), None), setup_context=_setup)
+        "ahnet_fast::transposed_conv_unshuffle",
+        lambda ctx, g: (torch.ops.ahnet_fast.transposed_conv_shuffle(g, ctx.factors), None), setup_context=_setup)
 
 
 _register()

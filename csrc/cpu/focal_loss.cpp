@@ -1,4 +1,4 @@
-// CPU kernel of ahnet_fast::focal_loss_forward: the focal loss and its gradient in one pass.
+// CPU kernel of ahnet_fast::focal_loss: the focal loss and its gradient in one pass.
 //
 // One read of the logits and the target, one write of the gradient (when asked for), no
 // full-size temporaries. Softmax over the classes (per voxel) or sigmoid (per element), a target
@@ -137,29 +137,29 @@ void run_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_t 
   else isa_baseline::focal_tiles<scalar_t, target_t, false>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focal_loss_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& factor_pos,
     const at::Tensor& factor_neg, const at::Tensor& grad_scale, double gamma, bool softmax, bool label_target,
     int64_t first_channel, int64_t ignore_index, bool has_ignore, bool alpha_linear, bool compute_grad) {
-  TORCH_CHECK(logits_in.dim() >= 2, "focal_loss_forward: logits must be (B, C, ...), got ", logits_in.sizes());
-  TORCH_CHECK(first_channel >= 0 && first_channel < logits_in.size(1), "focal_loss_forward: first_channel ",
+  TORCH_CHECK(logits_in.dim() >= 2, "focal_loss: logits must be (B, C, ...), got ", logits_in.sizes());
+  TORCH_CHECK(first_channel >= 0 && first_channel < logits_in.size(1), "focal_loss: first_channel ",
               first_channel, " out of range for ", logits_in.size(1), " channels");
   const at::Tensor logits = readable(logits_in);
   const Layout L = layout_of(logits);
   const int64_t Cu = L.C - first_channel;
-  TORCH_CHECK(factor_pos.numel() == Cu && factor_neg.numel() == Cu, "focal_loss_forward: class factors need ", Cu,
+  TORCH_CHECK(factor_pos.numel() == Cu && factor_neg.numel() == Cu, "focal_loss: class factors need ", Cu,
               " elements");
-  TORCH_CHECK(grad_scale.numel() == L.B, "focal_loss_forward: grad_scale needs ", L.B, " elements");
+  TORCH_CHECK(grad_scale.numel() == L.B, "focal_loss: grad_scale needs ", L.B, " elements");
   at::Tensor target;
   int64_t tgt_sb, tgt_sc = 0, tgt_ss;
   if (label_target) {
-    TORCH_CHECK(target_in.numel() == L.B * L.S, "focal_loss_forward: a label map needs B*S = ", L.B * L.S,
+    TORCH_CHECK(target_in.numel() == L.B * L.S, "focal_loss: a label map needs B*S = ", L.B * L.S,
                 " elements, got ", target_in.sizes());
     target = target_in.reshape({L.B, L.S}).contiguous();
     tgt_sb = L.S;
     tgt_ss = 1;
   } else {
-    TORCH_CHECK(target_in.sizes() == logits_in.sizes(), "focal_loss_forward: dense target shape ", target_in.sizes(),
+    TORCH_CHECK(target_in.sizes() == logits_in.sizes(), "focal_loss: dense target shape ", target_in.sizes(),
                 " differs from logits ", logits_in.sizes());
     target = readable(target_in);  // read in its own layout: no copy to match the logits'
     tgt_sb = target.stride(0);
@@ -192,11 +192,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cp
       if (tdt == at::kLong) run(static_cast<const int64_t*>(nullptr));
       else if (tdt == at::kInt) run(static_cast<const int32_t*>(nullptr));
       else if (tdt == at::kByte) run(static_cast<const uint8_t*>(nullptr));
-      else TORCH_CHECK(false, "focal_loss_forward: label maps must be uint8, int32 or int64, got ", tdt);
+      else TORCH_CHECK(false, "focal_loss: label maps must be uint8, int32 or int64, got ", tdt);
     } else {
       if (tdt == logits.scalar_type()) run(static_cast<const scalar_t_*>(nullptr));
       else if (tdt == at::kFloat) run(static_cast<const float*>(nullptr));
-      else TORCH_CHECK(false, "focal_loss_forward: a dense target must be float32 or the logits' dtype, got ", tdt);
+      else TORCH_CHECK(false, "focal_loss: a dense target must be float32 or the logits' dtype, got ", tdt);
     }
   });
   at::Tensor loss_sum = at::zeros({L.B}, logits.options().dtype(at::kDouble));
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cp
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
-  m.impl("focal_loss_forward", &focal_loss_forward_cpu);
+  m.impl("focal_loss", &focal_loss_cpu);
 }
 
 }  // namespace ahnet_fast

@@ -1,4 +1,4 @@
-// CPU kernels of ahnet_fast::pyramid_pool_forward / pyramid_pool_backward: pyramid volumetric pooling (MONAI's PSP)
+// CPU kernels of ahnet_fast::pyramid_pool / pyramid_pool_backward: pyramid volumetric pooling (MONAI's PSP)
 // with one read of the feature map for every pyramid level.
 //
 // The map is seen as (N, C, H, W, D) (a 2D map (N, C, H, W) as (N, C, H, 1, W)). Level L pools
@@ -326,22 +326,22 @@ void upsample(const opmath_t* pp, scalar_t* out, const Strides5& os, const Geome
 
 void check_forward_args(const at::Tensor& x, const at::Tensor& proj_weight, const at::Tensor& proj_bias,
                         int64_t levels) {
-  TORCH_CHECK(x.dim() == 5, "pyramid_pool_forward: x must be 5-D (N, C, H, W, D), got ", x.sizes());
-  TORCH_CHECK(levels >= 1 && levels <= 4, "pyramid_pool_forward: levels must be 1..4, got ", levels);
+  TORCH_CHECK(x.dim() == 5, "pyramid_pool: x must be 5-D (N, C, H, W, D), got ", x.sizes());
+  TORCH_CHECK(levels >= 1 && levels <= 4, "pyramid_pool: levels must be 1..4, got ", levels);
   TORCH_CHECK(proj_weight.dim() == 2 && proj_weight.size(0) == levels && proj_weight.size(1) == x.size(1),
-              "pyramid_pool_forward: proj_weight must be (levels, C), got ", proj_weight.sizes());
-  TORCH_CHECK(proj_bias.numel() == levels, "pyramid_pool_forward: proj_bias must have `levels` elements");
-  TORCH_CHECK(x.size(2) >= (int64_t{8} << (levels - 1)), "pyramid_pool_forward: H smaller than the largest window");
+              "pyramid_pool: proj_weight must be (levels, C), got ", proj_weight.sizes());
+  TORCH_CHECK(proj_bias.numel() == levels, "pyramid_pool: proj_bias must have `levels` elements");
+  TORCH_CHECK(x.size(2) >= (int64_t{8} << (levels - 1)), "pyramid_pool: H smaller than the largest window");
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> pyramid_pool_forward_cpu(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> pyramid_pool_cpu(
     const at::Tensor& x_in, const at::Tensor& proj_weight, const at::Tensor& proj_bias,
     const std::optional<at::Tensor>& up_weight, const std::optional<at::Tensor>& up_bias, const at::Tensor& index_h,
     const at::Tensor& lambda_h, const at::Tensor& index_w, const at::Tensor& lambda_w, int64_t levels, bool pool_w,
     bool linear, bool concat_input) {
   check_forward_args(x_in, proj_weight, proj_bias, levels);
   const Geometry g = geometry(x_in.sizes(), levels, pool_w);
-  TORCH_CHECK(!pool_w || g.W >= g.sw[levels - 1], "pyramid_pool_forward: W smaller than the largest window");
+  TORCH_CHECK(!pool_w || g.W >= g.sw[levels - 1], "pyramid_pool: W smaller than the largest window");
   const at::Tensor x = x_in;  // any strides
   const bool channels_last = x.stride(1) == 1 && g.C > 1;
   const int64_t out_channels = levels + (concat_input ? g.C : 0);
@@ -363,10 +363,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   }
   const at::Tensor ih = index_h.to(at::kLong).contiguous(), iw = index_w.to(at::kLong).contiguous();
   const at::Tensor lh = lambda_h.to(op_dtype).contiguous(), lw = lambda_w.to(op_dtype).contiguous();
-  TORCH_CHECK(ih.size(0) == levels && ih.size(1) == 2 && ih.size(2) == g.H, "pyramid_pool_forward: index_h must be (levels, 2, H)");
-  TORCH_CHECK(iw.size(0) == levels && iw.size(1) == 2 && iw.size(2) == g.W, "pyramid_pool_forward: index_w must be (levels, 2, W)");
+  TORCH_CHECK(ih.size(0) == levels && ih.size(1) == 2 && ih.size(2) == g.H, "pyramid_pool: index_h must be (levels, 2, H)");
+  TORCH_CHECK(iw.size(0) == levels && iw.size(1) == 2 && iw.size(2) == g.W, "pyramid_pool: index_w must be (levels, 2, W)");
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyramid_pool_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyramid_pool_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const Strides5 xs = strides_of(x), os = strides_of(out);
     const bool contig = xs.d == 1 && os.d == 1;
@@ -548,7 +548,7 @@ at::Tensor pyramid_pool_backward_cpu(const std::optional<at::Tensor>& grad_ident
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
-  m.impl("pyramid_pool_forward", &pyramid_pool_forward_cpu);
+  m.impl("pyramid_pool", &pyramid_pool_cpu);
   m.impl("pyramid_pool_backward", &pyramid_pool_backward_cpu);
 }
 

@@ -1,14 +1,14 @@
-// CPU kernels of ahnet_fast::voxel_shuffle / voxel_unshuffle: the data movement of a transposed
+// CPU kernels of ahnet_fast::transposed_conv_shuffle / transposed_conv_unshuffle: the data movement of a transposed
 // convolution whose kernel equals its stride (AH-Net's x2 up-transitions, kernel = stride = 2).
 //
 // Such a convolution has no overlapping windows: each input voxel's Ci values, multiplied by the
 // (Ci, Co * f0 * f1 * f2) weight matrix, give a whole f0 x f1 x f2 block of the output. So it is one
 // matrix product T = W^T X (T: (N, Co * F, H, W, D), F = f0 * f1 * f2, channel co * F + tap) and a
-// rearrangement of T's taps into the blocks (voxel_shuffle, the 3D pixel shuffle):
+// rearrangement of T's taps into the blocks (transposed_conv_shuffle, the 3D pixel shuffle):
 //
 //   out[n, co, h * f0 + a, w * f1 + b, d * f2 + c] = T[n, (co * f0 + a) * f1 * f2 + b * f2 + c, h, w, d]
 //
-// voxel_unshuffle is its inverse (the gradient's way back). Done with torch's permute + copy this
+// transposed_conv_unshuffle is its inverse (the gradient's way back). Done with torch's permute + copy this
 // transposition is a strided gather over the whole map; here each output row (fixed n, co, h, a, w,
 // b: D * f2 contiguous values) interleaves f2 contiguous rows of T, and the rows are split across
 // threads. 2D maps (N, C, H, W) are (N, C, H, W, 1) with f2 = 1.
@@ -91,45 +91,45 @@ void move(const Geometry& g, const scalar_t* src, scalar_t* dst) {
 }
 
 std::array<int64_t, 3> factors_of(at::IntArrayRef factors, int64_t spatial) {
-  TORCH_CHECK(static_cast<int64_t>(factors.size()) == spatial, "voxel_shuffle: expected ", spatial,
+  TORCH_CHECK(static_cast<int64_t>(factors.size()) == spatial, "transposed_conv_shuffle: expected ", spatial,
               " factors, got ", factors.size());
   std::array<int64_t, 3> f{1, 1, 1};
   for (int64_t i = 0; i < spatial; ++i) {
-    TORCH_CHECK(factors[i] >= 1, "voxel_shuffle: factors must be >= 1, got ", factors);
+    TORCH_CHECK(factors[i] >= 1, "transposed_conv_shuffle: factors must be >= 1, got ", factors);
     f[i] = factors[i];
   }
   return f;
 }
 
-at::Tensor voxel_shuffle_cpu(const at::Tensor& x, at::IntArrayRef factors) {
-  TORCH_CHECK(x.dim() == 4 || x.dim() == 5, "voxel_shuffle: input must be 4D or 5D, got ", x.dim(), "D");
+at::Tensor transposed_conv_shuffle_cpu(const at::Tensor& x, at::IntArrayRef factors) {
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 5, "transposed_conv_shuffle: input must be 4D or 5D, got ", x.dim(), "D");
   const auto f = factors_of(factors, x.dim() - 2);
   const int64_t F = f[0] * f[1] * f[2];
-  TORCH_CHECK(x.size(1) % F == 0, "voxel_shuffle: ", x.size(1), " channels are not a multiple of ", F);
+  TORCH_CHECK(x.size(1) % F == 0, "transposed_conv_shuffle: ", x.size(1), " channels are not a multiple of ", F);
   const at::Tensor t = x.contiguous();
   Geometry g{x.size(0), x.size(1) / F, x.size(2), x.size(3), x.dim() == 5 ? x.size(4) : 1, f};
   std::vector<int64_t> size{g.N, g.C, g.H * f[0], g.W * f[1]};
   if (x.dim() == 5) size.push_back(g.D * f[2]);
   at::Tensor out = at::empty(size, x.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "voxel_shuffle_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "transposed_conv_shuffle_cpu", [&] {
     move<scalar_t, true>(g, t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
 
-at::Tensor voxel_unshuffle_cpu(const at::Tensor& y, at::IntArrayRef factors) {
-  TORCH_CHECK(y.dim() == 4 || y.dim() == 5, "voxel_unshuffle: input must be 4D or 5D, got ", y.dim(), "D");
+at::Tensor transposed_conv_unshuffle_cpu(const at::Tensor& y, at::IntArrayRef factors) {
+  TORCH_CHECK(y.dim() == 4 || y.dim() == 5, "transposed_conv_unshuffle: input must be 4D or 5D, got ", y.dim(), "D");
   const auto f = factors_of(factors, y.dim() - 2);
   for (int64_t i = 0; i < y.dim() - 2; ++i)
-    TORCH_CHECK(y.size(2 + i) % f[i] == 0, "voxel_unshuffle: size ", y.sizes(), " is not divisible by ", factors);
+    TORCH_CHECK(y.size(2 + i) % f[i] == 0, "transposed_conv_unshuffle: size ", y.sizes(), " is not divisible by ", factors);
   const at::Tensor t = y.contiguous();
   Geometry g{y.size(0), y.size(1), y.size(2) / f[0], y.size(3) / f[1], y.dim() == 5 ? y.size(4) / f[2] : 1, f};
   std::vector<int64_t> size{g.N, g.C * g.taps(), g.H, g.W};
   if (y.dim() == 5) size.push_back(g.D);
   at::Tensor out = at::empty(size, y.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "voxel_unshuffle_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "transposed_conv_unshuffle_cpu", [&] {
     move<scalar_t, false>(g, t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
   });
   return out;
@@ -138,8 +138,8 @@ at::Tensor voxel_unshuffle_cpu(const at::Tensor& y, at::IntArrayRef factors) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
-  m.impl("voxel_shuffle", &voxel_shuffle_cpu);
-  m.impl("voxel_unshuffle", &voxel_unshuffle_cpu);
+  m.impl("transposed_conv_shuffle", &transposed_conv_shuffle_cpu);
+  m.impl("transposed_conv_unshuffle", &transposed_conv_unshuffle_cpu);
 }
 
 }  // namespace ahnet_fast

@@ -1,10 +1,10 @@
-"""Triton kernels of BatchNorm followed by ReLU (the op ``ahnet_fast.ops.batch_norm_relu``).
+"""Triton kernels of BatchNorm followed by ReLU (the op ``ahnet_fast.ops.bn_relu``).
 
 Same contract as the C++ ops ``ahnet_fast::bn_relu`` / ``bn_relu_backward`` (csrc/cpu/bn_relu.cpp):
 the input is seen as (N, C, S) with any strides (channel-first: S contiguous; channels-last: C
 contiguous). Kernels:
 
-- ``bn_stats_kernel``: per (channel, slice of the N*S elements) the count, mean and sum of squared
+- ``bn_relu_stats_kernel``: per (channel, slice of the N*S elements) the count, mean and sum of squared
   deviations, a block at a time (two-pass inside the block, Chan's formula between blocks), so
   large means do not cancel the variance as E[x^2] - E[x]^2 would. The host combines the slices
   with the same formula in float64 (C x slices numbers).
@@ -46,7 +46,7 @@ def _channel_params(mean_ptr, invstd_ptr, w_ptr, b_ptr, c):
 
 
 @kernel(do_not_specialize=("M", "S", "per_slice", "SLICES"))
-def bn_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, S, sn, sc, ss, per_slice, SLICES,
+def bn_relu_stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, S, sn, sc, ss, per_slice, SLICES,
                     BLOCK: tl.constexpr):
     c = tl.program_id(0)
     k = tl.program_id(1)
@@ -167,7 +167,7 @@ def _slices(m: int) -> tuple[int, int]:
     return per, triton.cdiv(m, per)
 
 
-def bn_stats(x):
+def bn_relu_stats(x):
     """Per-channel batch mean and biased variance of ``x`` (N, C, ...) in the kernels' precision."""
     x = indexable(x)
     n, c, s, (sn, sc, ss) = _ncs(x)
@@ -177,7 +177,7 @@ def bn_stats(x):
     count = torch.empty(c * slices, dtype=torch.float32, device=x.device)
     mean_p = torch.empty(c * slices, dtype=sd, device=x.device)
     m2_p = torch.empty(c * slices, dtype=sd, device=x.device)
-    launch(bn_stats_kernel, (c, slices), x, count, mean_p, m2_p, m, s, sn, sc, ss, per, slices, BLOCK=BLOCK,
+    launch(bn_relu_stats_kernel, (c, slices), x, count, mean_p, m2_p, m, s, sn, sc, ss, per, slices, BLOCK=BLOCK,
            num_warps=NUM_WARPS)
     # Chan's combination of the slices, in float64 (C x slices numbers)
     count, mean_p, m2_p = (t.double().view(c, slices) for t in (count, mean_p, m2_p))
@@ -192,7 +192,7 @@ def bn_relu_forward(x, weight, bias, running_mean, running_var, training, eps):
     m = n * s
     sd = opmath_dtype(x.dtype)
     if training:
-        mean, var = bn_stats(x)
+        mean, var = bn_relu_stats(x)
     else:
         mean, var = running_mean.to(sd), running_var.to(sd)
     invstd = torch.rsqrt(var.double() + eps).to(sd)
@@ -240,7 +240,7 @@ def compile_specs():
         ints = lambda *names: {k: "i32" for k in names}  # noqa: E731
         sig = {"x_ptr": f"*{dt}", "count_ptr": "*fp32", "mean_ptr": f"*{sd}", "m2_ptr": f"*{sd}",
                **ints("M", "S", "sn", "sc", "ss", "per_slice", "SLICES")}
-        specs.append((dt, bn_stats_kernel, sig, dict(BLOCK=BLOCK), NUM_WARPS))
+        specs.append((dt, bn_relu_stats_kernel, sig, dict(BLOCK=BLOCK), NUM_WARPS))
         params = {"mean_ptr": f"*{sd}", "invstd_ptr": f"*{sd}", "w_ptr": f"*{sd}", "b_ptr": f"*{sd}"}
         sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", **params, **ints("M", "S", "sxn", "sxc", "sxs", "syn", "syc",
                                                                        "sys_")}

@@ -1,6 +1,6 @@
 """Triton kernel of the focal loss: loss and gradient in one pass over the logits.
 
-Same contract as the C++ kernel ``ahnet_fast::focal_loss_forward`` (csrc/cpu/focal_loss.cpp): one
+Same contract as the C++ kernel ``ahnet_fast::focal_loss`` (csrc/cpu/focal_loss.cpp): one
 program handles BLOCK voxels of one sample, loops over the classes (softmax: max, sum of
 exponentials, then the gradient; sigmoid: elementwise), writes the gradient already scaled by
 grad_scale[b], and one partial loss sum, count and invalid-target count per program, summed on the
@@ -183,9 +183,9 @@ def _readable(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x.contiguous(), 1
 
 
-def focal_loss_forward(logits, target, factor_pos, factor_neg, grad_scale, gamma, softmax, label_target,
+def focal_loss(logits, target, factor_pos, factor_neg, grad_scale, gamma, softmax, label_target,
                        first_channel, ignore_index, has_ignore, alpha_linear, compute_grad):
-    """Launches the kernel; returns what ahnet_fast::focal_loss_forward returns."""
+    """Launches the kernel; returns what ahnet_fast::focal_loss returns."""
     x, x_ss = _readable(logits)
     b, c = x.shape[:2]
     s = x[0, 0].numel()

@@ -1,22 +1,22 @@
 """Triton kernels of pyramid volumetric pooling (the op ``ahnet_fast.ops.pyramid_pool``).
 
-Same contract as the C++ kernels ``ahnet_fast::pyramid_pool_forward`` / ``pyramid_pool_backward``
+Same contract as the C++ kernels ``ahnet_fast::pyramid_pool`` / ``pyramid_pool_backward``
 (csrc/cpu/pyramid_pool.cpp); the map is (N, C, H, W, D), level l pools windows of s = 8 << l rows
 by s (pool_w) or 1 columns. Kernels:
 
-- ``psp_pool0_kernel``: the one full read of x. A program takes BLOCK level-0 cells (i, j, d) of
+- ``pyramid_pool_pool0_kernel``: the one full read of x. A program takes BLOCK level-0 cells (i, j, d) of
   one (sample, channel), scans the window in row-major order (first maximum wins, a NaN wins over
   numbers: PyTorch's rule), writes the maxima and their int8 window positions, and copies what it
   read into the output channels after the pyramid ones (the fused concatenation).
-- ``psp_coarsen_kernel``: level l from the 2x2 (or 2x1) cells of level l-1, the same rule applied
+- ``pyramid_pool_coarsen_kernel``: level l from the 2x2 (or 2x1) cells of level l-1, the same rule applied
   between candidates, int16 positions in the larger window.
-- ``psp_project_kernel``: the 1-channel projection of one level (sum over channels), read from the
+- ``pyramid_pool_project_kernel``: the 1-channel projection of one level (sum over channels), read from the
   pooled maxima (1/64 of x for level 0). On the GPU the channels of a cell live in different
   programs of the pooling kernel; summing them there would take atomics (order-dependent results),
   so the projection reads the small pooled map back instead.
-- ``psp_upsample_kernel``: one output channel from the padded projection, through the same
+- ``pyramid_pool_upsample_kernel``: one output channel from the padded projection, through the same
   index/weight tables as the C++ kernel (transpose: times the weight of the window phase, plus bias).
-- ``psp_route_kernel`` (backward): grad_x = grad of the concatenated x (or 0) plus, for each level,
+- ``pyramid_pool_route_kernel`` (backward): grad_x = grad of the concatenated x (or 0) plus, for each level,
   the pooled gradient where the element is that window's stored argmax. Every element is computed
   independently: no atomics, deterministic.
 
@@ -44,7 +44,7 @@ def _split(offs, W, D):
 
 
 @kernel(do_not_specialize=("C", "h0", "w0", "D", "out_c0"))
-def psp_pool0_kernel(x_ptr, out_ptr, pooled_ptr, arg_ptr, C, h0, w0, D,
+def pyramid_pool_pool0_kernel(x_ptr, out_ptr, pooled_ptr, arg_ptr, C, h0, w0, D,
                      sxn, sxc, sxh, sxw, sxd, son, soc, soh, sow, sod, out_c0,
                      S: tl.constexpr, SW: tl.constexpr, COPY: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -87,7 +87,7 @@ def _beats(va, pa, vb, pb):
 
 
 @kernel(do_not_specialize=("hi", "wi", "ho", "wo", "D"))
-def psp_coarsen_kernel(pin_ptr, ain_ptr, pout_ptr, aout_ptr, hi, wi, ho, wo, D,
+def pyramid_pool_coarsen_kernel(pin_ptr, ain_ptr, pout_ptr, aout_ptr, hi, wi, ho, wo, D,
                        SP: tl.constexpr, SWP: tl.constexpr, CW: tl.constexpr, BLOCK: tl.constexpr):
     # children per cell: 2 rows by CW (2 when the columns are pooled, else 1) columns; the larger
     # window is CW * SWP columns wide
@@ -117,7 +117,7 @@ def psp_coarsen_kernel(pin_ptr, ain_ptr, pout_ptr, aout_ptr, hi, wi, ho, wo, D,
 
 
 @kernel(do_not_specialize=("C", "h", "w", "D"))
-def psp_project_kernel(pooled_ptr, w_ptr, b_ptr, pp_ptr, C, h, w, D, PAD: tl.constexpr, BLOCK: tl.constexpr):
+def pyramid_pool_project_kernel(pooled_ptr, w_ptr, b_ptr, pp_ptr, C, h, w, D, PAD: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -135,7 +135,7 @@ def psp_project_kernel(pooled_ptr, w_ptr, b_ptr, pp_ptr, C, h, w, D, PAD: tl.con
 
 
 @kernel(do_not_specialize=("H", "W", "D", "hp", "wp", "channel", "S", "SW"))
-def psp_upsample_kernel(pp_ptr, out_ptr, ih_ptr, lh_ptr, iw_ptr, lw_ptr, upw_ptr, upb_ptr, H, W, D, hp, wp,
+def pyramid_pool_upsample_kernel(pp_ptr, out_ptr, ih_ptr, lh_ptr, iw_ptr, lw_ptr, upw_ptr, upb_ptr, H, W, D, hp, wp,
                         son, soc, soh, sow, sod, channel, S, SW,
                         LINEAR: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -181,7 +181,7 @@ def _route_level(acc, gp_ptr, a_ptr, nc, hh, ww, d, H, W, D, mask, S: tl.constex
 
 
 @kernel(do_not_specialize=("C", "H", "W", "D"))
-def psp_route_kernel(gid_ptr, gx_ptr, gp0, a0, gp1, a1, gp2, a2, gp3, a3, C, H, W, D,
+def pyramid_pool_route_kernel(gid_ptr, gx_ptr, gp0, a0, gp1, a1, gp2, a2, gp3, a3, C, H, W, D,
                      sgn, sgc, sgh, sgw, sgd, sxn, sxc, sxh, sxw, sxd,
                      LEVELS: tl.constexpr, POOL_W: tl.constexpr, HAS_ID: tl.constexpr, BLOCK: tl.constexpr):
     # level l windows: 8 << l rows by 8 << l (POOL_W) or 1 columns
@@ -218,7 +218,7 @@ def _check_grid(planes):
         raise ValueError(f"pyramid_pool (Triton): batch x channels = {planes} exceeds 65535; split the batch")
 
 
-def pyramid_pool_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h, index_w, lambda_w, levels,
+def pyramid_pool(x, proj_weight, proj_bias, up_weight, up_bias, index_h, lambda_h, index_w, lambda_w, levels,
                          pool_w, linear, concat_input):
     n, c, h, w, d = x.shape
     _check_grid(n * c)
@@ -239,7 +239,7 @@ def pyramid_pool_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h,
     s0, sw0 = 8, (8 if pool_w else 1)
     h0, w0 = h // s0, w // sw0
     cells = h0 * w0 * d
-    launch(psp_pool0_kernel, (triton.cdiv(cells, BLOCK), n * c),
+    launch(pyramid_pool_pool0_kernel, (triton.cdiv(cells, BLOCK), n * c),
         x, out, pooled[0], args[0], c, h0, w0, d, *x.stride(), *out.stride(), levels,
         S=s0, SW=sw0, COPY=concat_input, BLOCK=BLOCK, num_warps=NUM_WARPS)
     if concat_input:  # rows and columns outside the whole windows: copied, not pooled
@@ -252,13 +252,13 @@ def pyramid_pool_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h,
         swp = sp if pool_w else 1
         hi_, wi = pooled[level - 1].shape[2:4]
         ho, wo = pooled[level].shape[2:4]
-        launch(psp_coarsen_kernel, (triton.cdiv(ho * wo * d, BLOCK), n * c),
+        launch(pyramid_pool_coarsen_kernel, (triton.cdiv(ho * wo * d, BLOCK), n * c),
             pooled[level - 1], args[level - 1], pooled[level], args[level], hi_, wi, ho, wo, d,
             SP=sp, SWP=swp, CW=2 if pool_w else 1, BLOCK=BLOCK, num_warps=NUM_WARPS)
     for level in range(levels):
         hl, wl = pooled[level].shape[2:4]
         proj[level].copy_(pb[level].expand_as(proj[level]))  # the ring; the kernel writes the interior
-        launch(psp_project_kernel, (triton.cdiv(hl * wl * d, BLOCK), n),
+        launch(pyramid_pool_project_kernel, (triton.cdiv(hl * wl * d, BLOCK), n),
             pooled[level], pw[level], pb[level:], proj[level], c, hl, wl, d, PAD=pad, BLOCK=BLOCK,
             num_warps=NUM_WARPS)
     ih, iw = index_h.contiguous(), index_w.contiguous()
@@ -269,7 +269,7 @@ def pyramid_pool_forward(x, proj_weight, proj_bias, up_weight, up_bias, index_h,
     for level in range(levels):
         s = 8 << level
         hp, wp = proj[level].shape[1:3]
-        launch(psp_upsample_kernel, (triton.cdiv(h * w * d, BLOCK), n),
+        launch(pyramid_pool_upsample_kernel, (triton.cdiv(h * w * d, BLOCK), n),
             proj[level], out, ih[level], lh[level], iw[level], lw[level], uw[level], ub[level:], h, w, d, hp, wp,
             *out.stride(), level, s, s if pool_w else 1, LINEAR=linear, TRANSPOSE=transpose, BLOCK=BLOCK,
             num_warps=NUM_WARPS)
@@ -289,7 +289,7 @@ def pyramid_pool_backward(grad_identity, grad_pooled, argmax, size, pool_w, dtyp
         gps.append(gps[0])
         aps.append(aps[0])
     gid = grad_identity if grad_identity is not None else gx
-    launch(psp_route_kernel, (triton.cdiv(h * w * d, BLOCK), n * c),
+    launch(pyramid_pool_route_kernel, (triton.cdiv(h * w * d, BLOCK), n * c),
         gid, gx, gps[0], aps[0], gps[1], aps[1], gps[2], aps[2], gps[3], aps[3], c, h, w, d,
         *gid.stride(), *gx.stride(), LEVELS=levels, POOL_W=pool_w, HAS_ID=grad_identity is not None, BLOCK=BLOCK,
         num_warps=NUM_WARPS)
@@ -313,13 +313,13 @@ def compile_specs():
                 sig.update({f"sx{k}": "i32" for k in _STRIDES})
                 sig.update({f"so{k}": "i32" for k in _STRIDES})
                 name = f"{dt}-{'3d' if pool_w else '2d'}-{'concat' if copy else 'psp'}"
-                specs.append((name, psp_pool0_kernel, sig,
+                specs.append((name, pyramid_pool_pool0_kernel, sig,
                               dict(S=8, SW=8 if pool_w else 1, COPY=copy, BLOCK=BLOCK), NUM_WARPS))
             for level in (1, 2, 3):
                 sp = 8 << (level - 1)
                 sig = {"pin_ptr": f"*{dt}", "ain_ptr": "*i8" if level == 1 else "*i16", "pout_ptr": f"*{dt}",
                        "aout_ptr": "*i16", "hi": "i32", "wi": "i32", "ho": "i32", "wo": "i32", "D": "i32"}
-                specs.append((f"{dt}-{'3d' if pool_w else '2d'}-level{level}", psp_coarsen_kernel, sig,
+                specs.append((f"{dt}-{'3d' if pool_w else '2d'}-level{level}", pyramid_pool_coarsen_kernel, sig,
                               dict(SP=sp, SWP=sp if pool_w else 1, CW=2 if pool_w else 1, BLOCK=BLOCK), NUM_WARPS))
             for levels in (1, 2, 3, 4):
                 for has_id in (True, False):
@@ -330,17 +330,17 @@ def compile_specs():
                     sig.update({f"sg{k}": "i32" for k in _STRIDES})
                     sig.update({f"sx{k}": "i32" for k in _STRIDES})
                     name = f"{dt}-{'3d' if pool_w else '2d'}-L{levels}-{'concat' if has_id else 'psp'}"
-                    specs.append((name, psp_route_kernel, sig,
+                    specs.append((name, pyramid_pool_route_kernel, sig,
                                   dict(LEVELS=levels, POOL_W=pool_w, HAS_ID=has_id, BLOCK=BLOCK), NUM_WARPS))
         sig = {"pooled_ptr": f"*{dt}", "w_ptr": f"*{op}", "b_ptr": f"*{op}", "pp_ptr": f"*{op}", "C": "i32", "h": "i32",
                "w": "i32", "D": "i32"}
         for pad in (0, 1):
-            specs.append((f"{dt}-pad{pad}", psp_project_kernel, sig, dict(PAD=pad, BLOCK=BLOCK), NUM_WARPS))
+            specs.append((f"{dt}-pad{pad}", pyramid_pool_project_kernel, sig, dict(PAD=pad, BLOCK=BLOCK), NUM_WARPS))
         for mode in ("transpose", "linear", "nearest"):
             sig = {"pp_ptr": f"*{op}", "out_ptr": f"*{dt}", "ih_ptr": "*i64", "lh_ptr": f"*{op}", "iw_ptr": "*i64",
                    "lw_ptr": f"*{op}", "upw_ptr": f"*{op}", "upb_ptr": f"*{op}", "H": "i32", "W": "i32", "D": "i32",
                    "hp": "i32", "wp": "i32", "channel": "i32", "S": "i32", "SW": "i32"}
             sig.update({f"so{k}": "i32" for k in _STRIDES})
-            specs.append((f"{dt}-{mode}", psp_upsample_kernel, sig,
+            specs.append((f"{dt}-{mode}", pyramid_pool_upsample_kernel, sig,
                           dict(LINEAR=mode == "linear", TRANSPOSE=mode == "transpose", BLOCK=BLOCK), NUM_WARPS))
     return specs

@@ -15,7 +15,7 @@ NaN wins over any number (the last NaN if several). Windows that would run past 
 Backends (the table :data:`IMPLEMENTATIONS`):
 
 - ``reference``: ``F.max_pool3d`` (2D: ``F.max_pool2d``).
-- ``cpp``: the compiled CPU kernel ``ahnet_fast::slice_max_pool`` (csrc/cpu/slice_pool.cpp: one
+- ``cpp``: the compiled CPU kernel ``ahnet_fast::slice_max_pool`` (csrc/cpu/slice_max_pool.cpp: one
   pass each way, any dense input strides, so it also takes the stem's slice-folded convolution
   output, whose slice axis is outermost, and writes a contiguous result without a separate
   transposition).
@@ -110,7 +110,7 @@ def _dense(x):
 
 IMPLEMENTATIONS = backends.register("slice_max_pool", (
     backends.Implementation("reference", lambda x: [], runs="F.max_pool3d"),
-    backends.Implementation("cpp", _cpp_reasons, runs="ahnet_fast::slice_max_pool (csrc/cpu/slice_pool.cpp)"),
+    backends.Implementation("cpp", _cpp_reasons, runs="ahnet_fast::slice_max_pool (csrc/cpu/slice_max_pool.cpp)"),
     backends.Implementation("triton", lambda x: gpu_composition_reasons(x.device),
                             runs="torch ops keeping uint8 window positions (no Triton kernel)"),
 ))

@@ -5,7 +5,7 @@ import torch
 
 import ahnet_fast
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops.slice_pool import _SliceMaxPool, slice_max_pool, slice_max_pool_reference
+from ahnet_fast.ops.slice_max_pool import _SliceMaxPool, slice_max_pool, slice_max_pool_reference
 from benchmarks._common import saved_bytes
 from tests.conftest import assert_close_normwise
 
@@ -157,3 +157,13 @@ def test_compiles_without_graph_breaks():
     assert explanation.graph_break_count == 0
     assert_close_normwise(torch.compile(lambda t: slice_max_pool(t, 2), backend="aot_eager")(x),
                           slice_max_pool_reference(x, 2), 0)
+
+
+def dispatch_sample():
+    """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
+    output, the arguments its table's reasons take)."""
+    from ahnet_fast import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
+    return (lambda be: ops.slice_max_pool(x, 2, backend=be)), (x,)

@@ -3,7 +3,7 @@ backward): PyTorch's max_pool3d (MONAI's pool1) vs ahnet_fast's slice_max_pool (
 position kept instead of the input and int64 indices):
 
     pip install pytest-benchmark
-    pytest benchmarks/test_bench_slice_pool.py --benchmark-group-by=param:case
+    pytest benchmarks/test_bench_slice_max_pool.py --benchmark-group-by=param:case
 
 (Timings are never asserted; the result is checked against max_pool3d's before it is timed.)
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from _common import assert_matches, smoke
 
-from ahnet_fast.ops.slice_pool import _SliceMaxPool, slice_max_pool
+from ahnet_fast.ops.slice_max_pool import _SliceMaxPool, slice_max_pool
 
 pytest.importorskip("pytest_benchmark")
 
@@ -25,7 +25,7 @@ if smoke():
 @pytest.mark.parametrize("impl", ["torch", "fused", "composed"])
 @pytest.mark.parametrize("layout", ["contiguous", "slice_major"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_slice_pool_forward_backward(benchmark, case, layout, impl):
+def test_slice_max_pool_forward_backward(benchmark, case, layout, impl):
     """fused = the op (the compiled kernel on CPU), composed = its torch-op fallback (CUDA);
     slice_major = conv1's output as the slice-folded stem convolution leaves it."""
     shape = CASES[case]
