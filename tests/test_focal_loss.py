@@ -117,6 +117,76 @@ def test_ignore_index_matches_monai(softmax, ignore_index, reduction):
         assert (got[1][0, :, :2] == 0).all()  # ignored voxels get no gradient
 
 
+def backends_for(reduction):
+    """Every backend that runs the call: the fused kernels cover "mean" and "sum"."""
+    fused = ahnet_fast.extension_available() and reduction != "none"
+    return ("reference", "auto", "cpp") if fused else ("reference", "auto")
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_classification_logits_b_c_match_monai(softmax, reduction):
+    """(B, C) logits (no spatial axes), as MONAI takes them: a (B, 1) or (B,) label map with
+    to_onehot_y, or a (B, C) float target; MONAI's "sum" over no spatial axes is the mean."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, generator=g) * 2
+    labels = torch.randint(0, 3, (7, 1), generator=g)
+    soft = torch.rand(7, 3, generator=g)
+    kwargs = dict(use_softmax=softmax, reduction=reduction, alpha=[0.2, 0.5, 1.5])
+    cases = [("labels (B, 1)", dict(to_onehot_y=True), labels, labels),
+             ("labels (B,)", dict(to_onehot_y=True), labels[:, 0], labels[:, 0]),
+             ("float (B, C)", {}, soft, soft),
+             ("labels, ignore_index", dict(to_onehot_y=True, ignore_index=2), labels, labels)]
+    for what, extra, theirs_target, our_target in cases:
+        ref = run(monai_losses.FocalLoss(**kwargs, **extra), x, theirs_target)
+        for backend in backends_for(reduction):
+            loss, grad = run(ahnet_fast.FocalLoss(**kwargs, **extra, backend=backend), x, our_target)
+            assert loss.shape == ref[0].shape, (what, backend)
+            assert_close_normwise(loss, ref[0], 1e-5, 1e-7, what=f"{what} {backend} loss")
+            assert_close_normwise(grad, ref[1], 1e-5, 1e-8, what=f"{what} {backend} grad")
+    with pytest.raises(ValueError, match=r"\(B, C\) or \(B, C, \*spatial\)"):
+        ahnet_fast.ops.focal_loss(x[0], labels[0])
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("alpha", [[0.1, 0.5, 2.0, -0.5], 2.0, -1.0, 1.5])
+def test_alpha_is_unrestricted_like_monai(softmax, alpha):
+    """MONAI applies no range check to alpha, scalar or per class; neither does ahnet_fast (the fused
+    kernels take the factors as they come)."""
+    x, labels, onehot = data(seed=9)
+    kwargs = dict(use_softmax=softmax, alpha=alpha, reduction="sum")
+    ref = run(monai_losses.FocalLoss(**kwargs), x, onehot)
+    for backend in backends_for("sum"):
+        for target in (onehot, labels):
+            loss, grad = run(ahnet_fast.FocalLoss(**kwargs, backend=backend), x, target)
+            assert_close_normwise(loss, ref[0], 1e-5, 1e-7, what=f"{backend} loss")
+            assert_close_normwise(grad, ref[1], 1e-5, 1e-8, what=f"{backend} grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float_target_holding_ignore_index_matches_monai(reduction):
+    """A float target with ignore_index values in it: MONAI masks those voxels (single channel, or a
+    one-hot target whose ignored class is a channel), so they pass the [0, 1] check here too."""
+    g = torch.Generator().manual_seed(11)
+    x1 = torch.randn(2, 1, 5, 4, 3, generator=g)
+    t1 = (torch.rand(2, 1, 5, 4, 3, generator=g) > 0.5).float()
+    t1[0, 0, 0, :2] = 255
+    t1[1, 0, 3] = 255
+    x3, _, onehot = data(seed=12)
+    for what, x, t, ignore in (("binary, 255", x1, t1, 255), ("one-hot, class 2 ignored", x3, onehot, 2)):
+        kwargs = dict(ignore_index=ignore, reduction=reduction, gamma=1.5, alpha=0.3)
+        ref = run(monai_losses.FocalLoss(**kwargs), x, t)
+        loss, grad = run(ahnet_fast.FocalLoss(**kwargs), x, t)
+        assert_close_normwise(loss, ref[0], 1e-5, 1e-7, what=f"{what} loss")
+        assert_close_normwise(grad, ref[1], 1e-5, 1e-8, what=f"{what} grad")
+    # MONAI's mask for a multi-channel target and an index outside the classes only drops all-zero
+    # voxels, so a 255 there would enter the loss as a target value: refused, naming it
+    bad = onehot.clone()
+    bad[0, :, 0, 0, 0] = 255
+    with pytest.raises(ValueError, match=r"\[0, 1\].*ignore_index.*255"):
+        ahnet_fast.FocalLoss(ignore_index=255)(x3, bad)
+
+
 def test_float_label_map_with_to_onehot_y_like_monai():
     x, labels, _ = data(seed=4)
     target = labels.unsqueeze(1).float()
@@ -435,7 +505,7 @@ def test_bad_arguments_raise_value_error():
     x, labels, _ = data()
     fl = ahnet_fast.ops.focal_loss
     for kwargs, match in [(dict(reduction="avg"), "Unsupported reduction"), (dict(gamma=-1), "gamma"),
-                          (dict(alpha=1.5), "alpha"), (dict(alpha=[0.1, 0.2]), "length of alpha"),
+                          (dict(alpha=float("nan")), "alpha must be finite"), (dict(alpha=[0.1, 0.2]), "length of alpha"),
                           (dict(weight=[1.0, -1.0, 1.0, 1.0]), "non-negative"), (dict(weight=[1.0, 2.0]), "weight")]:
         with pytest.raises(ValueError, match=match):
             fl(x, labels, **kwargs)

@@ -19,7 +19,8 @@ class FocalLoss(_Loss):
         include_background: False drops channel 0 (before the softmax, as MONAI).
         to_onehot_y: the target is a label map (B, 1, *spatial) to one-hot.
         gamma: focusing exponent (>= 0).
-        alpha: scalar in [0, 1] or one value per class (see :mod:`ahnet_fast.ops.focal_loss`).
+        alpha: a scalar or one value per class, unrestricted as in MONAI (see
+            :mod:`ahnet_fast.ops.focal_loss`).
         weight: per-class (or single) non-negative factor after the focal term.
         reduction: "mean", "sum" (mean over spatial axes, then sum) or "none".
         use_softmax: softmax over the classes instead of a sigmoid per element.

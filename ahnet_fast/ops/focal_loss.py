@@ -24,6 +24,7 @@ together with ``ignore_index``, run the reference.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -78,7 +79,7 @@ def _prepare(logits, target, *, gamma, alpha, weight, reduction, use_softmax, in
     if not logits.is_floating_point():
         raise ValueError(f"focal_loss: logits must be floating point, got {logits.dtype}")
     if logits.dim() < 3:
-        raise ValueError(f"focal_loss: logits must have shape (B, C, *spatial), got {tuple(logits.shape)}")
+        raise ValueError(f"focal_loss: logits must have shape (B, C) or (B, C, *spatial), got {tuple(logits.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
     gamma = float(gamma)
@@ -136,8 +137,8 @@ def _prepare(logits, target, *, gamma, alpha, weight, reduction, use_softmax, in
         pass
     elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
         a = float(alpha)
-        if not 0 <= a <= 1:
-            raise ValueError(f"focal_loss: a scalar alpha must be in [0, 1], got {a}")
+        if not math.isfinite(a):  # MONAI would return NaN: say so instead
+            raise ValueError(f"focal_loss: alpha must be finite, got {a}")
         if use_softmax:
             if first == 1:
                 warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=3)
@@ -152,8 +153,8 @@ def _prepare(logits, target, *, gamma, alpha, weight, reduction, use_softmax, in
         seq = torch.as_tensor(alpha, dtype=torch.float64).detach().cpu().flatten()
         if seq.numel() != n:
             raise ValueError(f"The length of alpha ({seq.numel()}) must match the number of classes ({n}).")
-        if ((seq < 0) | (seq > 1)).any():
-            raise ValueError(f"focal_loss: alpha values must be in [0, 1], got {seq.tolist()}")
+        if not torch.isfinite(seq).all():
+            raise ValueError(f"focal_loss: alpha values must be finite, got {seq.tolist()}")
         pos, neg = seq, torch.ones(n, dtype=torch.float64)
         alpha_linear = False
     if weight is not None:
@@ -178,9 +179,13 @@ def _check_target_values(p: _Problem) -> None:
                 raise ValueError(_label_range_message(p, lo, hi))
     else:
         t = p.target
-        if not ((t >= 0) & (t <= 1)).all():
-            raise ValueError("focal_loss: target values must be in [0, 1] (and not NaN); got min "
-                             f"{float(t.min())}, max {float(t.max())}")
+        in_range = (t >= 0) & (t <= 1)
+        if p.ignore_index is not None:  # voxels MONAI's ignore mask drops may hold anything (e.g. 255)
+            in_range = in_range | (_dense_target_and_mask(p)[1] == 0)
+        if not in_range.all():
+            bad = t[~in_range]
+            raise ValueError("focal_loss: target values must be in [0, 1] (and not NaN) where ignore_index does "
+                             f"not mask them; got {bad.numel()} such values, e.g. {float(bad[0])}")
 
 
 def _label_range_message(p: _Problem, lo=None, hi=None) -> str:
@@ -351,11 +356,19 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
                alpha: float | Sequence[float] | None = None, weight=None, reduction: str = "mean",
                use_softmax: bool = False, include_background: bool = True, to_onehot_y: bool = False,
                ignore_index: int | None = None, backend: str | None = None) -> torch.Tensor:
-    """Focal loss of ``logits`` (B, C, *spatial) against ``target``: a float tensor shaped like the
-    logits (one-hot or soft, values in [0, 1]), or a label map (B, *spatial) / (B, 1, *spatial) of
-    integer class indices (a float label map with ``to_onehot_y=True``, as MONAI). See the module
+    """Focal loss of ``logits`` (B, C, *spatial), or (B, C) for classification, against ``target``: a
+    float tensor shaped like the logits (one-hot or soft, values in [0, 1] except where ``ignore_index``
+    masks them), or a label map (B, *spatial) / (B, 1, *spatial) of integer class indices (a float
+    label map with ``to_onehot_y=True``, as MONAI). See the module
     docstring for the conventions. Returns a float32 scalar ("mean", "sum") or the float32
     per-element loss ("none"). Bad input raises ValueError."""
+    classification = isinstance(logits, torch.Tensor) and logits.dim() == 2 and isinstance(target, torch.Tensor)
+    if classification:
+        # (B, C) logits: one voxel per sample. MONAI's "sum" averages over the spatial axes, which are
+        # none here, and torch reduces an empty axis list over every axis: its "sum" is the mean.
+        logits = logits.unsqueeze(-1)
+        target = target.reshape(-1, 1) if target.dim() == 1 else target.unsqueeze(-1)
+        reduction = "mean" if reduction == "sum" else reduction
     p = _prepare(logits, target, gamma=gamma, alpha=alpha, weight=weight, reduction=reduction,
                  use_softmax=use_softmax, include_background=include_background, to_onehot_y=to_onehot_y,
                  ignore_index=ignore_index)
@@ -368,7 +381,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
         _check_target_values(p)
         return focal_loss_reference(p)
 
-    return backends.dispatch("focal_loss", IMPLEMENTATIONS, p.logits.device, (p,), backend, run)
+    loss = backends.dispatch("focal_loss", IMPLEMENTATIONS, p.logits.device, (p,), backend, run)
+    return loss.squeeze(-1) if classification and p.reduction == "none" else loss
 
 
 # ---------------------------------------------------------------------------------------------
