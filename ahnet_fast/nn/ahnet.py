@@ -5,6 +5,13 @@ Module names, parameter names, defaults, initialisation and function match MONAI
 parameters; BatchNorm+ReLU pairs run through the fused ``ahnet_fast.ops.bn_relu`` op.
 In 2D mode MONAI slices some kernel/stride tuples from the front and others from the back; that
 is kept exactly (the second spatial axis then plays the slice axis).
+
+Under ``torch.jit.script`` every module here runs MONAI's own arithmetic on its submodules (the
+``_scripted`` methods): the dispatch to the fused ops, activation checkpointing and the memory
+planner are Python, which TorchScript cannot hold, and a scripted graph of ATen ops alone loads
+where ahnet_fast is not installed (LibTorch, ``torch.jit.load`` on another machine). The fused
+kernels stay in eager mode, ``torch.compile``, ``torch.jit.trace`` and ``torch.export``, whose
+graphs call ``torch.ops.ahnet_fast.*``.
 """
 from __future__ import annotations
 
@@ -127,6 +134,23 @@ class Bottleneck3x3x1(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted(x)
+        return self._fused(x)
+
+    def _scripted(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        residual = x
+        if self.downsample is not None:
+            residual = self.downsample(x)
+            if out.size() != residual.size():
+                out = self.pool(out)
+        return self.relu(out + residual)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         out = bn_relu_conv(self.bn1, self.conv2, pointwise(self.conv1, x, self.backend), self.backend)
         out = bn_relu_conv(self.bn2, self.conv3, out, self.backend)
         residual = x
@@ -157,6 +181,12 @@ class Projection(nn.Sequential):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.conv(self.relu(self.norm(x)))
+        return self._fused(x)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         return bn_relu_conv(self.norm, self.conv, x, self.backend)
 
 
@@ -178,6 +208,12 @@ class UpTransition(nn.Sequential):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.up(self.conv(self.relu(self.norm(x))))
+        return self._fused(x)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
 
 
@@ -200,6 +236,12 @@ class Final(nn.Sequential):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.up(self.conv(self.relu(self.norm(x))))
+        return self._fused(x)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
 
 
@@ -231,6 +273,14 @@ class Pseudo3DLayer(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            a = self.conv2(self.relu2(self.bn2(self.conv1(self.relu1(self.bn1(x))))))
+            b = self.conv3(self.relu3(self.bn3(a)))
+            return torch.cat([x, self.conv4(self.relu4(self.bn4(a + b)))], 1)
+        return self._fused(x)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         a = bn_relu_conv(self.bn2, self.conv2, bn_relu_conv(self.bn1, self.conv1, x, self.backend), self.backend)
         b = bn_relu_conv(self.bn3, self.conv3, a, self.backend)
         new_features = bn_relu_conv(self.bn4, self.conv4, a + b, self.backend)
@@ -253,6 +303,16 @@ class DenseBlock(nn.Sequential):
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """The block on ``x`` (MONAI's call), or on ``x + skip`` with the sum written into the block's
         buffer (AH-Net's decoder stages)."""
+        if torch.jit.is_scripting():
+            if skip is not None:
+                x = x + skip
+            for layer in self:
+                x = layer(x)
+            return x
+        return self._fused(x, skip)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         return dense_block(list(self), x, self.backend, skip)
 
 
@@ -319,6 +379,28 @@ class PyramidVolumetricPooling(nn.Module):
     def forward(self, x: torch.Tensor, concat_input: bool = False) -> torch.Tensor:
         """The pyramid channels (B, psp_block_num, *spatial), as MONAI's PSP; with ``concat_input=True``,
         ``torch.cat([that, x], 1)`` written in one buffer by the same pass that reads ``x``."""
+        if torch.jit.is_scripting():
+            return self._scripted(x, concat_input)
+        return self._fused(x, concat_input)
+
+    def _scripted(self, x: torch.Tensor, concat_input: bool) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+        if self.upsample_mode == "transpose":
+            for project, pool, up in zip(self.project_modules, self.pool_modules, self.up_modules):
+                outputs.append(up(project(pool(x))))
+        else:
+            align_corners: bool | None = None
+            if self.upsample_mode in ["trilinear", "bilinear"]:
+                align_corners = True
+            for project, pool in zip(self.project_modules, self.pool_modules):
+                outputs.append(nn.functional.interpolate(project(pool(x)), size=x.shape[2:], mode=self.upsample_mode,
+                                                         align_corners=align_corners))
+        if concat_input:
+            outputs.append(x)
+        return torch.cat(outputs, dim=1)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor, concat_input: bool) -> torch.Tensor:
         self.check_input(x)
         transpose = self.upsample_mode == "transpose"
         return pyramid_pool(
@@ -486,6 +568,28 @@ class AHNet(nn.Module):
         return set_backend(self, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted(x)
+        return self._fused(x)
+
+    def _scripted(self, x: torch.Tensor) -> torch.Tensor:
+        conv_x = self.relu(self.bn0(self.pool1(self.conv1(x))))
+        pool_x = self.maxpool(conv_x)
+        fm1 = self.layer1(pool_x)
+        fm2 = self.layer2(fm1)
+        fm3 = self.layer3(fm2)
+        fm4 = self.layer4(fm3)
+        d0 = self.dense0(self.up0(fm4) + fm3)
+        d1 = self.dense1(self.up1(d0) + fm2)
+        d2 = self.dense2(self.up2(d1) + fm1)
+        d3 = self.dense3(self.trans1(d2) + pool_x)
+        d4 = self.dense4(self.up3(d3) + conv_x)
+        if self.psp_block_num > 0:
+            d4 = self.psp(d4, True)
+        return self.final(d4)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
         policy = self.checkpoint
         if policy == "auto":
