@@ -8,7 +8,7 @@ import torch
 import ahnet_fast
 from ahnet_fast._extension import extension_available
 from ahnet_fast.ops.pyramid_pool import _Args, pyramid_pool
-from tests._monai import run_model
+from tests._monai import flat, run_model
 from tests.conftest import ConcatInput, assert_close_normwise, rel_err
 
 monai_ahnet = pytest.importorskip("monai.networks.nets.ahnet")
@@ -61,10 +61,14 @@ def test_matches_monai_psp(spatial_dims, psp, mode, dtype, rtol, backend):
         _compare(got, ref, rtol)
         return
     # float32: each quantity within 1e-5 of the float64 result, or within 2x MONAI's own float32
-    # error where that is larger (a bias gradient is a sum of many terms that cancel)
+    # error where that is larger. A one-element bias gradient is a sum of many terms that cancel: its
+    # relative error measures the cancellation, which differs by summation order from CPU to CPU (AVX-512
+    # vs AVX2 lanes), so the bias gradients are judged together with the weight gradients (the float64
+    # test above checks each exactly).
     truth = run_model(theirs.double(), x.double())
-    pairs = [(got[0], ref[0], truth[0], "output"), (got[1], ref[1], truth[1], "input grad")]
-    pairs += [(got[2][k], ref[2][k], truth[2][k], k) for k in truth[2]]
+    pairs = [(got[0], ref[0], truth[0], "output"), (got[1], ref[1], truth[1], "input grad"),
+             (flat(got[2]), flat(ref[2]), flat(truth[2]), "all parameter grads")]
+    pairs += [(got[2][k], ref[2][k], truth[2][k], k) for k in truth[2] if truth[2][k].numel() > 1]
     for mine, theirs32, exact, what in pairs:
         assert rel_err(mine, exact) <= max(rtol, 2 * rel_err(theirs32, exact)), what
 
