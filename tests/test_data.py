@@ -213,12 +213,35 @@ def test_slice_sampler_channels_are_adjacent_slices_with_clamping():
     assert {0, shape[2] - 1} <= seen  # both clamped edges exercised
 
 
-def test_sampler_patch_larger_than_volume_names_case():
-    case = _blob_case(name="tiny_case_7")
-    with pytest.raises(ValueError, match=r"tiny_case_7.*Y 16 > 10"):
-        PatchSampler([case], (8, 16, 4))
-    with pytest.raises(ValueError, match=r"tiny_case_7.*X 13 > 12"):
-        SliceSampler([case], (13, 4))
+def test_sampler_pads_a_case_smaller_than_the_patch():
+    """A patch larger than the case along an axis covers the whole axis at a random offset; the
+    image is padded with air (0) and the label with background, and the case's own voxels are
+    where the location says."""
+    case = _blob_case(name="tiny_case_7")  # (12, 10, 6)
+    case.image[...] = np.abs(case.image) + 1.0  # every real voxel > 0: padding is the only 0
+    sampler = PatchSampler([case], (8, 16, 9), foreground_ratio=0.5, seed=3)
+    x, y = sampler.batch(0, 24)
+    assert x.shape == (24, 1, 8, 16, 9) and y.shape == (24, 8, 16, 9)
+    offsets = set()
+    for i in range(24):
+        sx, sy, sz = sampler.locate(0, i).start
+        assert 0 <= sx <= 12 - 8 and 10 - 16 <= sy <= 0 and 6 - 9 <= sz <= 0
+        offsets.add((sy, sz))
+        inside = x[i, 0, :, -sy:-sy + 10, -sz:-sz + 6]
+        np.testing.assert_array_equal(inside.numpy(), case.image[sx:sx + 8])
+        np.testing.assert_array_equal(y[i, :, -sy:-sy + 10, -sz:-sz + 6].numpy(), case.label[sx:sx + 8])
+        real = torch.zeros(8, 16, 9, dtype=torch.bool)
+        real[:, -sy:-sy + 10, -sz:-sz + 6] = True
+        assert bool((x[i, 0][~real] == 0).all()) and bool((y[i][~real] == 0).all())
+    assert len(offsets) > 1  # the padding moves from sample to sample
+    slices = SliceSampler([case], (13, 4), foreground_ratio=0.0, seed=1)
+    xs, ys = slices.batch(0, 8)
+    assert xs.shape == (8, 3, 13, 4) and ys.shape == (8, 13, 4)
+    for i in range(8):
+        sx, sy, z = slices.locate(0, i).start
+        assert sx in (-1, 0) and 0 <= sy <= 6
+        np.testing.assert_array_equal(ys[i, -sx:-sx + 12].numpy(), case.label[:, sy:sy + 4, z])
+        assert bool((xs[i, :, :-sx] == 0).all()) if sx else bool((xs[i, :, 12:] == 0).all())
 
 
 def test_sampler_rejects_unlabelled_and_warns_on_empty_foreground():

@@ -235,13 +235,29 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
 
 # ---------------------------------------------------------------- inference and parity
 
+def test_train_with_its_defaults_runs_on_the_default_data(tmp_path):
+    """`ahnet-fast train` as a new user first runs it: patch 128x128x32, psp_block_num 4, every stage,
+    on the default synthetic data, whose volumes (about 123x123x44 after resampling to 1.6 mm) are
+    smaller than the patch in-plane and get padded. Only the step count, the number of volumes and the
+    output folder are set, to keep it short."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "ahnet_fast", "train", "--steps", "1", "--train-cases", "1",
+                        "--val-cases", "1", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, env=_env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("2d", "3d", "finetune"):
+        ckpt = torch.load(out / stage / "last.pt", weights_only=True)
+        assert ckpt["step"] == 1 and tuple(ckpt["config"]["patch"]) == (128, 128, 32), stage
+        assert (out / stage / "curves.png").exists()
+
+
 def test_infer_cli_writes_labels_on_the_input_grid(tmp_path):
     import nibabel as nib
 
     from ahnet_fast.data import make_synthetic_case, save_nifti
 
     train(tiny(tmp_path, steps=1, spacing_xy=1.2, synthetic_size_xy=96))
-    case = make_synthetic_case(123, size_xy=80)
+    case = make_synthetic_case(123, size_xy=40)  # ~27 voxels in-plane at 1.2 mm: smaller than one 64 window
     src = tmp_path / "ct.nii.gz"
     save_nifti(src, case.image, case.affine)
     dst, probs = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"

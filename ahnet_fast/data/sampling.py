@@ -13,6 +13,13 @@ Foreground oversampling: with probability ``foreground_ratio`` a patch is centre
 uniformly from the case's foreground (label > 0), otherwise placed uniformly. The liver fills only
 a few percent of an abdominal CT and lesions far less, so uniform patches alone would mostly
 teach "background"; the 2:1 default is nnU-Net's and MONAI's usual choice.
+
+A case smaller than the patch along an axis (few slices, a small crop after resampling) is padded
+there, as nnU-Net and MONAI pad: the patch covers the whole axis and sits at a random offset (or
+around the foreground voxel), the image padded with 0 (air: the lower end of the HU window, which
+preprocessing maps to 0) and the label with background. Padded voxels count as background in the
+loss: outside the scanned volume there is air, which is background, and a network that sees the
+edge of a volume at inference (padded the same way) should have learnt to call it so.
 """
 from __future__ import annotations
 
@@ -25,18 +32,48 @@ import torch
 
 from ahnet_fast.data.case import Case
 
-__all__ = ["PatchSampler", "SliceSampler", "PatchLocation"]
+__all__ = ["PatchSampler", "SliceSampler", "PatchLocation", "PAD_IMAGE", "PAD_LABEL"]
+
+PAD_IMAGE = 0.0  # air: preprocessing maps HU at or below the window's low end to 0
+PAD_LABEL = 0  # background
 
 
 @dataclass(frozen=True)
 class PatchLocation:
     """Where one sample comes from: ``case`` (index into the sampler's cases), ``start`` (the
-    patch's lowest voxel corner; for :class:`SliceSampler` (x, y, z) with z the centre slice) and
-    whether it was drawn as a ``foreground``-centred sample."""
+    patch's lowest voxel corner, negative on an axis where the case is smaller than the patch and
+    padded; for :class:`SliceSampler` (x, y, z) with z the centre slice) and whether it was drawn as a
+    ``foreground``-centred sample."""
 
     case: int
     start: tuple[int, ...]
     foreground: bool
+
+
+def _start_range(p: int, n: int) -> tuple[int, int]:
+    """Lowest and highest start of a patch of size p on an axis of size n: inside the axis when it is
+    long enough, else covering all of it (the rest padded)."""
+    return min(0, n - p), max(0, n - p)
+
+
+def _centred(v: int, p: int, n: int) -> int:
+    lo, hi = _start_range(p, n)
+    return int(min(max(v - p // 2, lo), hi))
+
+
+def _padded_crop(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill, dtype) -> np.ndarray:
+    """array[start : start + size] along the leading axes, as ``dtype``, with ``fill`` where the box
+    leaves the array (the trailing axes are taken whole)."""
+    src, dst = [], []
+    for s, p, n in zip(start, size, array.shape):
+        a, b = max(s, 0), min(s + p, n)
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    if all(d.start == 0 and d.stop == p for d, p in zip(dst, size)):
+        return np.asarray(array[tuple(src)], dtype=dtype)
+    out = np.full(tuple(size) + array.shape[len(size):], fill, dtype=dtype)
+    out[tuple(dst)] = array[tuple(src)]
+    return out
 
 
 def _check_int(value, what: str, minimum: int) -> int:
@@ -76,14 +113,6 @@ class _Sampler:
                 raise ValueError(f"{cls}: expected Case objects, got {type(case).__name__}")
             if case.label is None:
                 raise ValueError(f"{cls}: case {case.name!r} has no label; training needs labelled cases")
-            small = [
-                f"{'XYZ'[a]} {p} > {n}" for a, (p, n) in enumerate(zip(self.patch, case.image.shape)) if p > n
-            ]
-            if small:
-                raise ValueError(
-                    f"{cls}: patch {self.patch} is larger than case {case.name!r} of shape {case.image.shape} "
-                    f"({', '.join(small)}); use a smaller patch or pad the volume"
-                )
             fg = np.flatnonzero(case.label.reshape(-1) > 0)
             self._foreground.append(fg.astype(np.int32) if case.label.size < 2**31 else fg)
             if fg.size == 0:
@@ -148,16 +177,15 @@ class PatchSampler(_Sampler):
         super().__init__(cases, patch, foreground_ratio, seed)
 
     def _centred_start(self, voxel, shape):
-        return tuple(int(min(max(v - p // 2, 0), n - p)) for v, p, n in zip(voxel, self.patch, shape))
+        return tuple(_centred(v, p, n) for v, p, n in zip(voxel, self.patch, shape))
 
     def _uniform_start(self, rng, shape):
-        return tuple(int(rng.integers(0, n - p + 1)) for p, n in zip(self.patch, shape))
+        return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in map(_start_range, self.patch, shape))
 
     def _extract(self, loc: PatchLocation):
         case = self.cases[loc.case]
-        box = tuple(slice(s, s + p) for s, p in zip(loc.start, self.patch))
-        x = np.asarray(case.image[box], dtype=np.float32)[None]
-        return x, case.label[box]
+        x = _padded_crop(case.image, loc.start, self.patch, PAD_IMAGE, np.float32)[None]
+        return x, _padded_crop(case.label, loc.start, self.patch, PAD_LABEL, case.label.dtype)
 
 
 class SliceSampler(_Sampler):
@@ -174,17 +202,17 @@ class SliceSampler(_Sampler):
         super().__init__(cases, patch_xy, foreground_ratio, seed)
 
     def _centred_start(self, voxel, shape):
-        xy = tuple(int(min(max(v - p // 2, 0), n - p)) for v, p, n in zip(voxel[:2], self.patch, shape[:2]))
+        xy = tuple(_centred(v, p, n) for v, p, n in zip(voxel[:2], self.patch, shape[:2]))
         return xy + (int(voxel[2]),)
 
     def _uniform_start(self, rng, shape):
-        xy = tuple(int(rng.integers(0, n - p + 1)) for p, n in zip(self.patch, shape[:2]))
+        xy = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in map(_start_range, self.patch, shape[:2]))
         return xy + (int(rng.integers(0, shape[2])),)
 
     def _extract(self, loc: PatchLocation):
         case = self.cases[loc.case]
         sx, sy, z = loc.start
-        px, py = self.patch
         zs = np.clip([z - 1, z, z + 1], 0, case.image.shape[2] - 1)
-        x = np.asarray(case.image[sx : sx + px, sy : sy + py][:, :, zs], dtype=np.float32).transpose(2, 0, 1)
-        return np.ascontiguousarray(x), case.label[sx : sx + px, sy : sy + py, z]
+        x = _padded_crop(case.image[:, :, zs], (sx, sy), self.patch, PAD_IMAGE, np.float32).transpose(2, 0, 1)
+        y = _padded_crop(case.label[:, :, z], (sx, sy), self.patch, PAD_LABEL, case.label.dtype)
+        return np.ascontiguousarray(x), y
