@@ -3,8 +3,11 @@ import os
 import pytest
 import torch
 
-# Keep the suite quick and deterministic on the 2-core CI machine.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Keep the suite quick and deterministic on the 2-core CI machine. Under pytest-xdist (scripts/test.sh
+# runs one worker per core) each worker computes on one thread: two workers of two threads each would
+# oversubscribe the cores (OpenMP threads spin at every barrier). The multithreaded kernel paths keep
+# their own tests, which set the thread count themselves (tests/test_threads.py).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; Triton reads this when
 # a kernel is defined, so it is set before any test imports ahnet_fast's kernels.

@@ -1,4 +1,6 @@
 """AHNet against MONAI 1.6's AHNet: same state dict, same function, same gradients."""
+import copy
+
 import pytest
 import torch
 
@@ -86,20 +88,42 @@ def test_float32_train_reference_backend_within_1e5(kwargs, shape):
     _compare(run_model(ours, x), run_model(theirs, x), 1e-5, 1e-7, "float32 train (reference)")
 
 
-def _float32_errors(theirs, ours, truth_net, shape, seed):
-    """Float32 errors of ours and of MONAI against MONAI in float64, per quantity: (ours, MONAI)."""
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    truth = run_model(truth_net, x)
-    got, ref = run_model(ours, x.float()), run_model(theirs, x.float())
-    errors = {name: (rel_err(got[i], truth[i]), rel_err(ref[i], truth[i])) for i, name in ((0, "output"),
-                                                                                           (1, "input grad"))}
-    errors["parameter grads"] = (rel_err(flat(got[2]), flat(truth[2])), rel_err(flat(ref[2]), flat(truth[2])))
-    stats = [n for n in got[3] if not n.endswith("num_batches_tracked")]
-    if truth_net.training:
-        errors["running statistics"] = tuple(
-            rel_err(flat({n: net_bufs[n] for n in stats}), flat({n: truth[3][n] for n in stats}))
-            for net_bufs in (got[3], ref[3]))
+def _errors_against(truth, result, training: bool) -> dict:
+    """Relative errors of one run's output, input gradient, parameter gradients (together) and, in
+    training mode, running statistics (together) against the float64 run."""
+    errors = {"output": rel_err(result[0], truth[0]), "input grad": rel_err(result[1], truth[1]),
+              "parameter grads": rel_err(flat(result[2]), flat(truth[2]))}
+    if training:
+        stats = [n for n in truth[3] if not n.endswith("num_batches_tracked")]
+        errors["running statistics"] = rel_err(flat({n: result[3][n] for n in stats}),
+                                               flat({n: truth[3][n] for n in stats}))
     return errors
+
+
+def _float32_errors(theirs, ours, truth_net, shape, seed, controls=False) -> dict:
+    """Per quantity, (ahnet_fast's float32 error, MONAI's float32 error) against MONAI in float64 on one
+    input. With ``controls``, MONAI's error is the largest over rounding-level variants of its own run:
+    the other thread count, and the input moved by one part in 1e7 either way. Every run starts from
+    copies of the given networks, so running statistics are compared after one step each."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    truth = run_model(copy.deepcopy(truth_net), x)
+    ours_errors = _errors_against(truth, run_model(copy.deepcopy(ours), x.float()), truth_net.training)
+    monai_runs = [run_model(copy.deepcopy(theirs), x.float())]
+    if controls:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
+        try:
+            monai_runs.append(run_model(copy.deepcopy(theirs), x.float()))
+        finally:
+            torch.set_num_threads(threads)
+        monai_runs += [run_model(copy.deepcopy(theirs), (x * s).float()) for s in (1 + 1e-7, 1 - 1e-7)]
+    monai_errors = [_errors_against(truth, run, truth_net.training) for run in monai_runs]
+    return {name: (ours_errors[name], max(e[name] for e in monai_errors)) for name in ours_errors}
+
+
+def _too_far(errors: dict) -> list[str]:
+    return [f"{name}: ours {ours:.2e}, MONAI float32 {monai:.2e}" for name, (ours, monai) in errors.items()
+            if ours > 3 * monai + 1e-7]
 
 
 @pytest.mark.parametrize("kwargs,shape", CONFIGS, ids=IDS)
@@ -111,28 +135,25 @@ def test_float32_as_accurate_as_monai(kwargs, shape, train):
 
     At random initialisation the network is discontinuous (ReLU and max-pool kinks; in training mode
     BatchNorm over small maps is ill-conditioned too): a pre-activation within float32 rounding of a
-    kink lands on one side in one summation order and on the other side in another, and the gradient
-    jumps (2D eval, one input: one mask flip among 1e4 values made the input gradient 1.6e-4 off where
-    MONAI's was 1.2e-6; on the next input it is MONAI's that flips). Which one crosses is chance, so a
-    failure on one input is judged again on the median over three inputs."""
+    kink lands on one side in one summation order and on the other in another, and the gradient jumps
+    (2D transpose psp4, eval, first input: ahnet_fast's input gradient 8.2e-3 off; MONAI's 1.2e-6 on one
+    thread but 8.2e-3 on two). MONAI's own error is then not one number but depends on rounding. So
+    where the plain comparison fails, MONAI's error is taken as the largest over rounding-level
+    variants of its run (thread count, input moved by 1e-7), and the verdict is the majority over
+    three inputs."""
     theirs, ours = twins(monai_nets.AHNet, ahnet_fast.AHNet, kwargs)
     theirs.train(train), ours.train(train)
     truth_net = deepcopy_to(theirs, torch.float64)
-
-    def verdicts(per_seed):
-        bad = []
-        for name in per_seed[0]:
-            ours_err = sorted(e[name][0] for e in per_seed)[len(per_seed) // 2]
-            monai_err = sorted(e[name][1] for e in per_seed)[len(per_seed) // 2]
-            if ours_err > 3 * monai_err + 1e-7:
-                bad.append(f"{name}: ours {ours_err:.2e}, MONAI float32 {monai_err:.2e}")
-        return bad
-
-    per_seed = [_float32_errors(theirs, ours, truth_net, shape, 99)]
-    if verdicts(per_seed):
-        per_seed += [_float32_errors(theirs, ours, truth_net, shape, seed) for seed in (100, 101)]
-    bad = verdicts(per_seed)
-    assert not bad, f"median over {len(per_seed)} inputs: " + "; ".join(bad)
+    if not _too_far(_float32_errors(theirs, ours, truth_net, shape, 99)):
+        return
+    failed = {}
+    for seed in (99, 100, 101):
+        bad = _too_far(_float32_errors(theirs, ours, truth_net, shape, seed, controls=True))
+        if bad:
+            failed[seed] = bad
+        elif seed == 99 or len(failed) > 1:
+            break  # the controls explain the first input, or the majority is decided
+    assert len(failed) <= 1, "; ".join(f"input {seed}: " + ", ".join(bad) for seed, bad in failed.items())
 
 
 @pytest.mark.slow
