@@ -305,13 +305,19 @@ def test_backward_into_a_buffer_equals_the_backward_op_bitwise(layout, dtype, tr
         into(g, x, w, b, mean, var, training, 1e-5, torch.empty(2, 5, 6, 4, 2, dtype=dtype), False)
 
 
+def bn_sample_arguments():
+    """A float64 input (2, 4, 8, 8, 4) and fresh BatchNorm state for it: (x, running mean, running
+    variance, weight, bias); the dispatch samples of the BatchNorm ops share it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
+    mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    return x, mean, var, torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64) * 0.1
+
+
 def dispatch_sample():
     """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
     output, the arguments its table's reasons take)."""
     from ahnet_fast import ops
 
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
-    mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64) * 0.1
+    x, mean, var, w, b = bn_sample_arguments()
     return (lambda be: ops.bn_relu(x, mean.clone(), var.clone(), w, b, True, 0.1, 1e-5, backend=be)), (x,)

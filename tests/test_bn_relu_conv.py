@@ -240,11 +240,9 @@ def dispatch_sample():
     """One call of the op for tests/test_dispatch.py's contract over every registered op: (run(backend) ->
     output, the arguments its table's reasons take)."""
     from ahnet_fast import ops
+    from tests.test_bn_relu import bn_sample_arguments
 
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
-    mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64) * 0.1
+    x, mean, var, w, b = bn_sample_arguments()
     conv_w = torch.randn(5, 4, 3, 3, 1, dtype=torch.float64) * 0.2
     return (lambda be: ops.bn_relu_conv(x, mean.clone(), var.clone(), w, b, True, 0.1, 1e-5, conv_w, backend=be)), \
         (x, conv_w)
