@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -221,10 +222,24 @@ def _train_config(args):
         progress=not args.no_progress, plots=not args.no_plots)
 
 
+def _check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
+    """An earlier run's files in OUT are kept unless --resume continues the run or --overwrite says so."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if resume or overwrite or not os.path.isdir(out) or not os.listdir(out):
+        return
+    raise ValueError(f"--out {out} already holds files ({', '.join(sorted(os.listdir(out))[:5])}): pass --resume to "
+                     "continue that run, --overwrite to replace it, or choose another --out")
+
+
 def cmd_train(args) -> int:
     from ahnet_fast.training import train, train_schedule
 
     cfg = _train_config(args)
+    # every argument checked before any work: with --stage all the config says "finetune", whose
+    # checks (the patch against AHNet's size rule) cover the 3d stage too
+    cfg.validate()
+    _check_out_folder(args.out, args.resume, args.overwrite)
     if args.stage == "all":
         steps = {"2d": args.steps_2d or args.steps, "3d": args.steps_3d or args.steps, "finetune": args.steps}
         results = train_schedule(cfg, steps=steps)
@@ -276,7 +291,11 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ahnet-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="training steps of AH-Net on a synthetic volume: time and memory",
+
+    def add_command(name, **kwargs):  # every --help shows the defaults
+        return sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    demo = add_command("demo", help="training steps of AH-Net on a synthetic volume: time and memory",
                           description="Runs AH-Net training steps on a synthetic anisotropic volume and prints "
                                       "time per step, voxels/s, activation bytes saved for backward and peak memory.")
     demo.add_argument("--shape", type=int, nargs=3, default=(128, 128, 32), metavar=("H", "W", "D"),
@@ -290,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--compare-monai", action="store_true", help="also run MONAI's AHNet for a side-by-side ratio")
     demo.set_defaults(func=cmd_demo)
-    plan_p = sub.add_parser("plan", help="the fastest training configuration that fits a memory budget",
+    plan_p = add_command("plan", help="the fastest training configuration that fits a memory budget",
                             description="Estimates the peak memory of AH-Net training steps (parameters, gradients, "
                                         "optimizer state, activations traced on fake tensors, workspace) for each "
                                         "precision, checkpoint policy and batch size, and picks the fastest that "
@@ -307,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_p.add_argument("--json", default=None, help="also write the search and the choice to this JSON file")
     plan_p.set_defaults(func=cmd_plan)
 
-    train_p = sub.add_parser("train", help="train AH-Net (the paper's 2D->3D schedule) on synthetic or real CT",
+    train_p = add_command("train", help="train AH-Net (the paper's 2D->3D schedule) on synthetic or real CT",
                              description="Trains one stage of the paper's schedule, or all three (--stage all): 2d "
                                          "(MCFCN on three adjacent slices as channels), 3d (AHNet whose encoder is "
                                          "transferred from --init and frozen; the decoder trains), finetune (all "
@@ -338,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--device", default="cpu", help="cpu or cuda")
     train_p.add_argument("--out", default="runs/ahnet", help="output folder")
     train_p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt exactly")
+    train_p.add_argument("--overwrite", action="store_true",
+                         help="replace what an earlier run left in OUT (without it, a non-empty OUT is refused)")
     train_p.add_argument("--num-classes", type=int, default=3, help="classes including background (default 3: "
                                                                    "background, liver, lesion)")
     train_p.add_argument("--psp-block-num", type=int, default=4, help="AHNet pyramid pooling levels (0-4)")
@@ -361,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     train_p.set_defaults(func=cmd_train)
 
-    infer_p = sub.add_parser("infer", help="segment a NIfTI volume with a trained checkpoint",
+    infer_p = add_command("infer", help="segment a NIfTI volume with a trained checkpoint",
                              description="Whole-volume sliding-window inference (Gaussian blending) with the "
                                          "preprocessing stored in the checkpoint; writes a uint8 label map with "
                                          "the input's affine and header.")
@@ -380,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer_p.add_argument("--no-progress", action="store_true")
     infer_p.set_defaults(func=cmd_infer)
 
-    parity_p = sub.add_parser("parity", help="train the fast model and the references side by side",
+    parity_p = add_command("parity", help="train the fast model and the references side by side",
                               description="Trains ahnet_fast's AHNet, the same network on the pure-PyTorch "
                                           "reference path, and MONAI's AHNet + FocalLoss (when installed) from the "
                                           "same initial weights on the same batches, fp32; compares per-step losses "
@@ -402,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity_p.add_argument("--no-progress", action="store_true")
     parity_p.set_defaults(func=cmd_parity)
 
-    bench_p = sub.add_parser("bench", help="end-to-end benchmark against MONAI (benchmarks/e2e.py)",
+    bench_p = add_command("bench", help="end-to-end benchmark against MONAI (benchmarks/e2e.py)",
                              description="Runs benchmarks/e2e.py of a source checkout; arguments after 'bench' "
                                          "go to it (ahnet-fast bench -- --help lists them).")
     bench_p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/e2e.py")

@@ -4,9 +4,14 @@
 # about 5 minutes on 2 CPU cores. Prints the held-out Dice of each stage and writes checkpoints,
 # metrics and plots (curves.png, montage.png) under runs/demo/{2d,3d,finetune}.
 # Extra arguments go to `ahnet-fast train` (e.g. --steps 300 --out runs/longer --device cuda).
+# Running it again replaces the previous demo's output (--overwrite), unless --resume is given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY="${PYTHON:-python3}"
+replace=(--overwrite)
+for arg in "$@"; do
+  [ "$arg" = "--resume" ] && replace=()
+done
 exec "$PY" -m ahnet_fast train --stage all --patch 96 96 32 --psp-block-num 2 \
-  --steps-2d 100 --steps-3d 100 --steps 150 --eval-every 50 --out runs/demo "$@"
+  --steps-2d 100 --steps-3d 100 --steps 150 --eval-every 50 --out runs/demo "${replace[@]}" "$@"

@@ -104,6 +104,35 @@ def test_cli_help_of_every_subcommand():
         r = subprocess.run([sys.executable, "-m", "ahnet_fast", cmd, "--help"], capture_output=True, text=True,
                            env=_env(), timeout=120)
         assert r.returncode == 0 and "usage: ahnet-fast " + cmd in r.stdout, r.stderr
+        if cmd == "train":
+            text = " ".join(r.stdout.split())  # argparse wraps the help lines
+            assert "(default: (128, 128, 32))" in text and "(default: 200)" in text, r.stdout
+
+
+def test_train_keeps_an_earlier_run_unless_told(tmp_path, capsys):
+    """A non-empty --out is refused before any work, naming the ways on; --resume with --overwrite too."""
+    from ahnet_fast.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"an earlier run")
+    assert main(_tiny_args(out)) == 2
+    err = capsys.readouterr().err
+    assert "already holds files (last.pt)" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "last.pt").read_bytes() == b"an earlier run"
+    assert main(_tiny_args(out, extra=["--resume", "--overwrite"])) == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
+def test_patch_that_does_not_fit_is_refused_before_training_with_valid_sizes(capsys):
+    from ahnet_fast.cli import main
+
+    assert main(["train", "--patch", "96", "96", "32", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err
+    assert "--patch size 96 on axis 0 (in-plane)" in err and "the smallest size that does: 128" in err
+    assert "None" not in err
+    assert main(["train", "--patch", "160", "128", "32", "--out", "/nonexistent/never-written"]) == 2
+    assert "nearest sizes that do: 128 or 256" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- training, resume

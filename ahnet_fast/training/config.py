@@ -118,9 +118,11 @@ class TrainConfig:
             for axis, (n, kind) in enumerate(zip(self.patch, kinds)):
                 if not ahnet_size_ok(int(n), kind, self.psp_block_num, "transpose"):
                     lo, hi = nearest_ahnet_sizes(int(n), kind, self.psp_block_num, "transpose")
+                    nearest = f"nearest sizes that do: {lo} or {hi}" if lo is not None else \
+                        f"the smallest size that does: {hi}"
                     bad(f"--patch size {n} on axis {axis} ({kind}) does not fit AHNet with psp_block_num="
-                        f"{self.psp_block_num}; nearest sizes that do: {lo} or {hi} (in-plane sizes are multiples "
-                        f"of 128 at psp_block_num 4, 64 at 3, 32 below; the slice size a multiple of 32)")
+                        f"{self.psp_block_num}; {nearest} (in-plane sizes are multiples of 128 at psp_block_num "
+                        f"4, 64 at 3, 32 below; the slice size a multiple of 32)")
         self.patch = tuple(int(p) for p in self.patch)
         self.window = (float(self.window[0]), float(self.window[1]))
         self.class_names = tuple(self.class_names)
