@@ -29,7 +29,9 @@ def _extensions():
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     debug = os.environ.get("AHNET_FAST_DEBUG") == "1"
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: Python's own CFLAGS add -g; the debug information of the kernels' template instances
+    # made up a quarter of the build time and most of the library's size
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fno-trapping-math / -fno-math-errno: lets GCC turn selects and min/max into vector code
     # (results are unchanged: no reassociation, IEEE semantics otherwise kept). -ffp-contract=off: no
     # a * b + c fused into one rounding where a function is also compiled for a CPU with FMA, so

@@ -148,11 +148,11 @@ def test_the_checks_find_what_they_look_for(tmp_path):
 
 
 def test_every_kernel_file_has_an_op_module_of_its_name():
-    """One name per op across the tree: csrc/cpu/<op>.cpp and kernels/triton/<op>.py belong to
+    """One name per op across the tree: csrc/cpu/<op>.cpp (and <op>.<variant>.cpp) and kernels/triton/<op>.py belong to
     ahnet_fast/ops/<op>.py, which has tests/test_<op>.py and benchmarks/test_bench_<op>.py."""
     repo = ROOT.parent
     ops = {p.stem for p in (ROOT / "ops").glob("*.py") if not p.stem.startswith("_")}
-    kernels = {p.stem for p in (repo / "csrc" / "cpu").glob("*.cpp")} | \
+    kernels = {p.name.split(".")[0] for p in (repo / "csrc" / "cpu").glob("*.cpp")} | \
         {p.stem for p in (ROOT / "kernels" / "triton").glob("*.py") if not p.stem.startswith("_")}
     assert kernels - ops == set(), f"kernel files without an op module of the same name: {sorted(kernels - ops)}"
     missing = [f"{kind}{op}.py" for op in sorted(ops) for kind, folder in (("test_", "tests"),

@@ -13,34 +13,25 @@
 // on channels below first_channel), and the number of invalid targets (label out of range, or
 // a dense target outside [0, 1] or NaN): Python raises a ValueError when it is not zero.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "focal_loss.h"
 #include "layout.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
-#include <limits>
 #include <tuple>
-#include <type_traits>
-#include <vector>
-
-// ---------------------------------------------------------------------------------------------
 
 namespace ahnet_fast {
+namespace focal_loss_kernels {
+#define AHNET_FAST_ISA_NS isa_baseline
+#define AHNET_FAST_ISA_DOUBLE 1
+#include "focal_loss_kernel.h"
+#undef AHNET_FAST_ISA_DOUBLE
+#undef AHNET_FAST_ISA_NS
+}  // namespace focal_loss_kernels
+
 namespace {
-
-struct Layout {
-  int64_t B, C, S;
-  int64_t sb, sc, ss;  // strides of batch, channel and (flattened) voxel
-};
-
-
-
+using namespace focal_loss_kernels;
 
 Layout layout_of(const at::Tensor& x) {
   Layout l;
@@ -54,42 +45,8 @@ Layout layout_of(const at::Tensor& x) {
   return l;
 }
 
-constexpr int64_t kTile = 64;
-
-struct Options {
-  double gamma;
-  bool softmax, label_target, has_ignore, alpha_linear, compute_grad;
-  int64_t first, ignore_index;
-};
-
-// One thread's share: partial sums per sample and the invalid-target count.
-struct Partial {
-  std::vector<double> loss, count;
-  int64_t invalid = 0;
-};
-
-// The sigmoid focal loss of a run of n elements of one class: adds the loss to vloss and writes
-// dL/dx (unscaled) to d. loss = A * B * M with B = softplus(x) - x t (BCE with logits),
-
-// The kernels, compiled for the baseline ISA and, on x86-64 with GCC/Clang, for AVX2+FMA and for
-// AVX-512 (16-wide, mask registers).
-#define AHNET_FAST_ISA_NS isa_baseline
-#include "focal_loss_kernel.h"
-#undef AHNET_FAST_ISA_NS
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AHNET_FAST_HAVE_AVX2_VARIANT 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define AHNET_FAST_ISA_NS isa_avx2
-#include "focal_loss_kernel.h"
-#undef AHNET_FAST_ISA_NS
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")
-#define AHNET_FAST_ISA_NS isa_avx512
-#include "focal_loss_kernel.h"
-#undef AHNET_FAST_ISA_NS
-#pragma GCC pop_options
+#define AHNET_FAST_HAVE_AVX2_VARIANT 1  // focal_loss.avx2.cpp and focal_loss.avx512.cpp compile theirs
 #endif
 
 // Which compiled variant runs: the widest the CPU has, unless AHNET_FAST_NO_AVX512=1 (then AVX2 at
@@ -113,28 +70,15 @@ Isa chosen_isa() {
 #endif
 }
 
-template <typename scalar_t, typename target_t>
-void run_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_t tgt_sb, int64_t tgt_sc, int64_t tgt_ss,
-               scalar_t* grad,
-               const at::Tensor& fpos, const at::Tensor& fneg, const at::Tensor& scale, const Options& o,
-               std::vector<Partial>& partials) {
-  const double *pp = fpos.const_data_ptr<double>(), *np = fneg.const_data_ptr<double>();
-  const double* sp = scale.const_data_ptr<double>();
-  const bool unit = L.ss == 1 && (o.label_target || tgt_ss == 1);
+// The widest variant the CPU runs; double logits always take the baseline (see focal_loss.h).
+void run_variant(const TileJob& job) {
 #ifdef AHNET_FAST_HAVE_AVX2_VARIANT
-  if (chosen_isa() == Isa::avx512) {
-    if (unit) isa_avx512::focal_tiles<scalar_t, target_t, true>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
-    else isa_avx512::focal_tiles<scalar_t, target_t, false>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
-    return;
-  }
-  if (chosen_isa() == Isa::avx2) {
-    if (unit) isa_avx2::focal_tiles<scalar_t, target_t, true>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
-    else isa_avx2::focal_tiles<scalar_t, target_t, false>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
-    return;
+  if (job.x_dtype != at::kDouble) {
+    if (chosen_isa() == Isa::avx512) return isa_avx512::run_tiles(job);
+    if (chosen_isa() == Isa::avx2) return isa_avx2::run_tiles(job);
   }
 #endif
-  if (unit) isa_baseline::focal_tiles<scalar_t, target_t, true>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
-  else isa_baseline::focal_tiles<scalar_t, target_t, false>(L, x, tgt, tgt_sb, tgt_sc, tgt_ss, grad, pp, np, sp, o, partials);
+  isa_baseline::run_tiles(job);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focal_loss_cpu(
@@ -176,29 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> focal_loss_cpu(
     p.loss.assign(L.B, 0.0);
     p.count.assign(L.B, 0.0);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_loss_cpu", [&] {
-    using scalar_t_ = scalar_t;
-    const scalar_t_* xp = logits.const_data_ptr<scalar_t_>();
-    scalar_t_* gp = compute_grad ? grad.mutable_data_ptr<scalar_t_>() : nullptr;
-    auto run = [&](auto* tp) {
-      using target_t = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
-      run_tiles<scalar_t_, target_t>(L, xp, target.const_data_ptr<target_t>(), tgt_sb, tgt_sc, tgt_ss, gp, fpos,
-                                     fneg, scale, o, partials);
-    };
-    // Target dtypes compiled for (the Python launcher converts others): labels uint8/int32/int64;
-    // dense targets float32 or the logits' own dtype. Fewer instantiations, a shorter build.
-    const auto tdt = target.scalar_type();
-    if (label_target) {
-      if (tdt == at::kLong) run(static_cast<const int64_t*>(nullptr));
-      else if (tdt == at::kInt) run(static_cast<const int32_t*>(nullptr));
-      else if (tdt == at::kByte) run(static_cast<const uint8_t*>(nullptr));
-      else TORCH_CHECK(false, "focal_loss: label maps must be uint8, int32 or int64, got ", tdt);
-    } else {
-      if (tdt == logits.scalar_type()) run(static_cast<const scalar_t_*>(nullptr));
-      else if (tdt == at::kFloat) run(static_cast<const float*>(nullptr));
-      else TORCH_CHECK(false, "focal_loss: a dense target must be float32 or the logits' dtype, got ", tdt);
-    }
-  });
+  const at::ScalarType xdt = logits.scalar_type();
+  TORCH_CHECK(xdt == at::kFloat || xdt == at::kDouble || xdt == at::kHalf || xdt == at::kBFloat16,
+              "focal_loss: logits must be float32, float64, float16 or bfloat16, got ", xdt);
+  const bool unit = L.ss == 1 && (label_target || tgt_ss == 1);
+  TileJob job{L, xdt, target.scalar_type(), logits.const_data_ptr(), target.const_data_ptr(), tgt_sb, tgt_sc, tgt_ss,
+              compute_grad ? grad.mutable_data_ptr() : nullptr, fpos.const_data_ptr<double>(),
+              fneg.const_data_ptr<double>(), scale.const_data_ptr<double>(), o, unit, &partials};
+  run_variant(job);
   at::Tensor loss_sum = at::zeros({L.B}, logits.options().dtype(at::kDouble));
   at::Tensor count = at::zeros({L.B}, logits.options().dtype(at::kDouble));
   int64_t invalid = 0;

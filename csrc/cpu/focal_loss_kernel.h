@@ -1,9 +1,12 @@
-// Included three times by focal_loss.cpp, each time inside another namespace (AHNET_FAST_ISA_NS):
-// for the baseline instruction set, under `#pragma GCC target("avx2,fma")` and under an AVX-512
-// target, so the hot loops get 8- or 16-wide vectors with FMA where the CPU has them (chosen at run
-// time). No include guard on purpose. Everything here has internal linkage, so the copies never
-// clash.
+// The tile loop of the focal loss, included once per instruction-set variant inside
+// ahnet_fast::focal_loss_kernels, with AHNET_FAST_ISA_NS naming the variant's namespace: by
+// focal_loss.cpp (baseline), focal_loss.avx2.cpp (under `#pragma GCC target("avx2,fma")`) and
+// focal_loss.avx512.cpp (AVX-512), so the hot loops get 8- or 16-wide vectors with FMA where the CPU
+// has them (chosen at run time). No include guard on purpose. The kernels have internal linkage;
+// only the variant's run_tiles (declared in focal_loss.h) is seen from outside.
+// AHNET_FAST_ISA_DOUBLE: 1 where this variant also compiles double logits.
 namespace AHNET_FAST_ISA_NS {
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Elementary functions. Float: vectorisable approximations; double: the standard library.
@@ -324,5 +327,43 @@ void focal_tiles(const Layout& L, const scalar_t* x, const target_t* tgt, int64_
   });
 }
 
+}  // namespace
+
+namespace {
+template <typename scalar_t>
+void run_for_logits(const TileJob& j) {
+  const auto* x = static_cast<const scalar_t*>(j.x);
+  auto* grad = static_cast<scalar_t*>(j.grad);
+  auto go = [&](auto* typed_target) {
+    using target_t = std::remove_const_t<std::remove_pointer_t<decltype(typed_target)>>;
+    const auto* t = static_cast<const target_t*>(j.target);
+    if (j.unit) focal_tiles<scalar_t, target_t, true>(j.L, x, t, j.tgt_sb, j.tgt_sc, j.tgt_ss, grad, j.fpos, j.fneg, j.scale, j.o, *j.partials);
+    else focal_tiles<scalar_t, target_t, false>(j.L, x, t, j.tgt_sb, j.tgt_sc, j.tgt_ss, grad, j.fpos, j.fneg, j.scale, j.o, *j.partials);
+  };
+  const auto tdt = j.target_dtype;
+  if (j.o.label_target) {
+    if (tdt == at::kLong) go(static_cast<const int64_t*>(nullptr));
+    else if (tdt == at::kInt) go(static_cast<const int32_t*>(nullptr));
+    else if (tdt == at::kByte) go(static_cast<const uint8_t*>(nullptr));
+    else TORCH_CHECK(false, "focal_loss: label maps must be uint8, int32 or int64, got ", tdt);
+  } else {
+    if (tdt == j.x_dtype) go(static_cast<const scalar_t*>(nullptr));
+    else if (tdt == at::kFloat) go(static_cast<const float*>(nullptr));
+    else TORCH_CHECK(false, "focal_loss: a dense target must be float32 or the logits' dtype, got ", tdt);
+  }
+}
+}  // namespace
+
+void run_tiles(const TileJob& job) {
+  switch (job.x_dtype) {
+    case at::kFloat: return run_for_logits<float>(job);
+    case at::kHalf: return run_for_logits<at::Half>(job);
+    case at::kBFloat16: return run_for_logits<at::BFloat16>(job);
+#if AHNET_FAST_ISA_DOUBLE
+    case at::kDouble: return run_for_logits<double>(job);
+#endif
+    default: TORCH_CHECK(false, "focal_loss: no CPU kernel variant for logits of ", job.x_dtype);
+  }
+}
 
 }  // namespace AHNET_FAST_ISA_NS
