@@ -82,3 +82,25 @@ def set_backend(root: nn.Module, backend: str | None) -> nn.Module:
         if m is root or hasattr(m, "backend"):
             m.backend = backend
     return root
+
+
+SCRIPT_OPS = ("fused", "aten")
+
+
+def set_script_ops(root: nn.Module, ops: str) -> nn.Module:
+    """What ``torch.jit.script`` compiles ``root`` and its ahnet_fast submodules to (applies to the
+    next scripting; an existing scripted module keeps its code):
+
+    - ``"fused"`` (the default): in eval mode, the fused ops of eager mode, as
+      ``torch.ops.ahnet_fast.*_script`` calls, so the scripted module computes what the eager one does
+      and as fast; a process loading the archive must ``import ahnet_fast`` first. In training mode
+      the scripted module runs MONAI's arithmetic (autograd of ATen ops).
+    - ``"aten"``: MONAI's arithmetic on ATen ops in every mode: an archive that loads without
+      ahnet_fast (LibTorch, another machine), equal to eager mode up to rounding.
+    """
+    if ops not in SCRIPT_OPS:
+        raise ValueError(f"set_script_ops: ops must be one of {SCRIPT_OPS}, got {ops!r}")
+    for m in root.modules():
+        if "script_fused" in getattr(type(m), "__constants__", ()):
+            m.script_fused = ops == "fused"
+    return root

@@ -6,12 +6,13 @@ parameters; BatchNorm+ReLU pairs run through the fused ``ahnet_fast.ops.bn_relu`
 In 2D mode MONAI slices some kernel/stride tuples from the front and others from the back; that
 is kept exactly (the second spatial axis then plays the slice axis).
 
-Under ``torch.jit.script`` every module here runs MONAI's own arithmetic on its submodules (the
-``_scripted`` methods): the dispatch to the fused ops, activation checkpointing and the memory
-planner are Python, which TorchScript cannot hold, and a scripted graph of ATen ops alone loads
-where ahnet_fast is not installed (LibTorch, ``torch.jit.load`` on another machine). The fused
-kernels stay in eager mode, ``torch.compile``, ``torch.jit.trace`` and ``torch.export``, whose
-graphs call ``torch.ops.ahnet_fast.*``.
+Under ``torch.jit.script`` (see :func:`ahnet_fast.nn.set_script_ops`) the modules here call, in eval
+mode, the same fused ops as in eager mode, as ``torch.ops.ahnet_fast.*_script`` dispatcher ops (the
+``_script_fused`` methods), and in training mode, or with ``set_script_ops(m, "aten")``, MONAI's own
+arithmetic on their submodules (the ``_scripted`` methods): activation checkpointing, the memory
+planner and the running-statistics bookkeeping of the fused ops are Python, which TorchScript cannot
+hold, and an archive of ATen ops alone loads where ahnet_fast is not installed (LibTorch).
+``torch.compile``, ``torch.jit.trace`` and ``torch.export`` record the fused ops in every mode.
 """
 from __future__ import annotations
 
@@ -110,7 +111,27 @@ def _as_tuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-class Bottleneck3x3x1(nn.Module):
+def _script_bn_relu_conv(running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                         bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float,
+                         weight: torch.Tensor, stride: list[int], padding: list[int], x: torch.Tensor,
+                         backend: str | None) -> torch.Tensor:
+    return torch.ops.ahnet_fast.bn_relu_conv_script(x, running_mean, running_var, bn_weight, bn_bias, eps, weight,
+                                                    stride, padding, backend)
+
+
+class _ScriptOps:
+    """What a module of this file runs under torch.jit.script (a constant, so the branch not taken is
+    not compiled): with ``script_fused`` True (the default), in eval mode, the same fused ops as in
+    eager mode, called as ``torch.ops.ahnet_fast.*_script`` dispatcher ops, so the scripted module
+    computes what the eager one does; in training mode, and with ``script_fused`` False, MONAI's
+    arithmetic on ATen ops (an archive that loads without ahnet_fast, e.g. in LibTorch). See
+    :func:`ahnet_fast.nn.set_script_ops`."""
+
+    __constants__ = ["script_fused"]
+    script_fused = True
+
+
+class Bottleneck3x3x1(_ScriptOps, nn.Module):
     """ResNet50 bottleneck with the 3x3 convolution made 3x3x1 (stride (s, s, 1)); the downsample
     branch also pools the slice axis, and the main branch is pooled (1, 1, 2) to match it."""
 
@@ -135,8 +156,36 @@ class Bottleneck3x3x1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
+            if self.script_fused:
+                if not self.training:
+                    return self._script_fused(x)
             return self._scripted(x)
         return self._fused(x)
+
+    def _script_fused(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.ahnet_fast
+        out = ops.pointwise_conv_script(x, self.conv1.weight, self.conv1.bias, list(self.conv1.stride), self.backend)
+        out = ops.bn_relu_conv_script(out, self.bn1.running_mean, self.bn1.running_var, self.bn1.weight, self.bn1.bias,
+                                      self.bn1.eps, self.conv2.weight, list(self.conv2.stride),
+                                      list(self.conv2.padding), self.backend)
+        out = ops.bn_relu_conv_script(out, self.bn2.running_mean, self.bn2.running_var, self.bn2.weight, self.bn2.bias,
+                                      self.bn2.eps, self.conv3.weight, list(self.conv3.stride),
+                                      list(self.conv3.padding), self.backend)
+        residual = x
+        if self.downsample is not None:
+            # MONAI's downsample branch: (1x1 convolution, slice-axis max pool, BN), as _fused runs it
+            residual = ops.pointwise_conv_script(x, self.downsample[0].weight, self.downsample[0].bias,
+                                                 list(self.downsample[0].stride), self.backend)
+            residual = self._script_slice_pool(self.downsample[1].kernel_size[-1], residual)
+            residual = self.downsample[2](residual)
+            if out.size() != residual.size():
+                out = self._script_slice_pool(self.pool.kernel_size[-1], self.bn3(out))
+                return torch.relu_(out + residual)
+        return ops.bn_add_relu_script(out, residual, self.bn3.running_mean, self.bn3.running_var, self.bn3.weight,
+                                      self.bn3.bias, self.bn3.eps, self.backend)
+
+    def _script_slice_pool(self, window: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ahnet_fast.slice_max_pool_script(x, window, self.backend)
 
     def _scripted(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -169,7 +218,7 @@ class Bottleneck3x3x1(nn.Module):
         return bn_add_relu(self.bn3, out, residual, self.backend)
 
 
-class Projection(nn.Sequential):
+class Projection(_ScriptOps, nn.Sequential):
     """BN-ReLU-1x1x1 convolution (``trans1``)."""
 
     def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int):
@@ -182,6 +231,11 @@ class Projection(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
+            if self.script_fused:
+                if not self.training:
+                    return _script_bn_relu_conv(self.norm.running_mean, self.norm.running_var, self.norm.weight,
+                                                self.norm.bias, self.norm.eps, self.conv.weight,
+                                                list(self.conv.stride), list(self.conv.padding), x, self.backend)
             return self.conv(self.relu(self.norm(x)))
         return self._fused(x)
 
@@ -190,7 +244,7 @@ class Projection(nn.Sequential):
         return bn_relu_conv(self.norm, self.conv, x, self.backend)
 
 
-class UpTransition(nn.Sequential):
+class UpTransition(_ScriptOps, nn.Sequential):
     """BN-ReLU-1x1x1 convolution, then x2 upsampling (transposed convolution or interpolation)."""
 
     def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int,
@@ -209,6 +263,15 @@ class UpTransition(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
+            if self.script_fused:
+                if not self.training:
+                    y = _script_bn_relu_conv(self.norm.running_mean, self.norm.running_var, self.norm.weight,
+                                             self.norm.bias, self.norm.eps, self.conv.weight, list(self.conv.stride),
+                                             list(self.conv.padding), x, self.backend)
+                    if hasattr(self.up, "weight"):  # static: a transposed convolution, as upsample() takes it
+                        return torch.ops.ahnet_fast.transposed_conv_script(y, self.up.weight, self.up.bias,
+                                                                           list(self.up.stride), self.backend)
+                    return self.up(y)
             return self.up(self.conv(self.relu(self.norm(x))))
         return self._fused(x)
 
@@ -217,7 +280,7 @@ class UpTransition(nn.Sequential):
         return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
 
 
-class Final(nn.Sequential):
+class Final(_ScriptOps, nn.Sequential):
     """BN-ReLU-3x3x1 convolution to the output classes, then x2 upsampling."""
 
     def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int,
@@ -237,6 +300,15 @@ class Final(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
+            if self.script_fused:
+                if not self.training:
+                    y = _script_bn_relu_conv(self.norm.running_mean, self.norm.running_var, self.norm.weight,
+                                             self.norm.bias, self.norm.eps, self.conv.weight, list(self.conv.stride),
+                                             list(self.conv.padding), x, self.backend)
+                    if hasattr(self.up, "weight"):  # static: a transposed convolution, as upsample() takes it
+                        return torch.ops.ahnet_fast.transposed_conv_script(y, self.up.weight, self.up.bias,
+                                                                           list(self.up.stride), self.backend)
+                    return self.up(y)
             return self.up(self.conv(self.relu(self.norm(x))))
         return self._fused(x)
 
@@ -287,7 +359,7 @@ class Pseudo3DLayer(nn.Module):
         return torch.cat([x, new_features], 1)
 
 
-class DenseBlock(nn.Sequential):
+class DenseBlock(_ScriptOps, nn.Sequential):
     """Pseudo-3D dense layers (``denselayer1..L``, MONAI's names) run as one op: the concatenation
     lives in one buffer that every layer writes into, and BN-ReLU outputs are recomputed in backward
     (:func:`ahnet_fast.ops.dense_block`)."""
@@ -304,6 +376,9 @@ class DenseBlock(nn.Sequential):
         """The block on ``x`` (MONAI's call), or on ``x + skip`` with the sum written into the block's
         buffer (AH-Net's decoder stages)."""
         if torch.jit.is_scripting():
+            if self.script_fused:
+                if not self.training:
+                    return self._script_fused(x, skip)
             if skip is not None:
                 x = x + skip
             for layer in self:
@@ -311,12 +386,30 @@ class DenseBlock(nn.Sequential):
             return x
         return self._fused(x, skip)
 
+    def _script_fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        weights: list[torch.Tensor] = []
+        means: list[torch.Tensor | None] = []
+        variances: list[torch.Tensor | None] = []
+        eps = 1e-5
+        for layer in self:  # the order dense_block() lists them in
+            eps = layer.bn1.eps
+            weights += [layer.bn1.weight, layer.bn1.bias, layer.conv1.weight, layer.bn2.weight, layer.bn2.bias,
+                        layer.conv2.weight, layer.bn3.weight, layer.bn3.bias, layer.conv3.weight, layer.bn4.weight,
+                        layer.bn4.bias, layer.conv4.weight]
+            for bn_mean, bn_var in ((layer.bn1.running_mean, layer.bn1.running_var),
+                                    (layer.bn2.running_mean, layer.bn2.running_var),
+                                    (layer.bn3.running_mean, layer.bn3.running_var),
+                                    (layer.bn4.running_mean, layer.bn4.running_var)):
+                means.append(bn_mean)
+                variances.append(bn_var)
+        return torch.ops.ahnet_fast.dense_block_script(x, weights, means, variances, eps, skip, self.backend)
+
     @torch.jit.unused
     def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         return dense_block(list(self), x, self.backend, skip)
 
 
-class PyramidVolumetricPooling(nn.Module):
+class PyramidVolumetricPooling(_ScriptOps, nn.Module):
     """Pyramid volumetric pooling (MONAI's ``PSP``): for level i < psp_block_num, max-pool windows of
     (2^(i+3), 2^(i+3), 1), project to one channel with a 1x1x1 convolution padded (1, 1, 0) (MONAI's
     quirk: it adds a border ring), upsample back to the input size, and concatenate the levels.
@@ -380,8 +473,32 @@ class PyramidVolumetricPooling(nn.Module):
         """The pyramid channels (B, psp_block_num, *spatial), as MONAI's PSP; with ``concat_input=True``,
         ``torch.cat([that, x], 1)`` written in one buffer by the same pass that reads ``x``."""
         if torch.jit.is_scripting():
+            if self.script_fused:
+                return self._script_fused(x, concat_input)  # no BatchNorm: the same in train and eval
             return self._scripted(x, concat_input)
         return self._fused(x, concat_input)
+
+    def _script_fused(self, x: torch.Tensor, concat_input: bool) -> torch.Tensor:
+        proj_weights: list[torch.Tensor] = []
+        proj_biases: list[torch.Tensor] = []
+        for project in self.project_modules:
+            bias = project.bias
+            assert bias is not None  # the pyramid's convolutions are built with biases
+            proj_weights.append(project.weight)
+            proj_biases.append(bias)
+        up_weights: list[torch.Tensor] | None = None
+        up_biases: list[torch.Tensor] | None = None
+        if self.upsample_mode == "transpose":
+            weights: list[torch.Tensor] = []
+            biases: list[torch.Tensor] = []
+            for up in self.up_modules:
+                up_bias = up.bias
+                assert up_bias is not None
+                weights.append(up.weight)
+                biases.append(up_bias)
+            up_weights, up_biases = weights, biases
+        return torch.ops.ahnet_fast.pyramid_pool_script(x, proj_weights, proj_biases, up_weights, up_biases,
+                                                        self.upsample_mode, concat_input, self.backend)
 
     def _scripted(self, x: torch.Tensor, concat_input: bool) -> torch.Tensor:
         outputs: list[torch.Tensor] = []
@@ -419,7 +536,7 @@ class PyramidVolumetricPooling(nn.Module):
 PSP = PyramidVolumetricPooling
 
 
-class AHNet(nn.Module):
+class AHNet(_ScriptOps, nn.Module):
     """AH-Net: a ResNet50 encoder with anisotropic 3x3x1 kernels (transferable from a 2D network,
     see :meth:`copy_from`), a decoder of pseudo-3D dense blocks (3x3x1 and 1x1x3 kernels), pyramid
     volumetric pooling, and a final 3x3x1 convolution with x2 upsampling.
@@ -569,8 +686,32 @@ class AHNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
+            if self.script_fused:
+                if not self.training:
+                    return self._script_fused(x)
             return self._scripted(x)
         return self._fused(x)
+
+    def _script_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """_fused in eval mode, every fused call a dispatcher op (modules below run theirs)."""
+        ops = torch.ops.ahnet_fast
+        conv_x = ops.stem_conv_pool_script(x, self.conv1.weight, self.conv1.bias, list(self.conv1.stride),
+                                           list(self.conv1.padding), self.pool1.kernel_size[-1], self.backend)
+        conv_x = ops.bn_relu_script(conv_x, self.bn0.running_mean, self.bn0.running_var, self.bn0.weight,
+                                    self.bn0.bias, self.bn0.eps, self.backend)
+        pool_x = self.maxpool(conv_x)
+        fm1 = self.layer1(pool_x)
+        fm2 = self.layer2(fm1)
+        fm3 = self.layer3(fm2)
+        fm4 = self.layer4(fm3)
+        d0 = self.dense0(self.up0(fm4), fm3)
+        d1 = self.dense1(self.up1(d0), fm2)
+        d2 = self.dense2(self.up2(d1), fm1)
+        d3 = self.dense3(self.trans1(d2), pool_x)
+        d4 = self.dense4(self.up3(d3), conv_x)
+        if self.psp_block_num > 0:
+            d4 = self.psp(d4, True)
+        return self.final(d4)
 
     def _scripted(self, x: torch.Tensor) -> torch.Tensor:
         conv_x = self.relu(self.bn0(self.pool1(self.conv1(x))))

@@ -171,3 +171,20 @@ def register_triton_pair(forward_op, backward_op, forward_fake, backward_fake, m
 
     forward_op.register_autograd(backward, setup_context=setup)
     return getattr(torch.ops.ahnet_fast, forward_op._name).default, backward_overload
+
+
+# Ops defined from Python beside the compiled ones (a fragment of the same namespace); kept alive here.
+_SCRIPT_LIBRARY = torch.library.Library("ahnet_fast", "FRAGMENT")
+
+
+def define_script_entry(name: str, schema: str, fn) -> None:
+    """``ahnet_fast::<name><schema>``: one dispatcher op running ``fn``, an op's Python function
+    (its backend dispatch included), registered as a CompositeImplicitAutograd kernel.
+
+    TorchScript holds a call to a registered op but not the Python around it: these entries let a
+    scripted module call the same dispatch, and so the same kernels, as the eager module, and get
+    the same numbers. CompositeImplicitAutograd: autograd records what ``fn`` runs (the fused ops'
+    own autograd), so the entry needs no formula of its own. The entries are registered on import of
+    ahnet_fast, which a process loading such a scripted archive must do first."""
+    _SCRIPT_LIBRARY.define(name + schema)
+    _SCRIPT_LIBRARY.impl(name, fn, "CompositeImplicitAutograd")

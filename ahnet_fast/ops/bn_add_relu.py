@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import opmath_dtype, output_like
+from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, gpu_composition_reasons, register_compiled_pair
 from ahnet_fast.ops.bn_relu import kernel_arguments, update_running_stats
 
@@ -143,3 +144,13 @@ def _make_backward(backward_op):
 if extension_available():
     register_compiled_pair("bn_add_relu", "bn_add_relu_backward", _forward_fake, _backward_fake, _make_backward,
                            _setup_context)
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+# Eval mode: the running statistics where given, the batch's where not (nothing is updated).
+define_script_entry(
+    "bn_add_relu_script",
+    "(Tensor x, Tensor residual, Tensor? running_mean, Tensor? running_var, Tensor? weight, Tensor? bias, float eps, "
+    "str? backend) -> Tensor",
+    lambda x, residual, running_mean, running_var, weight, bias, eps, backend: bn_add_relu(
+        x, residual, running_mean, running_var, weight, bias, running_mean is None or running_var is None, 0.0, eps,
+        backend=backend))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import opmath_dtype, output_like
+from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, register_compiled_pair,
                                       register_triton_pair, triton_reasons)
 
@@ -180,3 +181,13 @@ def _register():
 
 
 _register()
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+# Eval mode: the running statistics where given, the batch's where not (nothing is updated).
+define_script_entry(
+    "bn_relu_script",
+    "(Tensor x, Tensor? running_mean, Tensor? running_var, Tensor? weight, Tensor? bias, float eps, str? backend) "
+    "-> Tensor",
+    lambda x, running_mean, running_var, weight, bias, eps, backend: bn_relu(
+        x, running_mean, running_var, weight, bias, running_mean is None or running_var is None, 0.0, eps,
+        backend=backend))

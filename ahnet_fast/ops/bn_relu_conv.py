@@ -35,6 +35,7 @@ from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops._conv_paths import output_format
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, is_channels_last, opmath_dtype, output_like
+from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, note_compiled_kernels, register_triton_pair,
                                       triton_reasons)
 
@@ -453,3 +454,13 @@ def _triton_op():
 if extension_available():
     _define("bn_relu_conv", CppEngine)
     note_compiled_kernels("bn_relu")
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+# Eval mode: the running statistics where given, the batch's where not (nothing is updated).
+define_script_entry(
+    "bn_relu_conv_script",
+    "(Tensor x, Tensor? running_mean, Tensor? running_var, Tensor? bn_weight, Tensor? bn_bias, float eps, "
+    "Tensor weight, int[] stride, int[] padding, str? backend) -> Tensor",
+    lambda x, running_mean, running_var, bn_weight, bn_bias, eps, weight, stride, padding, backend: bn_relu_conv(
+        x, running_mean, running_var, bn_weight, bn_bias, running_mean is None or running_var is None, 0.0, eps,
+        weight, stride, padding, backend=backend))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype
-from ahnet_fast.ops._registry import register_triton_pair
+from ahnet_fast.ops._registry import define_script_entry, register_triton_pair
 from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops.bn_relu_conv import IMPLEMENTATIONS as UNIT_IMPLEMENTATIONS, SCRATCH_SLOT, ENGINES, output_format, \
     same_padding
@@ -417,3 +417,13 @@ def _triton_op():
 
 if extension_available():
     _define("dense_block", ENGINES["cpp"])
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+# Eval mode: the running statistics where given (all of them), the batch's where not.
+define_script_entry(
+    "dense_block_script",
+    "(Tensor x, Tensor[] weights, Tensor?[] running_means, Tensor?[] running_vars, float eps, Tensor? skip, "
+    "str? backend) -> Tensor",
+    lambda x, weights, running_means, running_vars, eps, skip, backend: dense_block(
+        x, weights, running_means, running_vars, any(m is None for m in running_means + running_vars),
+        [0.0] * len(running_means), eps, backend=backend, skip=skip))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import cpu_reasons, gpu_composition_reasons
 from ahnet_fast.ops._conv_paths import _as_matrix, _from_matrix, _left_mm, output_format
 
@@ -85,3 +86,8 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return pointwise_conv_reference(x, weight, bias, stride)
 
     return backends.dispatch("pointwise_conv", IMPLEMENTATIONS, x.device, (x,), backend, run)
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+define_script_entry(
+    "pointwise_conv_script", "(Tensor x, Tensor weight, Tensor? bias, int[] stride, str? backend) -> Tensor",
+    lambda x, weight, bias, stride, backend: pointwise_conv(x, weight, bias, stride, backend=backend))

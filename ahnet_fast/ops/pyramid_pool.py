@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, channels_innermost, opmath_dtype
+from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, register_compiled_pair,
                                       register_triton_pair, triton_reasons)
 
@@ -401,3 +402,12 @@ def _register():
 
 
 _register()
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+define_script_entry(
+    "pyramid_pool_script",
+    "(Tensor x, Tensor[] proj_weights, Tensor[] proj_biases, Tensor[]? up_weights, Tensor[]? up_biases, "
+    "str upsample_mode, bool concat_input, str? backend) -> Tensor",
+    lambda x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode, concat_input, backend: pyramid_pool(
+        x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode=upsample_mode, concat_input=concat_input,
+        backend=backend))

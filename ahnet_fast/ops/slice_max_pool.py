@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
+from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, gpu_composition_reasons, register_compiled_pair
 
 __all__ = ["slice_max_pool", "slice_max_pool_reference"]
@@ -172,3 +173,7 @@ def _make_backward(backward_op):
 if extension_available():
     register_compiled_pair("slice_max_pool", "slice_max_pool_backward", _forward_fake, _backward_fake,
                            _make_backward, _setup_context)
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+define_script_entry("slice_max_pool_script", "(Tensor x, int k, str? backend) -> Tensor",
+                    lambda x, k, backend: slice_max_pool(x, k, backend=backend))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._layout import autocast_dtype
 from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import cpp_kernel_reasons, dtype_reasons, gpu_composition_reasons
 from ahnet_fast.ops._conv_paths import _fold_slices, _fold_weight, slice_fold_forward
 from ahnet_fast.ops.slice_max_pool import slice_max_pool, slice_max_pool_reference
@@ -205,3 +206,10 @@ class _SliceFoldConvPool(torch.autograd.Function):
                 grad_b = gb if grad_b is None else grad_b.add_(gb)
         grad_w = grad_wf.view(co, ci, kd, kh, kw).permute(0, 1, 3, 4, 2).contiguous()
         return None, grad_w, grad_b, None, None, None
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+define_script_entry(
+    "stem_conv_pool_script",
+    "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int window, str? backend) -> Tensor",
+    lambda x, weight, bias, stride, padding, window, backend: stem_conv_pool(x, weight, bias, stride, padding, window,
+                                                                             backend=backend))

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import cpp_kernel_reasons, cpu_reasons, dtype_reasons, gpu_composition_reasons, \
     note_compiled_kernels
 
@@ -170,3 +171,8 @@ def _register():
 
 
 _register()
+
+# TorchScript's entry to the op (see define_script_entry): the same dispatch as a Python call.
+define_script_entry(
+    "transposed_conv_script", "(Tensor x, Tensor weight, Tensor? bias, int[] stride, str? backend) -> Tensor",
+    lambda x, weight, bias, stride, backend: transposed_conv(x, weight, bias, stride, backend=backend))
