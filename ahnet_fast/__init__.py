@@ -1,7 +1,9 @@
 """ahnet_fast: a MONAI-compatible 3D Anisotropic Hybrid Network (Liu et al., MICCAI 2018) on fused kernels."""
-from ahnet_fast._extension import extension_available, load_extension
+from ahnet_fast._extension import extension_available, extension_error, extension_origin, load_extension
 
-load_extension()  # registers torch.ops.ahnet_fast.*, or warns once that the reference path is used
+# registers torch.ops.ahnet_fast.* (building the kernels on first use where the install has none), or
+# warns once that the reference path is used
+load_extension()
 
 from ahnet_fast.backends import BACKENDS, BackendUnavailableError, backend, fallback_report  # noqa: E402
 from ahnet_fast.nn import AHNet, FCN, MCFCN, FocalLoss, PyramidVolumetricPooling  # noqa: E402
@@ -18,5 +20,7 @@ __all__ = [
     "BackendUnavailableError",
     "backend",
     "extension_available",
+    "extension_error",
+    "extension_origin",
     "fallback_report",
 ]

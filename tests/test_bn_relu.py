@@ -212,8 +212,10 @@ def test_missing_extension_warns_once_and_runs_reference():
         "    raise AssertionError('forcing cpp without the extension must fail')\n"
         "print('ok', tuple(y.shape))\n"
     )
+    # AHNET_FAST_JIT=0: without it the missing build would be compiled just in time (test_extension_jit.py)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         env=dict(os.environ, AHNET_FAST_JIT="0"))
     assert out.returncode == 0, out.stderr
     assert "ok (2, 1, 32, 32, 32)" in out.stdout
 
