@@ -8,7 +8,7 @@ Subcommands (each has ``--help``):
 - ``infer``: whole-volume sliding-window segmentation of a NIfTI file with a trained checkpoint.
 - ``plan``: the fastest configuration that fits a memory budget.
 - ``parity``: trains the fast model, the pure-PyTorch reference and MONAI's AHNet side by side.
-- ``bench``: the end-to-end benchmark against MONAI (benchmarks/e2e.py of a source checkout).
+- ``bench``: the end-to-end benchmark against MONAI (ahnet_fast/benchmark.py).
 - ``demo``: a few timed training steps with memory figures.
 """
 from __future__ import annotations
@@ -276,16 +276,12 @@ def cmd_parity(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import os
-    import runpy
+    from ahnet_fast.benchmark import main as bench_main
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "e2e.py")
-    if not os.path.isfile(script):
-        raise ValueError(f"bench runs benchmarks/e2e.py of a source checkout; {script} is not there "
-                         "(clone the repository and install it with pip install -e .)")
-    sys.argv = [script, *args.bench_args]
-    runpy.run_path(script, run_name="__main__")
-    return 0
+    extra = list(args.bench_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return bench_main(extra, prog="ahnet-fast bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -423,17 +419,22 @@ def build_parser() -> argparse.ArgumentParser:
     parity_p.add_argument("--no-progress", action="store_true")
     parity_p.set_defaults(func=cmd_parity)
 
-    bench_p = add_command("bench", help="end-to-end benchmark against MONAI (benchmarks/e2e.py)",
-                             description="Runs benchmarks/e2e.py of a source checkout; arguments after 'bench' "
-                                         "go to it (ahnet-fast bench -- --help lists them).")
-    bench_p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/e2e.py")
+    bench_p = add_command("bench", help="end-to-end benchmark against MONAI (training step and inference)",
+                             description="The end-to-end benchmark (ahnet_fast/benchmark.py); arguments after "
+                                         "'bench' go to it (ahnet-fast bench --help lists them).")
+    bench_p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench_p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # everything after 'bench' belongs to the benchmark's own parser (argparse would read its
+        # options as ahnet-fast's), --help included
+        args = argparse.Namespace(command="bench", func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as exc:  # bad shapes or arguments: say what, without a traceback

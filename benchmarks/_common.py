@@ -5,6 +5,9 @@ import statistics
 import time
 from collections.abc import Callable
 
+# shared with the end-to-end benchmark, which lives in the package (ahnet-fast bench)
+from ahnet_fast.benchmark import backends_that_ran, rss_bytes, run_info  # noqa: F401
+
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
                    sync: Callable[[], object] | None = None) -> float:
@@ -22,15 +25,6 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
             sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def rss_bytes(field: str) -> int:
-    """A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM"), in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def saved_bytes(f: Callable[[], object], exclude=()) -> tuple[int, int]:
@@ -82,36 +76,6 @@ def assert_matches(ours, reference, what: str, rtol: float = 1e-4) -> None:
         err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
         if not torch.isfinite(err) or err > rtol:
             raise AssertionError(f"{what}[{i}]: relative error {float(err):.2e} > {rtol:.0e}")
-
-
-def run_info(device: str, name: str) -> dict:
-    """The header of every results JSON: what ran where (device name and type, torch and triton
-    versions, date, threads)."""
-    import datetime
-    import importlib.util
-
-    import torch
-
-    triton_version = None
-    if importlib.util.find_spec("triton") is not None:
-        import triton
-
-        triton_version = triton.__version__
-    import ahnet_fast
-
-    return dict(device=name, device_type=device, torch=torch.__version__, triton=triton_version,
-                date=str(datetime.date.today()), threads=torch.get_num_threads(),
-                extension=ahnet_fast.extension_available(), requested_backend=ahnet_fast.backends.requested_backend())
-
-
-def backends_that_ran(fn: Callable[[], object]) -> tuple[object, dict]:
-    """``fn()`` and {op: {backend: calls}}: which backend ran each ahnet_fast op call in it (the
-    record every measurement of ahnet_fast carries, see ahnet_fast.backends.recording)."""
-    from ahnet_fast import backends
-
-    with backends.recording() as record:
-        out = fn()
-    return out, record
 
 
 def backend_summary(record: dict | None, extension: bool | None = None) -> str:

@@ -109,6 +109,22 @@ def test_cli_help_of_every_subcommand():
             assert "(default: (128, 128, 32))" in text and "(default: 200)" in text, r.stdout
 
 
+def test_bench_runs_from_any_folder(tmp_path):
+    """The end-to-end benchmark is part of the package: it runs outside the repository (a fresh folder,
+    as from an installed wheel), with its options listed by --help, and writes its JSON."""
+    pytest.importorskip("monai")
+    r = subprocess.run([sys.executable, "-m", "ahnet_fast", "bench", "--help"], capture_output=True, text=True,
+                       env=_env(), timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "--sizes" in r.stdout and "usage: ahnet-fast bench" in r.stdout, r.stderr
+    out = tmp_path / "results" / "e2e.json"
+    r = subprocess.run([sys.executable, "-m", "ahnet_fast", "bench", "--sizes", "128", "128", "32", "--modes", "infer",
+                        "--repeats", "1", "--rounds", "1", "--json", str(out)], capture_output=True, text=True,
+                       env=_env(), timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = json.loads(out.read_text())["results"]
+    assert {rec["impl"] for rec in records} == {"MONAI", "ahnet_fast"} and all(rec["median_ms"] > 0 for rec in records)
+
+
 def test_train_keeps_an_earlier_run_unless_told(tmp_path, capsys):
     """A non-empty --out is refused before any work, naming the ways on; --resume with --overwrite too."""
     from ahnet_fast.cli import main

@@ -1,0 +1,268 @@
+"""End to end: an AH-Net training step (forward + focal loss + backward + optimizer) and inference,
+ahnet_fast vs MONAI's AHNet + FocalLoss, side by side in one run.
+
+Each (implementation, size) runs in two fresh processes, each building the model (MONAI's
+initialisation, loaded into ahnet_fast's with strict=True, so both start from the same weights) and
+the batch, then one warm-up step (it also creates the optimizer state):
+- time: ``--repeats`` steps timed, with the default allocator settings;
+- peak: glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=65536, so freed blocks go back to the
+  system the same way every run; it also makes every large allocation fault fresh pages, which is
+  why time is measured separately), the peak of one step = VmHWM after it minus the RSS before it
+  (/proc/self/clear_refs); on CUDA torch.cuda.max_memory_allocated minus memory_allocated.
+  ahnet_fast's pooled CPU scratch buffers (ahnet_fast._scratch) are released before that step, so
+  they count in its peak rather than in what existed before it.
+Inference: forward under no_grad in eval mode, same measurements.
+
+    ahnet-fast bench [--sizes 128 128 32 [256 256 32 ...]] [--repeats 5] [--device cpu|cuda]
+        [--amp off|bf16] [--out e2e_cpu.md] [--json PATH]
+    (python benchmarks/e2e.py ... in a source checkout is the same)
+
+Part of the package (not of benchmarks/) so that it runs from any installation; it needs MONAI
+(pip install monai==1.6.1) as the baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from ahnet_fast._atomic import atomic_path
+
+
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM"), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def run_info(device: str, name: str) -> dict:
+    """The header of every results JSON: what ran where (device name and type, torch and triton
+    versions, date, threads)."""
+    import importlib.util
+
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    import ahnet_fast
+
+    return dict(device=name, device_type=device, torch=torch.__version__, triton=triton_version,
+                date=str(datetime.date.today()), threads=torch.get_num_threads(),
+                extension=ahnet_fast.extension_available(), requested_backend=ahnet_fast.backends.requested_backend())
+
+
+def backends_that_ran(fn) -> tuple[object, dict]:
+    """``fn()`` and {op: {backend: calls}}: which backend ran each ahnet_fast op call in it (the
+    record every measurement of ahnet_fast carries, see ahnet_fast.backends.recording)."""
+    from ahnet_fast import backends
+
+    with backends.recording() as record:
+        out = fn()
+    return out, record
+
+def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
+    """(model, loss) of one implementation with the same initial weights and the same batch."""
+    from monai.networks.nets import AHNet as MonaiAHNet
+
+    torch.manual_seed(seed)
+    monai_net = MonaiAHNet(in_channels=1, out_channels=out_channels, psp_block_num=4)
+    if impl == "MONAI":
+        from monai.losses import FocalLoss as MonaiFocalLoss
+
+        net, loss = monai_net, MonaiFocalLoss(to_onehot_y=True, use_softmax=True)
+    else:
+        import ahnet_fast
+
+        net = ahnet_fast.AHNet(in_channels=1, out_channels=out_channels, psp_block_num=4, checkpoint=checkpoint)
+        net.load_state_dict(monai_net.state_dict(), strict=True)
+        loss = ahnet_fast.FocalLoss(to_onehot_y=True, use_softmax=True)
+        del monai_net
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, 1, *size, generator=g)
+    y = torch.randint(0, out_channels, (1, 1, *size), generator=g)
+    return net.to(device), loss, x.to(device), y.to(device)
+
+
+def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="none", layout="contiguous",
+            fused_adam=False):
+    """In a fresh process: {"ms": [...], "peak_bytes": int, "first_loss": float} (repeats = 0: peak only)."""
+    device = torch.device(device)
+    net, loss_fn, x, y = _build(impl, size, out_channels, device, checkpoint=checkpoint)
+    if layout == "channels_last_3d":  # model and input, as a user would switch it
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    if mode == "train":
+        net.train()
+        # torch's default Adam for both (a for-loop over the parameters on CPU); fused_adam: the
+        # single-kernel Adam that ahnet_fast's training loop uses (rows '+fused_adam')
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, **({"fused": True} if fused_adam else {}))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                out = net(x)
+            loss = loss_fn(out.float(), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+    else:
+        net.eval()
+
+        def step():
+            with torch.no_grad(), autocast:
+                return net(x).float().mean()
+
+    # warm-up (and the optimizer state), recording which backend ran each of ahnet_fast's ops
+    first, ran = (step(), {}) if impl == "MONAI" else backends_that_ran(step)
+    first = float(first)
+    sync()
+    if repeats:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return {"ms": [t * 1e3 for t in times], "first_loss": first, "backends": ran}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        if impl != "MONAI":  # the reused scratch buffers count in the step's peak, not in what precedes it
+            from ahnet_fast import _scratch
+
+            _scratch.release()
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = rss_bytes("VmRSS")
+        step()
+        peak = rss_bytes("VmHWM") - before
+    return {"peak_bytes": peak, "first_loss": first, "backends": ran}
+
+
+def _quantile(v, q):
+    v = sorted(v)
+    return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 128, 32], help="H W D [H W D ...]")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=2, help="timing processes per implementation, alternated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="off", choices=("off", "bf16"))
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
+    parser.add_argument("--checkpoint", nargs="+", default=["none"], choices=("none", "encoder", "decoder", "all"),
+                        help="ahnet_fast's checkpoint policies to run (each its own rows)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also MONAI and ahnet_fast with model and input in channels_last_3d (rows '@channels_last_3d')")
+    parser.add_argument("--fused-adam", action="store_true",
+                        help="also ahnet_fast with Adam(fused=True), its training loop's optimizer (rows '+fused_adam'; "
+                             "MONAI keeps torch's default Adam, so these rows compare more than the model)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: impl size mode repeats
+    args = parser.parse_args(argv)
+    if args.one:
+        impl, size, mode, repeats = args.one
+        name, _, layout = impl.partition("@")
+        name, _, extra = name.partition("+")
+        print(json.dumps(run_one(name.split(":")[0], tuple(json.loads(size)), mode, int(repeats), args.device, args.amp,
+                                 checkpoint=name.split(":")[1] if ":" in name else "none",
+                                 layout=layout or "contiguous", fused_adam=extra == "fused_adam")))
+        return 0
+    if len(args.sizes) % 3:
+        parser.error("--sizes takes H W D triples")
+    import importlib.util
+
+    if importlib.util.find_spec("monai") is None:
+        raise ValueError("bench compares with MONAI's AHNet, and MONAI is not installed: pip install monai==1.6.1")
+    sizes = [tuple(args.sizes[i:i + 3]) for i in range(0, len(args.sizes), 3)]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    lines = [f"# AH-Net end to end, ahnet_fast vs MONAI — {datetime.date.today()}, {name} ({args.device}), torch "
+             f"{torch.__version__}, {torch.get_num_threads()} threads, amp {args.amp}", "",
+             "Training step = forward + focal loss (softmax, 3 classes) + backward + Adam (torch's default, for both; "
+             "'+fused_adam': ahnet_fast with Adam(fused=True), its training loop's optimizer), batch 1; inference = "
+             f"forward under no_grad. Median of {args.rounds} x {args.repeats} steps (20th-80th percentile), "
+             "fresh processes alternating the implementations; peak = memory the step adds over what exists before it (CPU: VmHWM - RSS with "
+             "MALLOC_MMAP_THRESHOLD_=65536; CUDA: max_memory_allocated - memory_allocated). Same initial "
+             "weights and batch: 'first loss' is the warm-up step's loss of each.", "",
+             "| mode | input | impl | ms (p20-p80) | voxels/s | speed vs MONAI | peak MiB | peak vs MONAI | first loss (infer: mean output) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    records = []
+    for mode in args.modes:
+        for size in sizes:
+            impls = ["MONAI"] + [f"ahnet_fast:{c}" if c != "none" else "ahnet_fast" for c in args.checkpoint
+                                 if mode == "train" or c == "none"]
+            if args.channels_last:
+                impls += ["MONAI@channels_last_3d", "ahnet_fast@channels_last_3d"]
+            if args.fused_adam and mode == "train":
+                impls.append("ahnet_fast+fused_adam")
+            res = {impl: {"ms": []} for impl in impls}
+
+            def one(impl, repeats, environment):
+                cmd = [sys.executable, "-m", "ahnet_fast.benchmark", "--device", args.device, "--amp", args.amp, "--one", impl,
+                       json.dumps(list(size)), mode, str(repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=environment)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{impl} {mode} {size} failed:\n{out.stderr[-3000:]}")
+                return json.loads(out.stdout.strip().splitlines()[-1])
+
+            # timing rounds alternate the implementations, so that a slow spell of a shared machine
+            # falls on both; the peak is measured once each, in its own process
+            for _ in range(args.rounds):
+                for impl in impls:
+                    r = one(impl, args.repeats, None)
+                    res[impl]["ms"] += r["ms"]
+                    res[impl]["first_loss"] = r["first_loss"]
+                    res[impl]["backends"] = r["backends"]
+            for impl in impls:
+                res[impl]["peak_bytes"] = one(impl, 0, env)["peak_bytes"]
+            base = res["MONAI"]
+            voxels = size[0] * size[1] * size[2]
+            for impl in impls:
+                r = res[impl]
+                med = statistics.median(r["ms"])
+                lines.append(f"| {mode} | 1x1x{size[0]}x{size[1]}x{size[2]} | {impl} | {med:.0f} "
+                             f"({_quantile(r['ms'], 0.2):.0f}-{_quantile(r['ms'], 0.8):.0f}) | "
+                             f"{voxels / med * 1e3 / 1e6:.2f} M | {statistics.median(base['ms']) / med:.2f}x | "
+                             f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / base['peak_bytes']:.2f}x | "
+                             f"{r['first_loss']:.6f} |")
+                print(lines[-1], flush=True)
+                records.append(dict(mode=mode, shape=[1, 1, *size], impl=impl, median_ms=med,
+                                    p20_ms=_quantile(r["ms"], 0.2), p80_ms=_quantile(r["ms"], 0.8), ms=r["ms"],
+                                    peak_bytes=r["peak_bytes"], first_loss=r["first_loss"],
+                                    backends=r["backends"] or None))  # None: MONAI, no ahnet_fast op ran
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(dict(run_info(args.device, name), amp=args.amp, results=records), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
