@@ -88,8 +88,11 @@ def plot_curves(records: Sequence[dict], path) -> Path:
     ``"dice_global/<class>"`` as written by :meth:`ahnet_fast.metrics.DiceTracker.summary`); other
     keys are ignored. The loss is drawn raw (faint) and smoothed, on a log scale while it stays
     positive (a loss falling over decades is unreadable on a linear one); non-finite losses (a
-    diverged step) are left out and counted in the legend. Raises ValueError when no record has a
-    step with a loss or a Dice value.
+    diverged step) are left out and counted in the legend. The loss axis spans the bulk of the
+    values (2nd percentile to the maximum, see :func:`robust_log_limits`): a few near-zero losses of
+    an easy batch would otherwise stretch it over many decades; how many fall below it is counted
+    in the legend. Legends sit below the axes, off the curves. Raises ValueError when no record has
+    a step with a loss or a Dice value.
     """
     if isinstance(records, dict):
         raise ValueError("records must be a list of dicts (one per logged step), got a single dict")
@@ -118,8 +121,9 @@ def plot_curves(records: Sequence[dict], path) -> Path:
     if not losses and not dice:
         raise ValueError("records contain no step with a finite 'loss' or a 'dice/<class>' value to plot")
 
-    fig = _new_figure((11, 4.2))
+    fig = _new_figure((11, 4.6), layout="constrained")
     ax_loss, ax_dice = fig.subplots(1, 2)
+    below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False, fontsize=9)
     if losses:
         order = np.argsort(loss_steps, kind="stable")
         x, y = np.asarray(loss_steps)[order], np.asarray(losses)[order]
@@ -127,9 +131,14 @@ def plot_curves(records: Sequence[dict], path) -> Path:
         ax_loss.plot(x, _smooth(y), color="tab:blue", linewidth=1.8, label="smoothed")
         if (y > 0).all():
             ax_loss.set_yscale("log")
+            low, high = robust_log_limits(y)
+            ax_loss.set_ylim(low, high)
+            clipped = int((y < low).sum())
+            if clipped:
+                ax_loss.plot([], [], " ", label=f"{clipped} below the axis (min {y.min():.1e})")
         if skipped:
             ax_loss.plot([], [], " ", label=f"{skipped} non-finite left out")
-        ax_loss.legend(loc="upper right")
+        ax_loss.legend(**below)
     else:
         ax_loss.text(0.5, 0.5, "no loss recorded", ha="center", va="center", transform=ax_loss.transAxes)
     ax_loss.set_xlabel("step")
@@ -142,7 +151,7 @@ def plot_curves(records: Sequence[dict], path) -> Path:
             xs, ys = dice[key]
             order = np.argsort(xs, kind="stable")
             ax_dice.plot(np.asarray(xs)[order], np.asarray(ys)[order], marker="o", markersize=3, label=key)
-        ax_dice.legend(loc="lower right")
+        ax_dice.legend(**below)
     else:
         ax_dice.text(0.5, 0.5, "no Dice recorded yet", ha="center", va="center", transform=ax_dice.transAxes)
     ax_dice.set_ylim(0.0, 1.02)  # room for the markers of a perfect score
@@ -150,8 +159,16 @@ def plot_curves(records: Sequence[dict], path) -> Path:
     ax_dice.set_ylabel("Dice")
     ax_dice.set_title("validation Dice")
     ax_dice.grid(True, alpha=0.3)
-    fig.tight_layout()
     return _save_png(fig, path)
+
+
+def robust_log_limits(values: np.ndarray, low_quantile: float = 0.02) -> tuple[float, float]:
+    """Limits of a log axis for positive ``values``: from their ``low_quantile`` quantile to their
+    maximum, widened by a tenth of the span (at least a tenth of a decade) on each side."""
+    logs = np.log10(np.asarray(values, dtype=np.float64))
+    lo, hi = float(np.quantile(logs, low_quantile)), float(logs.max())
+    pad = max(0.1 * (hi - lo), 0.1)
+    return 10.0 ** (lo - pad), 10.0 ** (hi + pad)
 
 
 def _as_volume(x, what: str, *, labels: bool) -> np.ndarray | None:
@@ -218,6 +235,7 @@ def plot_montage(
     class_names: Sequence[str] | None = None,
     title: str | None = None,
     display_range: tuple[float, float] | None = None,
+    affine=None,
 ) -> Path:
     """Axial slices of a volume with the ground truth and the prediction outlined, as a PNG.
 
@@ -234,11 +252,16 @@ def plot_montage(
         class_names: names for the legend, index = class (default: LiTS names for 3 classes).
         title: figure title.
         display_range: ``(low, high)`` intensities mapped to black and white.
+        affine: the 4x4 voxel-to-world (RAS+) matrix of the volume (a NIfTI's); the volume is first
+            turned to the closest RAS voxel order. None: the voxel axes are taken as RAS already (as
+            for the synthetic cases and volumes loaded as closest-canonical).
 
-    Each slice is drawn with X to the right and Y up (voxel axes; no reorientation). Per class the
-    ground truth is a solid outline and the prediction a dashed one in a different colour.
+    Slices are axial and shown in the radiological convention: as seen from the feet, the patient's
+    right on the viewer's left (R and L are marked), anterior up. Per class the ground truth is a
+    solid outline and the prediction a dashed one in a different colour.
     """
     img = _as_volume(image, "image", labels=False)
+    to_ras = _ras_reorientation(affine)
     if not np.issubdtype(img.dtype, np.number) or np.issubdtype(img.dtype, np.complexfloating):
         raise ValueError(f"image must be real-valued, got dtype {img.dtype}")
     lab = _as_volume(label, "label", labels=True)
@@ -246,6 +269,7 @@ def plot_montage(
     for arr, what in ((lab, "label"), (prd, "pred")):
         if arr is not None and arr.shape != img.shape:
             raise ValueError(f"{what} shape {arr.shape} differs from image shape {img.shape}")
+    img, lab, prd = (None if a is None else to_ras(a) for a in (img, lab, prd))
     if isinstance(n_slices, bool) or not isinstance(n_slices, int) or n_slices < 1:
         raise ValueError(f"n_slices must be a positive integer, got {n_slices!r}")
     if 0 in img.shape:
@@ -293,8 +317,12 @@ def plot_montage(
                 kind = ("truth", "prediction")[which]
                 handle = Line2D([], [], color=colour, linestyle=style, linewidth=2, label=f"{names[c]} ({kind})")
                 legend.setdefault((c, which), handle)
-        ax.set_xlim(-0.5, img.shape[0] - 0.5)  # contours must not widen the view beyond the image
+        # contours must not widen the view beyond the image; +X (the patient's right) to the left
+        ax.set_xlim(img.shape[0] - 0.5, -0.5)
         ax.set_ylim(-0.5, img.shape[1] - 0.5)
+        for x_frac, letter in ((0.03, "R"), (0.97, "L")):
+            ax.text(x_frac, 0.5, letter, transform=ax.transAxes, ha="center", va="center", color="yellow",
+                    fontsize=9, fontweight="bold")
         ax.set_title(f"z = {z} / {img.shape[2] - 1}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -306,6 +334,21 @@ def plot_montage(
     if title:
         fig.suptitle(title)
     return _save_png(fig, path)
+
+
+def _ras_reorientation(affine):
+    """A function turning an (X, Y, Z) array into the closest RAS voxel order of ``affine`` (the
+    identity for None)."""
+    if affine is None:
+        return lambda a: a
+    import nibabel as nib
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"affine must be a finite, invertible 4x4 matrix, got {affine.tolist()}")
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                                nib.orientations.axcodes2ornt("RAS"))
+    return lambda a: np.ascontiguousarray(nib.orientations.apply_orientation(a, transform))
 
 
 # Raw CT in Hounsfield units is shown in the standard abdominal soft-tissue window (level 40,

@@ -184,3 +184,63 @@ def test_matplotlib_is_imported_lazily():
 
     code = "import sys, ahnet_fast.plots, ahnet_fast.inference; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions save, drawn (for positions), in order."""
+    figures = []
+    save = plots._save_png
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save_png", keep)
+    return figures
+
+
+def test_loss_axis_is_robust_to_a_near_zero_outlier_and_legends_stay_off_the_data(tmp_path, drawn):
+    records = _records()
+    records[120]["loss"] = 1e-7  # an easy batch, as the demo's 2D stage had
+    plot_curves(records, tmp_path / "c.png")
+    ax_loss, ax_dice = drawn[0].axes[:2]
+    low, high = ax_loss.get_ylim()
+    assert 1e-3 < low < 0.1 and high > 2.0  # the bulk of the curve (0.07..2), not 8 decades
+    texts = [t.get_text() for t in ax_loss.get_legend().get_texts()]
+    assert any("1 below the axis" in t for t in texts), texts
+    for ax in (ax_loss, ax_dice):  # each legend entirely below its axes
+        assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0 + 1
+
+
+def test_robust_log_limits():
+    low, high = plots.robust_log_limits(np.array([1.0, 0.5, 0.2, 0.1] * 25 + [1e-9]))
+    assert 0.05 < low < 0.1 and 1.0 < high < 1.5
+
+
+@pytest.mark.parametrize("x_sign", [1, -1], ids=["RAS", "LAS"])
+def test_montage_is_radiological_and_follows_the_affine(tmp_path, drawn, x_sign):
+    """A structure on the patient's right (the liver) is drawn on the viewer's left, whichever way the
+    voxel X axis runs (RAS affine: +X is right; LAS: +X is left)."""
+    image = np.zeros((20, 16, 4), np.float32)
+    right_end = 19 if x_sign == 1 else 0  # the voxel column at the patient's right
+    image[right_end, :, :] = 100.0
+    label = np.zeros(image.shape, np.uint8)
+    label[right_end, 4:8, :] = 1
+    plot_montage(image, label, None, tmp_path / "m.png", n_slices=1, affine=np.diag([x_sign * 0.8, 0.8, 2.5, 1.0]))
+    ax = drawn[0].axes[0]
+    shown = np.asarray(ax.images[0].get_array())  # (Y, X) of the RAS-ordered slice
+    bright_column = int(np.argmax(shown.max(axis=0)))
+    left, right = ax.get_xlim()
+    assert left > right  # +X (patient's right) runs to the viewer's left
+    assert bright_column == 19  # the patient's right end, in RAS order ...
+    x_on_screen = ax.transData.transform((bright_column, 0))[0]
+    assert x_on_screen < ax.transAxes.transform((0.5, 0))[0]  # ... on the left half of the panel
+    assert {t.get_text() for t in ax.texts} >= {"R", "L"}
+
+
+def test_montage_rejects_a_singular_affine(tmp_path):
+    image = np.zeros((8, 8, 3), np.float32)
+    with pytest.raises(ValueError, match="affine must be a finite, invertible 4x4"):
+        plot_montage(image, None, None, tmp_path / "m.png", affine=np.zeros((4, 4)))

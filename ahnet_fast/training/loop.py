@@ -112,8 +112,8 @@ def _plots(out: Path, records: list[dict], montage=None, main=True) -> list[Path
     plots.plot_curves(records, out / "curves.png")
     written.append(out / "curves.png")
     if montage is not None:
-        image, label, pred, names, title = montage
-        plots.plot_montage(image, label, pred, out / "montage.png", class_names=names, title=title)
+        image, label, pred, names, title, affine = montage
+        plots.plot_montage(image, label, pred, out / "montage.png", class_names=names, title=title, affine=affine)
         written.append(out / "montage.png")
     return written
 
@@ -287,7 +287,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         if cfg.plots:
             case = val_cases[0]
             title = f"{cfg.stage}: {case.name}, step {cfg.steps}"
-            written = _plots(out, records, (case.image, case.label, preds[0], list(cfg.class_names), title))
+            written = _plots(out, records, (case.image, case.label, preds[0], list(cfg.class_names), title,
+                                            case.affine))
             result["plots"] = [str(p) for p in written]
             _say(f"[{cfg.stage}] wrote {ckpt_path}, {metrics_path}, " + ", ".join(str(p) for p in written), main)
     return result
