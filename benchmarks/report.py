@@ -238,7 +238,26 @@ def ci_block() -> list[str]:
             f"{ci['total_s'] / 60:.1f} min in all, exit status {ci['exit_status']} (`{path}`)."]
 
 
-GENERATED = {"ci": ci_block, "e2e": e2e_block, "plan": plan_block}
+def demo_block() -> list[str]:
+    """How long the README's main command took and what it left (scripts/time_demo.sh)."""
+    demo, path = _latest("demo_*.json")
+    if not demo:
+        return ["Not timed yet (`bash scripts/time_demo.sh`)."]
+
+    def minutes(run):
+        phases = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in run["phases"].items())
+        return f"{run['total_s'] / 60:.1f} min ({phases})"
+
+    final = next((f for f in demo["runs"]["first"]["final"] if f["out"].endswith("finetune")), None)
+    dice = "" if final is None else (f" After fine-tuning, held-out Dice (per case): liver "
+                                     f"{final['dice_case/liver']:.2f}, lesion {final['dice_case/lesion']:.2f}.")
+    return [f"{demo['date']}, {demo['device']} ({demo['cpus']} CPUs), commit {demo['commit'][:10]}: from a clean "
+            f"clone in a fresh virtual environment {minutes(demo['runs']['first'])}; run again "
+            f"{minutes(demo['runs']['second'])}. It leaves {demo['disk_bytes'] / 1e6:.0f} MB in `runs/demo` "
+            f"(a checkpoint per stage, with Adam's state; delete the folder when done).{dice} (`{path}`)"]
+
+
+GENERATED = {"ci": ci_block, "demo": demo_block, "e2e": e2e_block, "plan": plan_block}
 
 
 def render(text: str) -> str:
