@@ -331,21 +331,46 @@ def test_infer_errors_name_the_file(tmp_path):
 
 
 def test_parity_report_tiny(tmp_path):
-    """The parity harness: four runs from the same weights on the same batches, report and plot. The
-    pure-PyTorch reference path computes MONAI's arithmetic exactly (equal losses); the fast path's
-    first loss (the forward, before any update) agrees to 1e-5."""
-    from ahnet_fast.training.parity import CONTROL, run_parity
+    """Both criteria on a small AHNet for a few steps: in float64 the fast path equals MONAI to 1e-9
+    (losses and final weights); in float32 MONAI is rerun under five rounding-level controls and the
+    verdict compares ahnet_fast's distances with theirs. Report, Markdown and plot are written."""
+    from ahnet_fast.training.parity import run_parity
 
-    report = run_parity(steps=2, loss_steps=2, patch=(64, 64, 32), psp_block_num=0, train_cases=1, val_cases=1,
-                        synthetic_size_xy=64, out=tmp_path, progress=False, spacing_xy=None)
-    assert set(report["runs"]) == {"ahnet_fast", "reference", "MONAI", CONTROL}
-    assert report["runs"]["reference"]["losses"] == report["runs"]["MONAI"]["losses"]
-    assert report["runs"][CONTROL]["losses"][0] != report["runs"]["MONAI"]["losses"][0]
-    for name in ("reference", "MONAI"):
-        assert report["comparisons"][name]["first_loss_ok"], report["summary"]
-    assert report["comparisons"][CONTROL]["against"] == "MONAI"
+    report = run_parity(steps=2, steps_fp64=3, patch=(64, 64, 32), psp_block_num=0, layers=(1, 1, 1, 1),
+                        train_cases=1, val_cases=1, synthetic_size_xy=64, out=tmp_path, progress=False,
+                        spacing_xy=None)
+    f64, f32 = report["float64"], report["float32"]
+    assert f64["against"] == "MONAI" and f64["passed"], report["summary"]
+    assert f64["max_rel_loss_diff"] <= 1e-9 and f64["max_rel_weight_diff"] <= 1e-9
+    assert len(f32["controls"]) == 5 and set(f32["runs"]) == {"ahnet_fast", "reference", "MONAI", *f32["controls"]}
+    # the reference path computes MONAI's arithmetic: the same losses, bit for bit
+    assert f32["runs"]["reference"]["losses"] == f32["runs"]["MONAI"]["losses"]
+    assert all(f32["distances"][c]["max_rel_loss_diff"] > 0 for c in f32["controls"][:4])  # they do perturb
+    assert f32["loss_bound"] == 2 * max(f32["distances"][c]["max_rel_loss_diff"] for c in f32["controls"])
+    assert report["passed"] == (f64["passed"] and f32["passed"])
     assert (tmp_path / "parity.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "parity.md").read_text()
-    assert "| ahnet_fast |" in md and CONTROL in md
-    saved = json.loads((tmp_path / "parity.json").read_text())
-    assert saved["passed"] == report["passed"]
+    assert "**Verdict:" in md and "| ahnet_fast |" in md and "weights +1 ulp" in md
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"] == report["passed"]
+
+
+def test_parity_fails_a_kernel_that_rounds_to_float32(tmp_path, monkeypatch, capsys):
+    """A deliberately wrong fast path: one op (every BN-ReLU-convolution) computing from its input
+    rounded to float32, an error at the level of float32 rounding that float32 training could not
+    tell from noise. The float64 criterion sees it, and `ahnet-fast parity` exits 1."""
+    import ahnet_fast.ops
+    from ahnet_fast.cli import main
+
+    exact = ahnet_fast.ops.bn_relu_conv
+
+    def rounds_to_float32(x, *args, **kwargs):
+        return exact(x.float().to(x.dtype), *args, **kwargs)
+
+    monkeypatch.setattr(ahnet_fast.ops, "bn_relu_conv", rounds_to_float32)
+    code = main(["parity", "--parts", "float64", "--steps-fp64", "2", "--patch", "64", "64", "32",
+                 "--psp-block-num", "0", "--layers", "1", "1", "1", "1", "--train-cases", "1", "--val-cases", "1",
+                 "--synthetic-size", "64", "--spacing", "0", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAILED" in out and "(FAIL)" in out
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert not report["float64"]["loss_ok"] and report["float64"]["max_rel_loss_diff"] > 1e-9
