@@ -244,7 +244,31 @@ class Projection(_ScriptOps, nn.Sequential):
         return bn_relu_conv(self.norm, self.conv, x, self.backend)
 
 
-class UpTransition(_ScriptOps, nn.Sequential):
+class _BNReLUConvUp(_ScriptOps, nn.Sequential):
+    """norm, relu, conv, up: BN-ReLU-convolution through the fused op, then x2 upsampling (a
+    transposed convolution through ops.transposed_conv, or interpolation). UpTransition and Final
+    differ only in their convolution's kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            if self.script_fused:
+                if not self.training:
+                    y = _script_bn_relu_conv(self.norm.running_mean, self.norm.running_var, self.norm.weight,
+                                             self.norm.bias, self.norm.eps, self.conv.weight, list(self.conv.stride),
+                                             list(self.conv.padding), x, self.backend)
+                    if hasattr(self.up, "weight"):  # static: a transposed convolution, as upsample() takes it
+                        return torch.ops.ahnet_fast.transposed_conv_script(y, self.up.weight, self.up.bias,
+                                                                           list(self.up.stride), self.backend)
+                    return self.up(y)
+            return self.up(self.conv(self.relu(self.norm(x))))
+        return self._fused(x)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
+
+
+class UpTransition(_BNReLUConvUp):
     """BN-ReLU-1x1x1 convolution, then x2 upsampling (transposed convolution or interpolation)."""
 
     def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int,
@@ -261,26 +285,8 @@ class UpTransition(_ScriptOps, nn.Sequential):
             self.add_module("up", _upsample(upsample_mode))
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            if self.script_fused:
-                if not self.training:
-                    y = _script_bn_relu_conv(self.norm.running_mean, self.norm.running_var, self.norm.weight,
-                                             self.norm.bias, self.norm.eps, self.conv.weight, list(self.conv.stride),
-                                             list(self.conv.padding), x, self.backend)
-                    if hasattr(self.up, "weight"):  # static: a transposed convolution, as upsample() takes it
-                        return torch.ops.ahnet_fast.transposed_conv_script(y, self.up.weight, self.up.bias,
-                                                                           list(self.up.stride), self.backend)
-                    return self.up(y)
-            return self.up(self.conv(self.relu(self.norm(x))))
-        return self._fused(x)
 
-    @torch.jit.unused
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
-
-
-class Final(_ScriptOps, nn.Sequential):
+class Final(_BNReLUConvUp):
     """BN-ReLU-3x3x1 convolution to the output classes, then x2 upsampling."""
 
     def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int,
@@ -297,24 +303,6 @@ class Final(_ScriptOps, nn.Sequential):
         else:
             self.add_module("up", _upsample(upsample_mode))
         self.backend: str | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            if self.script_fused:
-                if not self.training:
-                    y = _script_bn_relu_conv(self.norm.running_mean, self.norm.running_var, self.norm.weight,
-                                             self.norm.bias, self.norm.eps, self.conv.weight, list(self.conv.stride),
-                                             list(self.conv.padding), x, self.backend)
-                    if hasattr(self.up, "weight"):  # static: a transposed convolution, as upsample() takes it
-                        return torch.ops.ahnet_fast.transposed_conv_script(y, self.up.weight, self.up.bias,
-                                                                           list(self.up.stride), self.backend)
-                    return self.up(y)
-            return self.up(self.conv(self.relu(self.norm(x))))
-        return self._fused(x)
-
-    @torch.jit.unused
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
 
 
 class Pseudo3DLayer(nn.Module):
