@@ -6,6 +6,7 @@ The builds here compile two small sources (AHNET_FAST_JIT_SOURCES) instead of al
 takes minutes on 2 cores; the mechanism (sources shipped in the wheel, cache folder, lock, loading,
 registration) is the same."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -63,9 +64,18 @@ def wheel_site(tmp_path_factory):
     """A wheel built as an isolated build without torch would build it (no extension), installed
     into a folder of its own."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # built from a copy of what the package is made of: pip builds in the source folder (build/, the
+    # egg-info), and pytest-xdist workers that each run this fixture must not build in the same one
+    source = tmp / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    for folder in ("ahnet_fast", "csrc"):
+        shutil.copytree(os.path.join(ROOT, folder), source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "_csrc"))
     env = dict(os.environ, AHNET_FAST_NO_EXTENSION="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp / "dist"), ROOT], check=True, env=env, capture_output=True)
+                    str(tmp / "dist"), str(source)], check=True, env=env, capture_output=True)
     (wheel,) = (tmp / "dist").glob("ahnet_fast-*.whl")
     site = tmp / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
