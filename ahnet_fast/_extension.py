@@ -49,8 +49,10 @@ def _compiler() -> str | None:
 
 def _jit_build(why: str) -> None:
     """Compiles csrc/ with torch.utils.cpp_extension.load and loads it (registering the ops)."""
-    from ahnet_fast import _build
+    import torch
     from torch.utils import cpp_extension
+
+    from ahnet_fast import _build
 
     root = _build.source_root()
     if root is None:
@@ -70,7 +72,7 @@ def _jit_build(why: str) -> None:
     start = time.monotonic()
     if not os.path.exists(built):
         cores = os.cpu_count() or 1
-        print(f"ahnet_fast: {why}; compiling the CPU kernels for torch {_torch_version()} (once, cached in "
+        print(f"ahnet_fast: {why}; compiling the CPU kernels for torch {torch.__version__} (once, cached in "
               f"{directory}; a few minutes on {cores} core{'s' if cores > 1 else ''})...", file=sys.stderr,
               flush=True)
     # load() takes a lock in the build folder: a process that finds another building waits for it
@@ -80,12 +82,6 @@ def _jit_build(why: str) -> None:
     elapsed = time.monotonic() - start
     if elapsed > 5:
         print(f"ahnet_fast: compiled kernels ready ({elapsed:.0f} s)", file=sys.stderr, flush=True)
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def load_extension() -> bool:
@@ -144,4 +140,3 @@ def extension_origin() -> str | None:
     """"prebuilt" (installed with the package), "just in time" (built on first import), or None."""
     load_extension()
     return _origin
-

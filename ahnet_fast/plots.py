@@ -343,8 +343,10 @@ def _ras_reorientation(affine):
         return lambda a: a
     import nibabel as nib
 
+    from ahnet_fast.data.case import is_valid_affine
+
     affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if not is_valid_affine(affine):
         raise ValueError(f"affine must be a finite, invertible 4x4 matrix, got {affine.tolist()}")
     transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
                                                 nib.orientations.axcodes2ornt("RAS"))

@@ -14,6 +14,12 @@ import numpy as np
 __all__ = ["Case", "spacing_from_affine"]
 
 
+def is_valid_affine(affine) -> bool:
+    """A finite 4x4 voxel-to-world matrix whose 3x3 part is invertible."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return affine.shape == (4, 4) and bool(np.all(np.isfinite(affine))) and abs(np.linalg.det(affine[:3, :3])) >= 1e-12
+
+
 def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along X, Y, Z: the lengths of the affine's first three columns.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ahnet_fast._atomic import atomic_path
-from ahnet_fast.data.case import Case, spacing_from_affine
+from ahnet_fast.data.case import Case, is_valid_affine, spacing_from_affine
 
 __all__ = ["load_nifti", "save_nifti", "CasePaths", "discover_cases", "load_case"]
 
@@ -68,7 +68,7 @@ def load_nifti(path) -> tuple[np.ndarray, np.ndarray, object]:
     if 0 in data.shape:
         raise ValueError(f"{path}: empty volume, shape {shape}")
     affine = np.asarray(img.affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if not is_valid_affine(affine):
         raise ValueError(f"{path}: invalid affine (singular or not finite):\n{affine}")
     return np.ascontiguousarray(data, dtype=np.float32), affine, img.header
 

@@ -111,14 +111,6 @@ def _as_tuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def _script_bn_relu_conv(running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                         bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None, eps: float,
-                         weight: torch.Tensor, stride: list[int], padding: list[int], x: torch.Tensor,
-                         backend: str | None) -> torch.Tensor:
-    return torch.ops.ahnet_fast.bn_relu_conv_script(x, running_mean, running_var, bn_weight, bn_bias, eps, weight,
-                                                    stride, padding, backend)
-
-
 class _ScriptOps:
     """What a module of this file runs under torch.jit.script (a constant, so the branch not taken is
     not compiled): with ``script_fused`` True (the default), in eval mode, the same fused ops as in
@@ -218,7 +210,21 @@ class Bottleneck3x3x1(_ScriptOps, nn.Module):
         return bn_add_relu(self.bn3, out, residual, self.backend)
 
 
-class Projection(_ScriptOps, nn.Sequential):
+class _NormReLUConv(_ScriptOps, nn.Sequential):
+    """Modules whose first three are norm, relu, conv: BN-ReLU-convolution as one fused op."""
+
+    def _script_norm_relu_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ahnet_fast.bn_relu_conv_script(x, self.norm.running_mean, self.norm.running_var,
+                                                        self.norm.weight, self.norm.bias, self.norm.eps,
+                                                        self.conv.weight, list(self.conv.stride),
+                                                        list(self.conv.padding), self.backend)
+
+    @torch.jit.unused
+    def _fused_norm_relu_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_relu_conv(self.norm, self.conv, x, self.backend)
+
+
+class Projection(_NormReLUConv):
     """BN-ReLU-1x1x1 convolution (``trans1``)."""
 
     def __init__(self, spatial_dims: int, num_input_features: int, num_output_features: int):
@@ -233,18 +239,12 @@ class Projection(_ScriptOps, nn.Sequential):
         if torch.jit.is_scripting():
             if self.script_fused:
                 if not self.training:
-                    return _script_bn_relu_conv(self.norm.running_mean, self.norm.running_var, self.norm.weight,
-                                                self.norm.bias, self.norm.eps, self.conv.weight,
-                                                list(self.conv.stride), list(self.conv.padding), x, self.backend)
+                    return self._script_norm_relu_conv(x)
             return self.conv(self.relu(self.norm(x)))
-        return self._fused(x)
-
-    @torch.jit.unused
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return bn_relu_conv(self.norm, self.conv, x, self.backend)
+        return self._fused_norm_relu_conv(x)
 
 
-class _BNReLUConvUp(_ScriptOps, nn.Sequential):
+class _BNReLUConvUp(_NormReLUConv):
     """norm, relu, conv, up: BN-ReLU-convolution through the fused op, then x2 upsampling (a
     transposed convolution through ops.transposed_conv, or interpolation). UpTransition and Final
     differ only in their convolution's kernel."""
@@ -253,9 +253,7 @@ class _BNReLUConvUp(_ScriptOps, nn.Sequential):
         if torch.jit.is_scripting():
             if self.script_fused:
                 if not self.training:
-                    y = _script_bn_relu_conv(self.norm.running_mean, self.norm.running_var, self.norm.weight,
-                                             self.norm.bias, self.norm.eps, self.conv.weight, list(self.conv.stride),
-                                             list(self.conv.padding), x, self.backend)
+                    y = self._script_norm_relu_conv(x)
                     if hasattr(self.up, "weight"):  # static: a transposed convolution, as upsample() takes it
                         return torch.ops.ahnet_fast.transposed_conv_script(y, self.up.weight, self.up.bias,
                                                                            list(self.up.stride), self.backend)
@@ -265,7 +263,7 @@ class _BNReLUConvUp(_ScriptOps, nn.Sequential):
 
     @torch.jit.unused
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample(self.up, bn_relu_conv(self.norm, self.conv, x, self.backend), self.backend)
+        return upsample(self.up, self._fused_norm_relu_conv(x), self.backend)
 
 
 class UpTransition(_BNReLUConvUp):
