@@ -212,7 +212,8 @@ def _train_config(args):
 
     return TrainConfig(
         data=args.data, stage="finetune" if args.stage == "all" else args.stage, init=args.init, steps=args.steps,
-        patch=tuple(args.patch), batch=args.batch, micro_batch=args.micro_batch, lr=args.lr, amp=args.amp,
+        patch=tuple(args.patch), batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
+        optimizer=args.optimizer, momentum=args.momentum, amp=args.amp,
         checkpoint=args.checkpoint, seed=args.seed, device=args.device, out=args.out, resume=args.resume,
         num_classes=args.num_classes, psp_block_num=args.psp_block_num, backend=args.backend,
         data_seed=args.data_seed, train_cases=args.train_cases, val_cases=args.val_cases, max_cases=args.max_cases,
@@ -239,7 +240,10 @@ def cmd_train(args) -> int:
     # every argument checked before any work: with --stage all the config says "finetune", whose
     # checks (the patch against AHNet's size rule) cover the 3d stage too
     cfg.validate()
-    _check_out_folder(args.out, args.resume, args.overwrite)
+    # under torchrun only rank 0 writes OUT, and only it checks it: another rank looking later could
+    # find rank 0's fresh files and refuse its own run
+    if os.environ.get("RANK", "0") == "0":
+        _check_out_folder(args.out, args.resume, args.overwrite)
     if args.stage == "all":
         steps = {"2d": args.steps_2d or args.steps, "3d": args.steps_3d or args.steps, "finetune": args.steps}
         results = train_schedule(cfg, steps=steps)
@@ -345,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--batch", type=int, default=1, help="global batch per optimizer step")
     train_p.add_argument("--micro-batch", type=int, default=None,
                          help="samples per forward pass (BatchNorm statistics group); default batch / processes")
-    train_p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train_p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    train_p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
+                         help="adam (default) or sgd with --momentum")
+    train_p.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
     train_p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
                          help="autocast precision; fp16 (CUDA) uses a GradScaler")
     train_p.add_argument("--checkpoint", default="none", choices=("none", "encoder", "decoder", "all", "auto"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ahnet_fast.nn.shapes import ahnet_size_ok, nearest_ahnet_sizes
 
 STAGES = ("2d", "3d", "finetune")
+OPTIMIZERS = ("adam", "sgd")
 AMP = ("off", "bf16", "fp16")
 CHECKPOINT_POLICIES = ("none", "encoder", "decoder", "all", "auto")
 DEFAULT_CLASS_NAMES = ("background", "liver", "lesion")
@@ -30,7 +31,12 @@ class TrainConfig:
     ``batch`` is the global batch of one optimizer step; ``micro_batch`` the samples of one forward
     pass (BatchNorm statistics are per micro-batch). Under torchrun every rank takes
     batch / world_size samples, in micro-batches; one process with ``micro_batch = batch /
-    world_size`` computes the same step as world_size processes.
+    world_size`` computes the same step as world_size processes. BatchNorm running statistics follow
+    one rule whatever the split: once per optimizer step, each moves by the mean of the updates that
+    the step's micro-batches (on every rank) would each make on their own, so one process and many
+    processes end a step with the same statistics (see :mod:`ahnet_fast.training.distributed`).
+
+    ``optimizer`` is "adam" (default) or "sgd" (with ``momentum``).
     """
 
     data: str = "synthetic"
@@ -41,6 +47,8 @@ class TrainConfig:
     batch: int = 1
     micro_batch: int | None = None
     lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9         # sgd only
     weight_decay: float = 0.0
     amp: str = "off"
     checkpoint: str = "none"
@@ -75,6 +83,10 @@ class TrainConfig:
 
         if self.stage not in STAGES:
             bad(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            bad(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.amp not in AMP:
             bad(f"--amp must be one of {AMP}, got {self.amp!r}")
         if self.checkpoint not in CHECKPOINT_POLICIES:

@@ -75,3 +75,70 @@ def mean_across_ranks(value: float, info: DistInfo, device: torch.device) -> flo
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+class StepRunningStats:
+    """BatchNorm running statistics updated once per optimizer step, the same way whatever the split of
+    the step's batch into micro-batches and processes.
+
+    Left alone, each forward pass moves a running mean r to (1 - m) r + m s (s: that micro-batch's
+    statistic), so n micro-batches in one process apply n updates in a row, while n processes each apply
+    one and DDP keeps rank 0's: three different answers for one global batch. The rule here: every
+    micro-batch's update is measured against the statistics the step started from and undone, and at the
+    end of the step the statistics move by the mean of those updates over all micro-batches of all ranks,
+    r <- r + mean_i((1 - m) r + m s_i - r) = (1 - m) r + m mean_i(s_i). One process with
+    ``micro_batch = batch / world_size`` and world_size processes therefore end every step with the same
+    statistics (up to the rounding of one all-reduce), and every rank holds the same ones, so any rank's
+    checkpoint is the run's. ``num_batches_tracked`` counts micro-batches of all ranks. A step of one
+    micro-batch in one process is left exactly as BatchNorm computes it. Frozen (eval-mode) BatchNorm
+    layers do not move: their updates are exactly zero.
+    """
+
+    def __init__(self, model: torch.nn.Module, info: DistInfo, micro_batches_per_rank: int):
+        self.info = info
+        self.total = micro_batches_per_rank * info.world_size
+        self.active = self.total > 1
+        stats = [(n, b) for n, b in model.named_buffers()
+                 if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        self.float_bufs = [b for n, b in stats if b.is_floating_point()]
+        self.count_bufs = [b for n, b in stats if not b.is_floating_point()]
+        self._start: list[torch.Tensor] = []
+        self._delta: list[torch.Tensor] = []
+
+    def begin_step(self) -> None:
+        if not self.active:
+            return
+        bufs = self.float_bufs + self.count_bufs
+        self._start = [b.detach().clone() for b in bufs]
+        self._delta = [torch.zeros_like(b) for b in bufs]
+
+    @torch.no_grad()
+    def after_micro_batch(self) -> None:
+        """Call after each micro-batch's forward and backward (recomputed forwards run under
+        activation checkpointing do not touch the statistics)."""
+        if not self.active:
+            return
+        for b, s, d in zip(self.float_bufs + self.count_bufs, self._start, self._delta):
+            d.add_(b - s)
+            b.copy_(s)
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        if not self.active:
+            return
+        n_float = len(self.float_bufs)
+        float_delta, count_delta = self._delta[:n_float], self._delta[n_float:]
+        if self.info.enabled and float_delta:
+            flat = torch.cat([d.reshape(-1).double() for d in float_delta])
+            dist.all_reduce(flat)
+            flat = flat.split([d.numel() for d in float_delta])
+            float_delta = [f.view_as(d).to(d.dtype) for f, d in zip(flat, float_delta)]
+        if self.info.enabled and count_delta:
+            flat = torch.stack([d.reshape(()) for d in count_delta])
+            dist.all_reduce(flat)
+            count_delta = list(flat.unbind())
+        for b, s, d in zip(self.float_bufs, self._start[:n_float], float_delta):
+            b.copy_(s + d / self.total)
+        for b, s, d in zip(self.count_bufs, self._start[n_float:], count_delta):
+            b.copy_(s + d)
+        self._start, self._delta = [], []

@@ -29,7 +29,7 @@ from ahnet_fast.training.models import (build_model, freeze_encoder, initialise_
 # configuration fields that must not change when a run is resumed: they define the batches and model
 RESUME_INVARIANTS = ("data", "stage", "patch", "batch", "micro_batch", "seed", "data_seed", "num_classes",
                      "psp_block_num", "train_cases", "val_cases", "max_cases", "synthetic_size_xy", "spacing_xy",
-                     "window", "foreground_ratio", "lr", "weight_decay", "amp", "init")
+                     "window", "foreground_ratio", "lr", "optimizer", "momentum", "weight_decay", "amp", "init")
 
 
 def make_adam(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
@@ -38,6 +38,16 @@ def make_adam(params, lr: float, weight_decay: float, device: torch.device) -> t
     is dominated by per-op overhead). The update is Adam's, up to float rounding."""
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
+
+
+def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """The run's optimizer: Adam (default) or SGD with momentum. SGD's step is proportional to the
+    gradient, so it is also what shows a wrongly scaled gradient (e.g. summed instead of averaged over
+    processes), which Adam's normalised step would hide."""
+    if cfg.optimizer == "sgd":
+        fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+    return make_adam(params, cfg.lr, cfg.weight_decay, device)
 
 
 def _tqdm():
@@ -79,8 +89,9 @@ def load_datasets(cfg: TrainConfig, *, progress: bool = True):
 def _check_resume(saved: dict, cfg: TrainConfig, path: Path) -> None:
     diffs = []
     now = cfg.to_dict()
+    defaults = TrainConfig().to_dict()  # a key that an older checkpoint lacks had its default then
     for key in RESUME_INVARIANTS:
-        a, b = saved.get(key), now.get(key)
+        a, b = saved.get(key, defaults[key]), now.get(key)
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
     if diffs:
@@ -163,7 +174,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     elif cfg.init:
         _say(f"[{cfg.stage}] {initialise_from(model, cfg.init)}", main)
     frozen = freeze_encoder(model) if cfg.stage == "3d" else []
-    optimizer = make_adam(trainable_parameters(model), cfg.lr, cfg.weight_decay, device)
+    optimizer = make_optimizer(cfg, trainable_parameters(model), device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = 0
     if resume is not None:
@@ -180,7 +191,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+        # buffers (BatchNorm statistics) are kept equal on every rank by StepRunningStats, not by DDP's
+        # broadcast of rank 0's at each forward
+        net = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    bn_stats = distributed.StepRunningStats(model, info, local_batch // micro)
     loss_fn = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, backend=cfg.backend)
     amp_dtype = AMP_DTYPES[cfg.amp]
 
@@ -235,6 +249,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
+            bn_stats.begin_step()
             for i in range(n_micro):
                 xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
                 sync = net.no_sync() if (info.enabled and i < n_micro - 1) else contextlib.nullcontext()
@@ -244,7 +259,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
                     # the focal loss in float32: its logs underflow in 16 bits
                     loss = loss_fn(logits.float(), ys.unsqueeze(1)) / n_micro
                     scaler.scale(loss).backward()
+                bn_stats.after_micro_batch()
                 total += loss.detach()
+            bn_stats.end_step()
             step_loss = distributed.mean_across_ranks(total.item(), info, device)
             if not math.isfinite(step_loss) and not scaler.is_enabled():
                 raise RuntimeError(f"[{cfg.stage}] the loss is {step_loss} at step {step + 1}: training diverged "
