@@ -235,6 +235,7 @@ def _check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
 
 def cmd_train(args) -> int:
     from ahnet_fast.training import train, train_schedule
+    from ahnet_fast.training.loop import json_line
 
     cfg = _train_config(args)
     # every argument checked before any work: with --stage all the config says "finetune", whose
@@ -251,7 +252,7 @@ def cmd_train(args) -> int:
         results = [train(cfg)]
     for r in results:
         if "dice" in r:
-            print(json.dumps({"out": r["out"], "step": r["step"], "loss": r["loss"], **r["dice"]}))
+            print(json_line({"out": r["out"], "step": r["step"], "loss": r["loss"], **r["dice"]}))
     return 0
 
 
@@ -260,7 +261,8 @@ def cmd_infer(args) -> int:
 
     summary = infer_file(args.model, args.input, args.output, overlap=args.overlap, window_batch=args.window_batch,
                          amp=args.amp, device=args.device, stitch=args.stitch, probabilities=args.probabilities,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, overwrite=args.overwrite,
+                         replace_nonfinite=args.replace_nonfinite)
     voxels = ", ".join(f"{k} {v}" for k, v in summary["voxels"].items())
     print(f"wrote {summary['output']} ({' x '.join(map(str, summary['shape']))} voxels; {voxels}) in "
           f"{summary['seconds']:.1f} s")
@@ -402,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "the device)")
     infer_p.add_argument("--probabilities", default=None, metavar="PATH",
                          help="also write the class probabilities (classes on a 4th axis)")
+    infer_p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    infer_p.add_argument("--replace-nonfinite", type=float, default=None, metavar="HU",
+                         help="put this value (HU, e.g. -1024 for air) where the input has NaN or infinite voxels "
+                              "(without it such an input is refused)")
     infer_p.add_argument("--no-progress", action="store_true")
     infer_p.set_defaults(func=cmd_infer)
 
@@ -453,11 +459,21 @@ def main(argv=None) -> int:
         args = argparse.Namespace(command="bench", func=cmd_bench, bench_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    from ahnet_fast._atomic import WriteError
+    from ahnet_fast.training.signals import Interrupted, TrainingDiverged, exit_on_signals
+
     try:
-        return args.func(args)
+        with exit_on_signals():
+            return args.func(args)
     except ValueError as exc:  # bad shapes or arguments: say what, without a traceback
         print(f"ahnet-fast {args.command}: {exc}", file=sys.stderr)
         return 2
+    except (WriteError, TrainingDiverged) as exc:  # the file system said no, or training diverged
+        print(f"ahnet-fast {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:  # SIGINT / SIGTERM: what was being written was finished or removed
+        print(f"ahnet-fast {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -256,8 +256,8 @@ def sliding_window_inference(
         logits and blending probabilities differ slightly; logits keep the outputs' full range).
 
     Raises:
-        ValueError: bad window, overlap, window_batch, blend, amp or input shape, or a predictor
-            output that is not ``(B, C_out, *window)``.
+        ValueError: bad window, overlap, window_batch, blend, amp or input shape, NaN or infinite
+            inputs, or a predictor output that is not ``(B, C_out, *window)`` or not finite.
     """
     if not isinstance(inputs, torch.Tensor):
         raise ValueError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
@@ -269,6 +269,10 @@ def sliding_window_inference(
         raise ValueError(f"inputs must be a floating-point tensor, got {inputs.dtype}")
     if inputs.numel() == 0:
         raise ValueError(f"inputs is empty: shape {tuple(inputs.shape)}")
+    bad = int((~torch.isfinite(inputs)).sum())
+    if bad:  # a NaN would spread through every window it touches and come out as a plausible argmax
+        raise ValueError(f"inputs has {bad} NaN or infinite values of {inputs.numel()}; replace them first "
+                         "(e.g. torch.nan_to_num with the background intensity)")
     if not callable(predictor):
         raise ValueError(f"predictor must be callable, got {type(predictor).__name__}")
     ndim = inputs.ndim - 2
@@ -340,4 +344,9 @@ def sliding_window_inference(
                 logit_sum[(n, slice(None), *vol)] += (logits[(b, slice(None), *win)] * weight[win]).to(out_device)
             del logits
             bar.update(len(batch_jobs))
-    return logit_sum.div_(weight_sum)
+    logit_sum.div_(weight_sum)
+    bad = int((~torch.isfinite(logit_sum)).sum())
+    if bad:  # finite inputs, so the network did it: non-finite weights, or an overflow under amp
+        raise ValueError(f"the predictor returned {bad} NaN or infinite logits of {logit_sum.numel()} (are its "
+                         "weights finite? under fp16 autocast, does it overflow?)")
+    return logit_sum

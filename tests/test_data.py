@@ -489,7 +489,7 @@ def test_error_nonfinite_image(tmp_path):
     arr = np.zeros((4, 4, 3), np.float32)
     arr[1, 1, 1] = np.nan
     img = _write(tmp_path / "nan_img.nii.gz", arr)
-    with pytest.raises(ValueError, match="nan_img.nii.gz: 1 voxels are NaN"):
+    with pytest.raises(ValueError, match="nan_img.nii.gz: 1 of 48 voxels are NaN or infinite"):
         load_case(CasePaths("c", img, None), num_classes=3)
 
 

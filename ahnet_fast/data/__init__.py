@@ -6,7 +6,8 @@ Volumes are (X, Y, Z) numpy arrays in NIfTI voxel order, Z the slice axis; label
 1 liver, 2 lesion.
 """
 from ahnet_fast.data.case import Case, spacing_from_affine
-from ahnet_fast.data.nifti import CasePaths, discover_cases, load_case, load_nifti, save_nifti
+from ahnet_fast.data.nifti import (CasePaths, GeometryWarning, check_finite, discover_cases, load_case, load_nifti,
+                                   save_nifti, save_niftis)
 from ahnet_fast.data.preprocess import Preprocessing, preprocess, resampled_shape, restore_inplane, window_scale
 from ahnet_fast.data.sampling import PatchLocation, PatchSampler, SliceSampler
 from ahnet_fast.data.synthetic import derive_case_seed, make_synthetic_case, synthetic_cases
@@ -14,10 +15,12 @@ from ahnet_fast.data.synthetic import derive_case_seed, make_synthetic_case, syn
 __all__ = [
     "Case",
     "CasePaths",
+    "GeometryWarning",
     "PatchLocation",
     "PatchSampler",
     "Preprocessing",
     "SliceSampler",
+    "check_finite",
     "derive_case_seed",
     "discover_cases",
     "load_case",
@@ -27,6 +30,7 @@ __all__ = [
     "resampled_shape",
     "restore_inplane",
     "save_nifti",
+    "save_niftis",
     "spacing_from_affine",
     "synthetic_cases",
     "window_scale",

@@ -7,6 +7,7 @@ first second with "segmentation-87.nii: shape (512, 512, 124) does not match vol
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -18,7 +19,64 @@ import numpy as np
 from ahnet_fast._atomic import atomic_path
 from ahnet_fast.data.case import Case, is_valid_affine, spacing_from_affine
 
-__all__ = ["load_nifti", "save_nifti", "CasePaths", "discover_cases", "load_case"]
+__all__ = ["load_nifti", "save_nifti", "CasePaths", "discover_cases", "load_case", "GeometryWarning", "save_niftis",
+           "check_finite"]
+
+
+class GeometryWarning(UserWarning):
+    """A NIfTI header whose voxel size (pixdim) disagrees with its affine, or that nibabel repaired.
+    The affine is the geometry used everywhere (training, inference, the files written), as nibabel
+    recommends; the warning says that the file's two descriptions differ, naming it."""
+
+
+def check_finite(image: np.ndarray, path, replace: float | None = None) -> np.ndarray:
+    """``image`` unchanged when every voxel is finite. Otherwise a ValueError naming ``path`` and the
+    count of NaN / infinite voxels, or, with ``replace`` (an explicit choice), those voxels set to it
+    and a warning saying how many were."""
+    bad = ~np.isfinite(image)
+    n = int(np.count_nonzero(bad))
+    if n == 0:
+        return image
+    if replace is None:
+        raise ValueError(f"{path}: {n} of {image.size} voxels are NaN or infinite; fix the file or replace them "
+                         "explicitly (ahnet-fast infer --replace-nonfinite VALUE, e.g. -1024 for air in HU)")
+    if not np.isfinite(replace):
+        raise ValueError(f"the replacement for non-finite voxels must be finite, got {replace}")
+    warnings.warn(f"{path}: {n} NaN or infinite voxels replaced by {replace:g}", stacklevel=2)
+    image = image.copy()
+    image[bad] = replace
+    return image
+
+
+def _file_pixdim(img, path: Path) -> np.ndarray:
+    """The header's pixdim[1:4] as stored in the file: nibabel's loader repairs zeros to 1."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f:
+        raw = img.header_class.from_fileobj(f, check=False)
+    return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+
+
+def _check_geometry(img, affine: np.ndarray, path: Path) -> None:
+    stored = _file_pixdim(img, path)
+    from_affine = np.asarray(spacing_from_affine(affine))
+    axes = "XYZ"
+    if np.any(stored == 0) or not np.all(np.isfinite(stored)):
+        which = ", ".join(f"{axes[i]}" for i in np.flatnonzero((stored == 0) | ~np.isfinite(stored)))
+        warnings.warn(GeometryWarning(
+            f"{path}: the header's voxel size (pixdim) is {_mm(stored)} mm, zero or invalid along {which}; nibabel "
+            f"assumed 1 mm there, so the geometry used ({_mm(from_affine)} mm) is a guess along {which}"
+            + ("" if int(img.header["sform_code"]) or int(img.header["qform_code"]) else
+               " (the file has no sform or qform either)")), stacklevel=3)
+        return
+    if not np.allclose(np.abs(stored), from_affine, rtol=1e-3, atol=1e-4):
+        warnings.warn(GeometryWarning(
+            f"{path}: the header's voxel size (pixdim) {_mm(stored)} mm disagrees with its affine's "
+            f"{_mm(from_affine)} mm; the affine is used (in training and inference alike)"), stacklevel=3)
+
+
+def _mm(values) -> str:
+    return " x ".join(f"{float(v):g}" for v in values)
 
 _LITS_RE = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -41,7 +99,9 @@ def _stem(path: Path) -> str:
 def load_nifti(path) -> tuple[np.ndarray, np.ndarray, object]:
     """Read a 3D NIfTI volume: ``(array float32 (X, Y, Z), affine float64 4x4, header)``.
 
-    The array is in the file's voxel order with its scaling (scl_slope / scl_inter) applied.
+    The array is in the file's voxel order with its scaling (scl_slope / scl_inter) applied. The
+    affine is the geometry (spacing = its column lengths); a header whose pixdim disagrees with it, or
+    that nibabel repaired (a zero pixdim), gives a :class:`GeometryWarning` naming the file.
     Trailing singleton dimensions beyond the third (a 4D file with one channel or time point) are
     squeezed; anything else that is not 3D is rejected. Reading is eager, so a truncated or corrupt
     file fails here (nibabel reads the data lazily and would otherwise fail at first use).
@@ -70,6 +130,7 @@ def load_nifti(path) -> tuple[np.ndarray, np.ndarray, object]:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not is_valid_affine(affine):
         raise ValueError(f"{path}: invalid affine (singular or not finite):\n{affine}")
+    _check_geometry(img, affine, path)
     return np.ascontiguousarray(data, dtype=np.float32), affine, img.header
 
 
@@ -99,29 +160,41 @@ def save_nifti(path, array, affine, header=None) -> None:
     the data type is the array's own and no intensity scaling is applied: a uint8 prediction is
     stored as uint8 even when the input was int16 with a slope. ``.nii.gz`` paths are gzipped.
     """
+    save_niftis([(path, array, affine, header)])
+
+
+def save_niftis(items) -> None:
+    """Writes several NIfTI files (``(path, array, affine, header)`` each, as :func:`save_nifti`) so that
+    they land together: every file goes to its temporary name first, and only when all are complete
+    are they renamed into place; a failure in any write leaves none of them (and the previous files
+    untouched)."""
     import nibabel as nib
 
-    path = Path(path)
-    if not _nifti_suffix(path):
-        raise ValueError(f"{path}: output must end in .nii or .nii.gz")
-    if hasattr(array, "detach"):  # a torch tensor
-        array = array.detach().cpu().numpy()
-    array = _storable(np.asarray(array), path)
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise ValueError(f"{path}: affine must be 4x4, got shape {affine.shape}")
-    hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(array, affine, header=hdr)
-    img.set_data_dtype(array.dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    # sform and qform both describe the new affine (a header copied from a resampled input would
-    # otherwise keep a stale qform that some viewers prefer)
-    img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
-    img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
-
-    # the temporary name keeps the .nii/.nii.gz suffix: nibabel picks the format (and gzip) from it
-    with atomic_path(path, suffix=_nifti_suffix(path)) as tmp:
-        nib.save(img, str(tmp))
+    images = []
+    for path, array, affine, header in items:
+        path = Path(path)
+        if not _nifti_suffix(path):
+            raise ValueError(f"{path}: output must end in .nii or .nii.gz")
+        if hasattr(array, "detach"):  # a torch tensor
+            array = array.detach().cpu().numpy()
+        array = _storable(np.asarray(array), path)
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise ValueError(f"{path}: affine must be 4x4, got shape {affine.shape}")
+        hdr = header.copy() if header is not None else None
+        img = nib.Nifti1Image(array, affine, header=hdr)
+        img.set_data_dtype(array.dtype)
+        img.header.set_slope_inter(1.0, 0.0)
+        # sform and qform both describe the new affine (a header copied from a resampled input would
+        # otherwise keep a stale qform that some viewers prefer)
+        img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
+        img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
+        images.append((path, img))
+    with contextlib.ExitStack() as stack:
+        # the temporary names keep the .nii/.nii.gz suffix: nibabel picks the format (and gzip) from it
+        tmps = [stack.enter_context(atomic_path(path, suffix=_nifti_suffix(path))) for path, _ in images]
+        for tmp, (_, img) in zip(tmps, images):
+            nib.save(img, str(tmp))  # a failure: atomic_path removes every temporary, names the file
 
 
 @dataclass
@@ -131,6 +204,20 @@ class CasePaths:
     name: str
     image: Path
     label: Path | None
+
+
+def _listed_path(root: Path, rel: str, spec_file: Path, i: int) -> Path:
+    """A dataset.json path: relative ones must stay inside the dataset folder (a ``../other/x.nii.gz``
+    would read another dataset's file without a word); an absolute path is taken as the user's choice."""
+    if Path(rel).is_absolute():
+        return Path(rel)
+    path = root / rel
+    inside = root.resolve()
+    resolved = path.resolve()
+    if resolved != inside and inside not in resolved.parents:
+        raise ValueError(f"{spec_file}: training entry {i} path {rel!r} leads outside the dataset folder {root} "
+                         f"(to {resolved}); write it as an absolute path if that file is meant")
+    return path
 
 
 def _require_file(path: Path, referenced_by: str) -> Path:
@@ -158,7 +245,7 @@ def _discover_decathlon(root: Path, require_labels: bool) -> list[CasePaths]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             raise ValueError(f"{spec_file}: training entry {i} has no 'image' path: {entry!r}")
-        image = _require_file(root / entry["image"], spec_file.name)
+        image = _require_file(_listed_path(root, entry["image"], spec_file, i), spec_file.name)
         label_rel = entry.get("label")
         if label_rel is None:
             if require_labels:
@@ -167,7 +254,7 @@ def _discover_decathlon(root: Path, require_labels: bool) -> list[CasePaths]:
         elif not isinstance(label_rel, str):
             raise ValueError(f"{spec_file}: training entry {i} has a non-string 'label': {label_rel!r}")
         else:
-            label = _require_file(root / label_rel, spec_file.name)
+            label = _require_file(_listed_path(root, label_rel, spec_file, i), spec_file.name)
         name = _stem(image)
         if name in seen:
             raise ValueError(f"{spec_file}: case name {name!r} appears twice ({seen[name]} and {image})")
@@ -240,9 +327,7 @@ def load_case(paths: CasePaths, num_classes: int) -> Case:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or not 2 <= num_classes <= 256:
         raise ValueError(f"load_case({paths.name}): num_classes must be an integer in [2, 256], got {num_classes!r}")
     image, affine, header = load_nifti(paths.image)
-    if not np.all(np.isfinite(image)):
-        bad = int(np.count_nonzero(~np.isfinite(image)))
-        raise ValueError(f"{paths.image}: {bad} voxels are NaN or infinite")
+    image = check_finite(image, paths.image)
     label = None
     if paths.label is not None:
         lab, lab_affine, _ = load_nifti(paths.label)

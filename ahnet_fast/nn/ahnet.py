@@ -24,7 +24,7 @@ from torch import nn
 
 from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, set_backend
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
-from ahnet_fast.nn.shapes import check_ahnet_input
+from ahnet_fast.nn.shapes import check_ahnet_input, check_input_matches
 from ahnet_fast import _scratch as scratch
 from ahnet_fast.ops import pointwise_conv, slice_max_pool, stem_conv_pool, transposed_conv
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool
@@ -718,6 +718,7 @@ class AHNet(_ScriptOps, nn.Module):
     @torch.jit.unused
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
+        check_input_matches(x, self.conv1.weight, "AHNet")
         policy = self.checkpoint
         if policy == "auto":
             policy = resolve_auto(self, x) if self.training and torch.is_grad_enabled() else "none"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahnet_fast.nn._bn import bn_relu, set_backend
-from ahnet_fast.nn.shapes import ahnet_size_ok
+from ahnet_fast.nn.shapes import ahnet_size_ok, check_input_matches
 
 __all__ = ["FCN", "MCFCN", "GCN", "Refine", "ResNet50Bottleneck", "resnet50_layers"]
 
@@ -181,6 +181,9 @@ class FCN(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{name} expects {self.in_channels} input channels (dimension 1), got shape "
                              f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+        check_input_matches(x, self.conv1.weight, name)
         if self.upsample_mode == "transpose":
             bad = [n for n in x.shape[2:] if not ahnet_size_ok(n, "in-plane", 0, "transpose")]
             if bad:

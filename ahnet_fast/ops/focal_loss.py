@@ -282,6 +282,8 @@ def _kernel_contract_reasons(p: _Problem) -> list[str]:
                        "the fused kernel takes ignore_index with label-map targets")
     if p.softmax and p.logits.shape[1] == 1 and p.label:
         reasons.append("softmax over a single channel with a label map")
+    if p.logits.numel() == 0:
+        reasons.append("an empty batch: MONAI's arithmetic gives its answer (mean: NaN, sum: 0, none: empty)")
     return reasons
 
 

@@ -26,6 +26,20 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def nonfinite_tensors(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) dict/list of tensors that hold NaN or inf."""
+    bad = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            bad += nonfinite_tensors(v, f"{prefix}{k}.")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            bad += nonfinite_tensors(v, f"{prefix}{i}.")
+    elif torch.is_tensor(tree) and tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+        bad.append(prefix.rstrip("."))
+    return bad
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     """Reads a training checkpoint with ``weights_only=True``; ValueError naming the file when it is
     missing, unreadable or not an ahnet_fast training checkpoint."""

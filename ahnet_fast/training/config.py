@@ -118,8 +118,13 @@ class TrainConfig:
             bad(f"--window LOW HIGH needs LOW < HIGH, got {self.window}")
         if self.micro_batch is not None and (self.micro_batch < 1 or self.batch % self.micro_batch):
             bad(f"--micro-batch must divide --batch ({self.batch}), got {self.micro_batch}")
-        if self.data == "synthetic" and (self.train_cases < 1 or self.val_cases < 1):
-            bad("synthetic data needs --train-cases >= 1 and --val-cases >= 1")
+        if self.val_cases < 1:
+            bad(f"--val-cases must be >= 1 (held-out volumes for the final Dice), got {self.val_cases}")
+        if self.train_cases < 1:
+            bad(f"--train-cases must be >= 1, got {self.train_cases}")
+        if self.max_cases is not None and self.max_cases < self.val_cases + 1:
+            bad(f"--max-cases must leave at least one training case after the {self.val_cases} held out "
+                f"(--val-cases), got {self.max_cases}")
         if len(self.class_names) != self.num_classes:
             if tuple(self.class_names) == DEFAULT_CLASS_NAMES:
                 self.class_names = ("background",) + tuple(f"class{i}" for i in range(1, self.num_classes))

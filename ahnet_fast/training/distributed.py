@@ -72,6 +72,16 @@ def mean_across_ranks(value: float, info: DistInfo, device: torch.device) -> flo
     return t.item() / info.world_size
 
 
+def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device) -> tuple[float, bool]:
+    """(the mean of ``value`` over all ranks, whether any rank's ``flag`` is set), in one all-reduce:
+    the step's loss and whether any rank was asked to stop, so that all ranks stop after the same step."""
+    if not info.enabled:
+        return value, flag
+    t = torch.tensor([value, float(flag)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t[0].item() / info.world_size, bool(t[1].item() > 0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

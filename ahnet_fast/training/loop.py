@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,9 +21,11 @@ from ahnet_fast.data import (PatchSampler, Preprocessing, SliceSampler, discover
                              synthetic_cases)
 from ahnet_fast.nn import FocalLoss
 from ahnet_fast.training import distributed
-from ahnet_fast.training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_checkpoint
+from ahnet_fast._atomic import atomic_path, remove_stale_temps
+from ahnet_fast.training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_checkpoint, nonfinite_tensors
 from ahnet_fast.training.config import TrainConfig
 from ahnet_fast.training.evaluate import AMP_DTYPES, evaluate_cases
+from ahnet_fast.training.signals import Interrupted, TrainingDiverged, deferred_signals
 from ahnet_fast.training.models import (build_model, freeze_encoder, initialise_from, model_spec, set_train_mode,
                                         trainable_parameters)
 
@@ -30,6 +33,10 @@ from ahnet_fast.training.models import (build_model, freeze_encoder, initialise_
 RESUME_INVARIANTS = ("data", "stage", "patch", "batch", "micro_batch", "seed", "data_seed", "num_classes",
                      "psp_block_num", "train_cases", "val_cases", "max_cases", "synthetic_size_xy", "spacing_xy",
                      "window", "foreground_ratio", "lr", "optimizer", "momentum", "weight_decay", "amp", "init")
+# ... of which these matter only for the synthetic data, and this one only for real data
+SYNTHETIC_ONLY = ("data_seed", "train_cases", "synthetic_size_xy")
+REAL_ONLY = ("max_cases",)
+FINGERPRINT_BYTES = 1 << 20
 
 
 def make_adam(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
@@ -48,6 +55,20 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
     return make_adam(params, cfg.lr, cfg.weight_decay, device)
+
+
+def json_line(rec: dict) -> str:
+    """One JSON line with NaN and infinities as null (JSON has no NaN; Python's json would write a
+    bare ``NaN`` that other readers reject)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(rec), allow_nan=False)
 
 
 def _tqdm():
@@ -86,17 +107,69 @@ def load_datasets(cfg: TrainConfig, *, progress: bool = True):
     return cases[:-cfg.val_cases], cases[-cfg.val_cases:]
 
 
-def _check_resume(saved: dict, cfg: TrainConfig, path: Path) -> None:
+def _normalised_path(value):
+    """A path setting as one spelling (runs/x, ./runs//x/ and /abs/runs/x are one folder)."""
+    if value is None or value == "synthetic":
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def data_fingerprint(cfg: TrainConfig) -> dict | None:
+    """What identifies real training data: every case file's name, size and a SHA-256 of its first and
+    last MiB (cheap on a 50 GB dataset, and unchanged by a copy to another disk, unlike modification
+    times). None for the synthetic data, which the settings alone define."""
+    import hashlib
+
+    if cfg.data == "synthetic":
+        return None
+    root = Path(cfg.data)
+    paths = discover_cases(root)
+    if cfg.max_cases:
+        paths = paths[:cfg.max_cases]
+    prints = {}
+    for p in paths:
+        for f in (p.image, p.label):
+            if f is None:
+                continue
+            size = f.stat().st_size
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                h.update(fh.read(FINGERPRINT_BYTES))
+                if size > FINGERPRINT_BYTES:
+                    fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                    h.update(fh.read())
+            key = str(f.relative_to(root)) if root in f.parents else str(f)  # images and labels share names
+            prints[key] = f"{size}:{h.hexdigest()[:16]}"
+    return prints
+
+
+def _check_resume(saved_ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    saved = saved_ckpt["config"]
     diffs = []
     now = cfg.to_dict()
     defaults = TrainConfig().to_dict()  # a key that an older checkpoint lacks had its default then
+    real = cfg.data != "synthetic"
     for key in RESUME_INVARIANTS:
+        if key in (SYNTHETIC_ONLY if real else REAL_ONLY):
+            continue
         a, b = saved.get(key, defaults[key]), now.get(key)
+        if key in ("data", "init"):
+            a, b = _normalised_path(a), _normalised_path(b)
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
     if diffs:
         raise ValueError(f"--resume: {path} was written by a run with other settings, so it cannot continue exactly: "
                          + "; ".join(diffs))
+    before = saved_ckpt.get("data_fingerprint")
+    if real and before is not None:
+        after = data_fingerprint(cfg)
+        changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+        gone, new = sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys())
+        if changed or gone or new:
+            parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                     for label, names in (("changed", changed), ("missing", gone), ("new", new)) if names]
+            raise ValueError(f"--resume: the data in {cfg.data} is not what {path} was trained on ("
+                             + "; ".join(parts) + "); start a new run (another --out) for the new data")
 
 
 def _rewrite_metrics(path: Path, keep_until: int) -> list[dict]:
@@ -110,7 +183,8 @@ def _rewrite_metrics(path: Path, keep_until: int) -> list[dict]:
                 continue  # a line torn by a kill
             if rec.get("step", 0) <= keep_until:
                 records.append(rec)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with atomic_path(path) as tmp:  # a kill now must not lose the kept lines
+        tmp.write_text("".join(json_line(r) + "\n" for r in records))
     return records
 
 
@@ -154,7 +228,17 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         raise ValueError(f"--micro-batch {micro} must divide the per-process batch {local_batch}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temps(out)
+        if stale:
+            _say(f"[{cfg.stage}] removed {len(stale)} temporary file(s) ({sum(n for _, n in stale) / 2**20:.0f} MiB) "
+                 f"that a killed run left in {out}: " + ", ".join(p.name for p, _ in stale), main)
     show = cfg.progress and main
+    ckpt_path = out / "last.pt"
+    resume = None
+    if cfg.resume and ckpt_path.exists():  # checked before the (slow) data loading
+        resume = load_checkpoint(ckpt_path)
+        _check_resume(resume, cfg, ckpt_path)
+    fingerprint = data_fingerprint(cfg) if main else None
 
     train_cases, val_cases = load_datasets(cfg, progress=show)
     if cfg.stage == "2d":
@@ -166,12 +250,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
-    ckpt_path = out / "last.pt"
-    resume = None
-    if cfg.resume and ckpt_path.exists():
-        resume = load_checkpoint(ckpt_path)
-        _check_resume(resume["config"], cfg, ckpt_path)
-    elif cfg.init:
+    if resume is None and cfg.init:
         _say(f"[{cfg.stage}] {initialise_from(model, cfg.init)}", main)
     frozen = freeze_encoder(model) if cfg.stage == "3d" else []
     optimizer = make_optimizer(cfg, trainable_parameters(model), device)
@@ -207,17 +286,35 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     def write(rec):
         records.append(rec)
         if log is not None:
-            log.write(json.dumps(rec) + "\n")
+            log.write(json_line(rec) + "\n")
             log.flush()
 
+    saved_step = start if resume is not None else None
+
+    def last_good() -> str:
+        if saved_step is None:
+            return f"no checkpoint was written yet ({ckpt_path} does not hold this run)"
+        return f"{ckpt_path} holds step {saved_step}, the last finite state; --resume continues from it"
+
     def save(step):
+        nonlocal saved_step
+        # a checkpoint is the state to continue from: never one with NaN or infinite numbers in it
+        bad = nonfinite_tensors({"model": model.state_dict(), "optimizer": optimizer.state_dict()["state"]})
+        if bad:
+            raise TrainingDiverged(f"[{cfg.stage}] training diverged: after step {step} {len(bad)} tensor(s) are NaN "
+                                   f"or infinite ({', '.join(bad[:3])}); {last_good()}. Try a lower --lr than "
+                                   f"{cfg.lr}.")
         if main:
             atomic_torch_save({
                 "format": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
                 "config": cfg.to_dict(), "model_spec": model_spec(cfg), "frozen": list(frozen),
                 "versions": {"ahnet_fast": str(ahnet_fast.__version__), "torch": str(torch.__version__)},
+                # one source of geometry, here and in `infer`: the voxel spacing is the affine's
+                "geometry": {"spacing_from": "affine", "spacing_xy": cfg.spacing_xy},
+                "data_fingerprint": fingerprint,
             }, ckpt_path)
+        saved_step = step
         distributed.barrier(info)
 
     def evaluate(step):
@@ -238,7 +335,15 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=not show,
                file=sys.stderr, dynamic_ncols=True)
     n_micro = local_batch // micro
-    last_loss = float("nan")
+    train_losses = [r["loss"] for r in records if r.get("kind") == "train"]
+    last_loss = train_losses[-1] if train_losses else None
+
+    def announce(signum):
+        bar.write(f"[{cfg.stage}] {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                  "(signal again to stop at once)", file=sys.stderr)
+
+    stopping = contextlib.ExitStack()
+    stop = stopping.enter_context(deferred_signals(announce if main else None))
     try:
         for step in range(start, cfg.steps):
             set_train_mode(model, frozen)
@@ -262,10 +367,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
                 bn_stats.after_micro_batch()
                 total += loss.detach()
             bn_stats.end_step()
-            step_loss = distributed.mean_across_ranks(total.item(), info, device)
+            step_loss, stop_now = distributed.mean_and_any(total.item(), stop.requested, info, device)
             if not math.isfinite(step_loss) and not scaler.is_enabled():
-                raise RuntimeError(f"[{cfg.stage}] the loss is {step_loss} at step {step + 1}: training diverged "
-                                   f"(try a lower --lr than {cfg.lr}); the last good checkpoint is {ckpt_path}")
+                raise TrainingDiverged(f"[{cfg.stage}] training diverged: the loss is {step_loss} at step {step + 1}; "
+                                       f"{last_good()}. Try a lower --lr than {cfg.lr}.")
             scaler.step(optimizer)
             scaler.update()
             if device.type == "cuda":
@@ -277,8 +382,12 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
             bar.set_postfix(loss=f"{step_loss:.4f}", vox_s=f"{cfg.batch * voxels_per_sample / dt:,.0f}")
             bar.update(1)
             done = step + 1
-            if done % cfg.save_every == 0 or done == cfg.steps:
+            if done % cfg.save_every == 0 or done == cfg.steps or stop_now:
                 save(done)
+            if stop_now:
+                signum = stop.signum or signal.SIGTERM  # another rank's signal
+                raise Interrupted(signum, f"[{cfg.stage}] stopped by {signal.Signals(signum).name} after step {done}: "
+                                          f"{ckpt_path} holds it; --resume continues")
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 rec, _ = evaluate(done)
                 if rec is not None:
@@ -286,24 +395,26 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
                     if cfg.plots:
                         _plots(out, records)
     finally:
+        stopping.close()
         bar.close()
         if log is not None:
             log.close()
+    final_step = max(start, cfg.steps)
     if start >= cfg.steps and resume is not None:
         _say(f"[{cfg.stage}] {ckpt_path} is already at step {start} of {cfg.steps}: nothing to train", main)
 
     log = open(metrics_path, "a") if main else None
-    rec, preds = evaluate(cfg.steps)
+    rec, preds = evaluate(final_step)  # a signal now interrupts it: the checkpoint is already written
     if log is not None:
         log.close()
-    result = {"step": cfg.steps, "loss": last_loss, "out": str(out), "checkpoint": str(ckpt_path)}
+    result = {"step": final_step, "loss": last_loss, "out": str(out), "checkpoint": str(ckpt_path)}
     if main:
         result["dice"] = {k: v for k, v in rec.items() if k not in ("step", "kind")}
-        _say(f"[{cfg.stage}] final ({cfg.steps} steps) on {len(val_cases)} held-out case(s): "
+        _say(f"[{cfg.stage}] final ({final_step} steps) on {len(val_cases)} held-out case(s): "
              + _dice_line(rec, cfg), main)
         if cfg.plots:
             case = val_cases[0]
-            title = f"{cfg.stage}: {case.name}, step {cfg.steps}"
+            title = f"{cfg.stage}: {case.name}, step {final_step}"
             written = _plots(out, records, (case.image, case.label, preds[0], list(cfg.class_names), title,
                                             case.affine))
             result["plots"] = [str(p) for p in written]
