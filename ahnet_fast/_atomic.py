@@ -23,6 +23,9 @@ class WriteError(OSError):
     """A file could not be written: one line naming the file and the reason (no space, read-only file
     system, permission, a file where a folder should be). Nothing half-written is left behind."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
+
 
 def _reason(exc: BaseException, folder: Path) -> str:
     code = getattr(exc, "errno", None)

@@ -227,6 +227,8 @@ def _check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
     """An earlier run's files in OUT are kept unless --resume continues the run or --overwrite says so."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; the run's folder must be a folder (or not exist yet)")
     if resume or overwrite or not os.path.isdir(out) or not os.listdir(out):
         return
     raise ValueError(f"--out {out} already holds files ({', '.join(sorted(os.listdir(out))[:5])}): pass --resume to "

@@ -574,3 +574,17 @@ def dispatch_sample():
     logits = torch.randn(2, 3, 6, 5, 4, dtype=torch.float64)
     labels = torch.randint(0, 3, (2, 1, 6, 5, 4))
     return (lambda be: ops.focal_loss(logits, labels, use_softmax=True, backend=be)), None
+
+
+@pytest.mark.parametrize("kw", [dict(to_onehot_y=True, use_softmax=True, gamma=2.0), dict(reduction="sum"),
+                                dict(reduction="none"), dict(use_softmax=True, to_onehot_y=True, reduction="sum")])
+def test_an_empty_batch_gives_monais_answer(kw):
+    """MONAI: mean over nothing is NaN, a sum 0, "none" an empty tensor (not an IndexError)."""
+    from monai.losses import FocalLoss as MonaiFocalLoss
+
+    logits = torch.zeros(0, 3, 4, 4, 4)
+    target = torch.zeros(0, 1 if kw.get("to_onehot_y") else 3, 4, 4, 4)
+    ours = ahnet_fast.FocalLoss(**kw)(logits, target)
+    theirs = MonaiFocalLoss(**kw)(logits, target)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, equal_nan=True)

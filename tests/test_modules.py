@@ -193,3 +193,21 @@ def test_torch_compile_whole_ahnet_without_graph_breaks(spatial_dims):
     g = torch.autograd.grad(y.square().mean(), x)[0]
     assert_close_normwise(y, eager_y, 1e-6)
     assert_close_normwise(g, eager_g, 1e-5)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: ahnet_fast.AHNet(psp_block_num=0), (1, 1, 64, 64, 32)),
+                                         (lambda: ahnet_fast.MCFCN(out_channels=2), (1, 3, 64, 64)),
+                                         (lambda: ahnet_fast.FCN(out_channels=2), (1, 3, 64, 64))])
+def test_an_input_of_another_dtype_is_one_clear_error_at_the_module(make, shape):
+    """float64 into a float32 model: a ValueError naming both dtypes, raised before any op (and a
+    RuntimeError too, as PyTorch's own message from inside a convolution is, so MONAI-era handlers
+    still catch it). Under autocast the convolutions cast for themselves: no error."""
+    from ahnet_fast.nn.shapes import InputMismatchError
+
+    model = make().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"the input is torch.float64 but the weights are torch.float32") as info:
+        model(x)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, InputMismatchError)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert model(x.float()).dtype == torch.bfloat16

@@ -239,6 +239,8 @@ def test_killed_run_leaves_a_loadable_checkpoint(tmp_path):
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "train"]
     assert steps == list(range(1, 21)), "each step logged exactly once across the kills"
+    leftovers = [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert not leftovers, f"temporary files of the killed runs were not removed at the next start: {leftovers}"
 
 
 def test_bf16_autocast_step_on_cpu(tmp_path):
