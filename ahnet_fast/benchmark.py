@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from ahnet_fast import _json
 from ahnet_fast._atomic import atomic_path
 
 
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             tmp.write_text("\n".join(lines) + "\n")
     if args.json:
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(dict(run_info(args.device, name), amp=args.amp, results=records), indent=1))
+            tmp.write_text(_json.dumps(dict(run_info(args.device, name), amp=args.amp, results=records), indent=1))
     return 0
 
 

@@ -14,7 +14,6 @@ Subcommands (each has ``--help``):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -189,8 +188,8 @@ def cmd_plan(args) -> int:
     print("\n".join(lines))
     if args.json:  # the README's transcript is generated from this file (benchmarks/report.py)
         import datetime
-        import json
 
+        from ahnet_fast import _json
         from ahnet_fast._atomic import atomic_path
 
         record = dict(date=str(datetime.date.today()), torch=torch.__version__,
@@ -203,7 +202,7 @@ def cmd_plan(args) -> int:
                                                          estimate=est.as_dict()),
                       transcript=lines)
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
+            f.write(_json.dumps(record, indent=1))
     return 0
 
 
@@ -247,6 +246,9 @@ def cmd_train(args) -> int:
     # find rank 0's fresh files and refuse its own run
     if os.environ.get("RANK", "0") == "0":
         _check_out_folder(args.out, args.resume, args.overwrite)
+        from ahnet_fast._atomic import check_writable
+
+        check_writable(os.path.join(args.out, "last.pt"), overwrite=True, what="--out")  # before any work
     if args.stage == "all":
         steps = {"2d": args.steps_2d or args.steps, "3d": args.steps_3d or args.steps, "finetune": args.steps}
         results = train_schedule(cfg, steps=steps)

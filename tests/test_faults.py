@@ -229,6 +229,22 @@ def test_infer_finds_an_unwritable_output_folder_before_any_work(trained, tmp_pa
     assert len(err.splitlines()) == 1
 
 
+def test_train_finds_an_unwritable_out_before_any_work(tmp_path, capsys, monkeypatch):
+    import ahnet_fast.training.loop as loop
+
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):
+        if str(path).startswith(str(tmp_path)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(atomic.os, "open", read_only)
+    monkeypatch.setattr(loop, "load_datasets", lambda *a, **k: pytest.fail("training started"))
+    assert main(_tiny_args(tmp_path / "run", steps=1)) == 1
+    assert capsys.readouterr().err.strip() == \
+        f"ahnet-fast train: cannot write {tmp_path / 'run' / 'last.pt'}: read-only file system"
+
+
 def test_infer_output_paths_that_cannot_be_files(trained, tmp_path, capsys, no_inference):
     model, ct, _ = trained
     blocker = tmp_path / "blocker"

@@ -1,7 +1,7 @@
 """The package's structure as the design states it, checked on the source:
 
 - layers, each importing only those at or below it: cli -> training/inference -> nn -> ops ->
-  backends -> kernels, with the base helpers (_atomic, _layout, _scratch, _extension) under all;
+  backends -> kernels, with the base helpers (_atomic, _json, _layout, _scratch, _extension) under all;
   nn does not reach into kernels, and nothing above nn reaches into ops or kernels;
 - no import circle between modules (imports inside functions count: they are circles at run time);
 - nn/ makes no decision about how an op runs (no device, extension, autocast, compile or backend
@@ -15,7 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "ahnet_fast"
 
-BASE = {"ahnet_fast._atomic", "ahnet_fast._build", "ahnet_fast._layout", "ahnet_fast._scratch", "ahnet_fast._extension",
+BASE = {"ahnet_fast._atomic", "ahnet_fast._json", "ahnet_fast._build", "ahnet_fast._layout", "ahnet_fast._scratch", "ahnet_fast._extension",
         "ahnet_fast.kernels.errors"}
 UPPER = ("ahnet_fast.training", "ahnet_fast.inference", "ahnet_fast.memory", "ahnet_fast.metrics",
          "ahnet_fast.plots", "ahnet_fast.data", "ahnet_fast.benchmark")

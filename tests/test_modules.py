@@ -202,7 +202,7 @@ def test_an_input_of_another_dtype_is_one_clear_error_at_the_module(make, shape)
     """float64 into a float32 model: a ValueError naming both dtypes, raised before any op (and a
     RuntimeError too, as PyTorch's own message from inside a convolution is, so MONAI-era handlers
     still catch it). Under autocast the convolutions cast for themselves: no error."""
-    from ahnet_fast.nn.shapes import InputMismatchError
+    from ahnet_fast.ops._inputs import InputMismatchError
 
     model = make().eval()
     x = torch.randn(shape, dtype=torch.float64)

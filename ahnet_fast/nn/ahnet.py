@@ -24,7 +24,8 @@ from torch import nn
 
 from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, set_backend
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
-from ahnet_fast.nn.shapes import check_ahnet_input, check_input_matches
+from ahnet_fast.nn.shapes import check_ahnet_input
+from ahnet_fast.ops._inputs import check_input_matches
 from ahnet_fast import _scratch as scratch
 from ahnet_fast.ops import pointwise_conv, slice_max_pool, stem_conv_pool, transposed_conv
 from ahnet_fast.ops.pyramid_pool import UPSAMPLE_MODES, check_pyramid_pool_input, pyramid_pool

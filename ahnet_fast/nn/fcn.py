@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahnet_fast.nn._bn import bn_relu, set_backend
-from ahnet_fast.nn.shapes import ahnet_size_ok, check_input_matches
+from ahnet_fast.nn.shapes import ahnet_size_ok
+from ahnet_fast.ops._inputs import check_input_matches
 
 __all__ = ["FCN", "MCFCN", "GCN", "Refine", "ResNet50Bottleneck", "resnet50_layers"]
 

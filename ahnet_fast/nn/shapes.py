@@ -77,24 +77,6 @@ def ahnet_output_shape(input_shape, spatial_dims: int, out_channels: int) -> tup
     return (input_shape[0], out_channels, *out)
 
 
-class InputMismatchError(ValueError, RuntimeError):
-    """An input whose dtype or device differs from the module's weights. A ValueError, as every bad
-    input here; also a RuntimeError, which is what PyTorch (and so MONAI) raises for the same input
-    from inside the first convolution, so code written against either catches it."""
-
-
-def check_input_matches(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
-    """Raises InputMismatchError naming both dtypes (or devices) when ``x`` cannot meet ``weight``
-    outside autocast (under autocast the convolutions cast for themselves)."""
-    if x.device != weight.device:
-        raise InputMismatchError(f"{name}: the input is on {x.device} but the weights are on {weight.device}; "
-                                 f"move one of them (model.to(device) or x.to(device))")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise InputMismatchError(f"{name}: the input is {x.dtype} but the weights are {weight.dtype}; convert "
-                                 f"one of them (x.to({weight.dtype}) or model.to({x.dtype})), or run under "
-                                 "torch.autocast")
-
-
 def check_ahnet_input(x: torch.Tensor, spatial_dims: int, in_channels: int, psp_block_num: int,
                       upsample_mode: str) -> None:
     """Raises ValueError naming the rule and the shape when AH-Net cannot take ``x``."""

@@ -21,6 +21,7 @@ from ahnet_fast.data import (PatchSampler, Preprocessing, SliceSampler, discover
                              synthetic_cases)
 from ahnet_fast.nn import FocalLoss
 from ahnet_fast.training import distributed
+from ahnet_fast import _json
 from ahnet_fast._atomic import atomic_path, remove_stale_temps
 from ahnet_fast.training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_checkpoint, nonfinite_tensors
 from ahnet_fast.training.config import TrainConfig
@@ -58,17 +59,8 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
 
 
 def json_line(rec: dict) -> str:
-    """One JSON line with NaN and infinities as null (JSON has no NaN; Python's json would write a
-    bare ``NaN`` that other readers reject)."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(rec), allow_nan=False)
+    """One JSON line with NaN and infinities as null (see :mod:`ahnet_fast._json`)."""
+    return _json.dumps(rec)
 
 
 def _tqdm():

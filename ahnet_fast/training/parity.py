@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import json
 import platform
 import sys
 from pathlib import Path
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 import ahnet_fast
+from ahnet_fast import _json
 from ahnet_fast._atomic import atomic_path
 from ahnet_fast.backends import backend as use_backend
 from ahnet_fast.data import PatchSampler
@@ -299,7 +299,7 @@ def run_parity(*, steps: int = 100, steps_fp64: int = 20, patch=(96, 96, 32), ps
     if out:
         out = Path(out)
         with atomic_path(out / "parity.json") as tmp:
-            tmp.write_text(json.dumps(report, indent=1))
+            tmp.write_text(_json.dumps(report, indent=1))
         with atomic_path(out / "parity.md") as tmp:
             tmp.write_text(_markdown(report))
         with atomic_path(out / "parity.png", suffix=".png") as tmp:
