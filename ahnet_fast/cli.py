@@ -295,6 +295,36 @@ def cmd_bench(args) -> int:
     return bench_main(extra, prog="ahnet-fast bench")
 
 
+def cmd_froc(args) -> int:
+    from ahnet_fast import _json
+    from ahnet_fast._atomic import atomic_path, check_writable
+    from ahnet_fast.detection import froc, read_candidates, read_truth
+
+    for path in (args.plot, args.json):
+        if path:
+            check_writable(path, overwrite=True, what="output")
+    lesions, cases = read_truth(args.truth)
+    candidates = read_candidates(args.candidates)
+    result = froc(candidates, lesions, cases, hit_distance_mm=args.hit_distance_mm)
+    print(f"FROC of {args.candidates}: {result.n_lesions} lesions in {result.n_volumes} volumes, "
+          f"{len(candidates)} candidates ({result.n_found} lesions hit, {result.n_false_positives} false positives, "
+          f"{result.n_duplicates} duplicates); a hit is {result.hit_rule}")
+    print("false positives per volume: " + "  ".join(f"{r:>6g}" for r in result.rates))
+    print("sensitivity:                " + "  ".join(f"{s:>6.3f}" for s in result.sensitivity))
+    print(f"mean sensitivity over these rates (CPM): {result.cpm:.3f}")
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(_json.dumps({"candidates": str(args.candidates), "truth": str(args.truth),
+                                        **result.as_dict()}, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        from ahnet_fast.plots import plot_froc
+
+        plot_froc({os.path.basename(args.candidates): result}, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ahnet-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -446,6 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="judge against the pure-PyTorch reference path even when MONAI is installed")
     parity_p.add_argument("--no-progress", action="store_true")
     parity_p.set_defaults(func=cmd_parity)
+
+    froc_p = add_command("froc", help="score detection candidates against the truth (FROC)",
+                            description="FROC of a candidates CSV (case, x_mm, y_mm, z_mm, score: world mm) against "
+                                        "a truth CSV (case, x_mm, y_mm, z_mm, optional radius_mm; a row with only a "
+                                        "case names a lesion-free volume): sensitivity at 1/8, 1/4, 1/2, 1, 2 and 4 "
+                                        "false positives per volume and their mean. A candidate hits a lesion within "
+                                        "its radius (or --hit-distance-mm); the highest-scoring hit finds the "
+                                        "lesion, other hits are duplicates (neither true nor false positives), every "
+                                        "other candidate is a false positive.")
+    froc_p.add_argument("--candidates", required=True, help="candidates CSV")
+    froc_p.add_argument("--truth", required=True, help="truth CSV")
+    froc_p.add_argument("--hit-distance-mm", type=float, default=None,
+                        help="hit distance for lesions without a radius_mm")
+    froc_p.add_argument("--plot", default=None, metavar="PNG", help="write the FROC curve here")
+    froc_p.add_argument("--json", default=None, help="write the result (and the whole curve) here")
+    froc_p.set_defaults(func=cmd_froc)
 
     bench_p = add_command("bench", help="end-to-end benchmark against MONAI (training step and inference)",
                              description="The end-to-end benchmark (ahnet_fast/benchmark.py); arguments after "

@@ -372,3 +372,41 @@ def _display_range(shown: np.ndarray, display_range) -> tuple[float, float]:
     if lo <= -500 and hi >= 0:  # air below -500 and tissue above: Hounsfield units
         return _SOFT_TISSUE_WINDOW
     return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1.0)
+
+
+def plot_froc(results: dict, path, *, title: str = "FROC") -> Path:
+    """FROC curves as a PNG at ``path`` (returned): sensitivity against false positives per volume on
+    a log2 axis (the listed rates, 1/8 to 4, are evenly spaced there), each curve marked at the rates
+    with its sensitivity there and labelled with its CPM-style mean. ``results`` maps a label to a
+    :class:`ahnet_fast.detection.FrocResult` (or its ``as_dict()``)."""
+    if not results:
+        raise ValueError("plot_froc: no FROC results to draw")
+    fig = _new_figure((6.4, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    rates_all = set()
+    for i, (label, res) in enumerate(results.items()):
+        d = res.as_dict() if hasattr(res, "as_dict") else res
+        fp = np.asarray(d["curve"]["fp_per_volume"], dtype=float)
+        sens = np.asarray(d["curve"]["sensitivity"], dtype=float)
+        rates = np.asarray(d["rates"], dtype=float)
+        rates_all.update(rates.tolist())
+        lo = min(rates.min() / 2, fp[fp > 0].min() if (fp > 0).any() else rates.min() / 2)
+        hi = max(rates.max() * 1.5, fp.max())
+        # the curve is a staircase: sensitivity holds until a lower threshold adds a lesion
+        x = np.r_[lo, np.maximum(fp[1:], lo), hi]
+        y = np.r_[sens[0], np.maximum.accumulate(sens[1:]), sens.max()]
+        colour = f"C{i}"
+        ax.step(x, y, where="post", color=colour, label=f"{label}: mean sensitivity {d['cpm']:.3f} "
+                                                        f"({d['n_lesions']} lesions, {d['n_volumes']} volumes)")
+        ax.plot(rates, d["sensitivity"], "o", color=colour)
+        ax.set_xlim(lo, hi)
+    ax.set_xscale("log", base=2)
+    ticks = sorted(rates_all)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per volume")
+    ax.set_ylabel("sensitivity (lesions found)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize="small", frameon=False)
+    return _save_png(fig, path)

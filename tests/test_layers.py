@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "ahnet_fast"
 
 BASE = {"ahnet_fast._atomic", "ahnet_fast._json", "ahnet_fast._build", "ahnet_fast._layout", "ahnet_fast._scratch", "ahnet_fast._extension",
         "ahnet_fast.kernels.errors"}
-UPPER = ("ahnet_fast.training", "ahnet_fast.inference", "ahnet_fast.memory", "ahnet_fast.metrics",
+UPPER = ("ahnet_fast.training", "ahnet_fast.inference", "ahnet_fast.memory", "ahnet_fast.metrics", "ahnet_fast.detection",
          "ahnet_fast.plots", "ahnet_fast.data", "ahnet_fast.benchmark")
 
 

@@ -1,0 +1,208 @@
+"""Peak finding and FROC on hand-built inputs whose answers are known (every hit, miss and duplicate rule)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ahnet_fast.cli import main
+from ahnet_fast.detection import (FROC_RATES, Candidate, Lesion, find_peaks, froc, read_candidates, read_truth,
+                                  write_candidates)
+
+DBT_AFFINE = np.diag([0.5, 0.5, 1.0, 1.0])  # 0.5 mm in-plane, 1 mm slices
+
+
+def _blob(shape, centre, sigma_vox, peak=1.0):
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    d2 = sum(((g - c) / s) ** 2 for g, c, s in zip(grid, centre, sigma_vox))
+    return peak * np.exp(-0.5 * d2)
+
+
+# ---------------------------------------------------------------- peaks
+
+def test_peaks_are_found_at_the_blob_centres_in_world_millimetres():
+    affine = DBT_AFFINE.copy()
+    affine[:3, 3] = (10.0, -20.0, 5.0)
+    heat = np.maximum(_blob((40, 40, 12), (10, 12, 3), (4, 4, 2), 0.9), _blob((40, 40, 12), (30, 25, 8), (4, 4, 2), 0.7))
+    peaks = find_peaks(heat, affine, radius_mm=4.0, threshold=0.3, case="v")
+    assert [p.case for p in peaks] == ["v", "v"]
+    assert peaks[0].position_mm == (15.0, -14.0, 8.0) and peaks[0].score == pytest.approx(0.9)
+    assert peaks[1].position_mm == (25.0, -7.5, 13.0) and peaks[1].score == pytest.approx(0.7)
+    # the threshold, and at most max_candidates, highest first
+    assert len(find_peaks(heat, affine, radius_mm=4.0, threshold=0.8)) == 1
+    assert [p.score for p in find_peaks(heat, affine, radius_mm=4.0, threshold=0.3, max_candidates=1)] == \
+        [pytest.approx(0.9)]
+    # torch input gives the same
+    assert find_peaks(torch.from_numpy(heat), affine, radius_mm=4.0, threshold=0.3) == \
+        find_peaks(heat, affine, radius_mm=4.0, threshold=0.3)
+
+
+def test_two_maxima_closer_than_the_radius_in_millimetres_give_one_candidate():
+    """Voxels are 0.5 x 0.5 x 1 mm: two maxima 3 voxels apart in-plane are 1.5 mm apart (one candidate
+    at radius 2 mm) while 3 slices apart are 3 mm (two candidates)."""
+    shape = (30, 30, 20)
+    inplane = np.maximum(_blob(shape, (10, 10, 10), (1, 1, 1), 1.0), _blob(shape, (13, 10, 10), (1, 1, 1), 0.8))
+    assert len(find_peaks(inplane, DBT_AFFINE, radius_mm=2.0, threshold=0.5)) == 1
+    across = np.maximum(_blob(shape, (10, 10, 5), (1, 1, 1), 1.0), _blob(shape, (10, 10, 8), (1, 1, 1), 0.8))
+    assert len(find_peaks(across, DBT_AFFINE, radius_mm=2.0, threshold=0.5)) == 2
+    # on the diagonal: 2 voxels along x and along y is 1.41 mm. A pooling box 1.2 mm wide per axis would
+    # swallow it; the radius does not
+    corner = np.zeros(shape)
+    corner[10, 10, 10], corner[12, 12, 10] = 1.0, 0.9
+    assert len(find_peaks(corner, DBT_AFFINE, radius_mm=1.5, threshold=0.5)) == 1
+    assert len(find_peaks(corner, DBT_AFFINE, radius_mm=1.2, threshold=0.5)) == 2
+
+
+def test_a_plateau_is_one_candidate_and_bad_input_is_refused():
+    heat = np.zeros((20, 20, 6), np.float32)
+    heat[5:8, 5:8, 2:4] = 0.6
+    peaks = find_peaks(heat, DBT_AFFINE, radius_mm=3.0, threshold=0.5)
+    assert len(peaks) == 1 and peaks[0].position_mm == (2.5, 2.5, 2.0)  # the first voxel of the plateau
+    assert find_peaks(np.zeros((4, 4, 4)), np.eye(4), threshold=0.5) == []
+    bad = heat.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"find_peaks \(v1\): the heat map has 1 NaN or infinite values"):
+        find_peaks(bad, DBT_AFFINE, case="v1")
+    with pytest.raises(ValueError, match="affine"):
+        find_peaks(heat, np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="radius_mm"):
+        find_peaks(heat, DBT_AFFINE, radius_mm=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        find_peaks(np.zeros((4, 4)), DBT_AFFINE)
+
+
+# ---------------------------------------------------------------- FROC rules
+
+def C(case, x, score, y=0.0, z=0.0):
+    return Candidate(case, (float(x), float(y), float(z)), float(score))
+
+
+def L(case, x, radius=5.0, y=0.0, z=0.0):
+    return Lesion(case, (float(x), float(y), float(z)), radius)
+
+
+def test_every_lesion_found_without_false_positives_is_sensitivity_one():
+    r = froc([C("a", 0, 0.9), C("b", 100, 0.8)], [L("a", 1), L("b", 101)], ["a", "b"])
+    assert r.sensitivity == (1.0,) * 6 and r.cpm == 1.0
+    assert (r.n_found, r.n_false_positives, r.n_duplicates) == (2, 0, 0)
+
+
+def test_hits_are_within_the_radius_inclusive():
+    lesion = [L("a", 0, radius=5.0)]
+    assert froc([C("a", 3, 0.9, y=4)], lesion).n_found == 1            # exactly 5 mm: a hit
+    r = froc([C("a", 3, 0.9, y=4.0001)], lesion)                         # just beyond: a miss and an FP
+    assert (r.n_found, r.n_false_positives) == (0, 1) and r.cpm == 0.0
+    # a candidate in another volume at the same coordinates is not a hit
+    r = froc([C("b", 0, 0.9)], lesion, ["a", "b"])
+    assert (r.n_found, r.n_false_positives) == (0, 1)
+
+
+def test_duplicates_are_neither_true_nor_false_positives_and_the_best_score_counts():
+    cands = [C("a", 0, 0.9), C("a", 1, 0.95), C("a", 2, 0.2)]
+    r = froc(cands, [L("a", 0)])
+    assert (r.n_found, r.n_false_positives, r.n_duplicates) == (1, 0, 2)
+    assert r.curve_threshold[1] == pytest.approx(0.95)  # the lesion is found at its best candidate's score
+    assert r.cpm == 1.0
+
+
+def test_one_candidate_hitting_two_lesions_finds_both():
+    r = froc([C("a", 5, 0.9)], [L("a", 0, radius=6), L("a", 10, radius=6)])
+    assert r.n_found == 2 and r.sensitivity[0] == 1.0 and r.n_duplicates == 0
+
+
+def test_false_positives_are_per_volume_lesion_free_volumes_included():
+    """One lesion found at score 0.5 below four false positives at 0.6-0.9, over 2 volumes, then over
+    4 (two lesion-free volumes with nothing in them): the lesion is found at 2 FP/volume, then at 1."""
+    cands = [C("a", 0, 0.5), C("a", 50, 0.9), C("a", 60, 0.8), C("b", 0, 0.7), C("b", 10, 0.6)]
+    r = froc(cands, [L("a", 0)], ["a", "b"])
+    assert r.sensitivity == (0, 0, 0, 0, 1, 1)
+    r = froc(cands, [L("a", 0)], ["a", "b", "c", "d"])
+    assert r.sensitivity == (0, 0, 0, 1, 1, 1) and r.cpm == pytest.approx(0.5)
+
+
+def test_a_hand_computed_froc():
+    """Three volumes, four lesions (one never hit), candidates by score:
+    0.9 hit l1 | 0.8 FP | 0.7 hit l2 | 0.6 FP | 0.5 FP | 0.4 hit l3 | 0.3 FP | 0.2 FP.
+    Thresholds from the top: (FP/vol, sensitivity) = (0, 1/4), (1/3, 1/4), (1/3, 2/4), (2/3, 2/4), (1, 2/4),
+    (1, 3/4), (4/3, 3/4), (5/3, 3/4). At 1/8 and 1/4 FP/vol: 1/4; at 1/2: 2/4; at 1: 3/4; at 2 and 4: 3/4."""
+    lesions = [L("a", 0), L("a", 100), L("b", 0), L("c", 0)]
+    cands = [C("a", 0, 0.9), C("a", 50, 0.8), C("a", 100, 0.7), C("b", 50, 0.6), C("c", 50, 0.5), C("b", 1, 0.4),
+             C("c", 70, 0.3), C("c", 90, 0.2)]
+    r = froc(cands, lesions, ["a", "b", "c"])
+    assert r.sensitivity == pytest.approx((0.25, 0.25, 0.5, 0.75, 0.75, 0.75))
+    assert r.cpm == pytest.approx((0.25 * 2 + 0.5 + 0.75 * 3) / 6)
+    np.testing.assert_allclose(r.curve_fp_per_volume, [0, 0, 1 / 3, 1 / 3, 2 / 3, 1, 1, 4 / 3, 5 / 3])
+    np.testing.assert_allclose(r.curve_sensitivity, [0, 0.25, 0.25, 0.5, 0.5, 0.5, 0.75, 0.75, 0.75])
+    assert (r.n_lesions, r.n_volumes, r.n_found, r.n_false_positives) == (4, 3, 3, 5)
+    assert r.rates == FROC_RATES
+
+
+def test_points_need_a_hit_distance_and_unknown_volumes_are_refused():
+    point = [Lesion("a", (0.0, 0.0, 0.0), None)]
+    with pytest.raises(ValueError, match="has no radius; give hit_distance_mm"):
+        froc([C("a", 0, 0.9)], point)
+    assert froc([C("a", 3, 0.9)], point, hit_distance_mm=4).n_found == 1
+    assert froc([C("a", 5, 0.9)], point, hit_distance_mm=4).n_found == 0
+    with pytest.raises(ValueError, match="candidates for 1 volume"):
+        froc([C("z", 0, 0.9)], [L("a", 0)], ["a"])
+    with pytest.raises(ValueError, match="lesions in 1 volume"):
+        froc([], [L("z", 0)], ["a"])
+    with pytest.raises(ValueError, match="not finite"):
+        froc([C("a", 0, math.nan)], [L("a", 0)])
+
+
+def test_no_lesions_at_all_is_sensitivity_zero_not_an_error():
+    r = froc([C("a", 0, 0.5)], [], ["a"])
+    assert r.cpm == 0.0 and r.n_false_positives == 1
+
+
+# ---------------------------------------------------------------- CSV files and the command
+
+def test_csv_round_trip_and_clear_errors(tmp_path):
+    cands = [C("case-1", 1.25, 0.9, y=2, z=3), C("case 2", -4, 0.125)]
+    write_candidates(tmp_path / "c.csv", cands)
+    assert read_candidates(tmp_path / "c.csv") == cands
+    (tmp_path / "t.csv").write_text("case,x_mm,y_mm,z_mm,radius_mm\ncase-1,1,2,3,4\ncase-3,,,,\ncase 2,0,0,0,\n")
+    lesions, cases = read_truth(tmp_path / "t.csv")
+    assert cases == ["case-1", "case-3", "case 2"]
+    assert lesions == [Lesion("case-1", (1.0, 2.0, 3.0), 4.0), Lesion("case 2", (0.0, 0.0, 0.0), None)]
+    bad = {
+        "case,x_mm,y_mm,score\na,1,2,0.5\n": r"missing column\(s\) z_mm",
+        "case,x_mm,y_mm,z_mm,score\na,1,2,three,0.5\n": r"bad.csv:2: z_mm 'three' is not a number",
+        "case,x_mm,y_mm,z_mm,score\na,1,2,3,nan\n": r"bad.csv:2: score is nan, not a finite number",
+        "case,x_mm,y_mm,z_mm,score\na,1,2,3,0.5,9\n": r"bad.csv:2: more fields than the header's 5",
+        "case,x_mm,y_mm,z_mm,score\n,1,2,3,0.5\n": r"bad.csv:2: empty case name",
+    }
+    for text, message in bad.items():
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_candidates(tmp_path / "bad.csv")
+    (tmp_path / "bad.csv").write_text("case,x_mm,y_mm,z_mm,radius_mm\na,1,2,3,-1\n")
+    with pytest.raises(ValueError, match="radius_mm must be positive"):
+        read_truth(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="no such file"):
+        read_truth(tmp_path / "missing.csv")
+
+
+def test_froc_command_prints_writes_json_and_plot(tmp_path, capsys):
+    lesions = [L("a", 0), L("a", 100), L("b", 0), L("c", 0)]
+    cands = [C("a", 0, 0.9), C("a", 50, 0.8), C("a", 100, 0.7), C("b", 50, 0.6), C("c", 50, 0.5), C("b", 1, 0.4),
+             C("c", 70, 0.3), C("c", 90, 0.2)]
+    write_candidates(tmp_path / "c.csv", cands)
+    (tmp_path / "t.csv").write_text("case,x_mm,y_mm,z_mm,radius_mm\n"
+                                    + "".join(f"{x.case},{x.position_mm[0]},0,0,5\n" for x in lesions))
+    assert main(["froc", "--candidates", str(tmp_path / "c.csv"), "--truth", str(tmp_path / "t.csv"),
+                 "--json", str(tmp_path / "froc.json"), "--plot", str(tmp_path / "froc.png")]) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity:" in out and "0.250   0.250   0.500   0.750   0.750   0.750" in out
+    assert "mean sensitivity over these rates (CPM): 0.542" in out
+    record = json.loads((tmp_path / "froc.json").read_text())
+    assert record["cpm"] == pytest.approx(0.5416666) and record["n_false_positives"] == 5
+    assert (tmp_path / "froc.png").read_bytes()[:4] == b"\x89PNG"
+    # a candidate for a volume the truth does not name: one line, exit 2
+    write_candidates(tmp_path / "c.csv", [*cands, C("zz", 0, 0.1)])
+    assert main(["froc", "--candidates", str(tmp_path / "c.csv"), "--truth", str(tmp_path / "t.csv")]) == 2
+    assert "candidates for 1 volume(s) that are not evaluated: zz" in capsys.readouterr().err
