@@ -86,6 +86,37 @@ class FrocResult:
                           "threshold": self.curve_threshold.tolist()}}
 
 
+# ---------------------------------------------------------------- the training target
+
+def heatmap_target(shape, affine, lesions: Sequence[Lesion], *, sigma_fraction: float = 0.5,
+                   min_sigma_mm: float = 1.0, point_sigma_mm: float = 2.0) -> np.ndarray:
+    """The detection target of a volume: for each lesion a Gaussian of height 1 at its centre, with
+    sigma = ``sigma_fraction`` x its radius in millimetres (at least ``min_sigma_mm``; lesions given as
+    points: ``point_sigma_mm``), so anisotropic in voxels when the spacing is; where lesions overlap,
+    the maximum. float32 (X, Y, Z) on the grid of ``shape`` and ``affine``. Lesions' world positions
+    are mapped to voxels with the affine's inverse, so the target sits where the image shows them."""
+    shape = tuple(int(n) for n in shape)
+    affine = np.asarray(affine, dtype=np.float64)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"heatmap_target: shape must be three positive sizes, got {shape}")
+    target = np.zeros(shape, dtype=np.float32)
+    spacing = _spacing(affine)
+    to_voxel = np.linalg.inv(affine)
+    for les in lesions:
+        sigma_mm = point_sigma_mm if les.radius_mm is None else max(sigma_fraction * les.radius_mm, min_sigma_mm)
+        centre = (to_voxel @ np.r_[les.position_mm, 1.0])[:3]
+        sigma = sigma_mm / spacing  # voxels, per axis
+        lo = np.maximum(np.floor(centre - 3 * sigma).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + 3 * sigma).astype(int) + 1, shape)
+        if np.any(hi <= lo):
+            continue  # entirely outside this grid (a patch that misses the lesion)
+        axes = [(np.arange(lo[k], hi[k]) - centre[k]) / sigma[k] for k in range(3)]
+        g = np.exp(-0.5 * (axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2))
+        box = target[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        np.maximum(box, g.astype(np.float32), out=box)
+    return target
+
+
 # ---------------------------------------------------------------- peak finding
 
 def _spacing(affine: np.ndarray) -> np.ndarray:

@@ -206,3 +206,56 @@ def test_froc_command_prints_writes_json_and_plot(tmp_path, capsys):
     write_candidates(tmp_path / "c.csv", [*cands, C("zz", 0, 0.1)])
     assert main(["froc", "--candidates", str(tmp_path / "c.csv"), "--truth", str(tmp_path / "t.csv")]) == 2
     assert "candidates for 1 volume(s) that are not evaluated: zz" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the target and the synthetic DBT volumes
+
+def test_heatmap_target_is_anisotropic_in_voxels_and_peaks_at_the_lesions():
+    from ahnet_fast.detection import heatmap_target
+
+    affine = DBT_AFFINE.copy()
+    affine[:3, 3] = (-3.0, 2.0, 1.0)
+    lesions = [Lesion("v", (7.0, 12.0, 9.0), 4.0), Lesion("v", (20.0, 5.0, 4.0), None)]
+    h = heatmap_target((60, 40, 16), affine, lesions)
+    assert h.dtype == np.float32 and h.shape == (60, 40, 16)
+    i, j, k = 20, 20, 8  # (7 + 3) / 0.5, (12 - 2) / 0.5, 9 - 1
+    assert h[i, j, k] == pytest.approx(1.0)
+    # sigma = 2 mm: 4 voxels in-plane, 2 slices; one sigma away the target is exp(-1/2) on both axes
+    assert h[i + 4, j, k] == pytest.approx(np.exp(-0.5), rel=1e-5)
+    assert h[i, j, k + 2] == pytest.approx(np.exp(-0.5), rel=1e-5)
+    peaks = find_peaks(h, affine, radius_mm=3.0, threshold=0.9, case="v")
+    assert sorted(p.position_mm for p in peaks) == sorted(les.position_mm for les in lesions)
+    # a lesion outside the grid (a patch that misses it) leaves the target empty
+    assert heatmap_target((8, 8, 4), np.eye(4), [Lesion("v", (100.0, 100.0, 100.0), 3.0)]).max() == 0.0
+
+
+def test_synthetic_dbt_volumes():
+    from ahnet_fast.data.dbt import make_synthetic_dbt, synthetic_dbt_cases
+
+    a, b = make_synthetic_dbt(7), make_synthetic_dbt(7)
+    assert np.array_equal(a.image, b.image) and a.lesions == b.lesions
+    assert not np.array_equal(make_synthetic_dbt(8).image[:, :, :32], a.image[:, :, :32])
+    cases = synthetic_dbt_cases(4, seed=3, size_xy=96)
+    for case in cases:
+        img = case.image
+        assert img.dtype == np.float32 and img.shape[:2] == (96, 96) and 32 <= img.shape[2] <= 48
+        assert case.spacing == (0.5, 0.5, 1.0) and 0.0 <= img.min() and img.max() <= 1.0
+        assert img[-1, 0, :].max() == 0.0  # air at the corner away from the chest wall
+        assert len(case.lesions) == len(case.kinds) >= 1 and set(case.kinds) <= {"mass", "calcifications"}
+        for les, kind in zip(case.lesions, case.kinds):
+            centre = np.round(np.asarray(les.position_mm) / np.asarray(case.spacing)).astype(int)
+            assert all(0 <= c < n for c, n in zip(centre, img.shape))
+            lo, hi = (2.5, 10.0) if kind == "mass" else (3.0, 6.0)
+            assert lo <= les.radius_mm <= hi
+            if kind == "mass":  # denser than the tissue around it
+                r = int(les.radius_mm / 0.5)
+                core = img[centre[0] - r // 2:centre[0] + r // 2 + 1, centre[1] - r // 2:centre[1] + r // 2 + 1,
+                           centre[2]]
+                ring = img[max(centre[0] - 2 * r, 0):centre[0] + 2 * r + 1, max(centre[1] - 2 * r, 0):centre[1] + 2 * r + 1,
+                           centre[2]]
+                assert core.mean() > ring[ring > 0.05].mean()
+        for p, q in [(p, q) for i, p in enumerate(case.lesions) for q in case.lesions[i + 1:]]:
+            assert math.dist(p.position_mm, q.position_mm) >= p.radius_mm + q.radius_mm + 2  # separate lesions
+    assert sum(k == "calcifications" for c in cases for k in c.kinds) >= 1
+    with pytest.raises(ValueError, match="size_xy"):
+        make_synthetic_dbt(0, size_xy=16)
