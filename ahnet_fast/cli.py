@@ -210,7 +210,8 @@ def _train_config(args):
     from ahnet_fast.training.config import TrainConfig
 
     return TrainConfig(
-        data=args.data, stage="finetune" if args.stage == "all" else args.stage, init=args.init, steps=args.steps,
+        data=args.data, task=args.task, det_radius_mm=args.det_radius_mm, det_threshold=args.det_threshold,
+        stage="finetune" if args.stage == "all" else args.stage, init=args.init, steps=args.steps,
         patch=tuple(args.patch), batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
         optimizer=args.optimizer, momentum=args.momentum, amp=args.amp,
         checkpoint=args.checkpoint, seed=args.seed, device=args.device, out=args.out, resume=args.resume,
@@ -255,8 +256,9 @@ def cmd_train(args) -> int:
     else:
         results = [train(cfg)]
     for r in results:
-        if "dice" in r:
-            print(json_line({"out": r["out"], "step": r["step"], "loss": r["loss"], **r["dice"]}))
+        scores = r.get("dice") or r.get("froc")
+        if scores is not None:
+            print(json_line({"out": r["out"], "step": r["step"], "loss": r["loss"], **scores}))
     return 0
 
 
@@ -373,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="'synthetic' (default: CT-like volumes made from --data-seed), a Medical Segmentation "
                               "Decathlon task folder (dataset.json), or a folder of LiTS volume-N.nii / "
                               "segmentation-N.nii pairs")
+    train_p.add_argument("--task", default="segmentation", choices=("segmentation", "detection"),
+                         help="segmentation: liver and lesions in CT (label maps); detection: lesion centres in "
+                              "breast tomosynthesis (a Gaussian heat map per lesion, scored by FROC; synthetic DBT "
+                              "volumes)")
+    train_p.add_argument("--det-radius-mm", type=float, default=5.0,
+                         help="detection: peaks closer than this to a higher one are one candidate")
+    train_p.add_argument("--det-threshold", type=float, default=0.05,
+                         help="detection: heat-map values below this are never candidates")
     train_p.add_argument("--stage", default="all", choices=("2d", "3d", "finetune", "all"),
                          help="all (default) runs 2d, 3d and finetune in OUT/2d, OUT/3d, OUT/finetune")
     train_p.add_argument("--init", default=None, help="checkpoint to start from: a stage-2d last.pt for stage 3d "

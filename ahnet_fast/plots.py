@@ -112,7 +112,8 @@ def plot_curves(records: Sequence[dict], path) -> Path:
             else:
                 skipped += 1
         for key, value in rec.items():
-            if key.startswith("dice") and "/" in key:
+            # Dice per class, or a detection run's FROC mean sensitivity (and its chance level)
+            if (key.startswith("dice") and "/" in key) or key in ("froc_cpm", "froc_chance_cpm"):
                 v = _number(value)
                 if v is not None and math.isfinite(v):
                     xs, ys = dice.setdefault(key, ([], []))
@@ -120,6 +121,8 @@ def plot_curves(records: Sequence[dict], path) -> Path:
                     ys.append(v)
     if not losses and not dice:
         raise ValueError("records contain no step with a finite 'loss' or a 'dice/<class>' value to plot")
+    froc_names = {"froc_cpm": "FROC mean sensitivity", "froc_chance_cpm": "chance"}
+    metric = "FROC mean sensitivity" if any(k in froc_names for k in dice) else "Dice"
 
     fig = _new_figure((11, 4.6), layout="constrained")
     ax_loss, ax_dice = fig.subplots(1, 2)
@@ -150,14 +153,15 @@ def plot_curves(records: Sequence[dict], path) -> Path:
         for key in sorted(dice):
             xs, ys = dice[key]
             order = np.argsort(xs, kind="stable")
-            ax_dice.plot(np.asarray(xs)[order], np.asarray(ys)[order], marker="o", markersize=3, label=key)
+            ax_dice.plot(np.asarray(xs)[order], np.asarray(ys)[order], marker="o", markersize=3,
+                         label=froc_names.get(key, key))
         ax_dice.legend(**below)
     else:
         ax_dice.text(0.5, 0.5, "no Dice recorded yet", ha="center", va="center", transform=ax_dice.transAxes)
     ax_dice.set_ylim(0.0, 1.02)  # room for the markers of a perfect score
     ax_dice.set_xlabel("step")
-    ax_dice.set_ylabel("Dice")
-    ax_dice.set_title("validation Dice")
+    ax_dice.set_ylabel(metric)
+    ax_dice.set_title(f"validation {metric}")
     ax_dice.grid(True, alpha=0.3)
     return _save_png(fig, path)
 
@@ -409,4 +413,49 @@ def plot_froc(results: dict, path, *, title: str = "FROC") -> Path:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize="small", frameon=False)
+    return _save_png(fig, path)
+
+
+def plot_detections(image, affine, lesions, candidates, path, *, title: str = "", max_panels: int = 4,
+                    slab_mm: float = 2.0) -> Path:
+    """Detected against true lesions as a PNG at ``path`` (returned): one panel per true lesion (up to
+    ``max_panels``, then the highest-scoring false positives), each the slice through its centre, the
+    true lesions there drawn as green circles of their radius, the candidates within ``slab_mm`` of that
+    slice as red crosses labelled with their score. Positions are world millimetres (``affine``)."""
+    from matplotlib.patches import Circle
+
+    vol = np.asarray(image, dtype=np.float32)
+    if vol.ndim != 3:
+        raise ValueError(f"plot_detections: expected an (X, Y, Z) image, got shape {vol.shape}")
+    affine = np.asarray(affine, dtype=np.float64)
+    to_voxel = np.linalg.inv(affine)
+
+    def voxel(p):
+        return (to_voxel @ np.r_[p, 1.0])[:3]
+
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    centres = [int(round(voxel(les.position_mm)[2])) for les in lesions][:max_panels]
+    if len(centres) < max_panels:
+        centres += [int(round(voxel(c.position_mm)[2])) for c in sorted(candidates, key=lambda c: -c.score)
+                    ][:max_panels - len(centres)]
+    centres = [min(max(z, 0), vol.shape[2] - 1) for z in centres] or [vol.shape[2] // 2]
+    fig = _new_figure((3.2 * len(centres), 3.9), layout="constrained")
+    lo, hi = np.percentile(vol[vol > 0.05], (1, 99.5)) if (vol > 0.05).any() else (0.0, 1.0)
+    for i, z in enumerate(centres):
+        ax = fig.add_subplot(1, len(centres), i + 1)
+        ax.imshow(vol[:, :, z].T, cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
+        for les in lesions:
+            v = voxel(les.position_mm)
+            if abs(v[2] - z) * spacing[2] <= (les.radius_mm or 0):
+                ax.add_patch(Circle((v[0], v[1]), (les.radius_mm or 2.0) / spacing[0], fill=False, color="lime", lw=1.2))
+        for c in candidates:
+            v = voxel(c.position_mm)
+            if abs(v[2] - z) * spacing[2] <= slab_mm:
+                ax.plot(v[0], v[1], "x", color="red", ms=7, mew=1.5)
+                ax.annotate(f"{c.score:.2f}", (v[0], v[1]), xytext=(4, 4), textcoords="offset points", color="red",
+                            fontsize=7)
+        ax.set_title(f"slice {z}", fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle((title + "\n" if title else "") + "true lesions: green circles; candidates: red crosses (score)",
+                 fontsize=9)
     return _save_png(fig, path)

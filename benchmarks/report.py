@@ -257,7 +257,22 @@ def demo_block() -> list[str]:
             f"(a checkpoint per stage, with Adam's state; delete the folder when done).{dice} (`{path}`)"]
 
 
-GENERATED = {"ci": ci_block, "demo": demo_block, "e2e": e2e_block, "plan": plan_block}
+def detection_block() -> list[str]:
+    """The DBT detection run (README command, metrics of every stage, benchmarks/results/detection_demo_*.json)."""
+    det, path = _latest("detection_demo_*.json")
+    if not det:
+        return ["Not run yet."]
+    parts = []
+    for stage, run in det["stages"].items():
+        final = run["evals"][-1]
+        parts.append(f"{stage} ({run['steps']} steps, {run['train_seconds'] / 60:.1f} min): FROC mean sensitivity "
+                     f"{final['froc_cpm']:.2f} against chance {final['froc_chance_cpm']:.2f}, "
+                     f"{final['sensitivity@1']:.2f} at 1 false positive per volume")
+    return [f"{det['date']}, {det['device']}, torch {det['torch']}, {det['held_out']}: " + "; ".join(parts)
+            + f" (`{path}`)."]
+
+
+GENERATED = {"ci": ci_block, "demo": demo_block, "e2e": e2e_block, "plan": plan_block, "detection": detection_block}
 
 
 def render(text: str) -> str:

@@ -25,15 +25,16 @@ radius), the form that :func:`ahnet_fast.detection.froc` scores and that
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from ahnet_fast.data.case import Case
 from ahnet_fast.data.synthetic import _check_seed, derive_case_seed
-from ahnet_fast.detection import Lesion
+from ahnet_fast.detection import Lesion, heatmap_target
 
-__all__ = ["DetectionCase", "make_synthetic_dbt", "synthetic_dbt_cases"]
+__all__ = ["DetectionCase", "make_synthetic_dbt", "synthetic_dbt_cases", "with_target"]
 
 FAT, GLAND, MASS, CALC, SKIN = 0.35, 0.60, 0.75, 1.0, 0.55
 
@@ -41,10 +42,20 @@ FAT, GLAND, MASS, CALC, SKIN = 0.35, 0.60, 0.75, 1.0, 0.55
 @dataclass
 class DetectionCase(Case):
     """A volume with lesion centres (:class:`ahnet_fast.detection.Lesion`, world millimetres) instead of
-    a label map; ``kinds`` says what each lesion is ("mass" or "calcifications")."""
+    a label map; ``kinds`` says what each lesion is ("mass" or "calcifications"). ``target`` is the
+    training target (float32 heat map on the image grid, see :func:`with_target`); ``label`` is then the
+    mask target > 0.5, which the samplers use to centre patches on lesions."""
 
     lesions: tuple = ()
     kinds: tuple = ()
+    target: np.ndarray | None = None
+
+
+def with_target(case: DetectionCase, **heatmap_kw) -> DetectionCase:
+    """``case`` with its heat-map ``target`` (:func:`ahnet_fast.detection.heatmap_target`) and the lesion
+    mask as ``label``."""
+    target = heatmap_target(case.image.shape, case.affine, case.lesions, **heatmap_kw)
+    return dataclasses.replace(case, target=target, label=(target > 0.5).astype(np.uint8))
 
 
 def _power_law_field(rng: np.random.Generator, shape, spacing, beta: float = 3.0) -> np.ndarray:

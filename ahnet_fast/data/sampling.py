@@ -9,6 +9,9 @@ Why stateless: sample i of the global batch at step s is drawn from a generator 
   r, r + world_size, ..., and the union of the ranks' shards is the single-process batch, so a
   run on 4 GPUs with batch 8 sees the same samples as one GPU with batch 8.
 
+Detection cases (:class:`ahnet_fast.data.dbt.DetectionCase` with a heat-map ``target``) give the
+target's crop as y (float32) and use their lesion mask as the foreground.
+
 Foreground oversampling: with probability ``foreground_ratio`` a patch is centred on a voxel drawn
 uniformly from the case's foreground (label > 0), otherwise placed uniformly. The liver fills only
 a few percent of an abdominal CT and lesions far less, so uniform patches alone would mostly
@@ -74,6 +77,13 @@ def _padded_crop(array: np.ndarray, start: Sequence[int], size: Sequence[int], f
     out = np.full(tuple(size) + array.shape[len(size):], fill, dtype=dtype)
     out[tuple(dst)] = array[tuple(src)]
     return out
+
+
+def _target(case: Case) -> np.ndarray:
+    """What a sample's y is cut from: the heat map of a detection case (whose label, the lesion mask,
+    only places the lesion-centred samples), else the label map."""
+    target = getattr(case, "target", None)
+    return case.label if target is None else target
 
 
 def _check_int(value, what: str, minimum: int) -> int:
@@ -160,7 +170,9 @@ class _Sampler:
         locs = [self.locate(step, i) for i in range(rank, batch_size, world_size)]
         xs, ys = zip(*(self._extract(loc) for loc in locs))
         x = torch.from_numpy(np.stack(xs))
-        y = torch.from_numpy(np.stack(ys).astype(np.int64))
+        # labels as int64 class indices; a regression target (a detection case's heat map) as float32
+        y = np.stack(ys)
+        y = torch.from_numpy(y.astype(np.float32) if y.dtype.kind == "f" else y.astype(np.int64))
         return x, y
 
 
@@ -185,7 +197,8 @@ class PatchSampler(_Sampler):
     def _extract(self, loc: PatchLocation):
         case = self.cases[loc.case]
         x = _padded_crop(case.image, loc.start, self.patch, PAD_IMAGE, np.float32)[None]
-        return x, _padded_crop(case.label, loc.start, self.patch, PAD_LABEL, case.label.dtype)
+        y = _target(case)
+        return x, _padded_crop(y, loc.start, self.patch, PAD_LABEL, y.dtype)
 
 
 class SliceSampler(_Sampler):
@@ -214,5 +227,6 @@ class SliceSampler(_Sampler):
         sx, sy, z = loc.start
         zs = np.clip([z - 1, z, z + 1], 0, case.image.shape[2] - 1)
         x = _padded_crop(case.image[:, :, zs], (sx, sy), self.patch, PAD_IMAGE, np.float32).transpose(2, 0, 1)
-        y = _padded_crop(case.label[:, :, z], (sx, sy), self.patch, PAD_LABEL, case.label.dtype)
+        target = _target(case)
+        y = _padded_crop(target[:, :, z], (sx, sy), self.patch, PAD_LABEL, target.dtype)
         return np.ascontiguousarray(x), y

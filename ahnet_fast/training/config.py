@@ -13,6 +13,7 @@ from ahnet_fast.nn.shapes import ahnet_size_ok, nearest_ahnet_sizes
 
 STAGES = ("2d", "3d", "finetune")
 OPTIMIZERS = ("adam", "sgd")
+TASKS = ("segmentation", "detection")
 AMP = ("off", "bf16", "fp16")
 CHECKPOINT_POLICIES = ("none", "encoder", "decoder", "all", "auto")
 DEFAULT_CLASS_NAMES = ("background", "liver", "lesion")
@@ -37,9 +38,15 @@ class TrainConfig:
     processes end a step with the same statistics (see :mod:`ahnet_fast.training.distributed`).
 
     ``optimizer`` is "adam" (default) or "sgd" (with ``momentum``).
+
+    ``task`` "segmentation" (liver and lesions in CT, the default) or "detection" (lesion centres in
+    breast tomosynthesis): one output channel regressing a Gaussian heat map around each lesion
+    (:func:`ahnet_fast.detection.heatmap_target`), evaluated by FROC of the heat map's peaks
+    (non-maximum suppression within ``det_radius_mm``, scores above ``det_threshold``).
     """
 
     data: str = "synthetic"
+    task: str = "segmentation"
     stage: str = "finetune"
     init: str | None = None
     steps: int = 200
@@ -69,6 +76,9 @@ class TrainConfig:
     spacing_xy: float | None = 1.6
     window: tuple[float, float] = (-200.0, 250.0)
     foreground_ratio: float = 0.67
+    # detection
+    det_radius_mm: float = 5.0    # peaks closer than this to a higher one are the same lesion
+    det_threshold: float = 0.05   # heat-map values below this are never candidates
     # evaluation and output
     eval_every: int = 0           # 0: only at the end
     save_every: int = 25
@@ -83,6 +93,15 @@ class TrainConfig:
 
         if self.stage not in STAGES:
             bad(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.task not in TASKS:
+            bad(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "detection":
+            if self.data != "synthetic":
+                bad("--task detection trains on the synthetic DBT volumes (--data synthetic); a reader for "
+                    "real DBT folders is not there yet")
+            if not (self.det_radius_mm > 0 and 0 <= self.det_threshold < 1):
+                bad(f"--det-radius-mm must be positive and --det-threshold in [0, 1), got {self.det_radius_mm} "
+                    f"and {self.det_threshold}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not 0.0 <= self.momentum < 1.0:

@@ -19,13 +19,15 @@ import torch
 import ahnet_fast
 from ahnet_fast.data import (PatchSampler, Preprocessing, SliceSampler, discover_cases, load_case, preprocess,
                              synthetic_cases)
+from ahnet_fast.detection import froc
 from ahnet_fast.nn import FocalLoss
 from ahnet_fast.training import distributed
 from ahnet_fast import _json
 from ahnet_fast._atomic import atomic_path, remove_stale_temps
 from ahnet_fast.training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_checkpoint, nonfinite_tensors
 from ahnet_fast.training.config import TrainConfig
-from ahnet_fast.training.evaluate import AMP_DTYPES, evaluate_cases
+from ahnet_fast.training.evaluate import (AMP_DTYPES, HEATMAP_PRIOR_LOGIT, chance_candidates, evaluate_cases,
+                                         evaluate_detection)
 from ahnet_fast.training.signals import Interrupted, TrainingDiverged, deferred_signals
 from ahnet_fast.training.models import (build_model, freeze_encoder, initialise_from, model_spec, set_train_mode,
                                         trainable_parameters)
@@ -33,7 +35,7 @@ from ahnet_fast.training.models import (build_model, freeze_encoder, initialise_
 # configuration fields that must not change when a run is resumed: they define the batches and model
 RESUME_INVARIANTS = ("data", "stage", "patch", "batch", "micro_batch", "seed", "data_seed", "num_classes",
                      "psp_block_num", "train_cases", "val_cases", "max_cases", "synthetic_size_xy", "spacing_xy",
-                     "window", "foreground_ratio", "lr", "optimizer", "momentum", "weight_decay", "amp", "init")
+                     "window", "foreground_ratio", "lr", "optimizer", "momentum", "weight_decay", "amp", "init", "task")
 # ... of which these matter only for the synthetic data, and this one only for real data
 SYNTHETIC_ONLY = ("data_seed", "train_cases", "synthetic_size_xy")
 REAL_ONLY = ("max_cases",)
@@ -77,6 +79,12 @@ def load_datasets(cfg: TrainConfig, *, progress: bool = True):
     """(train cases, held-out cases), preprocessed (in-plane spacing, CT window to [0, 1])."""
     prep = Preprocessing(spacing_xy=cfg.spacing_xy, window=tuple(cfg.window))
     tqdm = _tqdm()
+    if cfg.task == "detection":  # synthetic DBT (config.validate): already normalised, at its working spacing
+        from ahnet_fast.data.dbt import synthetic_dbt_cases, with_target
+
+        raw = synthetic_dbt_cases(cfg.train_cases + cfg.val_cases, seed=cfg.data_seed, size_xy=cfg.synthetic_size_xy)
+        cases = [with_target(c) for c in raw]
+        return cases[:cfg.train_cases], cases[cfg.train_cases:]
     if cfg.data == "synthetic":
         raw = synthetic_cases(cfg.train_cases + cfg.val_cases, seed=cfg.data_seed, size_xy=cfg.synthetic_size_xy)
         cases = [preprocess(c, prep) for c in raw]
@@ -266,7 +274,11 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         # broadcast of rank 0's at each forward
         net = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     bn_stats = distributed.StepRunningStats(model, info, local_batch // micro)
-    loss_fn = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, backend=cfg.backend)
+    if cfg.task == "detection":
+        def loss_fn(logits, target):  # the heat map regressed as a probability map (see heatmap_loss)
+            return heatmap_loss(logits, target)
+    else:
+        loss_fn = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, backend=cfg.backend)
     amp_dtype = AMP_DTYPES[cfg.amp]
 
     metrics_path = out / "metrics.jsonl"
@@ -310,6 +322,19 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         distributed.barrier(info)
 
     def evaluate(step):
+        if main and cfg.task == "detection":
+            result, candidates, heatmaps = evaluate_detection(
+                model, val_cases, cfg.patch, radius_mm=cfg.det_radius_mm, threshold=cfg.det_threshold,
+                overlap=cfg.overlap, window_batch=cfg.window_batch, amp=cfg.amp, device=device)
+            chance = froc(chance_candidates(val_cases, candidates, seed=step), [les for c in val_cases
+                                                                                 for les in c.lesions],
+                          [c.name for c in val_cases])
+            rec = {"step": step, "kind": "eval", "froc_cpm": result.cpm, "froc_chance_cpm": chance.cpm,
+                   **{f"sensitivity@{r:g}": s for r, s in zip(result.rates, result.sensitivity)},
+                   "lesions": result.n_lesions, "candidates": len(candidates)}
+            write(rec)
+            distributed.barrier(info)
+            return rec, (result, chance, candidates, heatmaps)
         if main:
             tracker, preds = evaluate_cases(model, val_cases, cfg.patch, num_classes=cfg.num_classes,
                                             class_names=cfg.class_names, overlap=cfg.overlap,
@@ -401,10 +426,18 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         log.close()
     result = {"step": final_step, "loss": last_loss, "out": str(out), "checkpoint": str(ckpt_path)}
     if main:
-        result["dice"] = {k: v for k, v in rec.items() if k not in ("step", "kind")}
+        result["froc" if cfg.task == "detection" else "dice"] = {k: v for k, v in rec.items()
+                                                                 if k not in ("step", "kind")}
         _say(f"[{cfg.stage}] final ({final_step} steps) on {len(val_cases)} held-out case(s): "
              + _dice_line(rec, cfg), main)
-        if cfg.plots:
+        if cfg.plots and cfg.task == "detection":
+            froc_result, chance, candidates, _ = preds
+            written = _plots(out, records) + [_detection_plots(out, val_cases[0], froc_result, candidates,
+                                                               f"{cfg.stage}: {val_cases[0].name}, step {final_step}")]
+            written.append(_froc_plot(out, froc_result, chance, f"{cfg.stage}, step {final_step}"))
+            result["plots"] = [str(p) for p in written]
+            _say(f"[{cfg.stage}] wrote {ckpt_path}, {metrics_path}, " + ", ".join(str(p) for p in written), main)
+        elif cfg.plots:
             case = val_cases[0]
             title = f"{cfg.stage}: {case.name}, step {final_step}"
             written = _plots(out, records, (case.image, case.label, preds[0], list(cfg.class_names), title,
@@ -414,7 +447,37 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     return result
 
 
+def heatmap_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Detection loss: binary cross-entropy between the network's one-channel output, read as the logit
+    of a heat map in [0, 1] (what the peak threshold applies to) offset by the prior
+    :data:`~ahnet_fast.training.evaluate.HEATMAP_PRIOR_LOGIT`, and the Gaussian target as a soft
+    label, both (B, 1, *spatial). Why not the squared error of the sigmoid: on a target that is zero
+    almost everywhere the sigmoid saturates near 0 and its gradient with it, so the lesions' peaks
+    are learnt slowly; cross-entropy's gradient is sigmoid(logit) - target, never saturated."""
+    if logits.shape != target.shape:
+        raise ValueError(f"heatmap_loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float() + HEATMAP_PRIOR_LOGIT, target.float())
+
+
+def _froc_plot(out: Path, result, chance, title: str) -> Path:
+    from ahnet_fast import plots
+
+    return plots.plot_froc({"AH-Net": result, "chance (random positions, same scores)": chance},
+                           out / "froc.png", title=f"FROC on the held-out volumes ({title})")
+
+
+def _detection_plots(out: Path, case, result, candidates, title) -> Path:
+    from ahnet_fast import plots
+
+    return plots.plot_detections(case.image, case.affine, case.lesions, [c for c in candidates if c.case == case.name],
+                                 out / "montage.png", title=title)
+
+
 def _dice_line(rec: dict, cfg: TrainConfig) -> str:
+    if cfg.task == "detection":
+        return (f"FROC mean sensitivity {rec['froc_cpm']:.3f} (chance {rec['froc_chance_cpm']:.3f}); at 1 false "
+                f"positive per volume {rec['sensitivity@1']:.3f}, at 4 {rec['sensitivity@4']:.3f} "
+                f"({rec['lesions']} lesions)")
     parts = []
     for name in cfg.class_names[1:]:
         case, glob = rec.get(f"dice_case/{name}"), rec.get(f"dice_global/{name}")

@@ -13,9 +13,11 @@ ENCODER = ("conv1", "bn0", "layer1", "layer2", "layer3", "layer4")
 
 def model_spec(config) -> dict:
     """{"kind": ..., "kwargs": ...}: enough to rebuild the network without the training config."""
+    # detection: one channel, the heat map's logit
+    out = 1 if getattr(config, "task", "segmentation") == "detection" else config.num_classes
     if config.stage == "2d":
-        return {"kind": "MCFCN", "kwargs": {"in_channels": 3, "out_channels": config.num_classes}}
-    return {"kind": "AHNet", "kwargs": {"in_channels": 1, "out_channels": config.num_classes,
+        return {"kind": "MCFCN", "kwargs": {"in_channels": 3, "out_channels": out}}
+    return {"kind": "AHNet", "kwargs": {"in_channels": 1, "out_channels": out,
                                          "psp_block_num": config.psp_block_num, "upsample_mode": "transpose"}}
 
 
