@@ -307,6 +307,14 @@ def test_detection_schedule_trains_end_to_end_and_reports_froc(tmp_path):
     evals = [json.loads(x) for x in (tmp_path / "run" / "finetune" / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in x]
     assert evals and "froc_cpm" in evals[-1]
+    # `infer` segments: a detection checkpoint is refused before anything is written
+    from ahnet_fast.data import save_nifti
+    from ahnet_fast.training.infer import infer_file
+
+    save_nifti(tmp_path / "dbt.nii.gz", np.zeros((64, 64, 32), np.float32), np.diag([0.5, 0.5, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="is a detection checkpoint"):
+        infer_file(results[-1]["checkpoint"], tmp_path / "dbt.nii.gz", tmp_path / "seg.nii.gz", progress=False)
+    assert not (tmp_path / "seg.nii.gz").exists()
 
 
 def test_detection_refuses_real_data_for_now(tmp_path):

@@ -82,6 +82,10 @@ def infer_file(model_path, in_path, out_path, *, overlap: float | None = None, w
         remove_stale_temps(folder)
     t0 = time.perf_counter()
     model, cfg = load_trained_model(model_path, device)
+    if cfg.task == "detection":  # one heat-map channel: its argmax would be an all-background label map
+        raise ValueError(f"{model_path} is a detection checkpoint (a heat map per lesion); `infer` writes "
+                         "segmentations. Detection inference (candidates CSV) is not in `infer` yet: use "
+                         "ahnet_fast.training.evaluate.predict_heatmap and ahnet_fast.detection.find_peaks")
     image, affine, header = load_nifti(in_path)
     image = check_finite(image, in_path, replace_nonfinite)
     # the spacing from the affine, exactly as training reads it (load_case)
