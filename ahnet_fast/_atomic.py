@@ -15,8 +15,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-# .<name>.<pid>.<12 hex>.tmp<suffix>: the temporary names atomic_path makes
+# .<name>.<pid>.<12 hex>.tmp<suffix>: the temporary names _temp_path makes
 _TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp(?P<suffix>.*)$")
+
+
+def _temp_path(folder: Path, stem: str, suffix: str = "") -> Path:
+    """A fresh hidden name in ``folder`` that names this process (remove_stale_temps reads it back)."""
+    return folder / f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
 
 
 class WriteError(OSError):
@@ -48,8 +53,7 @@ def _reason(exc: BaseException, folder: Path) -> str:
 
 
 def _as_write_error(path: Path, exc: BaseException) -> WriteError:
-    err = WriteError(getattr(exc, "errno", None) or errno.EIO, f"cannot write {path}: {_reason(exc, path.parent)}")
-    return err
+    return WriteError(getattr(exc, "errno", None) or errno.EIO, f"cannot write {path}: {_reason(exc, path.parent)}")
 
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output") -> Path:
@@ -69,7 +73,7 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool = False, what: st
         folder = folder.parent
     if not folder.is_dir():
         raise WriteError(errno.ENOTDIR, f"cannot write {path}: {folder} is a file, not a folder")
-    probe = folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    probe = _temp_path(folder, path.name)
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
@@ -123,7 +127,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
     except OSError as exc:
         raise _as_write_error(path, exc) from None
     stem = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
-    tmp = path.parent / f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
+    tmp = _temp_path(path.parent, stem, suffix)
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # the bytes reach the disk before the name points at them

@@ -237,7 +237,7 @@ def _check_out_folder(out: str, resume: bool, overwrite: bool) -> None:
 
 def cmd_train(args) -> int:
     from ahnet_fast.training import train, train_schedule
-    from ahnet_fast.training.loop import json_line
+    from ahnet_fast import _json
 
     cfg = _train_config(args)
     # every argument checked before any work: with --stage all the config says "finetune", whose
@@ -258,7 +258,7 @@ def cmd_train(args) -> int:
     for r in results:
         scores = r.get("dice") or r.get("froc")
         if scores is not None:
-            print(json_line({"out": r["out"], "step": r["step"], "loss": r["loss"], **scores}))
+            print(_json.dumps({"out": r["out"], "step": r["step"], "loss": r["loss"], **scores}))
     return 0
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ahnet_fast.data.case import is_valid_affine, spacing_from_affine
+
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -100,7 +102,7 @@ def heatmap_target(shape, affine, lesions: Sequence[Lesion], *, sigma_fraction: 
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"heatmap_target: shape must be three positive sizes, got {shape}")
     target = np.zeros(shape, dtype=np.float32)
-    spacing = _spacing(affine)
+    spacing = np.asarray(spacing_from_affine(affine))
     to_voxel = np.linalg.inv(affine)
     for les in lesions:
         sigma_mm = point_sigma_mm if les.radius_mm is None else max(sigma_fraction * les.radius_mm, min_sigma_mm)
@@ -119,10 +121,6 @@ def heatmap_target(shape, affine, lesions: Sequence[Lesion], *, sigma_fraction: 
 
 # ---------------------------------------------------------------- peak finding
 
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-
-
 def find_peaks(heatmap, affine, *, radius_mm: float = 5.0, threshold: float = 0.5, max_candidates: int = 100,
                case: str = "") -> list[Candidate]:
     """Local maxima of ``heatmap`` (X, Y, Z), numpy or torch, at least ``threshold``, none within
@@ -137,13 +135,13 @@ def find_peaks(heatmap, affine, *, radius_mm: float = 5.0, threshold: float = 0.
     if bad:
         raise ValueError(f"find_peaks{f' ({case})' if case else ''}: the heat map has {bad} NaN or infinite values")
     affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if not is_valid_affine(affine):
         raise ValueError(f"find_peaks: affine must be a finite, invertible 4x4 matrix, got {affine.tolist()}")
     if not (radius_mm > 0 and math.isfinite(radius_mm)):
         raise ValueError(f"find_peaks: radius_mm must be a positive number, got {radius_mm}")
     if int(max_candidates) < 1:
         raise ValueError(f"find_peaks: max_candidates must be >= 1, got {max_candidates}")
-    spacing = _spacing(affine)
+    spacing = spacing_from_affine(affine)
     # local maxima over the largest box inside the radius's sphere (half-width radius/sqrt(3) mm per
     # axis: anisotropic in voxels): a voxel that is not one has a higher voxel closer than the radius.
     # A box as wide as the radius would also drop peaks in its corners, up to sqrt(3) radii away.

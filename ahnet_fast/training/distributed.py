@@ -63,15 +63,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def mean_across_ranks(value: float, info: DistInfo, device: torch.device) -> float:
-    """The mean of a Python number over all ranks (for logging a global loss)."""
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / info.world_size
-
-
 def mean_and_any(value: float, flag: bool, info: DistInfo, device: torch.device) -> tuple[float, bool]:
     """(the mean of ``value`` over all ranks, whether any rank's ``flag`` is set), in one all-reduce:
     the step's loss and whether any rank was asked to stop, so that all ranks stop after the same step."""

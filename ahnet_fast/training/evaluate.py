@@ -66,20 +66,22 @@ def predict_heatmap(model: nn.Module, image, window, **kw) -> np.ndarray:
 
 
 def evaluate_detection(model: nn.Module, cases, window, *, radius_mm: float, threshold: float, overlap=0.25,
-                       window_batch=1, amp="off", device=None, progress=False, max_candidates: int = 100):
-    """(FROC of the held-out ``cases``' heat-map peaks, the candidates, the heat maps). Each case is a
+                       window_batch=1, amp="off", device=None, progress=False, max_candidates: int = 100,
+                       chance_seed: int = 0):
+    """(FROC of the held-out ``cases``' heat-map peaks, the FROC of as many chance candidates
+    (:func:`chance_candidates`, drawn with ``chance_seed``), the candidates). Each case is a
     :class:`ahnet_fast.data.dbt.DetectionCase` (its ``lesions`` are the truth)."""
     from ahnet_fast.detection import find_peaks, froc
 
-    candidates, heatmaps, lesions = [], [], []
+    candidates = []
     for case in cases:
         heat = predict_heatmap(model, case.image, window, overlap=overlap, window_batch=window_batch, amp=amp,
                                device=device, progress=progress)
         candidates += find_peaks(heat, case.affine, radius_mm=radius_mm, threshold=threshold,
                                  max_candidates=max_candidates, case=case.name)
-        heatmaps.append(heat)
-        lesions += list(case.lesions)
-    return froc(candidates, lesions, [c.name for c in cases]), candidates, heatmaps
+    lesions, names = [les for c in cases for les in c.lesions], [c.name for c in cases]
+    chance = froc(chance_candidates(cases, candidates, seed=chance_seed), lesions, names)
+    return froc(candidates, lesions, names), chance, candidates
 
 
 def chance_candidates(cases, candidates, seed: int = 0):

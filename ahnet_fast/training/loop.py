@@ -19,15 +19,13 @@ import torch
 import ahnet_fast
 from ahnet_fast.data import (PatchSampler, Preprocessing, SliceSampler, discover_cases, load_case, preprocess,
                              synthetic_cases)
-from ahnet_fast.detection import froc
 from ahnet_fast.nn import FocalLoss
 from ahnet_fast.training import distributed
 from ahnet_fast import _json
 from ahnet_fast._atomic import atomic_path, remove_stale_temps
 from ahnet_fast.training.checkpoint import FORMAT_VERSION, atomic_torch_save, load_checkpoint, nonfinite_tensors
 from ahnet_fast.training.config import TrainConfig
-from ahnet_fast.training.evaluate import (AMP_DTYPES, HEATMAP_PRIOR_LOGIT, chance_candidates, evaluate_cases,
-                                         evaluate_detection)
+from ahnet_fast.training.evaluate import AMP_DTYPES, HEATMAP_PRIOR_LOGIT, evaluate_cases, evaluate_detection
 from ahnet_fast.training.signals import Interrupted, TrainingDiverged, deferred_signals
 from ahnet_fast.training.models import (build_model, freeze_encoder, initialise_from, model_spec, set_train_mode,
                                         trainable_parameters)
@@ -58,11 +56,6 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
     return make_adam(params, cfg.lr, cfg.weight_decay, device)
-
-
-def json_line(rec: dict) -> str:
-    """One JSON line with NaN and infinities as null (see :mod:`ahnet_fast._json`)."""
-    return _json.dumps(rec)
 
 
 def _tqdm():
@@ -143,7 +136,7 @@ def data_fingerprint(cfg: TrainConfig) -> dict | None:
     return prints
 
 
-def _check_resume(saved_ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+def _check_resume(saved_ckpt: dict, cfg: TrainConfig, path: Path, fingerprint: dict | None) -> None:
     saved = saved_ckpt["config"]
     diffs = []
     now = cfg.to_dict()
@@ -162,7 +155,7 @@ def _check_resume(saved_ckpt: dict, cfg: TrainConfig, path: Path) -> None:
                          + "; ".join(diffs))
     before = saved_ckpt.get("data_fingerprint")
     if real and before is not None:
-        after = data_fingerprint(cfg)
+        after = fingerprint
         changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
         gone, new = sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys())
         if changed or gone or new:
@@ -184,7 +177,7 @@ def _rewrite_metrics(path: Path, keep_until: int) -> list[dict]:
             if rec.get("step", 0) <= keep_until:
                 records.append(rec)
     with atomic_path(path) as tmp:  # a kill now must not lose the kept lines
-        tmp.write_text("".join(json_line(r) + "\n" for r in records))
+        tmp.write_text("".join(_json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -235,10 +228,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     show = cfg.progress and main
     ckpt_path = out / "last.pt"
     resume = None
+    fingerprint = data_fingerprint(cfg) if main or cfg.resume else None
     if cfg.resume and ckpt_path.exists():  # checked before the (slow) data loading
         resume = load_checkpoint(ckpt_path)
-        _check_resume(resume, cfg, ckpt_path)
-    fingerprint = data_fingerprint(cfg) if main else None
+        _check_resume(resume, cfg, ckpt_path, fingerprint)
 
     train_cases, val_cases = load_datasets(cfg, progress=show)
     if cfg.stage == "2d":
@@ -290,7 +283,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     def write(rec):
         records.append(rec)
         if log is not None:
-            log.write(json_line(rec) + "\n")
+            log.write(_json.dumps(rec) + "\n")
             log.flush()
 
     saved_step = start if resume is not None else None
@@ -323,18 +316,15 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
 
     def evaluate(step):
         if main and cfg.task == "detection":
-            result, candidates, heatmaps = evaluate_detection(
+            result, chance, candidates = evaluate_detection(
                 model, val_cases, cfg.patch, radius_mm=cfg.det_radius_mm, threshold=cfg.det_threshold,
-                overlap=cfg.overlap, window_batch=cfg.window_batch, amp=cfg.amp, device=device)
-            chance = froc(chance_candidates(val_cases, candidates, seed=step), [les for c in val_cases
-                                                                                 for les in c.lesions],
-                          [c.name for c in val_cases])
+                overlap=cfg.overlap, window_batch=cfg.window_batch, amp=cfg.amp, device=device, chance_seed=step)
             rec = {"step": step, "kind": "eval", "froc_cpm": result.cpm, "froc_chance_cpm": chance.cpm,
                    **{f"sensitivity@{r:g}": s for r, s in zip(result.rates, result.sensitivity)},
                    "lesions": result.n_lesions, "candidates": len(candidates)}
             write(rec)
             distributed.barrier(info)
-            return rec, (result, chance, candidates, heatmaps)
+            return rec, (result, chance, candidates)
         if main:
             tracker, preds = evaluate_cases(model, val_cases, cfg.patch, num_classes=cfg.num_classes,
                                             class_names=cfg.class_names, overlap=cfg.overlap,
@@ -431,7 +421,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         _say(f"[{cfg.stage}] final ({final_step} steps) on {len(val_cases)} held-out case(s): "
              + _dice_line(rec, cfg), main)
         if cfg.plots and cfg.task == "detection":
-            froc_result, chance, candidates, _ = preds
+            froc_result, chance, candidates = preds
             written = _plots(out, records) + [_detection_plots(out, val_cases[0], froc_result, candidates,
                                                                f"{cfg.stage}: {val_cases[0].name}, step {final_step}")]
             written.append(_froc_plot(out, froc_result, chance, f"{cfg.stage}, step {final_step}"))
