@@ -206,6 +206,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _spacing(args):
+    """--spacing, whose default is the task's: 1.6 mm for CT segmentation, DBT's working spacing for
+    detection; 0 keeps the acquired grid."""
+    from ahnet_fast.data.dbt import DBT_SPACING_XY
+
+    if args.spacing is None:
+        return DBT_SPACING_XY if args.task == "detection" else 1.6
+    return None if args.spacing <= 0 else args.spacing
+
+
 def _train_config(args):
     from ahnet_fast.training.config import TrainConfig
 
@@ -217,7 +227,7 @@ def _train_config(args):
         checkpoint=args.checkpoint, seed=args.seed, device=args.device, out=args.out, resume=args.resume,
         num_classes=args.num_classes, psp_block_num=args.psp_block_num, backend=args.backend,
         data_seed=args.data_seed, train_cases=args.train_cases, val_cases=args.val_cases, max_cases=args.max_cases,
-        synthetic_size_xy=args.synthetic_size, spacing_xy=None if args.spacing <= 0 else args.spacing,
+        synthetic_size_xy=args.synthetic_size, spacing_xy=_spacing(args), boxes=args.boxes, file_paths=args.file_paths,
         window=tuple(args.window), foreground_ratio=args.foreground_ratio, eval_every=args.eval_every,
         save_every=args.save_every, overlap=args.overlap, window_batch=args.window_batch,
         progress=not args.no_progress, plots=not args.no_plots)
@@ -263,7 +273,28 @@ def cmd_train(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    from ahnet_fast.training.infer import infer_file
+    from ahnet_fast.training.infer import checkpoint_task, detect_volumes, infer_file
+
+    task = checkpoint_task(args.model)
+    if args.task not in ("auto", task):
+        raise ValueError(f"--task {args.task}: {args.model} was trained for {task}")
+    if task == "detection":
+        unused = [flag for flag, value in (("--probabilities", args.probabilities), ("--stitch", args.stitch != "auto"),
+                                           ("--replace-nonfinite", args.replace_nonfinite is not None)) if value]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: segmentation options; {args.model} is a detection checkpoint")
+        summary = detect_volumes(args.model, args.input, args.output, file_paths=args.file_paths, view=args.view,
+                                 radius_mm=args.det_radius_mm, threshold=args.det_threshold,
+                                 max_candidates=args.max_candidates, overlap=args.overlap,
+                                 window_batch=args.window_batch, amp=args.amp, device=args.device,
+                                 progress=not args.no_progress, overwrite=args.overwrite)
+        print(f"wrote {summary['output']}: {summary['candidates']} candidates in {summary['volumes']} volume(s) "
+              f"(radius {summary['radius_mm']:g} mm, threshold {summary['threshold']:g}) in {summary['seconds']:.1f} s")
+        return 0
+    for flag, value in (("--file-paths", args.file_paths), ("--view", args.view), ("--det-radius-mm", args.det_radius_mm),
+                        ("--det-threshold", args.det_threshold)):
+        if value is not None:
+            raise ValueError(f"{flag}: a detection option; {args.model} is a segmentation checkpoint")
 
     summary = infer_file(args.model, args.input, args.output, overlap=args.overlap, window_batch=args.window_batch,
                          amp=args.amp, device=args.device, stitch=args.stitch, probabilities=args.probabilities,
@@ -305,7 +336,16 @@ def cmd_froc(args) -> int:
     for path in (args.plot, args.json):
         if path:
             check_writable(path, overwrite=True, what="output")
-    lesions, cases = read_truth(args.truth)
+    if args.data is not None:  # the truth as boxes/centres in voxels of the folder's volumes
+        from ahnet_fast.data.dbt_files import discover_dbt, read_geometry, truth_lesions
+
+        volumes = discover_dbt(args.data, args.truth, args.file_paths)
+        lesions = [les for v in volumes for les in truth_lesions(v, *read_geometry(v.path))]
+        cases = [v.name for v in volumes]
+    elif args.file_paths is not None:
+        raise ValueError("--file-paths lists the volumes of a DBT folder: give the folder with --data")
+    else:
+        lesions, cases = read_truth(args.truth)
     candidates = read_candidates(args.candidates)
     result = froc(candidates, lesions, cases, hit_distance_mm=args.hit_distance_mm)
     print(f"FROC of {args.candidates}: {result.n_lesions} lesions in {result.n_volumes} volumes, "
@@ -372,13 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
                                          "weights). Writes OUT/last.pt, OUT/metrics.jsonl, OUT/curves.png and "
                                          "OUT/montage.png, and prints the held-out Dice.")
     train_p.add_argument("--data", default="synthetic",
-                         help="'synthetic' (default: CT-like volumes made from --data-seed), a Medical Segmentation "
-                              "Decathlon task folder (dataset.json), or a folder of LiTS volume-N.nii / "
-                              "segmentation-N.nii pairs")
+                         help="'synthetic' (default: CT-like volumes, or DBT-like ones for --task detection, made "
+                              "from --data-seed), a Medical Segmentation Decathlon task folder (dataset.json), a "
+                              "folder of LiTS volume-N.nii / segmentation-N.nii pairs, or for detection a DBT "
+                              "folder (with --boxes)")
+    train_p.add_argument("--boxes", default=None, metavar="CSV",
+                         help="detection on a DBT folder: its lesions, a row per box or centre in voxels (columns "
+                              "case or Duke's PatientID/StudyUID/View; slice, x, y; width, height for a box)")
+    train_p.add_argument("--file-paths", default=None, metavar="CSV",
+                         help="detection on Duke BCS-DBT: its file-paths table (volumes relative to --data)")
     train_p.add_argument("--task", default="segmentation", choices=("segmentation", "detection"),
                          help="segmentation: liver and lesions in CT (label maps); detection: lesion centres in "
-                              "breast tomosynthesis (a Gaussian heat map per lesion, scored by FROC; synthetic DBT "
-                              "volumes)")
+                              "breast tomosynthesis (a Gaussian heat map per lesion, scored by FROC)")
     train_p.add_argument("--det-radius-mm", type=float, default=5.0,
                          help="detection: peaks closer than this to a higher one are one candidate")
     train_p.add_argument("--det-threshold", type=float, default=0.05,
@@ -418,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--val-cases", type=int, default=2, help="held-out volumes (real data: the last ones)")
     train_p.add_argument("--max-cases", type=int, default=None, help="real data: read at most this many cases")
     train_p.add_argument("--synthetic-size", type=int, default=256, help="synthetic: in-plane voxels at ~0.8 mm")
-    train_p.add_argument("--spacing", type=float, default=1.6,
-                         help="in-plane spacing (mm) to resample to; 0 keeps the native spacing")
+    train_p.add_argument("--spacing", type=float, default=None,
+                         help="in-plane spacing (mm) to resample to; 0 keeps the native spacing (default: 1.6 for "
+                              "segmentation, 0.5 for detection)")
     train_p.add_argument("--window", type=float, nargs=2, default=(-200.0, 250.0), metavar=("LOW", "HIGH"),
                          help="CT window in HU, scaled to [0, 1]")
     train_p.add_argument("--foreground-ratio", type=float, default=0.67,
@@ -432,13 +478,23 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     train_p.set_defaults(func=cmd_train)
 
-    infer_p = add_command("infer", help="segment a NIfTI volume with a trained checkpoint",
+    infer_p = add_command("infer", help="segment a volume, or detect lesions, with a trained checkpoint",
                              description="Whole-volume sliding-window inference (Gaussian blending) with the "
                                          "preprocessing stored in the checkpoint; writes a uint8 label map with "
                                          "the input's affine and header.")
     infer_p.add_argument("--model", required=True, help="a training checkpoint (OUT/last.pt)")
-    infer_p.add_argument("input", help="input volume (.nii or .nii.gz)")
-    infer_p.add_argument("output", help="output label map (.nii or .nii.gz)")
+    infer_p.add_argument("input", help="input volume (.nii or .nii.gz; for detection also .dcm, or a DBT folder)")
+    infer_p.add_argument("output", help="output label map (.nii or .nii.gz); for detection the candidates (.csv)")
+    infer_p.add_argument("--task", default="auto", choices=("auto", "segmentation", "detection"),
+                         help="what the checkpoint does (auto: as it was trained; a different one is an error)")
+    infer_p.add_argument("--file-paths", default=None, metavar="CSV",
+                         help="detection on a Duke BCS-DBT folder: its file-paths table")
+    infer_p.add_argument("--view", default=None, help="detection on one Duke DICOM: its view (lcc, rmlo, ...)")
+    infer_p.add_argument("--det-radius-mm", type=float, default=None,
+                         help="detection: suppression radius (default: the checkpoint's)")
+    infer_p.add_argument("--det-threshold", type=float, default=None,
+                         help="detection: lowest candidate score (default: the checkpoint's)")
+    infer_p.add_argument("--max-candidates", type=int, default=100, help="detection: at most this many per volume")
     infer_p.add_argument("--overlap", type=float, default=None, help="window overlap (default: the training one)")
     infer_p.add_argument("--window-batch", type=int, default=1, help="windows per forward pass")
     infer_p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
@@ -496,7 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "lesion, other hits are duplicates (neither true nor false positives), every "
                                         "other candidate is a false positive.")
     froc_p.add_argument("--candidates", required=True, help="candidates CSV")
-    froc_p.add_argument("--truth", required=True, help="truth CSV")
+    froc_p.add_argument("--truth", required=True,
+                        help="truth CSV (world mm); with --data, a boxes/centres CSV in voxels of that folder's volumes")
+    froc_p.add_argument("--data", default=None, metavar="DIR",
+                        help="the DBT folder whose volumes --truth's boxes refer to (every volume in it is evaluated)")
+    froc_p.add_argument("--file-paths", default=None, metavar="CSV", help="with --data: Duke's file-paths table")
     froc_p.add_argument("--hit-distance-mm", type=float, default=None,
                         help="hit distance for lesions without a radius_mm")
     froc_p.add_argument("--plot", default=None, metavar="PNG", help="write the FROC curve here")

@@ -315,10 +315,33 @@ def test_detection_schedule_trains_end_to_end_and_reports_froc(tmp_path):
     with pytest.raises(ValueError, match="is a detection checkpoint"):
         infer_file(results[-1]["checkpoint"], tmp_path / "dbt.nii.gz", tmp_path / "seg.nii.gz", progress=False)
     assert not (tmp_path / "seg.nii.gz").exists()
+    # ... its candidates come from detect_volumes, as the evaluation found them (same heat map and peaks)
+    from ahnet_fast.data.dbt import synthetic_dbt_cases
+    from ahnet_fast.detection import find_peaks, read_candidates
+    from ahnet_fast.training.evaluate import predict_heatmap
+    from ahnet_fast.training.infer import detect_volumes
+
+    case = synthetic_dbt_cases(1, seed=5, size_xy=96)[0]
+    save_nifti(tmp_path / "one.nii.gz", case.image, case.affine)
+    summary = detect_volumes(results[-1]["checkpoint"], tmp_path / "one.nii.gz", tmp_path / "cand.csv",
+                             threshold=0.0, max_candidates=7, progress=False)
+    got = read_candidates(tmp_path / "cand.csv")
+    assert summary["candidates"] == len(got) == 7 and {c.case for c in got} == {"one"}
+    from ahnet_fast.training.infer import load_trained_model
+
+    net, tcfg = load_trained_model(results[-1]["checkpoint"])
+    want = find_peaks(predict_heatmap(net, case.image, tcfg.patch, overlap=tcfg.overlap), case.affine,
+                      radius_mm=tcfg.det_radius_mm, threshold=0.0, max_candidates=7, case="one")
+    np.testing.assert_allclose([c.position_mm for c in got], [c.position_mm for c in want], atol=1e-3)
+    np.testing.assert_allclose([c.score for c in got], [c.score for c in want], rtol=1e-5)
 
 
-def test_detection_refuses_real_data_for_now(tmp_path):
+def test_detection_on_a_folder_needs_its_boxes_and_boxes_need_a_folder(tmp_path):
     from ahnet_fast.training import TrainConfig
 
-    with pytest.raises(ValueError, match="--task detection trains on the synthetic DBT volumes"):
+    with pytest.raises(ValueError, match="give its lesions with --boxes"):
         TrainConfig(task="detection", data=str(tmp_path)).validate()
+    with pytest.raises(ValueError, match="give it with --data DIR"):
+        TrainConfig(task="detection", boxes="b.csv").validate()
+    with pytest.raises(ValueError, match="are for --task detection"):
+        TrainConfig(data=str(tmp_path), boxes="b.csv").validate()

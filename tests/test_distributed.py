@@ -115,43 +115,39 @@ def test_running_statistics_move_once_per_step_by_the_mean_update():
 
 
 def test_sgd_two_processes_equal_one_resume_under_torchrun_and_only_rank0_writes(tmp_path):
+    """Two processes run 2 steps (every write audited), are stopped, and resume under torchrun to the
+    end: the state equals one process's uninterrupted run, so both the two-process step and the
+    resume are exact (either one wrong fails the comparison)."""
     one, two, wrong = tmp_path / "one", tmp_path / "two", tmp_path / "summed"
     sgd = ("--optimizer", "sgd", "--lr", "0.01")
     _one_process(one, *sgd)
     audit = tmp_path / "writes"
     _run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "_audit_writes.py"), str(two),
-          str(audit), "train", *TINY, "--steps", str(STEPS), "--batch", "2", *sgd, "--out", str(two)])
-
-    # every parameter, momentum buffer and BatchNorm statistic (running mean and variance, batch count)
-    a, b = _state(one), _state(two)
-    assert any(k.endswith("running_var") for k in a) and any(".momentum_buffer" in k for k in a)
-    worst, where = _worst_difference(a, b)
-    assert worst <= 1e-6, f"two processes differ from one at {where}: {worst:.2e}"
-    assert _losses(two) == pytest.approx(_losses(one), rel=1e-6)
-
-    # the control: the gradient summed over the two ranks (SGD at twice the rate) fails the comparison
-    _one_process(wrong, "--optimizer", "sgd", "--lr", "0.02")
-    worst, where = _worst_difference(_state(wrong), b)
-    assert worst > 1e-3, f"a doubled gradient should not pass ({where}: {worst:.2e})"
+          str(audit), "train", *TINY, "--steps", "2", "--batch", "2", *sgd, "--out", str(two)])
+    assert load_checkpoint(two / "last.pt")["step"] == 2
 
     # rank 0 alone writes the run's folder: the checkpoint lands by rename, the metrics are appended
     rank0, rank1 = (json.loads((audit / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank1 == [], f"rank 1 wrote into the run's folder: {rank1[:5]}"
     assert any(e[0] == "os.rename" and e[-1] == str(two / "last.pt") for e in rank0), rank0[:10]
     assert any(e[0] == "open" and e[1] == str(two / "metrics.jsonl") for e in rank0)
+
+    r = _run([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "ahnet_fast", "train", *TINY, "--batch", "2",
+              *sgd, "--out", str(two), "--steps", str(STEPS), "--resume"])
+    assert "resuming" in r.stderr
     assert sorted(p.name for p in two.iterdir()) == ["last.pt", "metrics.jsonl"]
 
-    # stopped after 2 steps and resumed under torchrun: the same state as the uninterrupted run
-    resumed = tmp_path / "resumed"
-    launch = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "ahnet_fast", "train", *TINY, "--batch", "2",
-              *sgd, "--out", str(resumed)]
-    _run([*launch, "--steps", "2"])
-    assert load_checkpoint(resumed / "last.pt")["step"] == 2
-    r = _run([*launch, "--steps", str(STEPS), "--resume"])
-    assert "resuming" in r.stderr
-    worst, where = _worst_difference(b, _state(resumed))
-    assert worst <= 1e-6, f"the resumed run differs at {where}: {worst:.2e}"
-    assert _losses(resumed) == pytest.approx(_losses(two), rel=1e-6)
+    # every parameter, momentum buffer and BatchNorm statistic (running mean and variance, batch count)
+    a, b = _state(one), _state(two)
+    assert any(k.endswith("running_var") for k in a) and any(".momentum_buffer" in k for k in a)
+    worst, where = _worst_difference(a, b)
+    assert worst <= 1e-6, f"two processes (stopped and resumed) differ from one at {where}: {worst:.2e}"
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-6)
+
+    # the control: the gradient summed over the two ranks (SGD at twice the rate) fails the comparison
+    _one_process(wrong, "--optimizer", "sgd", "--lr", "0.02")
+    worst, where = _worst_difference(_state(wrong), b)
+    assert worst > 1e-3, f"a doubled gradient should not pass ({where}: {worst:.2e})"
 
 
 def _readme_torchrun_lines() -> list[str]:

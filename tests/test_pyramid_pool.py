@@ -177,6 +177,11 @@ def test_gradcheck(spatial_dims, psp, mode, concat):
     _, ours = _pair(spatial_dims, psp, mode, channels=2)
     ours = ours.double()
     shape = _shape(spatial_dims, psp, mode, batch=1, channels=2)
+    if spatial_dims == 3:  # the numerical Jacobian costs two forwards per input element: one largest
+        # window in-plane (odd leftovers for interpolation), so the smaller levels still pool several
+        # cells, and two slices
+        window, odd = 2 ** (psp + 2), int(mode != "transpose")
+        shape = (1, 2, window + odd, window + 3 * odd, 2)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     groups = [[t.detach().clone().requires_grad_() for t in group] if group is not None else None
               for group in _params(ours)]

@@ -15,6 +15,27 @@ def python_blocks():
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
 
 
+def ahnet_fast_commands():
+    """Every complete ``ahnet-fast ...`` line of the README's bash blocks (continuations joined;
+    lines with an ellipsis are sketches, not commands)."""
+    with open(README) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
+    lines = [ln.strip() for b in blocks for ln in re.sub(r"\\\n\s*", " ", b).splitlines()]
+    return [ln for ln in lines if ln.startswith("ahnet-fast ") and "..." not in ln and "…" not in ln]
+
+
+@pytest.mark.parametrize("command", ahnet_fast_commands())
+def test_readme_commands_name_only_options_that_exist(command):
+    import shlex
+
+    from ahnet_fast.cli import build_parser
+
+    argv = shlex.split(command, comments=True)[1:]
+    if argv[0] == "bench":
+        pytest.skip("bench hands its arguments to the benchmark's own parser")
+    build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown option or a bad value
+
+
 def test_readme_has_examples():
     assert len(python_blocks()) >= 2
 

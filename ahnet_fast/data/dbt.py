@@ -34,9 +34,13 @@ from ahnet_fast.data.case import Case
 from ahnet_fast.data.synthetic import _check_seed, derive_case_seed
 from ahnet_fast.detection import Lesion, heatmap_target
 
-__all__ = ["DetectionCase", "make_synthetic_dbt", "synthetic_dbt_cases", "with_target"]
+__all__ = ["DBT_SPACING_XY", "DetectionCase", "make_synthetic_dbt", "synthetic_dbt_cases", "with_target"]
 
 FAT, GLAND, MASS, CALC, SKIN = 0.35, 0.60, 0.75, 1.0, 0.55
+# the working in-plane spacing of detection (mm): the synthetic volumes are made at it, and real DBT
+# (~0.1 mm) is resampled to it unless told otherwise; masses stay 10-40 voxels across, a 0.5 mm
+# calcification one voxel
+DBT_SPACING_XY = 0.5
 
 
 @dataclass
@@ -83,7 +87,7 @@ def _blur_slices(vol: np.ndarray, sigma_slices: float) -> np.ndarray:
     return out
 
 
-def make_synthetic_dbt(seed: int, *, size_xy: int = 192, spacing_xy: float = 0.5, slices: tuple[int, int] = (32, 48),
+def make_synthetic_dbt(seed: int, *, size_xy: int = 192, spacing_xy: float = DBT_SPACING_XY, slices: tuple[int, int] = (32, 48),
                        masses: tuple[int, int] = (1, 3), clusters: tuple[int, int] = (0, 2),
                        name: str | None = None) -> DetectionCase:
     """One DBT-like volume (X, Y, Z) = (size_xy, size_xy, 32-48 slices) at ``spacing_xy`` mm in-plane

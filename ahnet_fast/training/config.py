@@ -79,6 +79,8 @@ class TrainConfig:
     # detection
     det_radius_mm: float = 5.0    # peaks closer than this to a higher one are the same lesion
     det_threshold: float = 0.05   # heat-map values below this are never candidates
+    boxes: str | None = None      # real DBT data: the CSV of lesion boxes or centres (ahnet_fast.data.dbt_files)
+    file_paths: str | None = None  # real DBT data in Duke's layout: its file-paths table
     # evaluation and output
     eval_every: int = 0           # 0: only at the end
     save_every: int = 25
@@ -96,12 +98,16 @@ class TrainConfig:
         if self.task not in TASKS:
             bad(f"--task must be one of {TASKS}, got {self.task!r}")
         if self.task == "detection":
-            if self.data != "synthetic":
-                bad("--task detection trains on the synthetic DBT volumes (--data synthetic); a reader for "
-                    "real DBT folders is not there yet")
+            if self.data != "synthetic" and not self.boxes:
+                bad(f"--task detection on the DBT folder {self.data}: give its lesions with --boxes CSV (a box or "
+                    "centre per row; see ahnet_fast.data.dbt_files)")
+            if self.data == "synthetic" and (self.boxes or self.file_paths):
+                bad("--boxes and --file-paths describe a real DBT folder: give it with --data DIR")
             if not (self.det_radius_mm > 0 and 0 <= self.det_threshold < 1):
                 bad(f"--det-radius-mm must be positive and --det-threshold in [0, 1), got {self.det_radius_mm} "
                     f"and {self.det_threshold}")
+        elif self.boxes or self.file_paths:
+            bad("--boxes and --file-paths are for --task detection")
         if self.optimizer not in OPTIMIZERS:
             bad(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not 0.0 <= self.momentum < 1.0:

@@ -1,8 +1,10 @@
-"""``ahnet-fast infer``: a trained checkpoint applied to a whole NIfTI volume.
+"""``ahnet-fast infer``: a trained checkpoint applied to whole volumes.
 
-The checkpoint carries the network description and the preprocessing it was trained with, so the
-volume is resampled in-plane and windowed exactly as the training data were; the label map is mapped
-back onto the input grid and written with the input's affine and header.
+The checkpoint carries the network description and the preprocessing it was trained with, so a
+volume is resampled in-plane and scaled exactly as the training data were. A segmentation
+checkpoint's label map is mapped back onto the input grid and written with the input's affine and
+header (:func:`infer_file`); a detection checkpoint's heat map gives lesion candidates in the
+volume's world millimetres, written as a CSV that ``ahnet-fast froc`` scores (:func:`detect_volumes`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ def load_trained_model(path, device="cpu"):
     model = build_from_spec(ckpt["model_spec"], backend=cfg.backend)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg
+
+
+def checkpoint_task(path) -> str:
+    """The task ("segmentation" or "detection") a training checkpoint was trained for."""
+    return TrainConfig.from_dict(load_checkpoint(path)["config"]).task
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -83,9 +90,8 @@ def infer_file(model_path, in_path, out_path, *, overlap: float | None = None, w
     t0 = time.perf_counter()
     model, cfg = load_trained_model(model_path, device)
     if cfg.task == "detection":  # one heat-map channel: its argmax would be an all-background label map
-        raise ValueError(f"{model_path} is a detection checkpoint (a heat map per lesion); `infer` writes "
-                         "segmentations. Detection inference (candidates CSV) is not in `infer` yet: use "
-                         "ahnet_fast.training.evaluate.predict_heatmap and ahnet_fast.detection.find_peaks")
+        raise ValueError(f"{model_path} is a detection checkpoint (a heat map per lesion), not a segmentation one: "
+                         "its candidates come from detect_volumes (ahnet-fast infer writes them as a .csv)")
     image, affine, header = load_nifti(in_path)
     image = check_finite(image, in_path, replace_nonfinite)
     # the spacing from the affine, exactly as training reads it (load_case)
@@ -113,3 +119,86 @@ def infer_file(model_path, in_path, out_path, *, overlap: float | None = None, w
     return {"input": str(in_path), "output": str(out_path), "shape": tuple(image.shape),
             "seconds": time.perf_counter() - t0,
             "voxels": {name: int(n) for name, n in zip(cfg.class_names, counts)}}
+
+
+def detection_preparation(cfg: TrainConfig) -> tuple[float | None, bool]:
+    """(in-plane spacing in mm, whether to scale by percentiles) with which a detection checkpoint's
+    training volumes were prepared: the synthetic DBT set is made at its working spacing with
+    intensities already in [0, 1]; real DBT folders are resampled to ``spacing_xy`` and scaled."""
+    from ahnet_fast.data.dbt import DBT_SPACING_XY
+
+    return (DBT_SPACING_XY, False) if cfg.data == "synthetic" else (cfg.spacing_xy, True)
+
+
+def detect_volumes(model_path, inputs, out_csv, *, file_paths=None, view: str | None = None,
+                   radius_mm: float | None = None, threshold: float | None = None, max_candidates: int = 100,
+                   overlap: float | None = None, window_batch: int = 1, amp: str = "off", device: str = "cpu",
+                   progress: bool = True, overwrite: bool = False) -> dict:
+    """Lesion candidates of every volume in ``inputs`` (one volume file, or a DBT folder as
+    :func:`ahnet_fast.data.dbt_files.discover_dbt` reads it, with Duke's ``file_paths`` table if given)
+    written to ``out_csv`` (case, x_mm, y_mm, z_mm, score: world millimetres, see
+    :mod:`ahnet_fast.data.dbt_files`), found by :func:`ahnet_fast.detection.find_peaks` on the
+    whole-volume heat map with the checkpoint's radius and threshold unless given. ``view`` (lcc, rmlo,
+    ...) orients a single DICOM file as Duke's boxes are drawn. Returns a summary dict.
+
+    Refused before any work: an output that is not a .csv, that is the checkpoint or an input, that
+    exists (without ``overwrite``), or whose folder cannot be written; a segmentation checkpoint."""
+    from tqdm.auto import tqdm
+
+    from ahnet_fast.data.dbt_files import DbtVolume, VOLUME_SUFFIXES, discover_dbt, prepare_volume, read_volume
+    from ahnet_fast.detection import find_peaks, write_candidates
+    from ahnet_fast.training.evaluate import predict_heatmap
+
+    if amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"--amp must be off, bf16 or fp16, got {amp!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to this torch")
+    out_csv, inputs = Path(out_csv), Path(inputs)
+    if out_csv.suffix.lower() != ".csv":
+        raise ValueError(f"output {out_csv}: detection writes candidates as a CSV file (name it .csv)")
+    if not inputs.exists():
+        raise ValueError(f"input {inputs}: no such file or folder")
+    for name, other in (("the checkpoint", Path(model_path)), ("the input", inputs)):
+        if _same_file(out_csv, other):
+            raise ValueError(f"output {out_csv} is {name}: it would be replaced; choose another name")
+    if inputs.is_dir():
+        volumes = discover_dbt(inputs, None, file_paths)
+        if view is not None:
+            raise ValueError("--view orients one DICOM file; a folder's views come from its --file-paths table")
+    else:
+        if file_paths is not None:
+            raise ValueError("--file-paths lists the volumes of a folder: give the folder as the input")
+        if not inputs.name.lower().endswith(VOLUME_SUFFIXES):
+            raise ValueError(f"input {inputs}: not a volume this reader knows (.nii.gz, .nii or .dcm) nor a folder")
+        stem = inputs.name[:-len(next(s for s in VOLUME_SUFFIXES if inputs.name.lower().endswith(s)))]
+        volumes = [DbtVolume(stem, inputs, view.lower() if view else None)]
+    for v in volumes:
+        if _same_file(out_csv, v.path):
+            raise ValueError(f"output {out_csv} is the input volume {v.path}: choose another name")
+    check_writable(out_csv, overwrite=overwrite, what="output")
+    remove_stale_temps(out_csv.parent)
+    if max_candidates < 1:
+        raise ValueError(f"--max-candidates must be >= 1, got {max_candidates}")
+    t0 = time.perf_counter()
+    model, cfg = load_trained_model(model_path, device)
+    if cfg.task != "detection":
+        raise ValueError(f"{model_path} is a {cfg.task} checkpoint: detection needs one trained with --task detection")
+    radius_mm = cfg.det_radius_mm if radius_mm is None else radius_mm
+    threshold = cfg.det_threshold if threshold is None else threshold
+    if not (radius_mm > 0 and 0 <= threshold < 1):
+        raise ValueError(f"--det-radius-mm must be positive and --det-threshold in [0, 1), got {radius_mm} and "
+                         f"{threshold}")
+    spacing_xy, normalise = detection_preparation(cfg)
+    candidates = []
+    bar = tqdm(volumes, desc="detecting", unit="volume", disable=not progress or len(volumes) < 2)
+    for v in bar:
+        image, affine = read_volume(v.path, v.view)
+        image, affine = prepare_volume(image, affine, spacing_xy, normalise=normalise)
+        heat = predict_heatmap(model, image, cfg.patch, overlap=cfg.overlap if overlap is None else overlap,
+                               window_batch=window_batch, amp=amp, device=torch.device(device),
+                               progress=progress and len(volumes) == 1)
+        candidates += find_peaks(heat, affine, radius_mm=radius_mm, threshold=threshold,
+                                 max_candidates=max_candidates, case=v.name)
+    write_candidates(out_csv, candidates)
+    return {"inputs": str(inputs), "output": str(out_csv), "volumes": len(volumes), "candidates": len(candidates),
+            "radius_mm": radius_mm, "threshold": threshold, "seconds": time.perf_counter() - t0}

@@ -33,10 +33,11 @@ from ahnet_fast.training.models import (build_model, freeze_encoder, initialise_
 # configuration fields that must not change when a run is resumed: they define the batches and model
 RESUME_INVARIANTS = ("data", "stage", "patch", "batch", "micro_batch", "seed", "data_seed", "num_classes",
                      "psp_block_num", "train_cases", "val_cases", "max_cases", "synthetic_size_xy", "spacing_xy",
-                     "window", "foreground_ratio", "lr", "optimizer", "momentum", "weight_decay", "amp", "init", "task")
+                     "window", "foreground_ratio", "lr", "optimizer", "momentum", "weight_decay", "amp", "init", "task",
+                     "boxes", "file_paths")
 # ... of which these matter only for the synthetic data, and this one only for real data
 SYNTHETIC_ONLY = ("data_seed", "train_cases", "synthetic_size_xy")
-REAL_ONLY = ("max_cases",)
+REAL_ONLY = ("max_cases", "boxes", "file_paths")
 FINGERPRINT_BYTES = 1 << 20
 
 
@@ -72,12 +73,8 @@ def load_datasets(cfg: TrainConfig, *, progress: bool = True):
     """(train cases, held-out cases), preprocessed (in-plane spacing, CT window to [0, 1])."""
     prep = Preprocessing(spacing_xy=cfg.spacing_xy, window=tuple(cfg.window))
     tqdm = _tqdm()
-    if cfg.task == "detection":  # synthetic DBT (config.validate): already normalised, at its working spacing
-        from ahnet_fast.data.dbt import synthetic_dbt_cases, with_target
-
-        raw = synthetic_dbt_cases(cfg.train_cases + cfg.val_cases, seed=cfg.data_seed, size_xy=cfg.synthetic_size_xy)
-        cases = [with_target(c) for c in raw]
-        return cases[:cfg.train_cases], cases[cfg.train_cases:]
+    if cfg.task == "detection":
+        return _load_detection(cfg, progress)
     if cfg.data == "synthetic":
         raw = synthetic_cases(cfg.train_cases + cfg.val_cases, seed=cfg.data_seed, size_xy=cfg.synthetic_size_xy)
         cases = [preprocess(c, prep) for c in raw]
@@ -93,11 +90,37 @@ def load_datasets(cfg: TrainConfig, *, progress: bool = True):
         missing = [p.name for p in paths if p.label is None]
         raise ValueError(f"--data {cfg.data!r}: cases without a label cannot be used for training: {missing[:5]}")
     if len(paths) <= cfg.val_cases:
-        raise ValueError(f"--data {cfg.data!r}: {len(paths)} case(s) found, but {cfg.val_cases} are held out for "
-                         "validation (--val-cases): at least one must remain for training")
+        _split(paths, cfg.val_cases, cfg.data)  # the same error, before any volume is read
     cases = [preprocess(load_case(p, cfg.num_classes), prep)
              for p in tqdm(paths, desc="reading cases", unit="case", disable=not progress, file=sys.stderr)]
-    return cases[:-cfg.val_cases], cases[-cfg.val_cases:]
+    return _split(cases, cfg.val_cases, cfg.data)
+
+
+def _split(cases, val_cases: int, data: str):
+    if len(cases) <= val_cases:
+        raise ValueError(f"--data {data!r}: {len(cases)} case(s) found, but {val_cases} are held out for "
+                         "validation (--val-cases): at least one must remain for training")
+    return cases[:-val_cases], cases[-val_cases:]
+
+
+def _load_detection(cfg: TrainConfig, progress: bool):
+    """Detection cases with their heat-map targets: the synthetic DBT set (made at its working spacing,
+    already normalised), or a real DBT folder (:mod:`ahnet_fast.data.dbt_files`) resampled in-plane to
+    ``spacing_xy`` and scaled by each volume's percentiles."""
+    from ahnet_fast.data.dbt import synthetic_dbt_cases, with_target
+
+    if cfg.data == "synthetic":
+        raw = synthetic_dbt_cases(cfg.train_cases + cfg.val_cases, seed=cfg.data_seed, size_xy=cfg.synthetic_size_xy)
+        cases = [with_target(c) for c in raw]
+        return cases[:cfg.train_cases], cases[cfg.train_cases:]
+    from ahnet_fast.data.dbt_files import discover_dbt, load_dbt_case
+
+    volumes = discover_dbt(cfg.data, cfg.boxes, cfg.file_paths)
+    if cfg.max_cases:
+        volumes = volumes[:cfg.max_cases]
+    cases = [with_target(load_dbt_case(v, cfg.spacing_xy))
+             for v in _tqdm()(volumes, desc="reading volumes", unit="volume", disable=not progress, file=sys.stderr)]
+    return _split(cases, cfg.val_cases, cfg.data)
 
 
 def _normalised_path(value):
@@ -116,23 +139,25 @@ def data_fingerprint(cfg: TrainConfig) -> dict | None:
     if cfg.data == "synthetic":
         return None
     root = Path(cfg.data)
-    paths = discover_cases(root)
-    if cfg.max_cases:
-        paths = paths[:cfg.max_cases]
+    if cfg.task == "detection":
+        from ahnet_fast.data.dbt_files import discover_dbt
+
+        volumes = discover_dbt(root, cfg.boxes, cfg.file_paths)[:cfg.max_cases or None]
+        files = [v.path for v in volumes] + [Path(p) for p in (cfg.boxes, cfg.file_paths) if p]
+    else:
+        paths = discover_cases(root)[:cfg.max_cases or None]
+        files = [f for p in paths for f in (p.image, p.label) if f is not None]
     prints = {}
-    for p in paths:
-        for f in (p.image, p.label):
-            if f is None:
-                continue
-            size = f.stat().st_size
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                h.update(fh.read(FINGERPRINT_BYTES))
-                if size > FINGERPRINT_BYTES:
-                    fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-                    h.update(fh.read())
-            key = str(f.relative_to(root)) if root in f.parents else str(f)  # images and labels share names
-            prints[key] = f"{size}:{h.hexdigest()[:16]}"
+    for f in files:
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(FINGERPRINT_BYTES))
+            if size > FINGERPRINT_BYTES:
+                fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                h.update(fh.read())
+        key = str(f.relative_to(root)) if root in f.parents else str(f)  # images and labels share names
+        prints[key] = f"{size}:{h.hexdigest()[:16]}"
     return prints
 
 
@@ -146,7 +171,7 @@ def _check_resume(saved_ckpt: dict, cfg: TrainConfig, path: Path, fingerprint: d
         if key in (SYNTHETIC_ONLY if real else REAL_ONLY):
             continue
         a, b = saved.get(key, defaults[key]), now.get(key)
-        if key in ("data", "init"):
+        if key in ("data", "init", "boxes", "file_paths"):
             a, b = _normalised_path(a), _normalised_path(b)
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
