@@ -376,13 +376,21 @@ def read_volume(path, view: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         pixels = pixels[None]
     if pixels.ndim != 3:
         raise ValueError(f"{path}: expected a grey-scale multi-frame volume, got pixel data of shape {pixels.shape}")
-    image = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32).transpose(2, 1, 0))  # (frames, rows, cols) -> (X, Y, Z)
-    if image.shape != shape:
-        raise ValueError(f"{path}: pixel data {image.shape} does not match the header's {shape} (X, Y, Z)")
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        image = image.max() - image
-    if view and view[0].upper() in "LR" and _laterality(image[:, :, 0]) != view[0].upper():
-        image = np.ascontiguousarray(image[::-1, ::-1, :])
+    view_xyz = pixels.transpose(2, 1, 0)  # (frames, rows, cols) -> (X, Y, Z), a view
+    if view_xyz.shape != shape:
+        raise ValueError(f"{path}: pixel data {view_xyz.shape} does not match the header's {shape} (X, Y, Z)")
+    monochrome1 = str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    if view and view[0].upper() in "LR":
+        first = view_xyz[:, :, 0]
+        side = _laterality(first.max() - first.astype(np.float64) if monochrome1 else first)
+        if side != view[0].upper():
+            view_xyz = view_xyz[::-1, ::-1, :]
+    # one float32 copy in (X, Y, Z) order (a DBT view is ~2500 x 2000 x 60 voxels: 1.2 GB in float32)
+    image = np.empty(view_xyz.shape, dtype=np.float32)
+    image[...] = view_xyz
+    del pixels, view_xyz
+    if monochrome1:  # stored inverted (bright = low attenuation): turned the usual way round
+        np.subtract(image.max(), image, out=image)
     return check_finite(image, path), np.diag([*spacing, 1.0])
 
 
