@@ -13,6 +13,13 @@ the batch, then one warm-up step (it also creates the optimizer state):
   they count in its peak rather than in what existed before it.
 Inference: forward under no_grad in eval mode, same measurements.
 
+With ``--alternatives``, also what a user would pick instead of ahnet_fast, each its own rows:
+``MONAI+compile`` (``torch.compile`` of MONAI's AHNet; its warm-up step, which compiles, is reported
+apart as the compile time, and the timed steps come after it), ``MONAI/bf16`` (MONAI under
+``torch.autocast(bfloat16)``) and ``ahnet_fast/bf16``; ``--compile-ours`` adds ``ahnet_fast+compile``.
+Each row's "vs best alternative" is its speed against the fastest MONAI row of the same precision
+(fp32: eager, compiled, channels-last; bf16: autocast) in the same run.
+
     ahnet-fast bench [--sizes 128 128 32 [256 256 32 ...]] [--repeats 5] [--device cpu|cuda]
         [--amp off|bf16] [--out e2e_cpu.md] [--json PATH]
     (python benchmarks/e2e.py ... in a source checkout is the same)
@@ -23,13 +30,16 @@ Part of the package (not of benchmarks/) so that it runs from any installation; 
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -96,14 +106,29 @@ def _build(impl, size, out_channels, device, seed=0, checkpoint="none"):
     return net.to(device), loss, x.to(device), y.to(device)
 
 
+def parse_impl(impl: str) -> dict:
+    """A row's name, ``name[:checkpoint][+extra...][/precision][@layout]`` (e.g. ``ahnet_fast:all``,
+    ``MONAI+compile``, ``ahnet_fast/bf16``, ``MONAI@channels_last_3d``), as its parts."""
+    rest, _, layout = impl.partition("@")
+    rest, _, precision = rest.partition("/")
+    head, *extras = rest.split("+")
+    name, _, checkpoint = head.partition(":")
+    return dict(name=name, checkpoint=checkpoint or "none", extras=set(extras), precision=precision or None,
+                layout=layout or "contiguous")
+
+
 def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="none", layout="contiguous",
-            fused_adam=False):
-    """In a fresh process: {"ms": [...], "peak_bytes": int, "first_loss": float} (repeats = 0: peak only)."""
+            fused_adam=False, compile_model=False):
+    """In a fresh process: {"ms": [...], "peak_bytes": int, "first_loss": float, "warmup_s": float}
+    (repeats = 0: peak only). ``compile_model``: the model under torch.compile (its warm-up step
+    compiles it)."""
     device = torch.device(device)
     net, loss_fn, x, y = _build(impl, size, out_channels, device, checkpoint=checkpoint)
     if layout == "channels_last_3d":  # model and input, as a user would switch it
         net = net.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
+    if compile_model:
+        net = torch.compile(net)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
@@ -128,10 +153,13 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
             with torch.no_grad(), autocast:
                 return net(x).float().mean()
 
-    # warm-up (and the optimizer state), recording which backend ran each of ahnet_fast's ops
+    # warm-up (and the optimizer state; under torch.compile the compilation), recording which backend
+    # ran each of ahnet_fast's ops
+    t0 = time.perf_counter()
     first, ran = (step(), {}) if impl == "MONAI" else backends_that_ran(step)
     first = float(first)
     sync()
+    warmup_s = time.perf_counter() - t0
     if repeats:
         times = []
         for _ in range(repeats):
@@ -139,7 +167,7 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
             step()
             sync()
             times.append(time.perf_counter() - t0)
-        return {"ms": [t * 1e3 for t in times], "first_loss": first, "backends": ran}
+        return {"ms": [t * 1e3 for t in times], "first_loss": first, "backends": ran, "warmup_s": warmup_s}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -156,7 +184,15 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
         before = rss_bytes("VmRSS")
         step()
         peak = rss_bytes("VmHWM") - before
-    return {"peak_bytes": peak, "first_loss": first, "backends": ran}
+    return {"peak_bytes": peak, "first_loss": first, "backends": ran, "warmup_s": warmup_s}
+
+
+def best_alternative(impl: str, medians: dict, precision: dict) -> str | None:
+    """For an ahnet_fast row: the fastest MONAI row of its precision (what a user would pick instead)."""
+    if parse_impl(impl)["name"] != "ahnet_fast":
+        return None
+    same = [i for i in medians if parse_impl(i)["name"] == "MONAI" and precision[i] == precision[impl]]
+    return min(same, key=medians.get) if same else None
 
 
 def _quantile(v, q):
@@ -180,17 +216,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--fused-adam", action="store_true",
                         help="also ahnet_fast with Adam(fused=True), its training loop's optimizer (rows '+fused_adam'; "
                              "MONAI keeps torch's default Adam, so these rows compare more than the model)")
+    parser.add_argument("--alternatives", action="store_true",
+                        help="also what a user would pick instead: torch.compile(MONAI) ('MONAI+compile'), MONAI under "
+                             "bf16 autocast ('MONAI/bf16'), and ahnet_fast in bf16 ('ahnet_fast/bf16')")
+    parser.add_argument("--compile-ours", action="store_true", help="also ahnet_fast under torch.compile")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: impl size mode repeats
     args = parser.parse_args(argv)
     if args.one:
         impl, size, mode, repeats = args.one
-        name, _, layout = impl.partition("@")
-        name, _, extra = name.partition("+")
-        print(json.dumps(run_one(name.split(":")[0], tuple(json.loads(size)), mode, int(repeats), args.device, args.amp,
-                                 checkpoint=name.split(":")[1] if ":" in name else "none",
-                                 layout=layout or "contiguous", fused_adam=extra == "fused_adam")))
+        part = parse_impl(impl)
+        print(json.dumps(run_one(part["name"], tuple(json.loads(size)), mode, int(repeats), args.device,
+                                 part["precision"] or args.amp, checkpoint=part["checkpoint"], layout=part["layout"],
+                                 fused_adam="fused_adam" in part["extras"], compile_model="compile" in part["extras"])))
         return 0
     if len(args.sizes) % 3:
         parser.error("--sizes takes H W D triples")
@@ -200,7 +239,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise ValueError("bench compares with MONAI's AHNet, and MONAI is not installed: pip install monai==1.6.1")
     sizes = [tuple(args.sizes[i:i + 3]) for i in range(0, len(args.sizes), 3)]
     name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    # torch.compile's caches start empty in every run (one folder for its processes): the first compiled
+    # process compiles as a user's first run would, the later ones reuse its kernels
+    compile_cache = tempfile.mkdtemp(prefix="ahnet_fast_bench_inductor_")
+    atexit.register(shutil.rmtree, compile_cache, True)  # also when a run fails part-way
+    timing_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=compile_cache)
+    env = dict(timing_env, MALLOC_MMAP_THRESHOLD_="65536")
     lines = [f"# AH-Net end to end, ahnet_fast vs MONAI — {datetime.date.today()}, {name} ({args.device}), torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads, amp {args.amp}", "",
              "Training step = forward + focal loss (softmax, 3 classes) + backward + Adam (torch's default, for both; "
@@ -209,8 +253,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
              "fresh processes alternating the implementations; peak = memory the step adds over what exists before it (CPU: VmHWM - RSS with "
              "MALLOC_MMAP_THRESHOLD_=65536; CUDA: max_memory_allocated - memory_allocated). Same initial "
              "weights and batch: 'first loss' is the warm-up step's loss of each.", "",
-             "| mode | input | impl | ms (p20-p80) | voxels/s | speed vs MONAI | peak MiB | peak vs MONAI | first loss (infer: mean output) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| mode | input | impl | ms (p20-p80) | voxels/s | speed vs MONAI | vs best alternative | peak MiB | "
+             "peak vs MONAI | first loss (infer: mean output) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     records = []
     for mode in args.modes:
@@ -221,6 +266,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 impls += ["MONAI@channels_last_3d", "ahnet_fast@channels_last_3d"]
             if args.fused_adam and mode == "train":
                 impls.append("ahnet_fast+fused_adam")
+            if args.alternatives:
+                impls += ["MONAI+compile", "MONAI/bf16", "ahnet_fast/bf16"]
+            if args.compile_ours:
+                impls.append("ahnet_fast+compile")
             res = {impl: {"ms": []} for impl in impls}
 
             def one(impl, repeats, environment):
@@ -235,26 +284,36 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             # falls on both; the peak is measured once each, in its own process
             for _ in range(args.rounds):
                 for impl in impls:
-                    r = one(impl, args.repeats, None)
+                    r = one(impl, args.repeats, timing_env)
                     res[impl]["ms"] += r["ms"]
                     res[impl]["first_loss"] = r["first_loss"]
                     res[impl]["backends"] = r["backends"]
+                    res[impl].setdefault("warmup_s", []).append(r["warmup_s"])
             for impl in impls:
                 res[impl]["peak_bytes"] = one(impl, 0, env)["peak_bytes"]
             base = res["MONAI"]
             voxels = size[0] * size[1] * size[2]
+            medians = {impl: statistics.median(res[impl]["ms"]) for impl in impls}
+            precision = {impl: parse_impl(impl)["precision"] or ("bf16" if args.amp == "bf16" else "fp32")
+                         for impl in impls}
             for impl in impls:
-                r = res[impl]
-                med = statistics.median(r["ms"])
-                lines.append(f"| {mode} | 1x1x{size[0]}x{size[1]}x{size[2]} | {impl} | {med:.0f} "
+                r, med = res[impl], medians[impl]
+                best = best_alternative(impl, medians, precision)
+                # compile time: the warm-up steps (the first compiles, the later ones may hit the cache)
+                # less one step's time; reported for the compiled rows
+                compile_s = (max(r["warmup_s"]) - med / 1e3) if "compile" in parse_impl(impl)["extras"] else None
+                lines.append(f"| {mode} | 1x1x{size[0]}x{size[1]}x{size[2]} | {impl}"
+                             f"{f' (compile {compile_s:.0f} s)' if compile_s is not None else ''} | {med:.0f} "
                              f"({_quantile(r['ms'], 0.2):.0f}-{_quantile(r['ms'], 0.8):.0f}) | "
                              f"{voxels / med * 1e3 / 1e6:.2f} M | {statistics.median(base['ms']) / med:.2f}x | "
+                             f"{f'{medians[best] / med:.2f}x vs {best}' if best else '—'} | "
                              f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / base['peak_bytes']:.2f}x | "
                              f"{r['first_loss']:.6f} |")
                 print(lines[-1], flush=True)
                 records.append(dict(mode=mode, shape=[1, 1, *size], impl=impl, median_ms=med,
                                     p20_ms=_quantile(r["ms"], 0.2), p80_ms=_quantile(r["ms"], 0.8), ms=r["ms"],
-                                    peak_bytes=r["peak_bytes"], first_loss=r["first_loss"],
+                                    peak_bytes=r["peak_bytes"], first_loss=r["first_loss"], precision=precision[impl],
+                                    warmup_s=r["warmup_s"], compile_s=compile_s,
                                     backends=r["backends"] or None))  # None: MONAI, no ahnet_fast op ran
     if args.out:
         with atomic_path(args.out) as tmp:

@@ -86,6 +86,25 @@ def rows():
                                      f"{'x'.join(map(str, shape))}: speed / peak memory vs MONAI",
                                 f"{mi['median_ms'] / oi['median_ms']:.2f}x / {oi['peak_bytes'] / mi['peak_bytes']:.2f}x",
                                 "—", "", where, e2e_path))
+    alt, alt_path = _latest("e2e_alternatives_cpu_*.json")
+    if alt:
+        where = f"{alt['date']}, {alt['device']} ({alt['threads']} threads), torch {alt['torch']}"
+        for mode, target in (("train", 1.3), ("infer", 1.5)):
+            for precision in ("fp32", "bf16"):
+                for r in alt["results"]:
+                    if r["mode"] != mode or r.get("precision") != precision or not r["impl"].startswith("ahnet_fast") \
+                            or "+" in r["impl"] or "@" in r["impl"] or ":" in r["impl"]:
+                        continue  # the plain ahnet_fast row of this precision
+                    best = min((b for b in alt["results"] if b["impl"].startswith("MONAI") and b["mode"] == mode
+                                and b["shape"] == r["shape"] and b.get("precision") == precision),
+                               key=lambda b: b["median_ms"], default=None)
+                    if best is None:
+                        continue
+                    speed = best["median_ms"] / r["median_ms"]
+                    out.append(("25", f"CPU {'training step' if mode == 'train' else 'inference'} "
+                                      f"{'x'.join(map(str, r['shape']))}, {precision}: speed vs the fastest a user could "
+                                      f"pick instead ({best['impl']})", f"{speed:.2f}x", f"≥ {target}x",
+                                _verdict(speed, target, True), where, alt_path))
     dense, dense_path = _latest("dense_block_cpu_*.json")
     if dense:
         by = {(r["block"], r["impl"]): r for r in dense["results"]}
@@ -217,6 +236,33 @@ def e2e_block() -> list[str]:
     return lines
 
 
+def alternatives_block() -> list[str]:
+    """ahnet_fast against what a user would pick instead: torch.compile(MONAI), MONAI under bf16 autocast."""
+    alt, path = _latest("e2e_alternatives_cpu_*.json")
+    if not alt:
+        return ["Not run yet (`ahnet-fast bench --alternatives --json ...`)."]
+    lines = [f"{alt['date']}, {alt['device']} ({alt['threads']} threads), torch {alt['torch']}; median of the timed "
+             f"steps (20th-80th percentile), taken after the warm-up step (which compiles the compiled rows: its "
+             f"time, less a step's, is their compile time); peak as in the table above; `{path}`.", "",
+             "| mode | input | impl | precision | ms (p20-p80) | compile | speed vs MONAI | vs the fastest alternative "
+             "of its precision | peak MiB | peak vs MONAI |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["mode"], tuple(r["shape"])): r for r in alt["results"] if r["impl"] == "MONAI"}
+    for r in alt["results"]:
+        b = base[(r["mode"], tuple(r["shape"]))]
+        best = None
+        if r["impl"].startswith("ahnet_fast"):
+            best = min((m for m in alt["results"] if m["impl"].startswith("MONAI") and m["mode"] == r["mode"]
+                        and m["shape"] == r["shape"] and m.get("precision") == r.get("precision")),
+                       key=lambda m: m["median_ms"], default=None)
+        vs = f"{best['median_ms'] / r['median_ms']:.2f}x ({best['impl']})" if best else "—"
+        comp = f"{r['compile_s']:.0f} s" if r.get("compile_s") is not None else "—"
+        lines.append(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['impl']} | {r.get('precision')} | "
+                     f"{r['median_ms']:.0f} ({r['p20_ms']:.0f}-{r['p80_ms']:.0f}) | {comp} | "
+                     f"{b['median_ms'] / r['median_ms']:.2f}x | {vs} | {r['peak_bytes'] / 2**20:.0f} | "
+                     f"{r['peak_bytes'] / b['peak_bytes']:.2f}x |")
+    return lines
+
+
 def plan_block() -> list[str]:
     """The `ahnet-fast plan` transcript, as the committed run printed it."""
     plan, path = _latest("plan_*.json")
@@ -272,7 +318,8 @@ def detection_block() -> list[str]:
             + f" (`{path}`)."]
 
 
-GENERATED = {"ci": ci_block, "demo": demo_block, "e2e": e2e_block, "plan": plan_block, "detection": detection_block}
+GENERATED = {"ci": ci_block, "demo": demo_block, "e2e": e2e_block, "alternatives": alternatives_block,
+             "plan": plan_block, "detection": detection_block}
 
 
 def render(text: str) -> str:

@@ -127,6 +127,22 @@ def test_bench_runs_from_any_folder(tmp_path):
     assert {rec["impl"] for rec in records} == {"MONAI", "ahnet_fast"} and all(rec["median_ms"] > 0 for rec in records)
 
 
+def test_bench_rows_name_their_variant_and_compare_with_the_same_precision():
+    """The benchmark's row names (checkpoint, extras, precision, layout) and the alternative each of
+    ahnet_fast's rows is judged against: the fastest MONAI row of its own precision."""
+    from ahnet_fast.benchmark import best_alternative, parse_impl
+
+    assert parse_impl("ahnet_fast:all+fused_adam/bf16@channels_last_3d") == dict(
+        name="ahnet_fast", checkpoint="all", extras={"fused_adam"}, precision="bf16", layout="channels_last_3d")
+    assert parse_impl("MONAI+compile") == dict(name="MONAI", checkpoint="none", extras={"compile"}, precision=None,
+                                               layout="contiguous")
+    medians = {"MONAI": 10.0, "MONAI+compile": 8.0, "MONAI/bf16": 9.0, "ahnet_fast": 5.0, "ahnet_fast/bf16": 4.0}
+    precision = {k: ("bf16" if k.endswith("/bf16") else "fp32") for k in medians}
+    assert best_alternative("ahnet_fast", medians, precision) == "MONAI+compile"
+    assert best_alternative("ahnet_fast/bf16", medians, precision) == "MONAI/bf16"  # not the faster fp32 row
+    assert best_alternative("MONAI", medians, precision) is None
+
+
 def test_train_keeps_an_earlier_run_unless_told(tmp_path, capsys):
     """A non-empty --out is refused before any work, naming the ways on; --resume with --overwrite too."""
     from ahnet_fast.cli import main
