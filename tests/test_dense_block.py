@@ -82,6 +82,54 @@ def test_float32_layouts(kind):
 
 
 @needs_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_skip", [False, True], ids=["plain", "skip"])
+def test_without_a_backward_the_block_keeps_nothing_and_computes_the_same(training, with_skip):
+    """Under no_grad (inference) the block runs without its op's saved tensors: the same output and
+    running statistics bit for bit (the same engine, in the same order), and it holds no more than
+    its output (no activation for a backward)."""
+    block = make_block(3, 8, layers=4, growth=6).float().train(training)
+    x = torch.randn(2, 8, 12, 10, 6)
+    skip = torch.randn_like(x) if with_skip else None
+    states = []
+    outs = []
+    for grad_mode in (True, False):
+        b = copy.deepcopy(block)
+        b.backend = "cpp"
+        with torch.set_grad_enabled(grad_mode):
+            xi = x.clone().requires_grad_(grad_mode)
+            outs.append(b(xi, skip=skip).detach() if with_skip else b(xi).detach())
+        states.append(b.state_dict())
+    assert torch.equal(outs[0], outs[1])
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+    # what each path keeps alive: saved tensors with a backward to come, none without
+    import importlib
+
+    op_module = importlib.import_module("ahnet_fast.ops.dense_block")
+
+    kept = []
+    real_forward = op_module._forward
+
+    def spy(*args, **kwargs):
+        out, rest = real_forward(*args, **kwargs)
+        kept.append(sum(t.numel() for t in rest if t.dim() > 1))  # the activations, not the statistics
+        return out, rest
+
+    op_module._forward = spy
+    try:
+        with torch.no_grad():
+            block(x, skip=skip) if with_skip else block(x)
+        with torch.enable_grad():
+            y = block(x.clone().requires_grad_(), skip=skip) if with_skip else block(x.clone().requires_grad_())
+    finally:
+        op_module._forward = real_forward
+    assert kept[0] == 0 and kept[1] > 0, kept
+    del y
+
+
+@needs_ext
 def test_matches_monai():
     monai_ahnet = pytest.importorskip("monai.networks.nets.ahnet")
     torch.manual_seed(0)

@@ -151,18 +151,35 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
                                          list(running_vars), training, list(momenta), eps)
         have_running = all(t is not None for t in running_means) and all(t is not None for t in running_vars)
         use_batch_stats = training or not have_running
-        op = torch.ops.ahnet_fast.dense_block if chosen == "cpp" else _triton_op()
-        out, saved = op(x, list(weights), list(running_means) if not use_batch_stats else [],
-                        list(running_vars) if not use_batch_stats else [], use_batch_stats, eps, keep_bottleneck,
-                        skip)
-        if training and have_running:
+        means = list(running_means) if not use_batch_stats else []
+        variances = list(running_vars) if not use_batch_stats else []
+        if _no_backward(x, skip, weights):
+            # Nothing will ask for a gradient (inference): the block runs without keeping what its
+            # backward would read, each layer's temporaries freed before the next layer's exist.
+            out, stats = _forward(ENGINES[chosen], x, list(weights), means, variances, use_batch_stats, eps,
+                                  False, skip, keep_for_backward=False)
+        else:
+            op = torch.ops.ahnet_fast.dense_block if chosen == "cpp" else _triton_op()
+            out, saved = op(x, list(weights), means, variances, use_batch_stats, eps, keep_bottleneck, skip)
             stats = _split_saved(saved, len(weights) // PARAMS_PER_LAYER)[3]
+        if training and have_running:
             count = x.numel() // x.shape[1]  # every unit keeps the spatial size
             for u, (rm, rv, mom) in enumerate(zip(running_means, running_vars, momenta)):
                 update_running_stats(rm, rv, stats[2 * u], stats[2 * u + 1], training, mom, count)
         return out
 
     return backends.dispatch("dense_block", IMPLEMENTATIONS, x.device, (x,), backend, run)
+
+
+def _no_backward(x, skip, weights) -> bool:
+    """True where no backward can follow (no gradient mode, or nothing that needs one) and the block
+    may run as plain Python: not while torch.compile or the TorchScript tracer records the graph,
+    which must see the registered op."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in (x, skip, *weights))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +212,10 @@ def _scratch(out, channels, slot=SCRATCH_SLOT):
     return scratch.borrow(slot, out.numel() // out.shape[1] * channels, out.dtype, out.device)
 
 
-def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck, skip=None):
+def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck, skip=None,
+             keep_for_backward=True):
+    """(out, saved) as the op returns them; without ``keep_for_backward`` (inference) (out, the
+    BatchNorm statistics) only, each layer's temporaries released before the next layer's exist."""
     layers = _split(weights)
     channels = [x.shape[1]]
     for units in layers:
@@ -224,13 +244,19 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
 
             c1 = unit(out[:, :channels[i]], 0)
             a = unit(c1, 1)
+            if not (keep_for_backward and keep_bottleneck):
+                del c1  # read by the 3x3x1 unit only: gone before the next layer makes its own
             s = unit(a, 2)
             s.add_(a)
             out[:, channels[i]:channels[i + 1]].copy_(unit(s, 3))
-            inner.append(a)  # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept
-            if keep_bottleneck:
-                bottlenecks.append(c1)
-                sums.append(s)
+            if keep_for_backward:
+                inner.append(a)  # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept
+                if keep_bottleneck:
+                    bottlenecks.append(c1)
+                    sums.append(s)
+            del a, s
+        if not keep_for_backward:
+            return out, stats
         return out, inner + bottlenecks + sums + stats
 
 
