@@ -38,6 +38,13 @@ def _verdict(value, target, higher_is_better):
     return "met" if met else f"**missed** by {abs(value - target):.2f}"
 
 
+def _fastest_alternative(results, row):
+    """The fastest MONAI row of ``row``'s mode, shape and precision: what a user could pick instead."""
+    return min((m for m in results if m["impl"].startswith("MONAI") and m["mode"] == row["mode"]
+                and m["shape"] == row["shape"] and m.get("precision") == row.get("precision")),
+               key=lambda m: m["median_ms"], default=None)
+
+
 def rows():
     out = []
     e2e, e2e_path = _latest("e2e_cpu_*.json")
@@ -95,9 +102,7 @@ def rows():
                     if r["mode"] != mode or r.get("precision") != precision or not r["impl"].startswith("ahnet_fast") \
                             or "+" in r["impl"] or "@" in r["impl"] or ":" in r["impl"]:
                         continue  # the plain ahnet_fast row of this precision
-                    best = min((b for b in alt["results"] if b["impl"].startswith("MONAI") and b["mode"] == mode
-                                and b["shape"] == r["shape"] and b.get("precision") == precision),
-                               key=lambda b: b["median_ms"], default=None)
+                    best = _fastest_alternative(alt["results"], r)
                     if best is None:
                         continue
                     speed = best["median_ms"] / r["median_ms"]
@@ -249,11 +254,7 @@ def alternatives_block() -> list[str]:
     base = {(r["mode"], tuple(r["shape"])): r for r in alt["results"] if r["impl"] == "MONAI"}
     for r in alt["results"]:
         b = base[(r["mode"], tuple(r["shape"]))]
-        best = None
-        if r["impl"].startswith("ahnet_fast"):
-            best = min((m for m in alt["results"] if m["impl"].startswith("MONAI") and m["mode"] == r["mode"]
-                        and m["shape"] == r["shape"] and m.get("precision") == r.get("precision")),
-                       key=lambda m: m["median_ms"], default=None)
+        best = _fastest_alternative(alt["results"], r) if r["impl"].startswith("ahnet_fast") else None
         vs = f"{best['median_ms'] / r['median_ms']:.2f}x ({best['impl']})" if best else "—"
         comp = f"{r['compile_s']:.0f} s" if r.get("compile_s") is not None else "—"
         lines.append(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['impl']} | {r.get('precision')} | "

@@ -1,6 +1,9 @@
 """Data for training and evaluating AH-Net on liver CT: cases, NIfTI I/O and dataset discovery
 (Medical Segmentation Decathlon Task03 and LiTS layouts), a synthetic abdominal CT phantom,
-preprocessing (in-plane resampling, HU windowing) and deterministic, DDP-shardable samplers.
+preprocessing (in-plane resampling, HU windowing) and deterministic, DDP-shardable samplers; for the
+detection task, synthetic breast tomosynthesis volumes (:mod:`ahnet_fast.data.dbt`) and real DBT
+folders, NIfTI or DICOM with a CSV of lesion boxes, Duke BCS-DBT's layout included
+(:mod:`ahnet_fast.data.dbt_files`).
 
 Volumes are (X, Y, Z) numpy arrays in NIfTI voxel order, Z the slice axis; labels 0 background,
 1 liver, 2 lesion.
