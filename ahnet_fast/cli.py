@@ -480,8 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     infer_p = add_command("infer", help="segment a volume, or detect lesions, with a trained checkpoint",
                              description="Whole-volume sliding-window inference (Gaussian blending) with the "
-                                         "preprocessing stored in the checkpoint; writes a uint8 label map with "
-                                         "the input's affine and header.")
+                                         "preprocessing stored in the checkpoint. A segmentation checkpoint writes a "
+                                         "uint8 label map with the input's affine and header; a detection one the "
+                                         "lesion candidates of one volume or of every volume in a DBT folder "
+                                         "(case, x_mm, y_mm, z_mm, score), which `ahnet-fast froc` scores.")
     infer_p.add_argument("--model", required=True, help="a training checkpoint (OUT/last.pt)")
     infer_p.add_argument("input", help="input volume (.nii or .nii.gz; for detection also .dcm, or a DBT folder)")
     infer_p.add_argument("output", help="output label map (.nii or .nii.gz); for detection the candidates (.csv)")
