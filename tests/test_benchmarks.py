@@ -53,3 +53,19 @@ def test_roofline_script_measures_every_op_and_the_step(tmp_path):
     for r in report["results"]:
         assert r["min_bytes"] > 0 and 0 < r["fraction_of_roof"] < float("inf"), r
     assert "training step" in (tmp_path / "roof.md").read_text()
+
+
+def test_memory_trace_names_the_ops_at_the_peak(tmp_path):
+    """benchmarks/trace_memory.py on a tiny AHNet: every op of the traced forward is in the timeline,
+    the peak is one of them, and the output map's op is there (the timeline is the forward's)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    out = tmp_path / "trace.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "trace_memory.py"), "--size", "64", "64", "32",
+                        "--psp-block-num", "0", "--layers", "1", "1", "1", "1", "--top", "3", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert len(record["ops"]) > 50 and record["peak_MiB"] == max(op["high"] for op in record["ops"])
+    assert any(op["shapes"] and op["shapes"][0] == [1, 3, 64, 64, 32] for op in record["ops"])
+    assert "peak" in r.stdout and len(r.stdout.strip().splitlines()) == 2 + 3 + 1
