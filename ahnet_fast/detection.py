@@ -276,7 +276,8 @@ def _rows(path, required: Sequence[str], what: str):
         raise ValueError(f"{what} {path}: not a text CSV file ({exc})") from exc
 
 
-def _number(row: dict, key: str, path, line: int) -> float:
+def _number(row: dict, key: str, path, line: int, *, positive: bool = False, minimum: float | None = None) -> float:
+    """``row[key]`` as a finite number (optionally > 0 or >= ``minimum``); ValueError naming file and line."""
     text = row.get(key)
     try:
         value = float(text)
@@ -284,6 +285,10 @@ def _number(row: dict, key: str, path, line: int) -> float:
         raise ValueError(f"{path}:{line}: {key} {text!r} is not a number") from None
     if not math.isfinite(value):
         raise ValueError(f"{path}:{line}: {key} is {text}, not a finite number")
+    if positive and value <= 0:
+        raise ValueError(f"{path}:{line}: {key} must be positive, got {text}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{path}:{line}: {key} must be >= {minimum:g}, got {text}")
     return value
 
 

@@ -22,15 +22,9 @@ import os
 import platform
 import sys
 
+from _common import rss_bytes  # benchmarks/ is the script's folder, first on sys.path
+
 MiB = 2 ** 20
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def _reset_peak() -> None:
@@ -72,14 +66,14 @@ def trace(impl: str, size, mode: str, psp_block_num: int, layers) -> dict:
     class Trace(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             _reset_peak()
-            before = _rss("VmRSS")
+            before = rss_bytes("VmRSS")
             out = func(*args, **(kwargs or {}))
             outs = out if isinstance(out, (tuple, list)) else [out]
             shapes = [list(o.shape) for o in outs if isinstance(o, torch.Tensor)][:2]
-            rows.append(dict(op=str(func), before=before, high=_rss("VmHWM"), after=_rss("VmRSS"), shapes=shapes))
+            rows.append(dict(op=str(func), before=before, high=rss_bytes("VmHWM"), after=rss_bytes("VmRSS"), shapes=shapes))
             return out
 
-    base = _rss("VmRSS")
+    base = rss_bytes("VmRSS")
     with Trace():
         step()
     for r in rows:

@@ -48,13 +48,12 @@ from ahnet_fast.data.case import is_valid_affine, spacing_from_affine
 from ahnet_fast.data.dbt import DetectionCase
 from ahnet_fast.data.nifti import _nifti_suffix, _stem, check_finite, load_nifti
 from ahnet_fast.data.preprocess import _resample_linear, _resampled_affine, resampled_shape
-from ahnet_fast.detection import Lesion
+from ahnet_fast.detection import Lesion, _number
 
 __all__ = ["DbtVolume", "LesionMark", "discover_dbt", "load_dbt_case", "normalise_intensity", "read_geometry",
-           "prepare_volume", "read_volume", "truth_lesions", "DICOM_INSTALL_HINT"]
+           "prepare_volume", "read_volume", "truth_lesions", "volume_name", "DICOM_INSTALL_HINT"]
 
 DICOM_INSTALL_HINT = "pip install pydicom (and, for compressed files such as Duke's, pylibjpeg pylibjpeg-openjpeg)"
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".dcm")
 PERCENTILES = (0.5, 99.5)
 
 
@@ -141,21 +140,6 @@ def _case_name(row: dict, key: str, path: Path, line: int) -> str:
     return name
 
 
-def _number(row: dict, key: str, path: Path, line: int, *, positive=False, minimum=None) -> float:
-    text = row.get(key, "")
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{path}:{line}: {key} {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{path}:{line}: {key} is {text}, not a finite number")
-    if positive and value <= 0:
-        raise ValueError(f"{path}:{line}: {key} must be positive, got {text}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{path}:{line}: {key} must be >= {minimum:g}, got {text}")
-    return value
-
-
 def read_marks(boxes_csv) -> dict[str, list[LesionMark]]:
     """The lesions of a boxes/centres CSV by case name (rules in the module docstring)."""
     path = Path(boxes_csv)
@@ -191,6 +175,16 @@ def read_marks(boxes_csv) -> dict[str, list[LesionMark]]:
 
 def _volume_suffix(path: Path) -> str:
     return _nifti_suffix(path) or (".dcm" if path.name.lower().endswith(".dcm") else "")
+
+
+def volume_name(path) -> str:
+    """The case a volume file is: its name without the volume suffix (``a.nii.gz``, ``a.dcm`` -> ``a``);
+    ValueError for a file that is no volume this module reads."""
+    path = Path(path)
+    suffix = _volume_suffix(path)
+    if not suffix:
+        raise ValueError(f"{path}: not a volume this reader knows (.nii.gz, .nii or .dcm)")
+    return _stem(path) if suffix != ".dcm" else path.name[:-len(suffix)]
 
 
 def _inside(root: Path, rel: str, table: Path, line: int) -> Path:
@@ -243,10 +237,8 @@ def discover_dbt(root, boxes=None, file_paths=None) -> list[DbtVolume]:
     else:
         found = []
         for p in sorted(root.rglob("*")):
-            suffix = _volume_suffix(p)
-            if suffix and p.is_file():
-                name = _stem(p) if suffix != ".dcm" else p.name[:-4]
-                found.append((name, p, None))
+            if _volume_suffix(p) and p.is_file():
+                found.append((volume_name(p), p, None))
         where = f"{root} (volumes named <case>.nii.gz, <case>.nii or <case>.dcm)"
         if not found:
             raise ValueError(f"{root}: no volumes (.nii.gz, .nii or .dcm files) below it; for Duke's layout give "

@@ -40,14 +40,15 @@ def nonfinite_tensors(tree, prefix: str = "") -> list[str]:
     return bad
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", mmap: bool = False) -> dict:
     """Reads a training checkpoint with ``weights_only=True``; ValueError naming the file when it is
-    missing, unreadable or not an ahnet_fast training checkpoint."""
+    missing, unreadable or not an ahnet_fast training checkpoint. ``mmap``: tensors are mapped from
+    the file, not read (for a look at the config or step of a large checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for a truncated or foreign file
         raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):

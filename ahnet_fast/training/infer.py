@@ -41,7 +41,8 @@ def load_trained_model(path, device="cpu"):
 
 def checkpoint_task(path) -> str:
     """The task ("segmentation" or "detection") a training checkpoint was trained for."""
-    return TrainConfig.from_dict(load_checkpoint(path)["config"]).task
+    # memory-mapped: the weights and optimizer state are not read for the few bytes of config
+    return TrainConfig.from_dict(load_checkpoint(path, mmap=True)["config"]).task
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -145,7 +146,7 @@ def detect_volumes(model_path, inputs, out_csv, *, file_paths=None, view: str | 
     exists (without ``overwrite``), or whose folder cannot be written; a segmentation checkpoint."""
     from tqdm.auto import tqdm
 
-    from ahnet_fast.data.dbt_files import DbtVolume, VOLUME_SUFFIXES, discover_dbt, prepare_volume, read_volume
+    from ahnet_fast.data.dbt_files import DbtVolume, discover_dbt, prepare_volume, read_volume, volume_name
     from ahnet_fast.detection import find_peaks, write_candidates
     from ahnet_fast.training.evaluate import predict_heatmap
 
@@ -168,10 +169,12 @@ def detect_volumes(model_path, inputs, out_csv, *, file_paths=None, view: str | 
     else:
         if file_paths is not None:
             raise ValueError("--file-paths lists the volumes of a folder: give the folder as the input")
-        if not inputs.name.lower().endswith(VOLUME_SUFFIXES):
-            raise ValueError(f"input {inputs}: not a volume this reader knows (.nii.gz, .nii or .dcm) nor a folder")
-        stem = inputs.name[:-len(next(s for s in VOLUME_SUFFIXES if inputs.name.lower().endswith(s)))]
-        volumes = [DbtVolume(stem, inputs, view.lower() if view else None)]
+        try:
+            name = volume_name(inputs)
+        except ValueError:
+            raise ValueError(f"input {inputs}: not a volume this reader knows (.nii.gz, .nii or .dcm) nor a folder") \
+                from None
+        volumes = [DbtVolume(name, inputs, view.lower() if view else None)]
     for v in volumes:
         if _same_file(out_csv, v.path):
             raise ValueError(f"output {out_csv} is the input volume {v.path}: choose another name")
