@@ -246,3 +246,33 @@ def dispatch_sample():
     conv_w = torch.randn(5, 4, 3, 3, 1, dtype=torch.float64) * 0.2
     return (lambda be: ops.bn_relu_conv(x, mean.clone(), var.clone(), w, b, True, 0.1, 1e-5, conv_w, backend=be)), \
         (x, conv_w)
+
+
+@needs_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "channel_prefix"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_inference_in_bands_matches_reference(case, kind, training, monkeypatch):
+    """Without a backward to follow, the unit runs as plain Python, in eval mode in bands of rows
+    (ops._bands; here two or three rows a band, the last one shorter, so every band boundary and
+    both map edges are crossed by the 3-row kernels): within 1e-5 of the float64 oracle, every
+    layout, the running statistics updated as with a backward to follow."""
+    from ahnet_fast.ops import _bands
+
+    kernel, stride, shape = case
+    bw, bb, rm, rv, w = params(shape[1], 4, kernel)
+    x64 = torch.randn(shape, dtype=torch.float64)
+    ref = bn_relu_conv_reference(x64, rm.clone(), rv.clone(), bw, bb, training, 0.1, 1e-5, w, stride)
+    per_row = shape[0] * shape[1] * 4 * torch.tensor(shape[3:]).prod().item()
+    monkeypatch.setattr(_bands, "BAND_BYTES", 2 * per_row + 1)
+    x = layout(x64.float(), kind)
+    f32 = [t.float() for t in (bw, bb, rm, rv, w)]
+    stats = [f32[2].clone(), f32[3].clone()]
+    with torch.no_grad():
+        got = bn_relu_conv(x, stats[0], stats[1], f32[0], f32[1], training, 0.1, 1e-5, f32[4], stride, backend="cpp")
+    assert_close_normwise(got, ref, 1e-5)
+    expected = [f32[2].clone(), f32[3].clone()]
+    bn_relu_conv(x, expected[0], expected[1], f32[0], f32[1], training, 0.1, 1e-5, f32[4].requires_grad_(), stride,
+                 backend="cpp")
+    for a, b in zip(stats, expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -109,23 +109,30 @@ def test_without_a_backward_the_block_keeps_nothing_and_computes_the_same(traini
 
     op_module = importlib.import_module("ahnet_fast.ops.dense_block")
 
-    kept = []
-    real_forward = op_module._forward
+    kept, banded = [], []
+    real_forward, real_banded = op_module._forward, op_module._fill_banded
 
     def spy(*args, **kwargs):
         out, rest = real_forward(*args, **kwargs)
         kept.append(sum(t.numel() for t in rest if t.dim() > 1))  # the activations, not the statistics
         return out, rest
 
-    op_module._forward = spy
+    def spy_banded(*args, **kwargs):
+        banded.append(True)
+        return real_banded(*args, **kwargs)
+
+    op_module._forward, op_module._fill_banded = spy, spy_banded
     try:
         with torch.no_grad():
             block(x, skip=skip) if with_skip else block(x)
         with torch.enable_grad():
             y = block(x.clone().requires_grad_(), skip=skip) if with_skip else block(x.clone().requires_grad_())
     finally:
-        op_module._forward = real_forward
-    assert kept[0] == 0 and kept[1] > 0, kept
+        op_module._forward, op_module._fill_banded = real_forward, real_banded
+    if training:  # batch statistics need the whole map: the op's forward, keeping nothing
+        assert kept[0] == 0 and kept[1] > 0 and not banded, (kept, banded)
+    else:  # running statistics: in bands (ops._bands), which keep nothing by construction
+        assert banded == [True] and len(kept) == 1 and kept[0] > 0, (kept, banded)
     del y
 
 
@@ -342,3 +349,81 @@ def dispatch_sample():
     x = torch.randn(2, 4, 8, 8, 4, dtype=torch.float64)
     block = DenseBlock(3, 1, 4, 2, 3, 0.0).double()
     return (lambda be: module_dense_block(list(block), x, be)), (x,)
+
+
+@needs_ext
+@pytest.mark.parametrize("spatial_dims,shape,kind", [(3, (2, 7, 9, 5, 4), "contiguous"),
+                                                     (3, (1, 6, 7, 6, 3), "channels_last"),
+                                                     (3, (2, 7, 9, 5, 4), "strided"),
+                                                     (2, (2, 6, 7, 5), "contiguous")],
+                         ids=["3d", "3d-channels-last", "3d-strided", "2d"])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_inference_in_bands_matches_reference(spatial_dims, shape, kind, rows, monkeypatch):
+    """Eval mode without a backward: each layer in bands of ``rows`` rows (ops._bands; the last band
+    shorter, every boundary crossed by the 3x3x1 unit's halo), with and without a skip: within 1e-5
+    of the float64 reference composition."""
+    from ahnet_fast.ops import _bands
+
+    block = make_block(spatial_dims, shape[1]).eval()
+    x64 = torch.randn(shape, dtype=torch.float64)
+    skip64 = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        refs = [layers_one_by_one(block, x64), layers_one_by_one(block, x64 + skip64)]
+    widest = shape[1] + 10  # the last layer's prefix (growth 5, three layers) vs the bottleneck's 20
+    per_row = shape[0] * max(widest, 20) * 4 * torch.tensor(shape[3:]).prod().item()
+    monkeypatch.setattr(_bands, "BAND_BYTES", rows * per_row)
+    block = block.float()
+    block.backend = "cpp"
+
+    def arrange(t):
+        t = t.float()
+        if kind == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        if kind == "strided":
+            return torch.zeros((*t.shape[:-1], 2 * t.shape[-1]))[..., ::2].copy_(t)
+        return t
+
+    with torch.no_grad():
+        got = [block(arrange(x64)), block(arrange(x64), skip=arrange(skip64))]
+    for g, r in zip(got, refs):
+        assert_close_normwise(g, r, 1e-5)
+
+
+@needs_ext
+def test_dense_block_into_fills_a_channel_slice_in_place(monkeypatch):
+    """dense_block_input + dense_block_into (AH-Net's last stage): the block's channels written after
+    the caller's front channels, which stay as they were; the result equals the block's."""
+    from ahnet_fast.ops import _bands
+
+    monkeypatch.setattr(_bands, "BAND_BYTES", 1)  # one row a band
+    block = make_block(3, 6).float().eval()
+    block.backend = "cpp"
+    x, skip = torch.randn(2, 6, 7, 5, 4), torch.randn(2, 6, 7, 5, 4)
+    with torch.no_grad():
+        expected = block(x, skip=skip)
+        buffer = block.input_buffer(x, skip, front=3)
+        assert buffer.shape == (2, 3 + 21, 7, 5, 4)
+        buffer[:, :3] = 7.0
+        out = block.fill(buffer[:, 3:], 6)
+    assert out.data_ptr() == buffer[:, 3:].data_ptr()
+    assert torch.equal(buffer[:, :3], torch.full_like(buffer[:, :3], 7.0))
+    assert_close_normwise(buffer[:, 3:], expected, 1e-6)
+
+
+@needs_ext
+def test_dense_block_into_bad_input_is_a_value_error():
+    block = make_block(3, 6).float().eval()
+    x = torch.randn(1, 6, 5, 5, 3)
+    with torch.no_grad():
+        buffer = block.input_buffer(x)
+        with pytest.raises(ValueError, match="give 21 channels, but the buffer has 20"):
+            block.fill(buffer[:, 1:], 6)
+        with pytest.raises(ValueError, match="0 < channels0"):
+            block.fill(buffer, 0)
+        with pytest.raises(ValueError, match="skip must have the input's shape"):
+            block.input_buffer(x, torch.randn(1, 6, 5, 5, 4))
+        with pytest.raises(ValueError, match="eval mode"):
+            block.train().fill(buffer, 6)
+    block.eval()
+    with pytest.raises(ValueError, match="is for inference"):
+        block.fill(buffer.requires_grad_(), 6)

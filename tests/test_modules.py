@@ -213,3 +213,72 @@ def test_an_input_of_another_dtype_is_one_clear_error_at_the_module(make, shape)
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, InputMismatchError)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         assert model(x.float()).dtype == torch.bfloat16
+
+
+def _eval_net(upsample_mode, psp_block_num, dtype=torch.float32, spatial_dims=3):
+    torch.manual_seed(0)
+    net = ahnet_fast.AHNet(layers=(1, 1, 1, 1), spatial_dims=spatial_dims, psp_block_num=psp_block_num,
+                           out_channels=2, upsample_mode=upsample_mode).to(dtype).eval()
+    for m in net.modules():  # non-trivial running statistics: eval mode uses them
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+@pytest.mark.parametrize("upsample_mode,psp_block_num,layout,spatial_dims", [
+    ("transpose", 2, "contiguous", 3), ("trilinear", 2, "channels_last_3d", 3), ("transpose", 0, "non_contiguous", 3),
+    ("nearest", 1, "contiguous", 2)], ids=["transpose", "trilinear-channels-last", "no-pyramid-strided", "2d"])
+def test_inference_path_matches_the_training_path(upsample_mode, psp_block_num, layout, spatial_dims, monkeypatch):
+    """Eval mode under no_grad runs AHNet._forward_lean (maps freed after their last reader, the last
+    stage in one buffer, the ops in bands of rows: here a few rows a band, so band boundaries cross
+    every decoder map): as accurate against the float64 model as the path with a backward to follow
+    (3x its fp32 error + 1e-6), for every layout."""
+    from ahnet_fast.ops import _bands
+
+    monkeypatch.setattr(_bands, "BAND_BYTES", 64 * 1024)
+    net = _eval_net(upsample_mode, psp_block_num, spatial_dims=spatial_dims)
+    shape = (2, 1, 64, 32, 32) if spatial_dims == 3 else (2, 1, 64, 96)
+    x = torch.randn(shape)
+    truth = net.double()(x.double()).detach()  # grad enabled: the path with a backward to follow
+    net.float()
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "non_contiguous":
+        x = torch.empty(x.shape[:-1] + (2 * x.shape[-1],))[..., ::2].copy_(x)
+    calls = []
+    real = A.AHNet._forward_lean
+    monkeypatch.setattr(A.AHNet, "_forward_lean", lambda self, x: calls.append(1) or real(self, x))
+    with torch.no_grad():
+        lean = net(x)
+    regular = net(x).detach()
+    assert calls == [1]
+    assert rel_err(lean, truth) <= 3 * rel_err(regular, truth) + 1e-6, (rel_err(lean, truth), rel_err(regular, truth))
+
+
+def test_inference_path_only_where_no_backward_follows(monkeypatch):
+    """Training mode, or a gradient to come (an input that requires one), takes the ordinary path."""
+    net = _eval_net("transpose", 1)
+    calls = []
+    real = A.AHNet._forward_lean
+    monkeypatch.setattr(A.AHNet, "_forward_lean", lambda self, x: calls.append(1) or real(self, x))
+    x = torch.randn(2, 1, 32, 32, 32)
+    net(x.requires_grad_()).sum().backward()
+    with torch.no_grad():
+        net.train()(x)
+    assert calls == []
+
+
+def test_inference_does_not_import_torch_dynamo():
+    """The registered (torch.library.custom_op) ops import torch._dynamo on their first call, which
+    holds a few hundred megabytes (sympy, Triton) for the rest of the process; inference calls the
+    engines directly, so a process that only infers never loads it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, ahnet_fast\n"
+            "net = ahnet_fast.AHNet(layers=(1, 1, 1, 1), psp_block_num=2).eval()\n"
+            "with torch.no_grad():\n"
+            "    net(torch.randn(1, 1, 32, 32, 32))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -57,11 +57,38 @@ def dense_block(layers, x: torch.Tensor, backend: str | None = None, skip: torch
     """A sequence of AH-Net dense layers (modules with bn1..bn4 / conv1..conv4) as the one-buffer op,
     applied to x (+ skip); each layer's bottleneck output is kept for backward except inside a
     checkpointed segment."""
+    weights, means, variances, momenta, training = _dense_args(layers)
+    return ops.dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend,
+                           keep_bottleneck=not in_checkpoint_segment(), skip=skip)
+
+
+def dense_block_into(layers, buffer: torch.Tensor, channels0: int, backend: str | None = None) -> torch.Tensor:
+    """Inference: the dense layers written into ``buffer`` after its first ``channels0`` channels
+    (``ops.dense_block_into``); the BatchNorms must be in eval mode."""
+    weights, means, variances, _, training = _dense_args(layers)
+    if training:
+        raise ValueError("dense_block_into: the block's BatchNorms must be in eval mode (running statistics)")
+    return ops.dense_block_into(buffer, channels0, weights, means, variances, layers[0].bn1.eps, backend=backend)
+
+
+def dense_block_input(layers, x: torch.Tensor, skip: torch.Tensor | None, front: int = 0) -> torch.Tensor:
+    """The buffer :func:`dense_block_into` fills, x (+ skip) written after ``front`` channels left to
+    the caller (``ops.dense_block_input``)."""
+    weights = [t for layer in layers for bn, conv in _dense_units(layer) for t in (bn.weight, bn.bias, conv.weight)]
+    return ops.dense_block_input(x, skip, weights, front=front)
+
+
+def _dense_units(layer):
+    return ((layer.bn1, layer.conv1), (layer.bn2, layer.conv2), (layer.bn3, layer.conv3), (layer.bn4, layer.conv4))
+
+
+def _dense_args(layers):
+    """(weights, running means, running variances, momenta, use_batch_stats) of dense layers, in the
+    order ops.dense_block takes them, with each BatchNorm's bookkeeping (bn.forward's)."""
     weights, means, variances, momenta = [], [], [], []
     training = None
     for layer in layers:
-        for bn, conv in ((layer.bn1, layer.conv1), (layer.bn2, layer.conv2), (layer.bn3, layer.conv3),
-                         (layer.bn4, layer.conv4)):
+        for bn, conv in _dense_units(layer):
             running_mean, running_var, use_batch_stats, momentum = _bn_state(bn)
             if training is not None and use_batch_stats != training:
                 raise ValueError("dense_block: all BatchNorms of a block must be in the same mode (train/eval)")
@@ -70,8 +97,7 @@ def dense_block(layers, x: torch.Tensor, backend: str | None = None, skip: torch
             means.append(running_mean)
             variances.append(running_var)
             momenta.append(momentum)
-    return ops.dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend,
-                           keep_bottleneck=not in_checkpoint_segment(), skip=skip)
+    return weights, means, variances, momenta, training
 
 
 def set_backend(root: nn.Module, backend: str | None) -> nn.Module:

@@ -22,9 +22,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, set_backend
+from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, dense_block_input, dense_block_into, \
+    set_backend
 from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
+from ahnet_fast.ops._bands import no_backward
 from ahnet_fast.ops._inputs import check_input_matches
 from ahnet_fast import _scratch as scratch
 from ahnet_fast.ops import pointwise_conv, slice_max_pool, stem_conv_pool, transposed_conv
@@ -395,6 +397,18 @@ class DenseBlock(_ScriptOps, nn.Sequential):
     def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         return dense_block(list(self), x, self.backend, skip)
 
+    @torch.jit.unused
+    def input_buffer(self, x: torch.Tensor, skip: torch.Tensor | None = None, front: int = 0) -> torch.Tensor:
+        """For inference by parts: a buffer of the block's output channels (after ``front`` channels
+        left to the caller) holding x (+ skip), for :meth:`fill`; x and skip may be freed before it."""
+        return dense_block_input(list(self), x, skip, front)
+
+    @torch.jit.unused
+    def fill(self, buffer: torch.Tensor, channels0: int) -> torch.Tensor:
+        """Inference (eval mode, no autograd): the block's layers written into ``buffer`` after its
+        first ``channels0`` channels, the block's input (``ops.dense_block_into``)."""
+        return dense_block_into(list(self), buffer, channels0, self.backend)
+
 
 class PyramidVolumetricPooling(_ScriptOps, nn.Module):
     """Pyramid volumetric pooling (MONAI's ``PSP``): for level i < psp_block_num, max-pool windows of
@@ -720,6 +734,14 @@ class AHNet(_ScriptOps, nn.Module):
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
         check_input_matches(x, self.conv1.weight, "AHNet")
+        if not self.training and no_backward(x, *self.parameters()):
+            # inference: nothing kept for a backward, each map freed after its last reader, the
+            # ops' scratch pool not kept (nor what a training step left in it)
+            scratch.push_keep(False)
+            try:
+                return self._forward_lean(x)
+            finally:
+                scratch.pop_keep()
         policy = self.checkpoint
         if policy == "auto":
             policy = resolve_auto(self, x) if self.training and torch.is_grad_enabled() else "none"
@@ -756,6 +778,40 @@ class AHNet(_ScriptOps, nn.Module):
         d3 = segment(decoder, self._stage3, (self.trans1, self.dense3), d2, pool_x)
         d4 = segment(decoder, self._stage4, (self.up3, self.dense4), d3, conv_x)
         return segment(decoder, self._head, (self.psp, self.final), d4)
+
+    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """_forward in eval mode with no backward to follow, written so that each map is freed as
+        soon as its last reader has run (what Inductor does for a compiled graph): an encoder map
+        after the decoder stage that adds it, each stage's output after the next stage's input
+        exists. The last stage, where the maps are largest, is built in one buffer: the upsampled
+        map + conv_x written into it (both freed before the dense block runs, which fills the rest
+        of the buffer in place), the pyramid channels written into its first channels, so that no
+        concatenation is ever copied. The ops run in bands of rows (ahnet_fast.ops._bands)."""
+        conv_x = self._stem(x)
+        pool_x = self.maxpool(conv_x)
+        h = pool_x
+        features = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            h = layer(h)
+            features.append(h)
+        del h
+        fm4 = features.pop()
+        d = self.dense0(self.up0(fm4), features.pop())
+        del fm4
+        d = self.dense1(self.up1(d), features.pop())
+        d = self.dense2(self.up2(d), features.pop())
+        d = self.dense3(self.trans1(d), pool_x)
+        del pool_x
+        up = self.up3(d)
+        del d
+        levels = self.psp_block_num
+        buffer = self.dense4.input_buffer(up, conv_x, front=levels)
+        channels0 = up.shape[1]
+        del up, conv_x
+        self.dense4.fill(buffer[:, levels:], channels0)
+        if levels > 0:
+            buffer[:, :levels].copy_(self.psp(buffer[:, levels:]))
+        return self.final(buffer)
 
     def _stage0(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.dense0(self.up0(a), skip)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ahnet_fast import _scratch as scratch, backends
-from ahnet_fast.ops import aniso_conv, _conv_paths as conv_paths
+from ahnet_fast.ops import aniso_conv, _bands as bands, _conv_paths as conv_paths
 from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops._conv_paths import output_format
 from ahnet_fast._extension import extension_available
@@ -369,6 +369,18 @@ def bn_relu_conv(x, running_mean, running_var, bn_weight, bn_bias, training: boo
         bw = x.new_ones(x.shape[1], dtype=opmath_dtype(x.dtype)) if bn_weight is None else bn_weight
         bb = torch.zeros_like(bw) if bn_bias is None else bn_bias
         use_batch_stats = training or running_mean is None or running_var is None
+        if bands.no_backward(x, bw, bb, weight):
+            # Inference: the engine called as plain Python, not through the registered op (whose first
+            # call imports torch._dynamo, a few hundred megabytes a process that only infers need not
+            # hold); with the running statistics in bands of rows (ops._bands).
+            engine = ENGINES[chosen]
+            if not use_batch_stats and bands.bandable(weight, stride, padding):
+                return _banded(engine, x, bw, bb, running_mean, running_var, eps, weight)
+            y, mean, var = engine.forward(x, bw, bb, None if use_batch_stats else running_mean,
+                                          None if use_batch_stats else running_var, use_batch_stats, eps, weight,
+                                          stride, padding)
+            update_running_stats(running_mean, running_var, mean, var, training, momentum, x.numel() // x.shape[1])
+            return y
         op = torch.ops.ahnet_fast.bn_relu_conv if chosen == "cpp" else _triton_op()
         y, mean, var = op(x, bw, bb, None if use_batch_stats else running_mean,
                           None if use_batch_stats else running_var, use_batch_stats, eps, weight, stride, padding)
@@ -376,6 +388,26 @@ def bn_relu_conv(x, running_mean, running_var, bn_weight, bn_bias, training: boo
         return y
 
     return backends.dispatch("bn_relu_conv", IMPLEMENTATIONS, x.device, (x, weight), backend, run)
+
+
+def _banded(engine, x, bn_weight, bn_bias, running_mean, running_var, eps, weight):
+    """The unit in eval mode with no backward to follow, band by band (ahnet_fast.ops._bands); one
+    band is the plain forward."""
+    size = x.shape[2]
+    rows = bands.band_rows(x, x.shape[1])
+    r = bands.halo(weight)
+    if rows >= size:
+        return engine.forward(x, bn_weight, bn_bias, running_mean, running_var, False, eps, weight,
+                              [1] * (x.dim() - 2), same_padding(weight))[0]
+    out = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
+                      memory_format=output_format(x))
+    workspace = bands.workspace_for(x, x.shape[1], min(rows + 2 * r, size))
+    for h0 in range(0, size, rows):
+        h1 = min(h0 + rows, size)
+        lo, hi = bands.extend(h0, h1, r, size)
+        out[:, :, h0:h1].copy_(bands.unit_rows(engine, x[:, :, lo:hi], lo, h0, h1, bn_weight, bn_bias, running_mean,
+                                               running_var, eps, weight, workspace))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

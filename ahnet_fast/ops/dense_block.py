@@ -39,12 +39,13 @@ import torch.nn.functional as F
 from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype
+from ahnet_fast.ops import _bands as bands
 from ahnet_fast.ops._registry import define_script_entry, register_triton_pair
 from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops.bn_relu_conv import IMPLEMENTATIONS as UNIT_IMPLEMENTATIONS, SCRATCH_SLOT, ENGINES, output_format, \
     same_padding
 
-__all__ = ["dense_block", "dense_block_reference", "PARAMS_PER_LAYER", "BNS_PER_LAYER"]
+__all__ = ["dense_block", "dense_block_input", "dense_block_into", "dense_block_reference", "PARAMS_PER_LAYER", "BNS_PER_LAYER"]
 
 # The block runs the BatchNorm+ReLU+convolution unit's engines: the same implementations and reasons.
 IMPLEMENTATIONS = backends.register("dense_block", UNIT_IMPLEMENTATIONS)
@@ -153,9 +154,14 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
         use_batch_stats = training or not have_running
         means = list(running_means) if not use_batch_stats else []
         variances = list(running_vars) if not use_batch_stats else []
-        if _no_backward(x, skip, weights):
+        if bands.no_backward(x, skip, *weights):
             # Nothing will ask for a gradient (inference): the block runs without keeping what its
-            # backward would read, each layer's temporaries freed before the next layer's exist.
+            # backward would read, each layer's temporaries freed before the next layer's exist; with
+            # the running statistics, in bands of rows (ops._bands).
+            if not use_batch_stats:
+                out = _empty(x, x.shape[1] + sum(units[3][2].shape[0] for units in _split(weights)))
+                _write_input(out, x, skip)
+                return _fill_banded(ENGINES[chosen], out, x.shape[1], list(weights), means, variances, eps)
             out, stats = _forward(ENGINES[chosen], x, list(weights), means, variances, use_batch_stats, eps,
                                   False, skip, keep_for_backward=False)
         else:
@@ -171,15 +177,111 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     return backends.dispatch("dense_block", IMPLEMENTATIONS, x.device, (x,), backend, run)
 
 
-def _no_backward(x, skip, weights) -> bool:
-    """True where no backward can follow (no gradient mode, or nothing that needs one) and the block
-    may run as plain Python: not while torch.compile or the TorchScript tracer records the graph,
-    which must see the registered op."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not any(t is not None and t.requires_grad for t in (x, skip, *weights))
+def dense_block_into(buffer: torch.Tensor, channels0: int, weights: Sequence[torch.Tensor],
+                     running_means: Sequence[torch.Tensor], running_vars: Sequence[torch.Tensor], eps: float, *,
+                     backend: str | None = None) -> torch.Tensor:
+    """Inference (eval-mode BatchNorm, no autograd): the block's layers written into ``buffer`` in
+    place, ``buffer[:, channels0:]`` computed from ``buffer[:, :channels0]`` (the block's input, which
+    the caller wrote there), and ``buffer`` returned. What :func:`dense_block` computes, without the
+    input as a tensor of its own: a caller that forms the input in the buffer (AH-Net's last stage:
+    upsampled map + skip) frees its parts before the block runs. Runs in bands of rows
+    (ahnet_fast.ops._bands); ``buffer`` may be a channel slice of a larger tensor."""
+    layers = _split(weights)
+    if buffer.dim() not in (4, 5) or not 0 < channels0 <= buffer.shape[1]:
+        raise ValueError(f"dense_block_into: buffer must be (N, C, H, W[, D]) with 0 < channels0 <= C, got "
+                         f"{tuple(buffer.shape)} and channels0={channels0}")
+    total = channels0 + sum(units[3][2].shape[0] for units in layers) if layers else None
+    if total != buffer.shape[1]:
+        raise ValueError(f"dense_block_into: {len(layers)} layers on {channels0} input channels give {total} "
+                         f"channels, but the buffer has {buffer.shape[1]}")
+    if any(t is None for t in (*running_means, *running_vars)):
+        raise ValueError("dense_block_into: inference needs every BatchNorm's running statistics")
+    x = buffer[:, :channels0]
+    _check(x, weights, running_means, running_vars, [0.0] * len(running_means))
+    if not bands.no_backward(buffer, *weights):
+        raise ValueError("dense_block_into is for inference: run it under torch.no_grad() (or with nothing "
+                         "that requires a gradient)")
+    if autocast_dtype(x) is not None and buffer.dtype != autocast_dtype(x):
+        raise ValueError(f"dense_block_into: under autocast the buffer must be {autocast_dtype(x)}, got {buffer.dtype}")
+    if autocast_dtype(x) is not None:
+        weights = [w.to(buffer.dtype) if i % 3 == 2 else w for i, w in enumerate(weights)]
+
+    def run(chosen):
+        if chosen == "reference":
+            buffer[:, channels0:].copy_(dense_block_reference(x, list(weights), list(running_means), list(running_vars),
+                                                              False, [0.0] * len(running_means), eps)[:, channels0:])
+            return buffer
+        return _fill_banded(ENGINES[chosen], buffer, channels0, list(weights), list(running_means),
+                            list(running_vars), eps)
+
+    return backends.dispatch("dense_block", IMPLEMENTATIONS, x.device, (x,), backend, run)
+
+
+def dense_block_input(x: torch.Tensor, skip: torch.Tensor | None, weights: Sequence[torch.Tensor], *,
+                      front: int = 0) -> torch.Tensor:
+    """The buffer :func:`dense_block_into` fills: (N, front + C0 + L*g, ...) laid out as x, in the
+    dtype the block computes in (autocast's, else x's, or x + skip's), with x (+ skip) written into
+    channels [front, front + C0). The first ``front`` channels are the caller's: AH-Net puts its
+    pyramid pooling's channels there, in front of the block's, as its final block reads them."""
+    if skip is not None and (skip.shape != x.shape or skip.device != x.device):
+        raise ValueError(f"dense_block_input: skip must have the input's shape and device, got {tuple(skip.shape)} "
+                         f"on {skip.device} for {tuple(x.shape)} on {x.device}")
+    if front < 0:
+        raise ValueError(f"dense_block_input: front must be >= 0, got {front}")
+    dtype = autocast_dtype(x) or (x.dtype if skip is None else torch.result_type(x, skip))
+    total = front + x.shape[1] + sum(units[3][2].shape[0] for units in _split(weights))
+    buffer = torch.empty((x.shape[0], total, *x.shape[2:]), dtype=dtype, device=x.device,
+                         memory_format=output_format(x))
+    _write_input(buffer[:, front:], x, skip)
+    return buffer
+
+
+def _write_input(out, x, skip):
+    """The block's input (x, or x + skip) into out's first channels."""
+    if skip is None:
+        out[:, :x.shape[1]].copy_(x)
+    else:
+        torch.add(x, skip, out=out[:, :x.shape[1]])
+
+
+def _fill_banded(engine, out, channels0, weights, running_means, running_vars, eps):
+    """out[:, channels0:] from out[:, :channels0] in eval mode, each layer in bands of rows: a band of
+    a layer's new channels needs its 1x1x1 bottleneck c1 on the band plus the 3x3x1 unit's halo
+    (ahnet_fast.ops._bands), so c1, a and a + b exist one band at a time instead of for the whole
+    map, and the units' activations and convolution workspaces are a band's size."""
+    layers = _split(weights)
+    channels = [channels0]
+    for units in layers:
+        channels.append(channels[-1] + units[3][2].shape[0])
+    size = out.shape[2]
+    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    rows = bands.band_rows(out, widest)
+    reach = max(sum(bands.halo(u[2]) for u in units) for units in layers)
+    workspace = bands.workspace_for(out, widest, min(rows + 2 * reach, size))
+    for i, units in enumerate(layers):
+        params = [(bw, bb, running_means[4 * i + u], running_vars[4 * i + u], cw) for u, (bw, bb, cw) in enumerate(units)]
+        r = [bands.halo(cw) for *_, cw in params]
+
+        def unit(t, t_lo, lo, hi, u):
+            bw, bb, rm, rv, cw = params[u]
+            return bands.unit_rows(engine, t, t_lo, lo, hi, bw, bb, rm, rv, eps, cw, workspace)
+
+        for h0 in range(0, size, rows):
+            h1 = min(h0 + rows, size)
+            # rows each unit's output is needed on, from the last unit back to the block's prefix
+            s_lo, s_hi = bands.extend(h0, h1, r[3], size)
+            a_lo, a_hi = bands.extend(s_lo, s_hi, r[2], size)
+            c_lo, c_hi = bands.extend(a_lo, a_hi, r[1], size)
+            p_lo, p_hi = bands.extend(c_lo, c_hi, r[0], size)
+            c1 = unit(out[:, :channels[i], p_lo:p_hi], p_lo, c_lo, c_hi, 0)
+            a = unit(c1, c_lo, a_lo, a_hi, 1)
+            del c1
+            s = unit(a, a_lo, s_lo, s_hi, 2)
+            s.add_(a[:, :, s_lo - a_lo: s_hi - a_lo])
+            del a
+            out[:, channels[i]:channels[i + 1], h0:h1].copy_(unit(s, s_lo, h0, h1, 3))
+            del s
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
