@@ -171,6 +171,8 @@ def cmd_plan(args) -> int:
     budget = parse_bytes(args.budget)
     with torch.device("meta"):
         model = AHNet(in_channels=args.in_channels, out_channels=args.out_channels, psp_block_num=args.psp_block_num)
+    if args.infer:
+        return _plan_inference(args, model, budget)
     result = plan(budget, tuple(args.shape), model=model, max_batch=args.max_batch, optimizer=args.optimizer,
                   precisions=tuple(args.precisions))
     gib = 2**30
@@ -200,6 +202,41 @@ def cmd_plan(args) -> int:
                       table=result["table"], chosen=dict(precision=result["precision"],
                                                          checkpoint=result["checkpoint"], batch=result["batch"],
                                                          estimate=est.as_dict()),
+                      transcript=lines)
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+            f.write(_json.dumps(record, indent=1))
+    return 0
+
+
+def _plan_inference(args, model, budget) -> int:
+    """plan --infer: the largest sliding window whose whole-volume inference fits the budget."""
+    from ahnet_fast.memory import plan_inference
+
+    result = plan_inference(budget, tuple(args.shape), model=model)
+    gib = 2**30
+    lines = [f"AH-Net whole-volume inference of a {' x '.join(map(str, args.shape))} volume ({args.out_channels} "
+             f"classes), fp32 (a bf16 run needs less), one window per forward; budget {budget / gib:.2f} GiB", "",
+             f"{'window':<15} {'forward GiB':>11} {'logits GiB':>10} {'peak GiB':>9} {'fits':>5}"]
+    for row in result["table"]:
+        lines.append(f"{'x'.join(map(str, row['window'])):<15} {row['forward'] / gib:>11.2f} "
+                     f"{row['stitching'] / gib:>10.2f} {row['total'] / gib:>9.2f} {'yes' if row['fits'] else 'no':>5}")
+    est = result["estimate"]
+    lines += ["", f"chosen: window {' '.join(map(str, result['window']))}: predicted peak "
+                  f"{est.total / gib:.2f} GiB over the model and the volume = one window's forward "
+                  f"{est.forward / gib:.2f} + the volume's logits {est.stitching / gib:.2f}"]
+    print("\n".join(lines))
+    if args.json:
+        import datetime
+
+        import torch
+
+        from ahnet_fast import _json
+        from ahnet_fast._atomic import atomic_path
+
+        record = dict(date=str(datetime.date.today()), torch=torch.__version__,
+                      argv=["ahnet-fast", "plan", "--infer", "--budget", args.budget, "--shape", *map(str, args.shape)],
+                      volume=list(args.shape), budget=budget, table=result["table"],
+                      chosen=dict(window=list(result["window"]), precision=result["precision"], total=est.total),
                       transcript=lines)
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             f.write(_json.dumps(record, indent=1))
@@ -280,7 +317,8 @@ def cmd_infer(args) -> int:
         raise ValueError(f"--task {args.task}: {args.model} was trained for {task}")
     if task == "detection":
         unused = [flag for flag, value in (("--probabilities", args.probabilities), ("--stitch", args.stitch != "auto"),
-                                           ("--replace-nonfinite", args.replace_nonfinite is not None)) if value]
+                                           ("--replace-nonfinite", args.replace_nonfinite is not None),
+                                           ("--patch", args.patch is not None)) if value]
         if unused:
             raise ValueError(f"{', '.join(unused)}: segmentation options; {args.model} is a detection checkpoint")
         summary = detect_volumes(args.model, args.input, args.output, file_paths=args.file_paths, view=args.view,
@@ -299,7 +337,8 @@ def cmd_infer(args) -> int:
     summary = infer_file(args.model, args.input, args.output, overlap=args.overlap, window_batch=args.window_batch,
                          amp=args.amp, device=args.device, stitch=args.stitch, probabilities=args.probabilities,
                          progress=not args.no_progress, overwrite=args.overwrite,
-                         replace_nonfinite=args.replace_nonfinite)
+                         replace_nonfinite=args.replace_nonfinite,
+                         patch=tuple(args.patch) if args.patch is not None else None)
     voxels = ", ".join(f"{k} {v}" for k, v in summary["voxels"].items())
     print(f"wrote {summary['output']} ({' x '.join(map(str, summary['shape']))} voxels; {voxels}) in "
           f"{summary['seconds']:.1f} s")
@@ -388,20 +427,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--compare-monai", action="store_true", help="also run MONAI's AHNet for a side-by-side ratio")
     demo.set_defaults(func=cmd_demo)
-    plan_p = add_command("plan", help="the fastest training configuration that fits a memory budget",
+    plan_p = add_command("plan", help="the fastest training configuration (or, --infer, the largest inference "
+                                      "window) that fits a memory budget",
                             description="Estimates the peak memory of AH-Net training steps (parameters, gradients, "
                                         "optimizer state, activations traced on fake tensors, workspace) for each "
                                         "precision, checkpoint policy and batch size, and picks the fastest that "
-                                        "fits the budget.")
+                                        "fits the budget. With --infer: estimates whole-volume sliding-window "
+                                        "inference (one window's eval-mode forward, traced on fake tensors, plus "
+                                        "the volume's blended logits) for each window size and precision, and "
+                                        "picks the largest window that fits.")
     plan_p.add_argument("--budget", required=True, help="memory budget, e.g. 16GB or 512MB")
     plan_p.add_argument("--shape", type=int, nargs=3, required=True, metavar=("H", "W", "D"),
-                        help="spatial size of one sample; D is the slice axis")
+                        help="spatial size of one sample (with --infer: of the whole volume); D is the slice axis")
     plan_p.add_argument("--in-channels", type=int, default=1)
     plan_p.add_argument("--out-channels", type=int, default=3)
     plan_p.add_argument("--psp-block-num", type=int, default=4)
     plan_p.add_argument("--max-batch", type=int, default=4)
     plan_p.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd", "sgd_momentum"))
     plan_p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp16", "fp32"))
+    plan_p.add_argument("--infer", action="store_true",
+                        help="plan whole-volume inference instead: --shape is the volume, and the plan is the "
+                             "largest sliding window that fits the budget")
     plan_p.add_argument("--json", default=None, help="also write the search and the choice to this JSON file")
     plan_p.set_defaults(func=cmd_plan)
 
@@ -499,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer_p.add_argument("--max-candidates", type=int, default=100, help="detection: at most this many per volume")
     infer_p.add_argument("--overlap", type=float, default=None, help="window overlap (default: the training one)")
     infer_p.add_argument("--window-batch", type=int, default=1, help="windows per forward pass")
+    infer_p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("H", "W", "D"),
+                         help="segmentation: the sliding window (default: the checkpoint's training patch; "
+                              "'ahnet-fast plan --infer' gives the largest that fits a memory budget)")
     infer_p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     infer_p.add_argument("--device", default="cpu", help="cpu or cuda")
     infer_p.add_argument("--stitch", default="auto", choices=("auto", "device", "cpu"),

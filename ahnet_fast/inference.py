@@ -15,9 +15,9 @@ things decide the quality of the stitched result:
 The result is ``sum_k w_k * logits_k / sum_k w_k`` per voxel, accumulated in float32 whatever the
 network's precision. Window positions per axis are laid out by :func:`window_positions`.
 
-Memory: only one batch of windows is on the compute device at a time; the accumulators (the
-weighted logit sum, ``N * C_out * prod(spatial)`` float32, and one spatial weight map shared by all
-samples and channels) live on the output device, which may be the CPU when the volume's logits do
+Memory: only one batch of windows is on the compute device at a time; the accumulator (the
+weighted logit sum, ``N * C_out * prod(spatial)`` float32, divided in place at the end by the
+windows' weight sum, which is formed one slab of rows at a time) lives on the output device, which may be the CPU when the volume's logits do
 not fit next to the network on the GPU (``output_device="auto"``, or forced with ``"cpu"``).
 
 The approach (overlapping tiles, Gaussian importance weighting) is the one of MONAI's
@@ -212,6 +212,28 @@ class _Tiling:
             yield vol, win, (pad if any(pad) else None)
 
 
+# The windows' weight sum is formed slab by slab along the first spatial axis, a slab at most this
+# many bytes: a map of the whole volume would be as large as one channel of the output.
+_NORMALISE_SLAB_BYTES = 16 * 2 ** 20
+
+
+def _normalise(logit_sum: torch.Tensor, tiling: _Tiling, weight: torch.Tensor) -> None:
+    """Divides the weighted logit sum by the sum of the weights of the windows covering each voxel
+    (the same for every sample and channel), in place, one slab of rows at a time."""
+    spatial = tuple(logit_sum.shape[2:])
+    rows = max(1, min(spatial[0], _NORMALISE_SLAB_BYTES // (4 * math.prod(spatial[1:]))))
+    for a in range(0, spatial[0], rows):
+        b = min(a + rows, spatial[0])
+        weight_sum = torch.zeros((b - a, *spatial[1:]), dtype=torch.float32, device=logit_sum.device)
+        for vol, win, _pad in tiling:
+            lo, hi = max(vol[0].start, a), min(vol[0].stop, b)
+            if lo < hi:
+                first = win[0].start + lo - vol[0].start
+                weight_sum[(slice(lo - a, hi - a), *vol[1:])] += \
+                    weight[(slice(first, first + hi - lo), *win[1:])].to(logit_sum.device)
+        logit_sum[:, :, a:b].div_(weight_sum)
+
+
 def sliding_window_inference(
     inputs: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
@@ -299,7 +321,7 @@ def sliding_window_inference(
         weight = torch.ones(window, dtype=torch.float32, device=compute_device)
     jobs = [(n, vol, win, pad) for n in range(n_samples) for vol, win, pad in tiling]
 
-    logit_sum = weight_sum = None
+    logit_sum = None
     out_device = None
     with torch.no_grad(), tqdm(
         total=len(jobs), desc="sliding window", unit="window", disable=not progress, leave=False
@@ -335,18 +357,17 @@ def sliding_window_inference(
                 nbytes = (n_samples * c_out + 1) * math.prod(spatial) * 4
                 out_device = _stitch_device(output_device, inputs.device, compute_device, nbytes)
                 logit_sum = torch.zeros((n_samples, c_out, *spatial), dtype=torch.float32, device=out_device)
-                weight_sum = torch.zeros(spatial, dtype=torch.float32, device=out_device)
-                for vol, win, _pad in tiling:  # the same for every sample and channel
-                    weight_sum[vol] += weight[win].to(out_device)
             # weight on the compute device (fast there), then one copy of the valid part per window
             logits = logits.float()
             for b, (n, vol, win, _pad) in enumerate(batch_jobs):
                 logit_sum[(n, slice(None), *vol)] += (logits[(b, slice(None), *win)] * weight[win]).to(out_device)
             del logits
             bar.update(len(batch_jobs))
-    logit_sum.div_(weight_sum)
-    bad = int((~torch.isfinite(logit_sum)).sum())
-    if bad:  # finite inputs, so the network did it: non-finite weights, or an overflow under amp
+    _normalise(logit_sum, tiling, weight)
+    # max and min are NaN or infinite exactly when some value is, without a mask of the output's size
+    if not (torch.isfinite(logit_sum.max()) and torch.isfinite(logit_sum.min())):
+        # finite inputs, so the network did it: non-finite weights, or an overflow under amp
+        bad = int((~torch.isfinite(logit_sum)).sum())
         raise ValueError(f"the predictor returned {bad} NaN or infinite logits of {logit_sum.numel()} (are its "
                          "weights finite? under fp16 autocast, does it overflow?)")
     return logit_sum

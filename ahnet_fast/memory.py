@@ -20,12 +20,14 @@ fits a budget; ``ahnet-fast plan --budget 16GB --shape 512 512 64`` prints it as
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["MemoryEstimate", "estimate_training_memory", "plan", "parse_bytes", "WORKSPACE_FACTOR"]
+__all__ = ["MemoryEstimate", "InferenceEstimate", "estimate_training_memory", "estimate_inference_memory", "plan",
+           "plan_inference", "parse_bytes", "WORKSPACE_FACTOR"]
 
 # The step's peak over the traced bytes kept for backward: backward's transients (1.7x the largest
 # kept tensor: an input gradient next to its tensor, a recomputed activation), then 1.11x that plus
@@ -259,6 +261,165 @@ def plan(budget_bytes, input_shape, *, model: nn.Module | None = None, precision
                          f"{smallest['total'] / 2**30:.2f} GiB")
     return {**best[1], "table": table}
 
+
+
+# Inference (``estimate_inference_memory``): the peak of the eval-mode forward as a user measures it
+# (VmHWM over the model and the input, a fresh process, MALLOC_MMAP_THRESHOLD_=65536) over the live
+# set traced on fake tensors. The trace counts a tensor from its allocation, where the CPU pays for a
+# page only once it is written (the last stage's buffer fills channel by channel), and it does not see
+# the libraries and caches a first forward loads or the convolutions' band-sized workspaces: a factor
+# and a constant, fitted on the CPU forward at the two sizes of INFER_CALIBRATION_POINTS (measured
+# 123 and 274 MiB, traced 77 and 256 MiB), judged on others (tests/test_memory.py; 1x1x128x128x64 and
+# 1x1x256x128x32 measured 186 and 180 MiB when fitted, estimated 0.90x and 0.93x of that).
+INFER_FACTOR = 0.845
+INFER_OVERHEAD = 58 * 2**20
+INFER_CALIBRATION_POINTS = ((1, 1, 128, 128, 32), (1, 1, 256, 256, 32))
+
+
+def _trace_inference(config: dict, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The largest live set (bytes) of the eval-mode forward without autograd (AHNet's inference path)
+    on fake tensors: every op's outputs counted from their creation until the last tensor sharing
+    their storage is gone."""
+    import weakref
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ahnet_fast.nn.ahnet import AHNet
+
+    scale = 0.5 if dtype in (torch.bfloat16, torch.float16) else 1.0
+
+    class LiveSet(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages: dict[int, tuple[int, list]] = {}
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for key in [k for k, (_, refs) in self.storages.items() if all(r() is None for r in refs)]:
+                del self.storages[key]
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    n = storage.nbytes()
+                    if t.dtype == torch.float32 and t.dim() > 1:
+                        n = int(n * scale)  # autocast keeps activations in its 16-bit dtype
+                    self.storages.setdefault(storage._cdata, (n, []))[1].append(weakref.ref(t))
+            self.peak = max(self.peak, sum(n for n, _ in self.storages.values()))
+            return out
+
+    with FakeTensorMode(), torch.device("cpu"):
+        net = AHNet(**config).eval()
+        x = torch.empty(shape)
+        live = LiveSet()
+        with torch.no_grad(), live:
+            net(x)
+    return live.peak
+
+
+@dataclass(frozen=True)
+class InferenceEstimate:
+    """Bytes of whole-volume inference: one window's forward and the stitched logits of the volume."""
+
+    parameters: int
+    forward: int
+    stitching: int
+
+    @property
+    def total(self) -> int:
+        """Peak over the model and the input (the parameters are counted apart, in ``parameters``)."""
+        return self.forward + self.stitching
+
+
+def estimate_inference_memory(model: nn.Module, window_shape, *, dtype: str | torch.dtype = "fp32",
+                              volume=None) -> InferenceEstimate:
+    """Bytes of inference with ``model``'s configuration: the eval-mode forward of one window of
+    ``window_shape`` (N, C, ...) (AHNet's inference path, traced on fake tensors, see
+    ``INFER_FACTOR``), and with ``volume`` (the spatial sizes of a whole volume) the blended float32
+    logits that :func:`ahnet_fast.inference.sliding_window_inference` returns for it (N x C_out x
+    voxels; the weight sum is formed a slab at a time). Calibrated on the CPU: as a user measures the
+    peak (over the model and the input, libraries loaded by the first forward included)."""
+    config = _config(model)
+    precision = _precision_name(dtype)
+    if precision != "fp32":
+        # Under autocast the weights' 16-bit copies and the activations' sizes do not follow the fp32
+        # calibration (measured bf16 peaks were 0.81x and 0.71x the fp32 ones at 1x1x256x256x32 and
+        # 1x1x128x128x64, where halving the traced activations predicted 0.61x and 0.64x): the fp32
+        # estimate is an upper bound for them, and what is calibrated.
+        raise ValueError(f"estimate_inference_memory: calibrated for fp32 only, got {precision}; the fp32 "
+                         "estimate bounds a bf16/fp16 forward from above")
+    shape = tuple(int(s) for s in window_shape)
+    if len(shape) != config["spatial_dims"] + 2 or shape[1] != config["in_channels"]:
+        raise ValueError(f"estimate_inference_memory: window_shape must be (N, {config['in_channels']}, "
+                         f"{config['spatial_dims']} spatial sizes), got {shape}")
+    from ahnet_fast.nn.shapes import check_ahnet_input
+
+    check_ahnet_input(torch.empty(shape, device="meta"), config["spatial_dims"], config["in_channels"],
+                      config["psp_block_num"], config["upsample_mode"])
+    forward = int(INFER_FACTOR * _trace_inference(config, shape, PRECISIONS[precision]) + INFER_OVERHEAD)
+    stitching = 0
+    if volume is not None:
+        volume = tuple(int(v) for v in volume)
+        if len(volume) != config["spatial_dims"] or any(v < 1 for v in volume):
+            raise ValueError(f"estimate_inference_memory: volume must be {config['spatial_dims']} positive sizes, "
+                             f"got {volume}")
+        stitching = shape[0] * config["out_channels"] * math.prod(volume) * 4
+    params = sum(p.numel() * 4 for p in model.parameters())
+    return InferenceEstimate(parameters=params, forward=forward, stitching=stitching)
+
+
+def plan_inference(budget_bytes, volume, *, model: nn.Module | None = None) -> dict:
+    """The largest window (most voxels; square in-plane, the sizes AH-Net takes, none larger than the
+    volume needs) whose whole-volume fp32 inference fits the budget (a bf16 run needs less). Returns a
+    dict with "window", "precision", "estimate" (an :class:`InferenceEstimate`) and "table" (every
+    window tried); raises ValueError when not even the smallest window fits, saying what it needs."""
+    precisions = ("fp32",)
+    from ahnet_fast.nn.ahnet import AHNet
+    from ahnet_fast.nn.shapes import ahnet_size_ok, nearest_ahnet_sizes
+
+    budget = parse_bytes(budget_bytes)
+    if model is None:
+        with torch.device("meta"):
+            model = AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+    if model.spatial_dims != 3:
+        raise ValueError("plan_inference plans 3D windows; this AHNet has spatial_dims=2")
+    volume = tuple(int(v) for v in volume)
+    if len(volume) != 3 or any(v < 1 for v in volume):
+        raise ValueError(f"plan_inference: volume must be three positive sizes H W D, got {volume}")
+
+    def sizes(limit, kind):
+        # the multiples of 32 AH-Net takes, up to the first that covers `limit` (a larger one is padding)
+        def ok(n):
+            return ahnet_size_ok(n, kind, model.psp_block_num, model.upsample_mode)
+
+        top = limit if limit % 32 == 0 and ok(limit) else nearest_ahnet_sizes(limit, kind, model.psp_block_num,
+                                                                              model.upsample_mode)[1]
+        return [n for n in range(32, top + 1, 32) if ok(n)]
+
+    inplane = sizes(max(volume[0], volume[1]), "in-plane")
+    depth = sizes(volume[2], "slice")
+    table, best = [], None
+    for precision in precisions:
+        for d in depth:
+            for s_ in inplane:
+                est = estimate_inference_memory(model, (1, model.in_channels, s_, s_, d), dtype=precision,
+                                                volume=volume)
+                fits = est.total <= budget
+                table.append(dict(precision=precision, window=[s_, s_, d], forward=est.forward,
+                                  stitching=est.stitching, total=est.total, fits=fits))
+                if not fits:
+                    break  # a larger in-plane window needs more
+                key = s_ * s_ * d
+                if best is None or key > best[0]:
+                    best = (key, dict(window=(s_, s_, d), precision=precision, estimate=est))
+    if best is None:
+        smallest = min(table, key=lambda r: r["total"])
+        raise ValueError(f"plan_inference: nothing fits {budget / 2**30:.2f} GiB for a {volume} volume; the smallest "
+                         f"window {tuple(smallest['window'])} needs "
+                         f"{smallest['total'] / 2**30:.2f} GiB, of which the volume's logits "
+                         f"{smallest['stitching'] / 2**30:.2f} GiB")
+    return {**best[1], "table": table}
 
 
 def device_budget(device: torch.device) -> int:

@@ -69,3 +69,25 @@ def test_memory_trace_names_the_ops_at_the_peak(tmp_path):
     assert len(record["ops"]) > 50 and record["peak_MiB"] == max(op["high"] for op in record["ops"])
     assert any(op["shapes"] and op["shapes"][0] == [1, 3, 64, 64, 32] for op in record["ops"])
     assert "peak" in r.stdout and len(r.stdout.strip().splitlines()) == 2 + 3 + 1
+
+
+def test_sliding_window_benchmark_compares_like_with_like(tmp_path):
+    """benchmarks/bench_sliding_window.py on a tiny AHNet and volume (windows laid out alike by both
+    implementations): the two blends agree within float32, and the record carries what the README's
+    block and the results rows read (times, peaks, the floor, the profile)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    pytest.importorskip("monai")
+    out = tmp_path / "sw.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_sliding_window.py"), "--size", "160", "160", "56",
+                        "--window", "64", "64", "32", "--repeats", "1", "--psp-block-num", "0", "--layers", "1", "1",
+                        "1", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["outputs"]["equal"], record["outputs"]
+    assert record["outputs"]["argmax_voxels"] == 160 * 160 * 56
+    for impl in ("ahnet_fast", "MONAI"):
+        summary = record["summary"][impl]
+        assert summary["median_s"] > 0 and summary["peak_MiB"] > 0 and summary["window_peak_MiB"] > 0
+    assert record["floor"]["output_MiB"] == 3 * 160 * 160 * 56 * 4 / 2**20
+    assert record["runs"]["ahnet_fast"]["time"][0]["window_profile"]["matmul_gflop"] > 0

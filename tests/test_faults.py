@@ -443,3 +443,16 @@ def test_a_resume_with_nothing_left_reports_the_checkpoint_step(tmp_path, capsys
     assert result["step"] == 2 and np.isfinite(result["loss"])
     assert "already at step 2 of 1: nothing to train" in captured.err
     _strict_json_lines(out / "metrics.jsonl")
+
+
+def test_infer_patch_is_the_window_and_a_bad_one_is_refused_before_reading(trained, tmp_path, capsys):
+    """--patch sets the sliding window (the one `ahnet-fast plan --infer` picks); a size the network
+    cannot take is a clear error, before the volume is read or anything written."""
+    model, ct, _ = trained
+    dst = tmp_path / "seg.nii.gz"
+    assert _infer(model, ct, dst, "--patch", "64", "64", "40") == 2
+    err = capsys.readouterr().err
+    assert "--patch 64 64 40" in err and "spatial axis 2 (slice)" in err and "Traceback" not in err
+    assert not dst.exists()
+    assert _infer(model, ct, dst, "--patch", "64", "64", "32") == 0
+    assert nib.load(str(dst)).shape == nib.load(str(ct)).shape

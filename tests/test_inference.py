@@ -173,7 +173,7 @@ def test_gaussian_blending_reduces_seam_error():
     assert errs["gaussian"] < 0.5 * errs["constant"], errs
 
 
-def test_conv_net_matches_naive_reference_everywhere():
+def test_conv_net_matches_naive_reference_everywhere(monkeypatch):
     """The blend itself, seams included, against a direct float64 transcription of the
     definition sum_k w_k f(crop_k) / sum_k w_k (positions written out by hand)."""
     net = _small_net(seed=2)
@@ -194,6 +194,11 @@ def test_conv_net_matches_naive_reference_everywhere():
     ref = (num / den).float()
     out = sliding_window_inference(x, net, window, overlap=0.5, window_batch=3, pad_value=0.5)
     close(out, ref, tol=1e-5)
+    # the weight sum formed a few rows at a time (slabs cut across windows and their overlaps)
+    for slab_rows in (1, 5):
+        monkeypatch.setattr(inference, "_NORMALISE_SLAB_BYTES", slab_rows * 9 * 3 * 4)
+        out = sliding_window_inference(x, net, window, overlap=0.5, window_batch=3, pad_value=0.5)
+        close(out, ref, tol=1e-5)
 
 
 def test_padding_uses_pad_value_and_is_cropped_back():

@@ -213,3 +213,74 @@ def _row(shape, checkpoint, precision, est, measured, how):
     return (f"  {_describe(shape, checkpoint, precision)}: estimated {est.total / 2**20:.0f} MiB (parameters, "
             f"gradients, Adam {fixed / 2**20:.0f} + step {(est.total - fixed) / 2**20:.0f}), {how} "
             f"{measured / 2**20:.0f} MiB (step {(measured - fixed) / 2**20:.0f}): {est.total / measured:.3f}")
+
+
+# ----------------------------------------------------------------------------- inference
+
+_MEASURE_INFERENCE = """
+import sys, torch, ahnet_fast
+shape = tuple(int(v) for v in sys.argv[1:])
+torch.manual_seed(0)
+net = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4).eval()
+x = torch.randn(shape)
+def field(name):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(name + ":"))
+base = field("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+with torch.no_grad():
+    net(x)
+print(field("VmHWM") - base)
+"""
+
+
+def test_inference_estimate_within_15_percent_on_held_out_windows():
+    """estimate_inference_memory(...).forward against the peak of an eval-mode forward as a user
+    measures it (fresh process, MALLOC_MMAP_THRESHOLD_=65536, VmHWM over the model and the input), on
+    window shapes other than the two INFER_FACTOR and INFER_OVERHEAD were fitted on."""
+    from ahnet_fast.memory import INFER_CALIBRATION_POINTS, estimate_inference_memory
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")
+    with torch.device("meta"):
+        net = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+    rows, misses = [], []
+    for shape in ((1, 1, 128, 128, 64), (1, 1, 256, 128, 32)):
+        assert shape not in INFER_CALIBRATION_POINTS
+        proc = subprocess.run([sys.executable, "-c", _MEASURE_INFERENCE, *map(str, shape)], capture_output=True,
+                              text=True, timeout=600, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        measured = int(proc.stdout.split()[-1])
+        est = estimate_inference_memory(net, shape).forward
+        rows.append(f"{shape}: estimated {est / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB "
+                    f"({est / measured:.2f})")
+        if abs(est / measured - 1) > 0.15:
+            misses.append(shape)
+    assert not misses, "\n".join(rows)
+
+
+def test_inference_estimate_and_plan(model):
+    """The logits of the volume are counted exactly; a larger window needs more; the plan is the
+    largest window that fits, and a budget below the smallest says what that needs."""
+    from ahnet_fast.memory import estimate_inference_memory, plan_inference
+
+    small = estimate_inference_memory(model, (1, 1, 64, 64, 32), volume=(100, 90, 40))
+    large = estimate_inference_memory(model, (1, 1, 128, 128, 32), volume=(100, 90, 40))
+    assert small.stitching == large.stitching == 3 * 100 * 90 * 40 * 4
+    assert large.forward > small.forward > 0
+    budget = (small.total + large.total) // 2
+    result = plan_inference(budget, (100, 90, 40), model=model)
+    assert all(row["total"] <= budget for row in result["table"] if row["fits"])
+    fitting = [row for row in result["table"] if row["fits"]]
+    assert list(result["window"]) == max(fitting, key=lambda r: math.prod(r["window"]))["window"]
+    assert result["estimate"].total <= budget
+    assert max(row["window"][0] for row in result["table"]) <= 128  # no window beyond what covers the volume
+    with pytest.raises(ValueError, match="nothing fits .* the smallest window"):
+        plan_inference(small.stitching, (100, 90, 40), model=model)
+    with pytest.raises(ValueError, match="window_shape must be"):
+        estimate_inference_memory(model, (1, 2, 64, 64, 32))
+    with pytest.raises(ValueError, match="volume must be"):
+        estimate_inference_memory(model, (1, 1, 64, 64, 32), volume=(10, 10))
+    with pytest.raises(ValueError, match="calibrated for fp32 only"):
+        estimate_inference_memory(model, (1, 1, 64, 64, 32), dtype="bf16")

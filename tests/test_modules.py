@@ -256,7 +256,8 @@ def test_inference_path_matches_the_training_path(upsample_mode, psp_block_num, 
 
 
 def test_inference_path_only_where_no_backward_follows(monkeypatch):
-    """Training mode, or a gradient to come (an input that requires one), takes the ordinary path."""
+    """Training mode (also of one submodule), or a gradient to come (an input that requires one),
+    takes the ordinary path."""
     net = _eval_net("transpose", 1)
     calls = []
     real = A.AHNet._forward_lean
@@ -264,6 +265,8 @@ def test_inference_path_only_where_no_backward_follows(monkeypatch):
     x = torch.randn(2, 1, 32, 32, 32)
     net(x.requires_grad_()).sum().backward()
     with torch.no_grad():
+        net.final.norm.train()
+        net(x)
         net.train()(x)
     assert calls == []
 

@@ -734,9 +734,9 @@ class AHNet(_ScriptOps, nn.Module):
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
         check_input_matches(x, self.conv1.weight, "AHNet")
-        if not self.training and no_backward(x, *self.parameters()):
-            # inference: nothing kept for a backward, each map freed after its last reader, the
-            # ops' scratch pool not kept (nor what a training step left in it)
+        if not any(m.training for m in self.modules()) and no_backward(x, *self.parameters()):
+            # inference (every module in eval mode): nothing kept for a backward, each map freed after
+            # its last reader, the ops' scratch pool not kept (nor what a training step left in it)
             scratch.push_keep(False)
             try:
                 return self._forward_lean(x)

@@ -70,9 +70,12 @@ def check_outputs(in_path, model_path, out_path, probabilities=None, *, overwrit
 
 def infer_file(model_path, in_path, out_path, *, overlap: float | None = None, window_batch: int = 1,
                amp: str = "off", device: str = "cpu", stitch: str = "auto", probabilities: str | None = None,
-               progress: bool = True, overwrite: bool = False, replace_nonfinite: float | None = None) -> dict:
+               progress: bool = True, overwrite: bool = False, replace_nonfinite: float | None = None,
+               patch: tuple[int, int, int] | None = None) -> dict:
     """Segments ``in_path`` into ``out_path`` (uint8 labels); optionally writes the class
     probabilities (float32, classes on a 4th axis) to ``probabilities``. Returns a summary dict.
+    ``patch``: the sliding window (H, W, D), by default the checkpoint's training patch; it must be a
+    size the network takes (checked before the volume is read).
 
     Refused before any work: an output that is the input, an existing output without ``overwrite``,
     an output folder that cannot be written. Refused after reading: an input with NaN or infinite
@@ -93,6 +96,7 @@ def infer_file(model_path, in_path, out_path, *, overlap: float | None = None, w
     if cfg.task == "detection":  # one heat-map channel: its argmax would be an all-background label map
         raise ValueError(f"{model_path} is a detection checkpoint (a heat map per lesion), not a segmentation one: "
                          "its candidates come from detect_volumes (ahnet-fast infer writes them as a .csv)")
+    window = cfg.patch if patch is None else _check_patch(model, patch)
     image, affine, header = load_nifti(in_path)
     image = check_finite(image, in_path, replace_nonfinite)
     # the spacing from the affine, exactly as training reads it (load_case)
@@ -100,17 +104,18 @@ def infer_file(model_path, in_path, out_path, *, overlap: float | None = None, w
                 header=header)
     prep = preprocess(case, Preprocessing(spacing_xy=cfg.spacing_xy, window=tuple(cfg.window)))
     output_device = {"auto": "auto", "device": None, "cpu": "cpu"}[stitch]
-    logits = predict_logits(model, prep.image, cfg.patch, overlap=cfg.overlap if overlap is None else overlap,
+    logits = predict_logits(model, prep.image, window, overlap=cfg.overlap if overlap is None else overlap,
                             window_batch=window_batch, amp=amp, device=torch.device(device),
                             output_device=output_device, progress=progress)
     # Probabilities, not labels, are brought back to the input grid (linear in-plane), then the
     # argmax: smoother boundaries than nearest-neighbour labels, and the written labels are exactly
-    # the argmax of the written probabilities. In slabs of slices to bound the memory.
-    probs_lowres = torch.softmax(logits.float(), 0).cpu().numpy()
+    # the argmax of the written probabilities. In slabs of slices to bound the memory (the softmax
+    # too: a second volume of class probabilities would be as large as the logits).
     labels = np.empty(image.shape, dtype=np.uint8)
     probs_full = np.empty((*image.shape, cfg.num_classes), dtype=np.float32) if probabilities else None
     for z0 in range(0, image.shape[2], 16):
-        slab = restore_inplane(probs_lowres[..., z0:z0 + 16], image.shape[:2], is_label=False)
+        probs_lowres = torch.softmax(logits[..., z0:z0 + 16].float(), 0).cpu().numpy()
+        slab = restore_inplane(probs_lowres, image.shape[:2], is_label=False)
         labels[..., z0:z0 + 16] = slab.argmax(0)
         if probs_full is not None:
             probs_full[..., z0:z0 + 16, :] = np.moveaxis(slab, 0, -1)
@@ -120,6 +125,22 @@ def infer_file(model_path, in_path, out_path, *, overlap: float | None = None, w
     return {"input": str(in_path), "output": str(out_path), "shape": tuple(image.shape),
             "seconds": time.perf_counter() - t0,
             "voxels": {name: int(n) for name, n in zip(cfg.class_names, counts)}}
+
+
+def _check_patch(model, patch) -> tuple[int, int, int]:
+    """``patch`` as a window the checkpoint's network takes (AH-Net's size rule), else ValueError."""
+    from ahnet_fast.nn.shapes import check_ahnet_input
+
+    patch = tuple(int(p) for p in patch)
+    if len(patch) != 3 or any(p < 1 for p in patch):
+        raise ValueError(f"--patch takes three positive sizes H W D, got {patch}")
+    if getattr(model, "spatial_dims", None) == 3 and hasattr(model, "psp_block_num"):
+        try:
+            check_ahnet_input(torch.empty((1, model.in_channels, *patch), device="meta"), 3, model.in_channels,
+                              model.psp_block_num, model.upsample_mode)
+        except ValueError as exc:
+            raise ValueError(f"--patch {' '.join(map(str, patch))}: {exc}") from None
+    return patch
 
 
 def detection_preparation(cfg: TrainConfig) -> tuple[float | None, bool]:
