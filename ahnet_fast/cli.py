@@ -189,22 +189,13 @@ def cmd_plan(args) -> int:
                   f"{est.activations / gib:.2f} + workspace {est.workspace / gib:.2f}"]
     print("\n".join(lines))
     if args.json:  # the README's transcript is generated from this file (benchmarks/report.py)
-        import datetime
-
-        from ahnet_fast import _json
-        from ahnet_fast._atomic import atomic_path
-
-        record = dict(date=str(datetime.date.today()), torch=torch.__version__,
-                      argv=["ahnet-fast", "plan", "--budget", args.budget, "--shape", *map(str, args.shape),
-                            "--max-batch", str(args.max_batch)],
-                      shape=list(args.shape), in_channels=args.in_channels, out_channels=args.out_channels,
-                      psp_block_num=args.psp_block_num, optimizer=args.optimizer, budget=budget,
-                      table=result["table"], chosen=dict(precision=result["precision"],
-                                                         checkpoint=result["checkpoint"], batch=result["batch"],
-                                                         estimate=est.as_dict()),
-                      transcript=lines)
-        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
-            f.write(_json.dumps(record, indent=1))
+        _write_plan(args.json, argv=["ahnet-fast", "plan", "--budget", args.budget, "--shape", *map(str, args.shape),
+                                     "--max-batch", str(args.max_batch)],
+                    shape=list(args.shape), in_channels=args.in_channels, out_channels=args.out_channels,
+                    psp_block_num=args.psp_block_num, optimizer=args.optimizer, budget=budget,
+                    table=result["table"], chosen=dict(precision=result["precision"], checkpoint=result["checkpoint"],
+                                                       batch=result["batch"], estimate=est.as_dict()),
+                    transcript=lines)
     return 0
 
 
@@ -226,21 +217,26 @@ def _plan_inference(args, model, budget) -> int:
                   f"{est.forward / gib:.2f} + the volume's logits {est.stitching / gib:.2f}"]
     print("\n".join(lines))
     if args.json:
-        import datetime
-
-        import torch
-
-        from ahnet_fast import _json
-        from ahnet_fast._atomic import atomic_path
-
-        record = dict(date=str(datetime.date.today()), torch=torch.__version__,
-                      argv=["ahnet-fast", "plan", "--infer", "--budget", args.budget, "--shape", *map(str, args.shape)],
-                      volume=list(args.shape), budget=budget, table=result["table"],
-                      chosen=dict(window=list(result["window"]), precision=result["precision"], total=est.total),
-                      transcript=lines)
-        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
-            f.write(_json.dumps(record, indent=1))
+        _write_plan(args.json, argv=["ahnet-fast", "plan", "--infer", "--budget", args.budget, "--shape",
+                                     *map(str, args.shape)],
+                    volume=list(args.shape), budget=budget, table=result["table"],
+                    chosen=dict(window=list(result["window"]), precision=result["precision"], total=est.total),
+                    transcript=lines)
     return 0
+
+
+def _write_plan(path, **record) -> None:
+    """A plan's search and choice as JSON (written atomically), with the date and torch version."""
+    import datetime
+
+    import torch
+
+    from ahnet_fast import _json
+    from ahnet_fast._atomic import atomic_path
+
+    record = dict(date=str(datetime.date.today()), torch=torch.__version__, **record)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(_json.dumps(record, indent=1))
 
 
 def _spacing(args):

@@ -101,6 +101,20 @@ def _config(model: nn.Module) -> dict:
                 upsample_mode=model.upsample_mode)
 
 
+def _checked_shape(config: dict, shape, what: str) -> tuple[int, ...]:
+    """``shape`` as (N, in_channels, *spatial) ints that the configuration takes (AH-Net's size rule),
+    else ValueError starting with ``what``."""
+    from ahnet_fast.nn.shapes import check_ahnet_input
+
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != config["spatial_dims"] + 2 or shape[1] != config["in_channels"]:
+        raise ValueError(f"{what} must be (N, {config['in_channels']}, {config['spatial_dims']} spatial sizes), "
+                         f"got {shape}")
+    check_ahnet_input(torch.empty(shape, device="meta"), config["spatial_dims"], config["in_channels"],
+                      config["psp_block_num"], config["upsample_mode"])
+    return shape
+
+
 def _trace(config: dict, shape: tuple[int, ...], dtype: torch.dtype, checkpoint: str, per_segment: bool = False):
     """(bytes kept outside checkpointed segments, largest kept tensor, {segment: bytes kept inside})."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -187,14 +201,7 @@ def estimate_training_memory(model: nn.Module, input_shape, *, dtype: str | torc
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"estimate_training_memory: optimizer must be one of {tuple(OPTIMIZER_STATES)}, got "
                          f"{optimizer!r}")
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) != config["spatial_dims"] + 2 or shape[1] != config["in_channels"]:
-        raise ValueError(f"estimate_training_memory: input_shape must be (N, {config['in_channels']}, "
-                         f"{config['spatial_dims']} spatial sizes), got {shape}")
-    from ahnet_fast.nn.shapes import check_ahnet_input
-
-    check_ahnet_input(torch.empty(shape, device="meta"), config["spatial_dims"], config["in_channels"],
-                      config["psp_block_num"], config["upsample_mode"])
+    shape = _checked_shape(config, input_shape, "estimate_training_memory: input_shape")
     params = sum(p.numel() * 4 for p in model.parameters())
     kept, largest, _ = _trace(config, shape, PRECISIONS[precision], policy)
     rebuilt = 0
@@ -349,14 +356,7 @@ def estimate_inference_memory(model: nn.Module, window_shape, *, dtype: str | to
         # estimate is an upper bound for them, and what is calibrated.
         raise ValueError(f"estimate_inference_memory: calibrated for fp32 only, got {precision}; the fp32 "
                          "estimate bounds a bf16/fp16 forward from above")
-    shape = tuple(int(s) for s in window_shape)
-    if len(shape) != config["spatial_dims"] + 2 or shape[1] != config["in_channels"]:
-        raise ValueError(f"estimate_inference_memory: window_shape must be (N, {config['in_channels']}, "
-                         f"{config['spatial_dims']} spatial sizes), got {shape}")
-    from ahnet_fast.nn.shapes import check_ahnet_input
-
-    check_ahnet_input(torch.empty(shape, device="meta"), config["spatial_dims"], config["in_channels"],
-                      config["psp_block_num"], config["upsample_mode"])
+    shape = _checked_shape(config, window_shape, "estimate_inference_memory: window_shape")
     forward = int(INFER_FACTOR * _trace_inference(config, shape, PRECISIONS[precision]) + INFER_OVERHEAD)
     stitching = 0
     if volume is not None:

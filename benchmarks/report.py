@@ -266,12 +266,7 @@ def e2e_block() -> list[str]:
     per_mode = _latest_per_mode("e2e_cpu_*.json")
     if not per_mode:
         return ["No end-to-end run is committed yet (`python benchmarks/e2e.py --json ...`)."]
-    lines = []
-    for mode in ("train", "infer"):
-        if mode in per_mode:
-            e2e, path = per_mode[mode]
-            lines.append(f"{'Training steps' if mode == 'train' else 'Inference'}: {e2e['date']}, {e2e['device']} "
-                         f"({e2e['threads']} threads), torch {e2e['torch']}, amp {e2e.get('amp')}, `{path}`.")
+    lines = _mode_sources(per_mode, amp=True)
     lines += ["Median of the timed steps (20th-80th percentile); peak = memory the step adds over what exists "
               "before it (VmHWM - RSS, MALLOC_MMAP_THRESHOLD_=65536).", "",
               "| mode | input | impl | ms (p20-p80) | speed vs MONAI | peak MiB | peak vs MONAI | backend that ran |",
@@ -291,18 +286,25 @@ def e2e_block() -> list[str]:
     return lines
 
 
+def _mode_sources(per_mode, amp: bool = False) -> list[str]:
+    """One line per mode: the run (date, device, torch[, amp]) and file its rows come from."""
+    lines = []
+    for mode in ("train", "infer"):
+        if mode in per_mode:
+            rec, path = per_mode[mode]
+            lines.append(f"{'Training steps' if mode == 'train' else 'Inference'}: {rec['date']}, {rec['device']} "
+                         f"({rec['threads']} threads), torch {rec['torch']}"
+                         + (f", amp {rec.get('amp')}" if amp else "") + f", `{path}`.")
+    return lines
+
+
 def alternatives_block() -> list[str]:
     """ahnet_fast against what a user would pick instead: torch.compile(MONAI), MONAI under bf16 autocast;
     each mode from the latest run of it."""
     per_mode = _latest_per_mode("e2e_alternatives_cpu_*.json")
     if not per_mode:
         return ["Not run yet (`ahnet-fast bench --alternatives --json ...`)."]
-    lines = []
-    for mode in ("train", "infer"):
-        if mode in per_mode:
-            alt, path = per_mode[mode]
-            lines.append(f"{'Training steps' if mode == 'train' else 'Inference'}: {alt['date']}, {alt['device']} "
-                         f"({alt['threads']} threads), torch {alt['torch']}, `{path}`.")
+    lines = _mode_sources(per_mode)
     lines += ["Median of the timed steps (20th-80th percentile), taken after the warm-up step (which compiles the "
               "compiled rows: its time, less a step's, is their compile time); peak as in the table above.", "",
               "| mode | input | impl | precision | ms (p20-p80) | compile | speed vs MONAI | vs the fastest alternative "

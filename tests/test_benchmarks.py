@@ -79,15 +79,15 @@ def test_sliding_window_benchmark_compares_like_with_like(tmp_path):
         pytest.skip("needs Linux's /proc/self/clear_refs")
     pytest.importorskip("monai")
     out = tmp_path / "sw.json"
-    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_sliding_window.py"), "--size", "160", "160", "56",
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_sliding_window.py"), "--size", "96", "96", "40",
                         "--window", "64", "64", "32", "--repeats", "1", "--psp-block-num", "0", "--layers", "1", "1",
                         "1", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["outputs"]["equal"], record["outputs"]
-    assert record["outputs"]["argmax_voxels"] == 160 * 160 * 56
+    assert record["outputs"]["argmax_voxels"] == 96 * 96 * 40
     for impl in ("ahnet_fast", "MONAI"):
         summary = record["summary"][impl]
         assert summary["median_s"] > 0 and summary["peak_MiB"] > 0 and summary["window_peak_MiB"] > 0
-    assert record["floor"]["output_MiB"] == 3 * 160 * 160 * 56 * 4 / 2**20
+    assert record["floor"]["output_MiB"] == 3 * 96 * 96 * 40 * 4 / 2**20
     assert record["runs"]["ahnet_fast"]["time"][0]["window_profile"]["matmul_gflop"] > 0
