@@ -35,6 +35,28 @@ def test_ahnet_under_autocast_as_accurate_as_monai(train, dtype):
         assert p.dtype == torch.float32 and got[2][name].dtype == torch.float32, name
 
 
+@pytest.mark.parametrize("dtype", AMP_DTYPES, ids=[str(d).split(".")[-1] for d in AMP_DTYPES])
+def test_inference_path_under_autocast_as_accurate_as_monai(dtype, monkeypatch):
+    """Eval mode under no_grad runs AHNet's inference path (ops in bands, the last stage in one
+    buffer; here a few rows a band): under autocast its output is in the low precision and its error
+    against the float64 truth at most 2x MONAI's under the same autocast, plus 1e-3."""
+    from ahnet_fast.ops import _bands
+
+    monkeypatch.setattr(_bands, "BAND_BYTES", 64 * 1024)
+    theirs, ours = twins(monai_nets.AHNet, ahnet_fast.AHNet, dict(layers=(1, 1, 1, 1), psp_block_num=2,
+                                                                  out_channels=2))
+    theirs.eval(), ours.eval()
+    x = torch.randn(2, 1, 64, 64, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        truth = deepcopy_to(theirs, torch.float64)(x)
+        theirs, ours = theirs.to(DEVICE), ours.to(DEVICE)
+        with torch.autocast(DEVICE, dtype=dtype):
+            got, ref = ours(x.float().to(DEVICE)), theirs(x.float().to(DEVICE))
+    assert got.dtype == ref.dtype == dtype
+    e_ours, e_monai = rel_err(got.cpu(), truth), rel_err(ref.cpu(), truth)
+    assert e_ours <= 2 * e_monai + 1e-3, f"ours {e_ours:.2e}, MONAI under autocast {e_monai:.2e}"
+
+
 def test_bn_relu_conv_casts_the_convolution_not_the_batchnorm():
     x = torch.randn(2, 4, 6, 5, 3, device=DEVICE)
     bw, bb = torch.ones(4, device=DEVICE, requires_grad=True), torch.zeros(4, device=DEVICE, requires_grad=True)
