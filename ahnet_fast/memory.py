@@ -283,7 +283,7 @@ INFER_OVERHEAD = 58 * 2**20
 INFER_CALIBRATION_POINTS = ((1, 1, 128, 128, 32), (1, 1, 256, 256, 32))
 
 
-def _trace_inference(config: dict, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def _trace_inference(config: dict, shape: tuple[int, ...]) -> int:
     """The largest live set (bytes) of the eval-mode forward without autograd (AHNet's inference path)
     on fake tensors: every op's outputs counted from their creation until the last tensor sharing
     their storage is gone."""
@@ -293,8 +293,6 @@ def _trace_inference(config: dict, shape: tuple[int, ...], dtype: torch.dtype) -
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from ahnet_fast.nn.ahnet import AHNet
-
-    scale = 0.5 if dtype in (torch.bfloat16, torch.float16) else 1.0
 
     class LiveSet(TorchDispatchMode):
         def __init__(self):
@@ -309,10 +307,7 @@ def _trace_inference(config: dict, shape: tuple[int, ...], dtype: torch.dtype) -
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
                     storage = t.untyped_storage()
-                    n = storage.nbytes()
-                    if t.dtype == torch.float32 and t.dim() > 1:
-                        n = int(n * scale)  # autocast keeps activations in its 16-bit dtype
-                    self.storages.setdefault(storage._cdata, (n, []))[1].append(weakref.ref(t))
+                    self.storages.setdefault(storage._cdata, (storage.nbytes(), []))[1].append(weakref.ref(t))
             self.peak = max(self.peak, sum(n for n, _ in self.storages.values()))
             return out
 
@@ -343,9 +338,9 @@ def estimate_inference_memory(model: nn.Module, window_shape, *, dtype: str | to
                               volume=None) -> InferenceEstimate:
     """Bytes of inference with ``model``'s configuration: the eval-mode forward of one window of
     ``window_shape`` (N, C, ...) (AHNet's inference path, traced on fake tensors, see
-    ``INFER_FACTOR``), and with ``volume`` (the spatial sizes of a whole volume) the blended float32
-    logits that :func:`ahnet_fast.inference.sliding_window_inference` returns for it (N x C_out x
-    voxels; the weight sum is formed a slab at a time). Calibrated on the CPU: as a user measures the
+    ``INFER_FACTOR``; N is the windows per forward), and with ``volume`` (the spatial sizes of one
+    whole volume) the blended float32 logits that :func:`ahnet_fast.inference.sliding_window_inference`
+    returns for it (C_out x voxels; the weight sum is formed a slab at a time). Calibrated on the CPU: as a user measures the
     peak (over the model and the input, libraries loaded by the first forward included)."""
     config = _config(model)
     precision = _precision_name(dtype)
@@ -357,14 +352,14 @@ def estimate_inference_memory(model: nn.Module, window_shape, *, dtype: str | to
         raise ValueError(f"estimate_inference_memory: calibrated for fp32 only, got {precision}; the fp32 "
                          "estimate bounds a bf16/fp16 forward from above")
     shape = _checked_shape(config, window_shape, "estimate_inference_memory: window_shape")
-    forward = int(INFER_FACTOR * _trace_inference(config, shape, PRECISIONS[precision]) + INFER_OVERHEAD)
+    forward = int(INFER_FACTOR * _trace_inference(config, shape) + INFER_OVERHEAD)
     stitching = 0
     if volume is not None:
         volume = tuple(int(v) for v in volume)
         if len(volume) != config["spatial_dims"] or any(v < 1 for v in volume):
             raise ValueError(f"estimate_inference_memory: volume must be {config['spatial_dims']} positive sizes, "
                              f"got {volume}")
-        stitching = shape[0] * config["out_channels"] * math.prod(volume) * 4
+        stitching = config["out_channels"] * math.prod(volume) * 4
     params = sum(p.numel() * 4 for p in model.parameters())
     return InferenceEstimate(parameters=params, forward=forward, stitching=stitching)
 

@@ -276,3 +276,20 @@ def test_inference_in_bands_matches_reference(case, kind, training, monkeypatch)
                  backend="cpp")
     for a, b in zip(stats, expected):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", [(3, 2, 1), (3, 1, 2), (2, 3, 1)])
+def test_inference_with_an_even_kernel_is_not_banded(kernel, monkeypatch):
+    """An even kernel with padding (k - 1) // 2 shrinks its axis: not banded (the banded output has the
+    input's size), the whole map at once, equal to the reference."""
+    from ahnet_fast.ops import _bands
+
+    monkeypatch.setattr(_bands, "BAND_BYTES", 1)  # one row a band, where banding applies
+    bw, bb, rm, rv, w = params(4, 3, kernel)
+    x = torch.randn(1, 4, 5, 6, 3, dtype=torch.float64)
+    ref = bn_relu_conv_reference(x, rm, rv, bw, bb, False, 0.1, 1e-5, w)
+    with torch.no_grad():
+        got = bn_relu_conv(x, rm.clone(), rv.clone(), bw, bb, False, 0.1, 1e-5, w, backend="cpp")
+    assert got.shape == ref.shape
+    assert_close_normwise(got, ref, 1e-12)

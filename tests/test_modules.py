@@ -275,6 +275,30 @@ def test_inference_path_only_where_no_backward_follows(monkeypatch):
     assert calls == []
 
 
+def test_inference_path_steps_aside_for_batch_statistics_and_hooks(monkeypatch):
+    """Eval-mode BatchNorms without running statistics (they normalise with the batch's) and forward
+    hooks on the modules the inference path fills in place (dense4) or calls differently (the
+    pyramid pooling): the ordinary path runs, the hooks fire and see what they would."""
+    calls = []
+    real = A.AHNet._forward_lean
+    monkeypatch.setattr(A.AHNet, "_forward_lean", lambda self, x: calls.append(1) or real(self, x))
+    x = torch.randn(2, 1, 32, 32, 32)
+    net = _eval_net("transpose", 1)
+    for m in net.dense4.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    with torch.no_grad():
+        y = net(x)
+    assert calls == [] and torch.allclose(y, net(x).detach(), rtol=1e-5, atol=1e-5)
+    for hooked in ("dense4", "psp"):
+        net = _eval_net("transpose", 1)
+        seen = []
+        getattr(net, hooked).register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+        with torch.no_grad():
+            net(x)
+        assert calls == [] and seen == [(2, 125 if hooked == "psp" else 124, 16, 16, 16)], (hooked, seen)
+
+
 def test_inference_does_not_import_torch_dynamo():
     """The registered (torch.library.custom_op) ops import torch._dynamo on their first call, which
     holds a few hundred megabytes (sympy, Triton) for the rest of the process; inference calls the

@@ -734,9 +734,9 @@ class AHNet(_ScriptOps, nn.Module):
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         check_ahnet_input(x, self.spatial_dims, self.in_channels, self.psp_block_num, self.upsample_mode)
         check_input_matches(x, self.conv1.weight, "AHNet")
-        if not any(m.training for m in self.modules()) and no_backward(x, *self.parameters()):
-            # inference (every module in eval mode): nothing kept for a backward, each map freed after
-            # its last reader, the ops' scratch pool not kept (nor what a training step left in it)
+        if self._inference_path_applies() and no_backward(x, *self.parameters()):
+            # inference: nothing kept for a backward, each map freed after its last reader, the ops'
+            # scratch pool not kept (nor what a training step left in it)
             scratch.push_keep(False)
             try:
                 return self._forward_lean(x)
@@ -778,6 +778,21 @@ class AHNet(_ScriptOps, nn.Module):
         d3 = segment(decoder, self._stage3, (self.trans1, self.dense3), d2, pool_x)
         d4 = segment(decoder, self._stage4, (self.up3, self.dense4), d3, conv_x)
         return segment(decoder, self._head, (self.psp, self.final), d4)
+
+    def _inference_path_applies(self) -> bool:
+        """Whether _forward_lean computes what _forward would: every module in eval mode, every
+        BatchNorm with running statistics (the banded units need them), and no forward hook on the
+        modules it does not call as modules (dense4 is filled in place; the pyramid pooling returns
+        its channels alone), so that hooks see what they would see on the ordinary path."""
+        for m in self.modules():
+            if m.training or (isinstance(m, nn.modules.batchnorm._BatchNorm) and
+                              (m.running_mean is None or m.running_var is None)):
+                return False
+        hooked = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
+        if any(hooked):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for module in (self.dense4, self.psp)
+                       for m in module.modules())
 
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """_forward in eval mode with no backward to follow, written so that each map is freed as

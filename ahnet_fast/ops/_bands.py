@@ -45,10 +45,12 @@ def halo(weight: torch.Tensor) -> int:
 
 
 def bandable(weight: torch.Tensor, stride, padding) -> bool:
-    """Whether a unit runs in bands: stride 1 and same padding along the banded axis (the others are
-    taken whole)."""
-    k = weight.shape[2]
-    return all(s == 1 for s in stride) and k % 2 == 1 and list(padding) == [(n - 1) // 2 for n in weight.shape[2:]]
+    """Whether a unit runs in bands: stride 1, and an odd kernel with same padding on every axis (the
+    output is the input's size, which the banded output is allocated at; an even kernel would shrink
+    an axis)."""
+    kernel = weight.shape[2:]
+    return all(s == 1 for s in stride) and all(k % 2 == 1 for k in kernel) and \
+        list(padding) == [(k - 1) // 2 for k in kernel]
 
 
 def band_rows(x: torch.Tensor, channels: int) -> int:
