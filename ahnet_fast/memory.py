@@ -369,7 +369,6 @@ def plan_inference(budget_bytes, volume, *, model: nn.Module | None = None) -> d
     volume needs) whose whole-volume fp32 inference fits the budget (a bf16 run needs less). Returns a
     dict with "window", "precision", "estimate" (an :class:`InferenceEstimate`) and "table" (every
     window tried); raises ValueError when not even the smallest window fits, saying what it needs."""
-    precisions = ("fp32",)
     from ahnet_fast.nn.ahnet import AHNet
     from ahnet_fast.nn.shapes import ahnet_size_ok, nearest_ahnet_sizes
 
@@ -395,19 +394,16 @@ def plan_inference(budget_bytes, volume, *, model: nn.Module | None = None) -> d
     inplane = sizes(max(volume[0], volume[1]), "in-plane")
     depth = sizes(volume[2], "slice")
     table, best = [], None
-    for precision in precisions:
-        for d in depth:
-            for s_ in inplane:
-                est = estimate_inference_memory(model, (1, model.in_channels, s_, s_, d), dtype=precision,
-                                                volume=volume)
-                fits = est.total <= budget
-                table.append(dict(precision=precision, window=[s_, s_, d], forward=est.forward,
-                                  stitching=est.stitching, total=est.total, fits=fits))
-                if not fits:
-                    break  # a larger in-plane window needs more
-                key = s_ * s_ * d
-                if best is None or key > best[0]:
-                    best = (key, dict(window=(s_, s_, d), precision=precision, estimate=est))
+    for d in depth:
+        for s_ in inplane:
+            est = estimate_inference_memory(model, (1, model.in_channels, s_, s_, d), volume=volume)
+            fits = est.total <= budget
+            table.append(dict(precision="fp32", window=[s_, s_, d], forward=est.forward, stitching=est.stitching,
+                              total=est.total, fits=fits))
+            if not fits:
+                break  # a larger in-plane window needs more
+            if best is None or s_ * s_ * d > best[0]:
+                best = (s_ * s_ * d, dict(window=(s_, s_, d), precision="fp32", estimate=est))
     if best is None:
         smallest = min(table, key=lambda r: r["total"])
         raise ValueError(f"plan_inference: nothing fits {budget / 2**30:.2f} GiB for a {volume} volume; the smallest "

@@ -61,6 +61,14 @@ def _split(weights: Sequence[torch.Tensor]):
             for i in range(0, len(weights), PARAMS_PER_LAYER)]
 
 
+def _channels(channels0, layers):
+    """The concatenation's channel count before each layer and after the last: [C0, C0 + g1, ...]."""
+    channels = [channels0]
+    for units in layers:
+        channels.append(channels[-1] + units[3][2].shape[0])
+    return channels
+
+
 def dense_block_reference(x, weights, running_means, running_vars, training, momenta, eps):
     """MONAI's sequence of modules, as functions: the oracle."""
     conv = F.conv3d if x.dim() == 5 else F.conv2d
@@ -159,8 +167,7 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
             # backward would read, each layer's temporaries freed before the next layer's exist; with
             # the running statistics, in bands of rows (ops._bands).
             if not use_batch_stats:
-                out = _empty(x, x.shape[1] + sum(units[3][2].shape[0] for units in _split(weights)))
-                _write_input(out, x, skip)
+                out = dense_block_input(x, skip, weights)
                 return _fill_banded(ENGINES[chosen], out, x.shape[1], list(weights), means, variances, eps)
             out, stats = _forward(ENGINES[chosen], x, list(weights), means, variances, use_batch_stats, eps,
                                   False, skip, keep_for_backward=False)
@@ -190,7 +197,7 @@ def dense_block_into(buffer: torch.Tensor, channels0: int, weights: Sequence[tor
     if buffer.dim() not in (4, 5) or not 0 < channels0 <= buffer.shape[1]:
         raise ValueError(f"dense_block_into: buffer must be (N, C, H, W[, D]) with 0 < channels0 <= C, got "
                          f"{tuple(buffer.shape)} and channels0={channels0}")
-    total = channels0 + sum(units[3][2].shape[0] for units in layers) if layers else None
+    total = _channels(channels0, layers)[-1] if layers else None
     if total != buffer.shape[1]:
         raise ValueError(f"dense_block_into: {len(layers)} layers on {channels0} input channels give {total} "
                          f"channels, but the buffer has {buffer.shape[1]}")
@@ -229,7 +236,7 @@ def dense_block_input(x: torch.Tensor, skip: torch.Tensor | None, weights: Seque
     if front < 0:
         raise ValueError(f"dense_block_input: front must be >= 0, got {front}")
     dtype = autocast_dtype(x) or (x.dtype if skip is None else torch.result_type(x, skip))
-    total = front + x.shape[1] + sum(units[3][2].shape[0] for units in _split(weights))
+    total = front + _channels(x.shape[1], _split(weights))[-1]
     buffer = torch.empty((x.shape[0], total, *x.shape[2:]), dtype=dtype, device=x.device,
                          memory_format=output_format(x))
     _write_input(buffer[:, front:], x, skip)
@@ -250,9 +257,7 @@ def _fill_banded(engine, out, channels0, weights, running_means, running_vars, e
     (ahnet_fast.ops._bands), so c1, a and a + b exist one band at a time instead of for the whole
     map, and the units' activations and convolution workspaces are a band's size."""
     layers = _split(weights)
-    channels = [channels0]
-    for units in layers:
-        channels.append(channels[-1] + units[3][2].shape[0])
+    channels = _channels(channels0, layers)
     size = out.shape[2]
     widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
     rows = bands.band_rows(out, widest)
@@ -319,9 +324,7 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
     """(out, saved) as the op returns them; without ``keep_for_backward`` (inference) (out, the
     BatchNorm statistics) only, each layer's temporaries released before the next layer's exist."""
     layers = _split(weights)
-    channels = [x.shape[1]]
-    for units in layers:
-        channels.append(channels[-1] + units[3][2].shape[0])
+    channels = _channels(x.shape[1], layers)
     out = _empty(x, channels[-1])
     if skip is None:
         out[:, :channels[0]].copy_(x)
@@ -365,9 +368,7 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
     layers = _split(weights)
     inner, kept, kept_sums, stats = _split_saved(saved, len(layers))
-    channels = [channels0]
-    for units in layers:
-        channels.append(channels[-1] + units[3][2].shape[0])
+    channels = _channels(channels0, layers)
     # The prefix gradient accumulates layer by layer in a buffer of the channels before the last
     # layer's (channels[-2]); the last layer's own channels are read from grad_out (no clone of
     # grad_out: one pass fewer). The last layer's BatchNorm gradient is written into the new buffer,
@@ -455,7 +456,7 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
 
 def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck, skip):
     layers = _split(weights)
-    total = x.shape[1] + sum(units[3][2].shape[0] for units in layers)
+    total = _channels(x.shape[1], layers)[-1]
     out = _empty(x, total)
     inner, bottlenecks, sums, stats = [], [], [], []
     sd = opmath_dtype(x.dtype)
