@@ -283,16 +283,13 @@ INFER_OVERHEAD = 58 * 2**20
 INFER_CALIBRATION_POINTS = ((1, 1, 128, 128, 32), (1, 1, 256, 256, 32))
 
 
-def _trace_inference(config: dict, shape: tuple[int, ...]) -> int:
-    """The largest live set (bytes) of the eval-mode forward without autograd (AHNet's inference path)
-    on fake tensors: every op's outputs counted from their creation until the last tensor sharing
-    their storage is gone."""
+def live_set_tracker():
+    """A TorchDispatchMode that follows the bytes alive at once: every op's outputs counted from
+    their creation until the last tensor sharing their storage (a view included) is gone; ``.peak``
+    is the largest sum seen after an op. Works on fake tensors (planning) and real ones (tests)."""
     import weakref
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from ahnet_fast.nn.ahnet import AHNet
 
     class LiveSet(TorchDispatchMode):
         def __init__(self):
@@ -311,10 +308,20 @@ def _trace_inference(config: dict, shape: tuple[int, ...]) -> int:
             self.peak = max(self.peak, sum(n for n, _ in self.storages.values()))
             return out
 
+    return LiveSet()
+
+
+def _trace_inference(config: dict, shape: tuple[int, ...]) -> int:
+    """The largest live set (bytes) of the eval-mode forward without autograd (AHNet's inference path)
+    on fake tensors (:func:`live_set_tracker`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ahnet_fast.nn.ahnet import AHNet
+
     with FakeTensorMode(), torch.device("cpu"):
         net = AHNet(**config).eval()
         x = torch.empty(shape)
-        live = LiveSet()
+        live = live_set_tracker()
         with torch.no_grad(), live:
             net(x)
     return live.peak

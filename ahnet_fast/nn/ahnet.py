@@ -558,10 +558,13 @@ class AHNet(_ScriptOps, nn.Module):
         backend: backend of the fused ops ("auto", "reference", "cpp", "triton"); None follows
             ``ahnet_fast.backend(...)`` / ``AHNET_FAST_BACKEND``.
         checkpoint: activation checkpointing (non-reentrant, in training with gradients): "none";
-            "encoder" (every bottleneck block); "decoder" (every decoder stage: up-transition, skip
-            sum and dense block; and the pyramid pooling with the final block); "all" (both, and
-            the stem). Activations inside a segment are recomputed in backward; the gradients and
-            the BatchNorm running statistics equal those without checkpointing. "auto": at the first
+            "encoder" (every encoder layer, each of its bottleneck blocks a segment nested in it);
+            "decoder" (every decoder stage: up-transition, skip sum and dense block; and the pyramid
+            pooling with the final block); "all" (both, and the stem). Activations inside a segment
+            are recomputed in backward; the BatchNorm running statistics equal those without
+            checkpointing, and so do the gradients: bitwise where a dense block's widest activation
+            fits one band (16 MiB, ``ahnet_fast.ops._bands``), to float rounding beyond, where on
+            the CPU the dense blocks run their units band by band inside segments. "auto": at the first
             training forward of each input shape and precision, the memory planner
             (:mod:`ahnet_fast.memory`) picks the cheapest of those that fits ``memory_budget``.
         memory_budget: bytes (or "16GB") for checkpoint="auto"; None = the device's memory (CUDA:
@@ -766,8 +769,12 @@ class AHNet(_ScriptOps, nn.Module):
 
         features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in layer:
-                x = segment(encoder, block, (block,), x)
+            # a layer is one segment, and each of its blocks a segment nested in it: between the forward
+            # and the layer's backward only the layer's input is kept (not every block's output: at
+            # layer1 those were three maps of 256 channels), the blocks' outputs exist again only
+            # while the layer's backward runs. The price: the encoder's forward runs three times
+            x = segment(encoder, self._blocks_checkpointed, (layer,), x, layer) if len(layer) > 1 else \
+                segment(encoder, layer[0], (layer[0],), x)
             features.append(x)
         fm1, fm2, fm3, fm4 = features
 
@@ -778,6 +785,12 @@ class AHNet(_ScriptOps, nn.Module):
         d3 = segment(decoder, self._stage3, (self.trans1, self.dense3), d2, pool_x)
         d4 = segment(decoder, self._stage4, (self.up3, self.dense4), d3, conv_x)
         return segment(decoder, self._head, (self.psp, self.final), d4)
+
+    @staticmethod
+    def _blocks_checkpointed(x: torch.Tensor, layer: nn.Sequential) -> torch.Tensor:
+        for block in layer:
+            x = checkpoint_segment(block, (block,), x)
+        return x
 
     def _inference_path_applies(self) -> bool:
         """Whether _forward_lean computes what _forward would: every module in eval mode, every

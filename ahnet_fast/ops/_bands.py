@@ -14,8 +14,12 @@ The band height is chosen so that the widest activation a band needs stays near 
 enough that the convolutions remain long matrix products, small enough that AH-Net's last dense block
 at 256x256x32 input needs tens of megabytes of temporaries instead of hundreds.
 
-Only where no backward can follow (no gradient mode, or nothing that would need one) and the
-statistics are the running ones: batch statistics need the whole map first.
+In inference, where no backward can follow and the statistics are the running ones. In training
+(the dense block's C++ engine on the CPU) the same bands run with the batch statistics, computed over
+the whole input first (one reduction pass, no temporary): :func:`unit_banded` for a unit's forward and
+for its recomputation in backward, :func:`conv_backward_banded` for its convolution's gradients. A
+unit's input and output then exist whole (the next BatchNorm's statistics need them) but its
+activation and the convolution's workspaces exist a band at a time.
 """
 from __future__ import annotations
 
@@ -23,7 +27,12 @@ import math
 
 import torch
 
-__all__ = ["BAND_BYTES", "no_backward", "band_rows", "halo", "extend", "unit_rows", "workspace_for"]
+from ahnet_fast.ops import _conv_paths as conv_paths, aniso_conv
+from ahnet_fast._layout import is_channels_last
+from ahnet_fast.ops._conv_paths import output_format
+
+__all__ = ["BAND_BYTES", "no_backward", "band_rows", "halo", "extend", "unit_rows", "unit_banded",
+           "conv_backward_banded", "workspace_for"]
 
 BAND_BYTES = 16 * 2 ** 20
 
@@ -86,3 +95,73 @@ def unit_rows(engine, t: torch.Tensor, t_lo: int, lo: int, hi: int, bn_weight, b
     y = engine.forward(t, bn_weight, bn_bias, running_mean, running_var, False, eps, weight, [1] * nd,
                        [(k - 1) // 2 for k in weight.shape[2:]], workspace)[0]
     return y[:, :, lo - t_lo: hi - t_lo]
+
+
+def unit_banded(engine, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: float, weight: torch.Tensor,
+                rows: int, workspace: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(relu(bn(x)))`` with the given statistics (the running ones, or batch statistics computed
+    beforehand), stride 1 and same padding, ``rows`` rows at a time; written into ``out`` when given
+    (a tensor or view of the output's shape), else into a fresh tensor laid out as the unit's output.
+    One band (rows >= the map's height) is the engine's plain forward."""
+    size = x.shape[2]
+    nd = weight.dim() - 2
+    if rows >= size:
+        y = engine.forward(x, bn_weight, bn_bias, mean, var, False, eps, weight, [1] * nd,
+                           [(k - 1) // 2 for k in weight.shape[2:]], workspace)[0]
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
+                          memory_format=output_format(x))
+    r = halo(weight)
+    for h0 in range(0, size, rows):
+        h1 = min(h0 + rows, size)
+        lo, hi = extend(h0, h1, r, size)
+        out[:, :, h0:h1].copy_(unit_rows(engine, x[:, :, lo:hi], lo, h0, h1, bn_weight, bn_bias, mean, var, eps,
+                                         weight, workspace))
+    return out
+
+
+def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: float,
+                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor):
+    """The gradients of ``conv(a)``, a = relu(bn(x)) with the given statistics (stride 1, same
+    padding, C++ kernels on the CPU), with ``a`` recomputed a band at a time: (out, weight gradient),
+    the activation's gradient written into ``out`` (x's shape). ``workspace``: a flat buffer of x's
+    dtype for one band's activation, halo rows included.
+
+    Each band contributes the terms of its own output rows: its weight gradient from grad_y on the
+    band's rows (zero on the halo rows, which are the neighbouring bands' to count), its activation
+    gradient on the rows those output rows read (the band and its halo), added into ``out``. The
+    gradients are linear in grad_y, so the sums over bands are the whole map's."""
+    size = x.shape[2]
+    r = halo(weight)
+    nd = weight.dim() - 2
+    stride, padding = [1] * nd, [(k - 1) // 2 for k in weight.shape[2:]]
+    if r:
+        out.zero_()
+        masked = torch.empty((grad_y.shape[0], grad_y.shape[1], min(rows + 2 * r, size), *grad_y.shape[3:]),
+                             dtype=grad_y.dtype, device=grad_y.device)
+    grad_w = None
+    for h0 in range(0, size, rows):
+        h1 = min(h0 + rows, size)
+        lo, hi = extend(h0, h1, r, size)
+        xb = x[:, :, lo:hi]
+        # the C++ kernel reads a band as contiguous (a copy of a strided view) or channels-last
+        a = workspace[:xb.numel()]
+        a = a.view(xb.shape[0], *xb.shape[2:], xb.shape[1]).movedim(-1, 1) if is_channels_last(xb) else a.view(xb.shape)
+        torch.ops.ahnet_fast.bn_relu_apply_(xb, bn_weight, bn_bias, mean, var, eps, a)
+        if r:
+            g = masked[:, :, :hi - lo]
+            g[:, :, :h0 - lo].zero_()
+            g[:, :, h1 - lo:].zero_()
+            g[:, :, h0 - lo:h1 - lo].copy_(grad_y[:, :, h0:h1])
+        else:
+            g = grad_y[:, :, h0:h1]
+        path = aniso_conv.choose("backward", a, weight, stride, padding)
+        grad_a, gw = conv_paths.backward(path, g, a, weight, stride, padding)
+        if r:
+            out[:, :, lo:hi].add_(grad_a)
+        else:
+            out[:, :, lo:hi].copy_(grad_a)
+        grad_w = gw.clone() if grad_w is None else grad_w.add_(gw)
+        del grad_a, gw
+    return out, grad_w

@@ -395,19 +395,8 @@ def _banded(engine, x, bn_weight, bn_bias, running_mean, running_var, eps, weigh
     band is the plain forward."""
     size = x.shape[2]
     rows = bands.band_rows(x, x.shape[1])
-    r = bands.halo(weight)
-    if rows >= size:
-        return engine.forward(x, bn_weight, bn_bias, running_mean, running_var, False, eps, weight,
-                              [1] * (x.dim() - 2), same_padding(weight))[0]
-    out = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
-                      memory_format=output_format(x))
-    workspace = bands.workspace_for(x, x.shape[1], min(rows + 2 * r, size))
-    for h0 in range(0, size, rows):
-        h1 = min(h0 + rows, size)
-        lo, hi = bands.extend(h0, h1, r, size)
-        out[:, :, h0:h1].copy_(bands.unit_rows(engine, x[:, :, lo:hi], lo, h0, h1, bn_weight, bn_bias, running_mean,
-                                               running_var, eps, weight, workspace))
-    return out
+    workspace = None if rows >= size else bands.workspace_for(x, x.shape[1], min(rows + 2 * bands.halo(weight), size))
+    return bands.unit_banded(engine, x, bn_weight, bn_bias, running_mean, running_var, eps, weight, rows, workspace)
 
 
 # ---------------------------------------------------------------------------------------------

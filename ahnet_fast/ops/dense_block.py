@@ -18,6 +18,12 @@ and every BatchNorm keeps its input while the convolution after it keeps the nor
 - backward runs on one gradient buffer of the output's shape: layer i's new channels hold their
   complete gradient once layers i+1..L are done, and layer i adds its prefix's gradient in place.
 
+Without ``keep_bottleneck`` (inside activation checkpointing, where memory comes first), the C++
+engine on the CPU runs every unit in bands of rows (ahnet_fast.ops._bands), in forward and in
+backward: each BatchNorm's batch statistics over its whole input first, then the activation and the
+convolution a band at a time, so that no activation of the prefix's or c1's size is ever written
+(those were the block's largest temporaries, next to its output and the prefix gradient).
+
 What the block keeps for backward is the output buffer plus g channels per layer (a), against
 about three copies of every prefix plus 7g channels per layer in eager mode; with
 ``keep_bottleneck`` (the AH-Net module's choice outside activation checkpointing) also c1 (4g
@@ -334,6 +340,10 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
     # instead of a fresh tensor per unit: on CPU fresh pages cost a page fault each, and at AH-Net's
     # last block the prefixes' activations were 16-28 MiB apiece.
     widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    rows = out.shape[2] if keep_for_backward and keep_bottleneck else _training_band_rows(engine, out, widest)
+    if rows < out.shape[2]:
+        return _forward_banded(engine, out, layers, channels, running_means, running_vars, use_batch_stats, eps,
+                               keep_bottleneck, keep_for_backward, rows, widest)
     with _scratch(out, widest) as workspace:
         inner, bottlenecks, sums, stats = [], [], [], []
         for i, units in enumerate(layers):
@@ -365,10 +375,147 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         return out, inner + bottlenecks + sums + stats
 
 
+def _training_band_rows(engine, out, widest):
+    """Rows per band of the block's units where memory comes first (ahnet_fast.ops._bands): without
+    keep_bottleneck (inside activation checkpointing), with the C++ engine on the CPU, bands of about
+    BAND_BYTES of the widest activation; otherwise the whole map. The bands cost time (the halo rows
+    recomputed, a call per band: measured +10-30% on the block at AH-Net's last-block sizes), which
+    keep_bottleneck, the choice for speed, does not pay. The Triton engine normalises while it loads
+    and writes no activation to band."""
+    if engine is not ENGINES["cpp"] or out.device.type != "cpu":
+        return out.shape[2]
+    return bands.band_rows(out, widest)
+
+
+def _band_workspace(out, layers, widest, rows):
+    reach = max(bands.halo(cw) for units in layers for _, _, cw in units)
+    return bands.workspace_for(out, widest, min(rows + 2 * reach, out.shape[2]))
+
+
+def _forward_banded(engine, out, layers, channels, running_means, running_vars, use_batch_stats, eps,
+                    keep_bottleneck, keep_for_backward, rows, widest):
+    """_forward with every unit run in bands of rows (ahnet_fast.ops._bands): each unit's batch
+    statistics over its whole input first, then its activation and convolution a band at a time, so
+    that no activation of a prefix's or c1's size exists (the block's largest temporaries). c1, a and
+    a + b still exist whole: the next BatchNorm's statistics need them."""
+    workspace = _band_workspace(out, layers, widest, rows)
+    sd = opmath_dtype(out.dtype)
+    inner, bottlenecks, sums, stats = [], [], [], []
+    for i, units in enumerate(layers):
+        rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
+        rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
+
+        def unit(t, u, dest=None):
+            bw, bb, cw = units[u]
+            if use_batch_stats:
+                mean, var = torch.ops.ahnet_fast.bn_relu_stats(t)
+            else:  # as the engine hands them back in eval: the running statistics in the statistics dtype
+                mean, var = rms[u].to(sd).clone(), rvs[u].to(sd).clone()
+            stats.extend((mean, var))
+            return bands.unit_banded(engine, t, bw, bb, mean, var, eps, cw, rows, workspace, dest)
+
+        c1 = unit(out[:, :channels[i]], 0)
+        a = unit(c1, 1)
+        if not (keep_for_backward and keep_bottleneck):
+            del c1
+        s = unit(a, 2)
+        s.add_(a)
+        unit(s, 3, out[:, channels[i]:channels[i + 1]])
+        if keep_for_backward:
+            inner.append(a)
+            if keep_bottleneck:
+                bottlenecks.append(c1)
+                sums.append(s)
+        del a, s
+    if not keep_for_backward:
+        return out, stats
+    return out, inner + bottlenecks + sums + stats
+
+
+def _backward_banded(engine, grad_out, out, layers, channels, inner, kept, kept_sums, stats, use_batch_stats, eps,
+                     rows, widest):
+    """_backward with every unit's activation recomputed a band at a time (ahnet_fast.ops._bands):
+    the convolutions' gradients band by band (conv_backward_banded), c1 and a + b recomputed (when
+    not kept) by the forward's banded units from the saved statistics, so bitwise as forward made
+    them. What exists whole: the prefix gradient, c1 and its gradient (one layer's), and the first
+    unit's activation gradient (written straight into the prefix gradient in the last layer)."""
+    workspace = _band_workspace(out, layers, widest, rows)
+    grad = None
+    grads_w: list[torch.Tensor] = [None] * (PARAMS_PER_LAYER * len(layers))  # type: ignore[list-item]
+    bottleneck = max(units[0][2].shape[0] for units in layers)
+    for i in reversed(range(len(layers))):
+        units = layers[i]
+        a = inner[i]
+        prefix = out[:, :channels[i]]
+
+        def unit_stats(u):
+            return stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
+
+        def conv_grad(g, t, u, into):
+            bw, bb, cw = units[u]
+            g_t, gcw = bands.conv_backward_banded(g, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace, into)
+            grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw.contiguous()
+            return g_t
+
+        def bn_grad(g, t, u, out=None, accumulate=False):
+            bw, bb, _ = units[u]
+            gx, gbw, gbb = engine.bn_backward(g, t, bw, bb, *unit_stats(u), use_batch_stats, eps, out, accumulate)
+            base = PARAMS_PER_LAYER * i + 3 * u
+            grads_w[base], grads_w[base + 1] = gbw, gbb
+            return gx
+
+        def recompute(t, u):
+            bw, bb, cw = units[u]
+            return bands.unit_banded(engine, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace)
+
+        s = kept_sums[i] if kept_sums else recompute(a, 2).add_(a)
+        last = i == len(layers) - 1
+        g = conv_grad((grad_out if last else grad)[:, channels[i]:channels[i + 1]], s, 3, torch.empty_like(s))
+        grad_s = bn_grad(g, s, 3, out=g)
+        del s
+        g = conv_grad(grad_s, a, 2, torch.empty_like(a))
+        grad_a = bn_grad(g, a, 2, out=grad_s, accumulate=True)  # d(a) = its own + d(a + b)
+        del g, grad_s
+        c1 = kept[i] if kept else recompute(prefix, 0)
+        # the pooled buffers are borrowed where they are used: outside activation checkpointing the
+        # pool keeps them between steps (no page faults), inside it each is freed after its use
+        with _scratch(out, bottleneck, GRADIENT_SLOT) as grad_buffer:
+            g = conv_grad(grad_a, c1, 1, _flat_view(grad_buffer, c1))
+            del grad_a
+            grad_c1 = bn_grad(g, c1, 1, out=g)
+            del g, c1
+            if last:  # the activation's gradient goes where the prefix gradient will be, then in place
+                grad = _empty(out, channels[i])
+                g = conv_grad(grad_c1, prefix, 0, grad)
+                del grad_c1
+                bn_grad(g, prefix, 0, out=grad)
+                grad.add_(grad_out[:, :channels[i]])
+            else:
+                with _scratch(out, channels[-2]) as prefix_buffer:
+                    g = conv_grad(grad_c1, prefix, 0, _flat_view(prefix_buffer, prefix))
+                    del grad_c1
+                    bn_grad(g, prefix, 0, out=grad[:, :channels[i]], accumulate=True)
+                    del prefix_buffer  # a with-statement's target outlives the block
+            del g, grad_buffer
+    return grad[:, :channels[0]], grads_w
+
+
+def _flat_view(buffer, like):
+    """A contiguous tensor of like's shape in the flat pooled ``buffer`` (a fresh one without it)."""
+    if buffer is None or buffer.numel() < like.numel():
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return buffer[:like.numel()].view(like.shape)
+
+
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
     layers = _split(weights)
     inner, kept, kept_sums, stats = _split_saved(saved, len(layers))
     channels = _channels(channels0, layers)
+    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    rows = out.shape[2] if kept else _training_band_rows(engine, out, widest)
+    if rows < out.shape[2]:
+        return _backward_banded(engine, grad_out, out, layers, channels, inner, kept, kept_sums, stats,
+                                use_batch_stats, eps, rows, widest)
     # The prefix gradient accumulates layer by layer in a buffer of the channels before the last
     # layer's (channels[-2]); the last layer's own channels are read from grad_out (no clone of
     # grad_out: one pass fewer). The last layer's BatchNorm gradient is written into the new buffer,
@@ -382,7 +529,6 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     # there too (consumed at once by its BatchNorm's).
     # A second buffer takes the 3x3x1 unit's input gradient (c1's width): consumed by the BatchNorm
     # gradient written over it and the first unit's backward, before the next layer needs it.
-    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
     bottleneck = max(units[0][2].shape[0] for units in layers)
     with _scratch(out, widest) as workspace, _scratch(out, bottleneck, GRADIENT_SLOT) as grad_buffer:
         # The order below frees each temporary as soon as it is used. Held longer, the last layer's
