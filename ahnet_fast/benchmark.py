@@ -57,6 +57,19 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(field)
 
 
+def _cpu_model() -> str | None:
+    """The host CPU's model name (/proc/cpuinfo): CPU timings differ by vendor and generation, and
+    the machines these runs are made on change."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def run_info(device: str, name: str) -> dict:
     """The header of every results JSON: what ran where (device name and type, torch and triton
     versions, date, threads)."""
@@ -69,7 +82,7 @@ def run_info(device: str, name: str) -> dict:
         triton_version = triton.__version__
     import ahnet_fast
 
-    return dict(device=name, device_type=device, torch=torch.__version__, triton=triton_version,
+    return dict(device=name, device_type=device, cpu=_cpu_model(), torch=torch.__version__, triton=triton_version,
                 date=str(datetime.date.today()), threads=torch.get_num_threads(),
                 extension=ahnet_fast.extension_available(), requested_backend=ahnet_fast.backends.requested_backend())
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["MemoryEstimate", "InferenceEstimate", "estimate_training_memory", "estimate_inference_memory", "plan",
-           "plan_inference", "parse_bytes", "WORKSPACE_FACTOR"]
+           "plan_inference", "parse_bytes", "training_floor", "live_set_tracker", "WORKSPACE_FACTOR"]
 
 # The step's peak over the traced bytes kept for backward: backward's transients (1.7x the largest
 # kept tensor: an input gradient next to its tensor, a recomputed activation), then 1.11x that plus
@@ -46,12 +46,26 @@ STEP_OVERHEAD = 42 * 2**20
 # 3 classes, psp_block_num=4; Adam; two training steps) at these (input shape, checkpoint, precision).
 # tests/test_memory.py judges the planner's accuracy on configurations other than these.
 CALIBRATION_MODEL = {"in_channels": 1, "out_channels": 3, "psp_block_num": 4}
-CALIBRATION_POINTS = (((1, 1, 128, 128, 32), "none", "fp32"), ((1, 1, 256, 256, 32), "none", "fp32"))
+CALIBRATION_POINTS = (((1, 1, 128, 128, 32), "none", "fp32"), ((1, 1, 256, 256, 32), "none", "fp32"),
+                      ((1, 1, 128, 128, 32), "all", "fp32"), ((1, 1, 256, 256, 32), "all", "fp32"))
+# checkpoint="all" has a model of its own, because its peak has a known shape: it comes when the last
+# dense block's backward runs (benchmarks/trace_memory.py --checkpoint all), where every segment
+# boundary is held (the traced bytes checkpointing keeps, the block's recomputed output among them)
+# with that output's gradient (the largest kept tensor's size again) and the block's own working set
+# (its saved inner maps, the prefix gradient, one bottleneck gradient), which grows with the same maps:
+# peak = ALL_FACTOR * (kept + largest) + ALL_OVERHEAD (band buffers, the loss, library state). Fitted on
+# the two "all" calibration points (benchmarks/results/memory_scaling_cpu_2026-12-06.json: 341 and 890
+# MiB over parameters, gradients and Adam); 384x384x32, held out, is then predicted at 1.00x.
+ALL_FACTOR = 1.68
+ALL_OVERHEAD = 158 * 2**20
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
 # relative step time of each choice (measured on CPU, benchmarks/results/e2e_cpu.md; on GPUs bf16 is
 # the faster precision): the planner's order of preference, fastest first
-CHECKPOINT_COST = {"none": 1.0, "encoder": 1.15, "decoder": 1.25, "all": 1.35}
+# ("all" measured 1.64x "none" at 128x128x32 and 1.63x at 256x256x32 once its encoder layers nest their
+# blocks' segments and its dense blocks run in bands: benchmarks/results/other_machines/
+# e2e_cpu_2026-12-06_train_amd-epyc.json)
+CHECKPOINT_COST = {"none": 1.0, "encoder": 1.15, "decoder": 1.25, "all": 1.65}
 PRECISION_COST = {"bf16": 0.5, "fp16": 0.5, "fp32": 1.0}
 
 
@@ -205,6 +219,12 @@ def estimate_training_memory(model: nn.Module, input_shape, *, dtype: str | torc
     params = sum(p.numel() * 4 for p in model.parameters())
     kept, largest, _ = _trace(config, shape, PRECISIONS[precision], policy)
     rebuilt = 0
+    if policy == "all":
+        step_peak = ALL_FACTOR * (kept + largest) + ALL_OVERHEAD
+        if precision != "fp32":
+            step_peak += params // 2
+        return MemoryEstimate(parameters=params, gradients=params, optimizer_state=OPTIMIZER_STATES[optimizer] * params,
+                              activations=kept, workspace=int(step_peak) - kept)
     if policy != "none":
         _, _, inside = _trace(config, shape, PRECISIONS[precision], "none", per_segment=True)
         groups = ["encoder", "decoder", "stem"] if policy == "all" else [policy]
@@ -216,6 +236,37 @@ def estimate_training_memory(model: nn.Module, input_shape, *, dtype: str | torc
     return MemoryEstimate(parameters=params, gradients=params,
                           optimizer_state=OPTIMIZER_STATES[optimizer] * params,
                           activations=activations, workspace=int(step_peak) - activations)
+
+
+def training_floor(model: nn.Module, input_shape, *, dtype: str | torch.dtype = "fp32",
+                   optimizer: str = "adam") -> dict:
+    """The least memory a training step of ``model`` with activation checkpointing can take without
+    tiling the maps, and its arithmetic: when the last dense block's backward ends, these must
+    coexist, whatever the implementation:
+
+    - parameters, gradients and optimizer state;
+    - every segment boundary (what checkpoint="all" keeps: the later-recomputed segments' inputs and
+      the skips; traced as :func:`estimate_training_memory` traces them), the last dense block's
+      output among them (recomputed for its backward: the same size);
+    - the gradient of that output (its size again);
+    - the gradient of the block's input, which the block's backward produces (its input channels).
+
+    Returns a dict of the terms in bytes and their ``total``. Anything a measured peak holds beyond
+    it is the implementation's: recomputed temporaries, band buffers, library workspaces."""
+    config = _config(model)
+    precision = _precision_name(dtype)
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"training_floor: optimizer must be one of {tuple(OPTIMIZER_STATES)}, got {optimizer!r}")
+    shape = _checked_shape(config, input_shape, "training_floor: input_shape")
+    params = sum(p.numel() * 4 for p in model.parameters())
+    kept, largest, _ = _trace(config, shape, PRECISIONS[precision], "all")
+    last = list(model.dense4.children())
+    channels_in = last[0].bn1.num_features
+    channels_out = channels_in + sum(layer.conv4.out_channels for layer in last)
+    terms = dict(parameters=params, gradients=params, optimizer_state=OPTIMIZER_STATES[optimizer] * params,
+                 boundaries=kept, last_block_output_gradient=largest,
+                 last_block_input_gradient=largest * channels_in // channels_out)
+    return {**terms, "total": sum(terms.values())}
 
 
 def _precision_name(dtype) -> str:

@@ -82,12 +82,37 @@ def measure(shape, checkpoint, precision, impl="ahnet_fast"):
     return {"peak": rss_bytes("VmHWM") - before, "backends": ran}
 
 
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()} ({os.cpu_count()} CPUs)"
+
+
+def _mem_total() -> int:
+    """The machine's RAM in bytes (/proc/meminfo's MemTotal)."""
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class ChildFailed(RuntimeError):
+    """The measuring process died; ``killed`` when by a signal (SIGKILL: the kernel's out-of-memory
+    killer, the usual cause at the largest sizes)."""
+
+    def __init__(self, returncode: int, stderr: str):
+        self.killed = returncode < 0
+        how = f"killed by signal {-returncode}" if self.killed else f"exit status {returncode}"
+        super().__init__(f"the measuring process ended: {how}\n{stderr[-3000:]}")
+
+
 def _child(shape, checkpoint, precision, impl="ahnet_fast") -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, __file__, "--one", json.dumps(list(shape)), checkpoint, precision, impl],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
+        raise ChildFailed(out.returncode, out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -121,7 +146,7 @@ def scaling(json_path: str | None) -> list[dict]:
         from ahnet_fast._atomic import atomic_path
 
         with atomic_path(json_path) as tmp, open(tmp, "w") as f:
-            json.dump(dict(run_info("cpu", "cpu"), slices=SCALING_SLICES, results=rows), f, indent=1)
+            json.dump(dict(run_info("cpu", _machine()), slices=SCALING_SLICES, results=rows), f, indent=1)
         print(f"wrote {json_path}")
     return rows
 
@@ -139,10 +164,25 @@ def single(size, checkpoint, precision, json_path):
         model = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
     est = estimate_training_memory(model, shape, dtype=precision, checkpoint=checkpoint)
     start = time.perf_counter()
-    result = _child(shape, checkpoint, precision)
-    record = dict(run_info("cpu", "cpu"), shape=list(shape), checkpoint=checkpoint, precision=precision,
-                  measured_step_peak=result["peak"], estimate=est.as_dict(), estimate_total=est.total,
-                  seconds=time.perf_counter() - start, backends=result["backends"])
+    try:
+        result = _child(shape, checkpoint, precision)
+    except ChildFailed as e:
+        if not e.killed:
+            raise
+        # recorded, not lost: a run the machine could not hold says so (its RAM is in run_info)
+        result = {"peak": None, "backends": None, "failed": str(e).splitlines()[0]}
+    record = dict(run_info("cpu", _machine()), memory_total=_mem_total(), shape=list(shape), checkpoint=checkpoint,
+                  precision=precision, measured_step_peak=result["peak"], estimate=est.as_dict(), estimate_total=est.total,
+                  seconds=time.perf_counter() - start, backends=result["backends"], failed=result.get("failed"))
+    if result["peak"] is None:
+        print(f"{'x'.join(map(str, shape))} checkpoint={checkpoint} {precision}: {record['failed']} after "
+              f"{record['seconds']:.0f} s (estimated {est.total / 2**30:.2f} GiB)", flush=True)
+        if json_path:
+            from ahnet_fast._atomic import atomic_path
+
+            with atomic_path(json_path) as tmp, open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+        return record
     print(f"{'x'.join(map(str, shape))} checkpoint={checkpoint} {precision}: measured {result['peak'] / 2**30:.2f} GiB "
           f"(model, Adam and two training steps), estimated {est.total / 2**30:.2f} GiB "
           f"({est.total / result['peak']:.2f}x), {record['seconds']:.0f} s", flush=True)

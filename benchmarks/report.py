@@ -116,6 +116,22 @@ def rows():
                                  f"{'x'.join(map(str, shape))}: speed / peak memory vs MONAI",
                             f"{mi['median_ms'] / oi['median_ms']:.2f}x / {oi['peak_bytes'] / mi['peak_bytes']:.2f}x",
                             "—", "", where, e2e_path))
+    sc, sc_path = _latest("memory_scaling_cpu_*.json")
+    if sc:
+        by = {(tuple(r["shape"]), r["impl"], r["checkpoint"]): r for r in sc["results"]}
+        lean = by.get(((1, 1, 256, 256, 32), "ahnet_fast", "all"))
+        if lean:
+            out.append(("25", "CPU training step 1x1x256x256x32, checkpoint=\"all\": bytes per input voxel vs MONAI",
+                        f"{lean['ratio_to_monai']:.3f}x", "≤ 0.15x", _verdict(lean["ratio_to_monai"], 0.15, False),
+                        f"{sc['date']}, {sc['device']}, torch {sc['torch']}", sc_path))
+    slab, slab_path = _latest("memory_slab_cpu_*.json")
+    if slab:
+        peak = slab.get("measured_step_peak")
+        out.append(("25", f"CPU training step {'x'.join(map(str, slab['shape']))} {slab['precision']}, "
+                          f"checkpoint=\"{slab['checkpoint']}\": peak memory",
+                    f"{peak / 2**30:.2f} GiB" if peak else "did not complete", "≤ 16 GiB",
+                    ("met" if peak <= 16 * 2**30 else "**missed**") if peak else f"**missed** ({slab.get('failed')})",
+                    f"{slab['date']}, {slab['device']}, torch {slab['torch']}", slab_path))
     per_mode = _latest_per_mode("e2e_alternatives_cpu_*.json")
     for mode, target in (("train", 1.3), ("infer", 1.5)):
         if mode not in per_mode:
@@ -377,6 +393,100 @@ def sliding_window_block() -> list[str]:
     return lines
 
 
+def _floor_step_bytes(shape, precision="fp32") -> int:
+    """ahnet_fast.memory.training_floor's bytes beyond parameters, gradients and Adam (arithmetic
+    from the model's shapes, not a measurement)."""
+    import torch
+
+    import ahnet_fast
+    from ahnet_fast.memory import training_floor
+
+    with torch.device("meta"):
+        model = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+    f = training_floor(model, tuple(shape), dtype=precision)
+    return f["total"] - f["parameters"] - f["gradients"] - f["optimizer_state"]
+
+
+def _estimate_bytes(shape, precision, checkpoint) -> int:
+    """What ahnet_fast.memory.estimate_training_memory says now (a trace on fake tensors)."""
+    import torch
+
+    import ahnet_fast
+    from ahnet_fast.memory import estimate_training_memory
+
+    with torch.device("meta"):
+        model = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+    return estimate_training_memory(model, tuple(shape), dtype=precision, checkpoint=checkpoint).total
+
+
+def checkpoint_scaling_block() -> list[str]:
+    """Bytes per input voxel of a training step with checkpoint="all" against MONAI's and the floor
+    (benchmarks/bench_memory.py --scaling), and the whole-slab run (--single)."""
+    sc, path = _latest("memory_scaling_cpu_*.json")
+    if not sc:
+        return ["Not run yet (`python benchmarks/bench_memory.py --scaling --json ...`)."]
+    by = {(tuple(r["shape"]), r["impl"], r["checkpoint"]): r for r in sc["results"]}
+    shapes = sorted({tuple(r["shape"]) for r in sc["results"]}, key=lambda s: s[2])
+    lines = [f"{sc['date']}, {sc['device']}, torch {sc['torch']}; AHNet (MONAI's defaults, 3 classes, "
+             f"psp_block_num=4), Adam, focal loss, batch 1, two training steps in a fresh process "
+             f"(MALLOC_MMAP_THRESHOLD_=65536); a step's bytes = VmHWM over the process before the model, minus "
+             f"parameters, gradients and Adam's moments ({by[(shapes[0], 'MONAI', 'none')]['fixed'] / 2**20:.0f} MiB, "
+             f"the same in both); floor: `ahnet_fast.memory.training_floor` (what must coexist when the last "
+             f"dense block's backward ends: every segment boundary, that block's output gradient and its input "
+             f"gradient; arithmetic from the shapes); `{path}`.", "",
+             "| input | MONAI B/voxel | `all` B/voxel | `all` vs MONAI | floor B/voxel | `all` vs floor | "
+             "`none` B/voxel | `none` vs MONAI | planner / measured (`all`) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    marginal = {}
+    previous = None
+    for shape in shapes:
+        voxels = shape[2] * shape[3] * shape[4]
+        monai, lean, plain = (by[(shape, "MONAI", "none")], by[(shape, "ahnet_fast", "all")],
+                              by[(shape, "ahnet_fast", "none")])
+        floor = _floor_step_bytes(shape) / voxels
+        lines.append(f"| {'x'.join(map(str, shape[2:]))} | {monai['step_bytes_per_voxel']:.0f} | "
+                     f"{lean['step_bytes_per_voxel']:.0f} | {lean['ratio_to_monai']:.3f}x | {floor:.0f} | "
+                     f"{lean['step_bytes_per_voxel'] / floor:.2f}x | {plain['step_bytes_per_voxel']:.0f} | "
+                     f"{plain['ratio_to_monai']:.3f}x | {lean['estimate'] / lean['peak']:.2f}x |")
+        if previous:
+            dv = voxels - previous[0]
+            marginal[f"{'x'.join(map(str, previous[1][2:]))} to {'x'.join(map(str, shape[2:]))}"] = (
+                (monai["peak"] - previous[2]["peak"]) / dv, (lean["peak"] - previous[3]["peak"]) / dv)
+        previous = (voxels, shape, monai, lean)
+    lines += ["", "Marginal bytes per added voxel (the peak's growth between two sizes, which leaves out what does "
+                  "not grow with the volume: libraries, the loss's scalars, band buffers): "
+                  + "; ".join(f"{k}: MONAI {m:.0f}, `all` {a:.0f} ({a / m:.3f}x)" for k, (m, a) in marginal.items())
+                  + "."]
+    at256 = by.get(((1, 1, 256, 256, 32), "ahnet_fast", "all"))
+    if at256:
+        lines += ["", f"Target (issue 25): `all` at most 0.15x MONAI's bytes per voxel at 256x256x32: "
+                      f"{at256['ratio_to_monai']:.3f}x, {_verdict(at256['ratio_to_monai'], 0.15, False)}. The floor "
+                      f"there is {_floor_step_bytes((1, 1, 256, 256, 32)) / (256 * 256 * 32):.0f} bytes per voxel "
+                      f"({_floor_step_bytes((1, 1, 256, 256, 32)) / (256 * 256 * 32) / by[((1, 1, 256, 256, 32), 'MONAI', 'none')]['step_bytes_per_voxel']:.3f}x "
+                      f"MONAI's): the target is above it, so within reach in principle."]
+    slab, slab_path = _latest("memory_slab_cpu_*.json")
+    if slab and slab.get("measured_step_peak") is None:
+        lines += ["", f"A whole {'x'.join(map(str, slab['shape']))} CT slab, {slab['precision']}, "
+                      f"checkpoint=\"{slab['checkpoint']}\" ({slab['date']}, `{slab_path}`): did not complete "
+                      f"({slab.get('failed')}); the planner's estimate {slab['estimate_total'] / 2**30:.2f} GiB."]
+    elif slab:
+        gib = 2 ** 30
+        shape = "x".join(map(str, slab["shape"]))
+        fixed = slab["estimate"]["parameters"] + slab["estimate"]["gradients"] + slab["estimate"]["optimizer_state"]
+        floor = _floor_step_bytes(slab["shape"], slab["precision"]) + fixed
+        now = _estimate_bytes(slab["shape"], slab["precision"], slab["checkpoint"])
+        measured = slab["measured_step_peak"]
+        lines += ["", f"A whole {shape} CT slab, {slab['precision']}, checkpoint=\"{slab['checkpoint']}\" "
+                      f"({slab['date']}, `{slab_path}`): measured {measured / gib:.2f} GiB (model, Adam and two "
+                      f"training steps; {slab['seconds']:.0f} s on this CPU); the planner now estimates "
+                      f"{now / gib:.2f} GiB ({now / measured:.2f}x; this size is not among its calibration points"
+                      + (f"; the planner of the run said {slab['estimate_total'] / gib:.2f} GiB"
+                         if abs(slab["estimate_total"] - now) > 0.01 * now else "")
+                      + f"); the floor is {floor / gib:.2f} GiB; target 16 GiB: "
+                      + ("met." if measured <= 16 * gib else "**missed**.")]
+    return lines
+
+
 def plan_block() -> list[str]:
     """The `ahnet-fast plan` transcript, as the committed run printed it."""
     plan, path = _latest("plan_*.json")
@@ -442,7 +552,7 @@ def detection_block() -> list[str]:
 
 
 GENERATED = {"ci": ci_block, "demo": demo_block, "e2e": e2e_block, "alternatives": alternatives_block,
-             "sliding_window": sliding_window_block,
+             "sliding_window": sliding_window_block, "checkpoint_scaling": checkpoint_scaling_block,
              "plan": plan_block, "plan_infer": plan_infer_block, "detection": detection_block}
 
 

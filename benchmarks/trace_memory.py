@@ -11,7 +11,8 @@ glibc must hand freed blocks back (MALLOC_MMAP_THRESHOLD_=65536), or the RSS onl
 re-runs itself with it when it is not set. Reading /proc around each op slows the traced step.
 
     python benchmarks/trace_memory.py [--impl ahnet_fast|MONAI] [--size 256 256 32] [--mode infer|train]
-        [--psp-block-num 4] [--layers 3 4 6 3] [--checkpoint none|encoder|decoder|all] [--top 15]
+        [--psp-block-num 4] [--layers 3 4 6 3] [--checkpoint none|encoder|decoder|all] [--precision fp32|bf16]
+        [--top 15]
         [--json PATH]
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _reset_peak() -> None:
         fh.write("5")
 
 
-def trace(impl: str, size, mode: str, psp_block_num: int, layers, checkpoint: str = "none") -> dict:
+def trace(impl: str, size, mode: str, psp_block_num: int, layers, checkpoint: str = "none",
+          precision: str = "fp32") -> dict:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -52,14 +54,18 @@ def trace(impl: str, size, mode: str, psp_block_num: int, layers, checkpoint: st
     y = torch.randint(0, 3, (1, *size))
     opt = torch.optim.Adam(net.parameters(), lr=1e-4) if mode == "train" else None
 
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
     def step():
         if mode == "infer":
             net.eval()
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 return net(x)
         net.train()
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(net(x), y)
+        with amp:
+            out = net(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), y)
         loss.backward()
         opt.step()
         return loss
@@ -84,7 +90,7 @@ def trace(impl: str, size, mode: str, psp_block_num: int, layers, checkpoint: st
     for r in rows:
         for k in ("before", "high", "after"):
             r[k] = (r[k] - base) / MiB
-    return dict(impl=impl, size=list(size), mode=mode, checkpoint=checkpoint, psp_block_num=psp_block_num, layers=list(layers),
+    return dict(impl=impl, size=list(size), mode=mode, checkpoint=checkpoint, precision=precision, psp_block_num=psp_block_num, layers=list(layers),
                 base_MiB=base / MiB, peak_MiB=max((r["high"] for r in rows), default=0.0), ops=rows)
 
 
@@ -97,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, nargs=4, default=(3, 4, 6, 3))
     p.add_argument("--checkpoint", default="none", choices=("none", "encoder", "decoder", "all"),
                    help="ahnet_fast's activation checkpointing policy (training)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: under CPU autocast")
     p.add_argument("--top", type=int, default=15, help="print this many ops with the highest high-water mark")
     p.add_argument("--json", default=None, help="write the whole timeline here")
     args = p.parse_args(argv)
@@ -107,7 +114,8 @@ def main(argv=None) -> int:
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env)
     import torch
 
-    record = trace(args.impl, args.size, args.mode, args.psp_block_num, args.layers, args.checkpoint)
+    record = trace(args.impl, args.size, args.mode, args.psp_block_num, args.layers, args.checkpoint,
+                   args.precision)
     print(f"{args.impl} {args.mode} 1x1x{'x'.join(map(str, args.size))}: {len(record['ops'])} ops, peak "
           f"{record['peak_MiB']:.0f} MiB over the model, input and warm-up ({record['base_MiB']:.0f} MiB)")
     print(f"{'#':>5} {'op':<44} {'before':>8} {'inside':>8} {'after':>8}  output")

@@ -14,7 +14,7 @@ import torch
 
 import ahnet_fast
 from ahnet_fast.memory import (CALIBRATION_MODEL, CALIBRATION_POINTS, MemoryEstimate, estimate_training_memory,
-                               parse_bytes, plan)
+                               parse_bytes, plan, training_floor)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,29 @@ def test_parameters_gradients_and_optimizer_state_are_exact(model):
         assert est.parameters == est.gradients == 4 * n
         assert est.optimizer_state == moments * 4 * n
         assert est.total == sum(v for k, v in est.as_dict().items() if k != "total")
+
+
+def test_training_floor_is_its_arithmetic(model):
+    """The floor of a checkpointed step: parameters, gradients, Adam, the boundaries checkpoint="all"
+    keeps, and two gradients of the last dense block (its output's: 64 + 3 x 20 channels; its input's:
+    64) at conv_x's resolution (in-plane halved, slices halved by pool1); linear in the voxels, the
+    maps halved in bf16, and below the planner's estimate of the real step."""
+    f = training_floor(model, (1, 1, 64, 64, 32))
+    n = sum(p.numel() for p in model.parameters())
+    assert (f["parameters"], f["gradients"], f["optimizer_state"]) == (4 * n, 4 * n, 8 * n)
+    voxels = 32 * 32 * 16
+    assert f["last_block_output_gradient"] == 124 * voxels * 4
+    assert f["last_block_input_gradient"] == 64 * voxels * 4
+    assert f["boundaries"] == estimate_training_memory(model, (1, 1, 64, 64, 32), checkpoint="all").activations
+    assert f["total"] == sum(v for k, v in f.items() if k != "total")
+    fixed = 16 * n
+    bigger = training_floor(model, (1, 1, 128, 128, 32))
+    assert (bigger["total"] - fixed) == pytest.approx(4 * (f["total"] - fixed), rel=0.01)
+    half = training_floor(model, (1, 1, 64, 64, 32), dtype="bf16")
+    assert half["last_block_output_gradient"] == f["last_block_output_gradient"] // 2
+    assert f["total"] < estimate_training_memory(model, (1, 1, 64, 64, 32), checkpoint="all").total
+    with pytest.raises(ValueError, match="optimizer"):
+        training_floor(model, (1, 1, 64, 64, 32), optimizer="lbfgs")
 
 
 def test_activations_follow_the_configuration(model):

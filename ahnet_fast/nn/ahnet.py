@@ -763,8 +763,14 @@ class AHNet(_ScriptOps, nn.Module):
 
     def _forward(self, x: torch.Tensor, encoder: bool, decoder: bool, stem: bool) -> torch.Tensor:
         segment = self._segment
-        conv_x = segment(stem, self._stem, (self.conv1, self.bn0), x)
-        x = self.maxpool(conv_x)
+        if stem:
+            # the pooling inside the stem's segment: what it keeps for backward (its indices, and
+            # under autocast a float32 copy of conv_x: CPU autocast runs max pooling in float32)
+            # would otherwise live from the forward to the stem's backward, next to the decoder's
+            conv_x, x = segment(stem, self._stem_pooled, (self.conv1, self.bn0), x)
+        else:
+            conv_x = segment(stem, self._stem, (self.conv1, self.bn0), x)
+            x = self.maxpool(conv_x)
         pool_x = x
 
         features = []
@@ -858,6 +864,10 @@ class AHNet(_ScriptOps, nn.Module):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return bn_relu(self.bn0, stem(self.conv1, self.pool1, x, self.backend), self.backend)
+
+    def _stem_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        conv_x = self._stem(x)
+        return conv_x, self.maxpool(conv_x)
 
     def _head(self, d4: torch.Tensor) -> torch.Tensor:
         if self.psp_block_num > 0:

@@ -23,7 +23,9 @@ activation and the convolution's workspaces exist a band at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -32,9 +34,29 @@ from ahnet_fast._layout import is_channels_last
 from ahnet_fast.ops._conv_paths import output_format
 
 __all__ = ["BAND_BYTES", "no_backward", "band_rows", "halo", "extend", "unit_rows", "unit_banded",
-           "conv_backward_banded", "workspace_for"]
+           "conv_backward_banded", "bn_backward_streamed", "activation_in", "workspace_for"]
 
 BAND_BYTES = 16 * 2 ** 20
+
+# Whether a backward should run in bands where it can: set around a unit's backward by its autograd
+# function when its forward ran where memory comes first (the scratch pool not kept: inside
+# activation checkpointing); elsewhere the whole map is faster (measured: a banded unit backward took
+# up to twice as long, each band's copies and products being small).
+_lean: list[bool] = []
+
+
+@contextlib.contextmanager
+def lean(flag: bool):
+    """Within the block, :func:`lean_preferred` is ``flag``."""
+    _lean.append(bool(flag))
+    try:
+        yield
+    finally:
+        _lean.pop()
+
+
+def lean_preferred() -> bool:
+    return bool(_lean) and _lean[-1]
 
 
 def no_backward(*tensors: torch.Tensor | None) -> bool:
@@ -121,8 +143,19 @@ def unit_banded(engine, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: flo
     return out
 
 
-def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: float,
-                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor):
+def activation_in(workspace: torch.Tensor, xb: torch.Tensor, bn_weight, bn_bias, mean, var, eps: float):
+    """relu(bn(xb)) with the given statistics (C++ kernel), written into the flat ``workspace`` and
+    returned as a view of it: laid out as the kernel reads xb (channels-last, or contiguous: a strided
+    band is read through a contiguous copy)."""
+    a = workspace[:xb.numel()]
+    a = a.view(xb.shape[0], *xb.shape[2:], xb.shape[1]).movedim(-1, 1) if is_channels_last(xb) else a.view(xb.shape)
+    torch.ops.ahnet_fast.bn_relu_apply_(xb, bn_weight, bn_bias, mean, var, eps, a)
+    return a
+
+
+def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor | None, bn_weight, bn_bias, mean, var, eps: float,
+                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor,
+                         source: Callable[[int, int], torch.Tensor] | None = None):
     """The gradients of ``conv(a)``, a = relu(bn(x)) with the given statistics (stride 1, same
     padding, C++ kernels on the CPU), with ``a`` recomputed a band at a time: (out, weight gradient),
     the activation's gradient written into ``out`` (x's shape). ``workspace``: a flat buffer of x's
@@ -131,8 +164,11 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor, bn_weight, bn_bi
     Each band contributes the terms of its own output rows: its weight gradient from grad_y on the
     band's rows (zero on the halo rows, which are the neighbouring bands' to count), its activation
     gradient on the rows those output rows read (the band and its halo), added into ``out``. The
-    gradients are linear in grad_y, so the sums over bands are the whole map's."""
-    size = x.shape[2]
+    gradients are linear in grad_y, so the sums over bands are the whole map's.
+
+    ``source(lo, hi)``, in place of x: rows [lo, hi) of the unit's input, recomputed on demand (the
+    input then never exists whole)."""
+    size = out.shape[2]
     r = halo(weight)
     nd = weight.dim() - 2
     stride, padding = [1] * nd, [(k - 1) // 2 for k in weight.shape[2:]]
@@ -144,11 +180,8 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor, bn_weight, bn_bi
     for h0 in range(0, size, rows):
         h1 = min(h0 + rows, size)
         lo, hi = extend(h0, h1, r, size)
-        xb = x[:, :, lo:hi]
-        # the C++ kernel reads a band as contiguous (a copy of a strided view) or channels-last
-        a = workspace[:xb.numel()]
-        a = a.view(xb.shape[0], *xb.shape[2:], xb.shape[1]).movedim(-1, 1) if is_channels_last(xb) else a.view(xb.shape)
-        torch.ops.ahnet_fast.bn_relu_apply_(xb, bn_weight, bn_bias, mean, var, eps, a)
+        a = activation_in(workspace, x[:, :, lo:hi] if source is None else source(lo, hi), bn_weight, bn_bias, mean,
+                          var, eps)
         if r:
             g = masked[:, :, :hi - lo]
             g[:, :, :h0 - lo].zero_()
@@ -165,3 +198,53 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor, bn_weight, bn_bi
         grad_w = gw.clone() if grad_w is None else grad_w.add_(gw)
         del grad_a, gw
     return out, grad_w
+
+
+def bn_backward_streamed(grad_rows: Callable[[int, int], torch.Tensor], x_rows: Callable[[int, int], torch.Tensor],
+                         size: int, rows: int, bn_weight, bn_bias, mean, var, use_batch_stats: bool, eps: float,
+                         write: Callable[[int, int, torch.Tensor], object]):
+    """The gradient of relu(bn(x)) (given statistics) where neither x nor the activation's gradient
+    exists whole: ``grad_rows(lo, hi)`` and ``x_rows(lo, hi)`` give rows [lo, hi) of each (views, or
+    recomputed on demand), ``write(lo, hi, dx)`` takes rows [lo, hi) of the input gradient. Batch
+    statistics couple every row to two per-channel sums over the whole map, so each band is visited
+    twice: once for the sums (the BatchNorm's weight and bias gradients), once to write its rows.
+    Returns (grad_bn_weight, grad_bn_bias). The arithmetic of the C++ bn_relu_backward: the ReLU mask
+    from x * scale + shift, sums accumulated in float64, dx = k * gm + a + b * (x - mean)."""
+    sd = mean.dtype
+    channels = mean.numel()
+    invstd = torch.rsqrt(var.to(sd) + eps)
+    scale = bn_weight.to(sd) * invstd
+    shift = bn_bias.to(sd) - mean.to(sd) * scale
+    sum_g = torch.zeros(channels, dtype=torch.float64, device=mean.device)
+    sum_gd = torch.zeros_like(sum_g)
+    count = 0
+
+    def masked(lo, hi):
+        # two band-sized copies in the statistics' precision (x and the gradient may be the caller's
+        # data: never written), the mask and centring in place
+        x = x_rows(lo, hi)
+        per_channel = (1, channels) + (1,) * (x.dim() - 2)
+        xs = x.to(sd, copy=True)
+        gm = grad_rows(lo, hi).to(sd, copy=True)
+        gm.mul_(torch.addcmul(shift.view(per_channel), xs, scale.view(per_channel)) > 0)
+        return gm, xs.sub_(mean.to(sd).view(per_channel)), per_channel, x.dtype
+
+    for h0 in range(0, size, rows):
+        h1 = min(h0 + rows, size)
+        gm, centred, _, _ = masked(h0, h1)
+        dims = [0] + list(range(2, gm.dim()))
+        sum_g += gm.sum(dims, dtype=torch.float64)
+        sum_gd += (gm * centred).sum(dims, dtype=torch.float64)
+        count += gm.numel() // channels
+    k = scale
+    if use_batch_stats:
+        a = (-k.double() * sum_g / count).to(sd)
+        b = (-k.double() * invstd.double() ** 2 * sum_gd / count).to(sd)
+    for h0 in range(0, size, rows):
+        h1 = min(h0 + rows, size)
+        gm, centred, per_channel, dtype = masked(h0, h1)
+        dx = gm.mul_(k.view(per_channel))
+        if use_batch_stats:
+            dx.add_(centred.mul_(b.view(per_channel))).add_(a.view(per_channel))
+        write(h0, h1, dx.to(dtype))
+    return (sum_gd * invstd.double()).to(bn_weight.dtype), sum_g.to(bn_bias.dtype)

@@ -193,6 +193,19 @@ class CppEngine(_Engine):
         if x.device.type != "cpu" or activation is not None:
             return super().backward(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight, stride,
                                     padding, activation)
+        rows = bands.band_rows(x, max(x.shape[1], weight.shape[0])) \
+            if bands.lean_preferred() and bands.bandable(weight, stride, padding) else x.shape[2]
+        if rows < x.shape[2]:
+            # memory first: the activation recomputed a band at a time, its gradient written band by
+            # band into grad_x's tensor and the BatchNorm gradient written over it in place (no
+            # activation and no second gradient of the input's size)
+            grad_x = output_like(x)
+            workspace = bands.workspace_for(x, x.shape[1], min(rows + 2 * bands.halo(weight), x.shape[2]))
+            grad_w = bands.conv_backward_banded(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, rows,
+                                                workspace, grad_x)[1]
+            grad_bw, grad_bb = cls.bn_backward(grad_x, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps,
+                                               grad_x)[1:]
+            return grad_x, grad_bw, grad_bb, grad_w.contiguous()
         with scratch.borrow(SCRATCH_SLOT, x.numel(), x.dtype, x.device) as pooled:
             grad_a, grad_w = cls.conv_backward(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, stride,
                                                padding, None, pooled, grad_in_workspace=True)
@@ -423,15 +436,18 @@ def _setup_context(ctx, inputs, output):
     x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding = inputs
     _, mean, var = output
     ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, weight)
-    ctx.args = (use_batch_stats, eps, list(stride), list(padding))
+    # where memory comes first in forward (the scratch pool not kept: inside activation
+    # checkpointing), the backward runs in bands (ops._bands)
+    ctx.args = (use_batch_stats, eps, list(stride), list(padding), not scratch.keeping())
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, bn_weight, bn_bias, mean, var, weight = ctx.saved_tensors
-        use_batch_stats, eps, stride, padding = ctx.args
-        gx, gbw, gbb, gw = backward_op(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight,
-                                       stride, padding)
+        use_batch_stats, eps, stride, padding, lean = ctx.args
+        with bands.lean(lean):
+            gx, gbw, gbb, gw = backward_op(grad_y, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps, weight,
+                                           stride, padding)
         return gx, gbw, gbb, None, None, None, None, gw, None, None
 
     return backward

@@ -37,6 +37,7 @@ convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype
-from ahnet_fast.ops import _bands as bands
+from ahnet_fast.ops import _bands as bands, _conv_paths as conv_paths
 from ahnet_fast.ops._registry import define_script_entry, register_triton_pair
 from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops.bn_relu_conv import IMPLEMENTATIONS as UNIT_IMPLEMENTATIONS, SCRATCH_SLOT, ENGINES, output_format, \
@@ -336,15 +337,18 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         out[:, :channels[0]].copy_(x)
     else:
         torch.add(x, skip, out=out[:, :channels[0]])
-    # One buffer for the units' activations (each lives only until its convolution has read it)
-    # instead of a fresh tensor per unit: on CPU fresh pages cost a page fault each, and at AH-Net's
-    # last block the prefixes' activations were 16-28 MiB apiece.
     widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    # Where memory comes first (no kept bottleneck), the units run in bands of rows on the CPU
+    # (_training_band_rows): each unit's batch statistics over its whole input first, then its
+    # activation and convolution a band at a time, so no activation of a prefix's or c1's size exists.
     rows = out.shape[2] if keep_for_backward and keep_bottleneck else _training_band_rows(engine, out, widest)
-    if rows < out.shape[2]:
-        return _forward_banded(engine, out, layers, channels, running_means, running_vars, use_batch_stats, eps,
-                               keep_bottleneck, keep_for_backward, rows, widest)
-    with _scratch(out, widest) as workspace:
+    banded = rows < out.shape[2]
+    # Otherwise one buffer for the units' activations (each lives only until its convolution has read
+    # it) instead of a fresh tensor per unit: on CPU fresh pages cost a page fault each, and at
+    # AH-Net's last block the prefixes' activations were 16-28 MiB apiece.
+    pool = contextlib.nullcontext(_band_workspace(out, layers, widest, rows)) if banded else _scratch(out, widest)
+    sd = opmath_dtype(out.dtype)
+    with pool as workspace:
         inner, bottlenecks, sums, stats = [], [], [], []
         for i, units in enumerate(layers):
             rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
@@ -352,8 +356,15 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
 
             def unit(t, u):
                 bw, bb, cw = units[u]
-                y, mean, var = engine.forward(t, bw, bb, rms[u], rvs[u], use_batch_stats, eps, cw,
-                                              [1] * cw[0, 0].dim(), same_padding(cw), workspace)
+                if not banded:
+                    y, mean, var = engine.forward(t, bw, bb, rms[u], rvs[u], use_batch_stats, eps, cw,
+                                                  [1] * cw[0, 0].dim(), same_padding(cw), workspace)
+                else:
+                    if use_batch_stats:
+                        mean, var = torch.ops.ahnet_fast.bn_relu_stats(t)
+                    else:  # what the engine hands back in eval: the running statistics in the statistics dtype
+                        mean, var = rms[u].to(sd).clone(), rvs[u].to(sd).clone()
+                    y = bands.unit_banded(engine, t, bw, bb, mean, var, eps, cw, rows, workspace)
                 stats.extend((mean, var))
                 return y
 
@@ -392,53 +403,14 @@ def _band_workspace(out, layers, widest, rows):
     return bands.workspace_for(out, widest, min(rows + 2 * reach, out.shape[2]))
 
 
-def _forward_banded(engine, out, layers, channels, running_means, running_vars, use_batch_stats, eps,
-                    keep_bottleneck, keep_for_backward, rows, widest):
-    """_forward with every unit run in bands of rows (ahnet_fast.ops._bands): each unit's batch
-    statistics over its whole input first, then its activation and convolution a band at a time, so
-    that no activation of a prefix's or c1's size exists (the block's largest temporaries). c1, a and
-    a + b still exist whole: the next BatchNorm's statistics need them."""
-    workspace = _band_workspace(out, layers, widest, rows)
-    sd = opmath_dtype(out.dtype)
-    inner, bottlenecks, sums, stats = [], [], [], []
-    for i, units in enumerate(layers):
-        rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
-        rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
-
-        def unit(t, u, dest=None):
-            bw, bb, cw = units[u]
-            if use_batch_stats:
-                mean, var = torch.ops.ahnet_fast.bn_relu_stats(t)
-            else:  # as the engine hands them back in eval: the running statistics in the statistics dtype
-                mean, var = rms[u].to(sd).clone(), rvs[u].to(sd).clone()
-            stats.extend((mean, var))
-            return bands.unit_banded(engine, t, bw, bb, mean, var, eps, cw, rows, workspace, dest)
-
-        c1 = unit(out[:, :channels[i]], 0)
-        a = unit(c1, 1)
-        if not (keep_for_backward and keep_bottleneck):
-            del c1
-        s = unit(a, 2)
-        s.add_(a)
-        unit(s, 3, out[:, channels[i]:channels[i + 1]])
-        if keep_for_backward:
-            inner.append(a)
-            if keep_bottleneck:
-                bottlenecks.append(c1)
-                sums.append(s)
-        del a, s
-    if not keep_for_backward:
-        return out, stats
-    return out, inner + bottlenecks + sums + stats
-
-
-def _backward_banded(engine, grad_out, out, layers, channels, inner, kept, kept_sums, stats, use_batch_stats, eps,
-                     rows, widest):
-    """_backward with every unit's activation recomputed a band at a time (ahnet_fast.ops._bands):
-    the convolutions' gradients band by band (conv_backward_banded), c1 and a + b recomputed (when
-    not kept) by the forward's banded units from the saved statistics, so bitwise as forward made
-    them. What exists whole: the prefix gradient, c1 and its gradient (one layer's), and the first
-    unit's activation gradient (written straight into the prefix gradient in the last layer)."""
+def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows, widest):
+    """_backward of the lean block (nothing beyond a kept, as inside activation checkpointing) with
+    every unit's activation recomputed a band at a time (ahnet_fast.ops._bands): the convolutions'
+    gradients band by band (conv_backward_banded), a + b recomputed by the forward's banded units
+    from the saved statistics, c1 only ever as a band (see below), and the first unit's BatchNorm
+    gradient in two passes over the bands where it accumulates into the prefix gradient. What
+    exists whole: the prefix gradient, one layer's bottleneck gradient, and the 1x1x3 and 1x1x1
+    units' g-channel maps."""
     workspace = _band_workspace(out, layers, widest, rows)
     grad = None
     grads_w: list[torch.Tensor] = [None] * (PARAMS_PER_LAYER * len(layers))  # type: ignore[list-item]
@@ -468,7 +440,7 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, kept, kept_
             bw, bb, cw = units[u]
             return bands.unit_banded(engine, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace)
 
-        s = kept_sums[i] if kept_sums else recompute(a, 2).add_(a)
+        s = recompute(a, 2).add_(a)
         last = i == len(layers) - 1
         g = conv_grad((grad_out if last else grad)[:, channels[i]:channels[i + 1]], s, 3, torch.empty_like(s))
         grad_s = bn_grad(g, s, 3, out=g)
@@ -476,35 +448,67 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, kept, kept_
         g = conv_grad(grad_s, a, 2, torch.empty_like(a))
         grad_a = bn_grad(g, a, 2, out=grad_s, accumulate=True)  # d(a) = its own + d(a + b)
         del g, grad_s
-        c1 = kept[i] if kept else recompute(prefix, 0)
-        # the pooled buffers are borrowed where they are used: outside activation checkpointing the
-        # pool keeps them between steps (no page faults), inside it each is freed after its use
+        # c1 never exists whole: its 1x1x1 unit needs no halo rows, so any rows of it are recomputed
+        # from the same rows of the prefix, where a band needs them (a third time for its BatchNorm's
+        # two passes): the extra 1x1x1 products buy the largest tensor of the layer's backward
+        bw0, bb0, cw0 = units[0]
+
+        def c1_rows(lo, hi):
+            return bands.unit_rows(engine, prefix[:, :, lo:hi], lo, lo, hi, bw0, bb0, *unit_stats(0), eps, cw0,
+                                   workspace)
+
+        # the pooled buffer is borrowed where it is used: outside activation checkpointing the pool
+        # keeps it between steps (no page faults), inside it, it is freed after its use
         with _scratch(out, bottleneck, GRADIENT_SLOT) as grad_buffer:
-            g = conv_grad(grad_a, c1, 1, _flat_view(grad_buffer, c1))
+            shape = (out.shape[0], cw0.shape[0], *out.shape[2:])
+            g = _flat_view(grad_buffer, shape, out)
+            bw1, bb1, cw1 = units[1]
+            # (the first result is g itself: not bound to a name that would outlive `del g`)
+            gcw = bands.conv_backward_banded(grad_a, None, bw1, bb1, *unit_stats(1), eps, cw1, rows, workspace, g,
+                                             source=c1_rows)[1]
+            grads_w[PARAMS_PER_LAYER * i + 5] = gcw.contiguous()
+            grads_w[PARAMS_PER_LAYER * i + 3], grads_w[PARAMS_PER_LAYER * i + 4] = bands.bn_backward_streamed(
+                lambda lo, hi: g[:, :, lo:hi], c1_rows, out.shape[2], rows, bw1, bb1, *unit_stats(1),
+                use_batch_stats, eps, lambda lo, hi, dx: g[:, :, lo:hi].copy_(dx))
             del grad_a
-            grad_c1 = bn_grad(g, c1, 1, out=g)
-            del g, c1
+            grad_c1 = g
             if last:  # the activation's gradient goes where the prefix gradient will be, then in place
                 grad = _empty(out, channels[i])
                 g = conv_grad(grad_c1, prefix, 0, grad)
-                del grad_c1
                 bn_grad(g, prefix, 0, out=grad)
                 grad.add_(grad_out[:, :channels[i]])
             else:
-                with _scratch(out, channels[-2]) as prefix_buffer:
-                    g = conv_grad(grad_c1, prefix, 0, _flat_view(prefix_buffer, prefix))
-                    del grad_c1
-                    bn_grad(g, prefix, 0, out=grad[:, :channels[i]], accumulate=True)
-                    del prefix_buffer  # a with-statement's target outlives the block
-            del g, grad_buffer
+                # the activation's gradient a band at a time (its 1x1x1 product twice, for the
+                # BatchNorm's two passes), added into the prefix gradient: no prefix-sized temporary
+                grads_w[PARAMS_PER_LAYER * i + 2] = _matmul_weight_grad_banded(grad_c1, prefix, bw0, bb0,
+                                                                               *unit_stats(0), eps, cw0, rows,
+                                                                               workspace)
+                grads_w[PARAMS_PER_LAYER * i], grads_w[PARAMS_PER_LAYER * i + 1] = bands.bn_backward_streamed(
+                    lambda lo, hi: conv_paths.matmul_input_grad(grad_c1[:, :, lo:hi], prefix[:, :, lo:hi], cw0),
+                    lambda lo, hi: prefix[:, :, lo:hi], out.shape[2], rows, bw0, bb0, *unit_stats(0),
+                    use_batch_stats, eps, lambda lo, hi, dx: grad[:, :channels[i], lo:hi].add_(dx))
+            del g, grad_c1, grad_buffer
     return grad[:, :channels[0]], grads_w
 
 
-def _flat_view(buffer, like):
-    """A contiguous tensor of like's shape in the flat pooled ``buffer`` (a fresh one without it)."""
-    if buffer is None or buffer.numel() < like.numel():
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return buffer[:like.numel()].view(like.shape)
+def _matmul_weight_grad_banded(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, rows, workspace):
+    """The 1x1x1 unit's weight gradient, its activation relu(bn(x)) recomputed a band at a time."""
+    grad_w = None
+    for h0 in range(0, x.shape[2], rows):
+        h1 = min(h0 + rows, x.shape[2])
+        a = bands.activation_in(workspace, x[:, :, h0:h1], bn_weight, bn_bias, mean, var, eps)
+        gw = conv_paths.matmul_weight_grad(grad_y[:, :, h0:h1], a, weight)
+        grad_w = gw.clone() if grad_w is None else grad_w.add_(gw)
+    return grad_w.contiguous()
+
+
+def _flat_view(buffer, shape, like):
+    """A contiguous tensor of ``shape`` (like's dtype and device) in the flat pooled ``buffer`` (a
+    fresh one without it)."""
+    numel = math.prod(shape)
+    if buffer is None or buffer.numel() < numel:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buffer[:numel].view(shape)
 
 
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
@@ -514,8 +518,8 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
     rows = out.shape[2] if kept else _training_band_rows(engine, out, widest)
     if rows < out.shape[2]:
-        return _backward_banded(engine, grad_out, out, layers, channels, inner, kept, kept_sums, stats,
-                                use_batch_stats, eps, rows, widest)
+        return _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows,
+                                widest)
     # The prefix gradient accumulates layer by layer in a buffer of the channels before the last
     # layer's (channels[-2]); the last layer's own channels are read from grad_out (no clone of
     # grad_out: one pass fewer). The last layer's BatchNorm gradient is written into the new buffer,
