@@ -327,3 +327,27 @@ def test_backward_in_bands_where_memory_comes_first(case, kind, training, monkey
         assert_close_normwise(got[0], ref[0], 1e-12)
         for a, b in zip(got[1], ref[1]):
             assert_close_normwise(a, b, 1e-11, atol=1e-13)
+
+
+@needs_ext
+def test_banded_bf16_weight_gradient_is_summed_in_float32(monkeypatch):
+    """A banded backward with a band per row sums hundreds of per-band weight gradients: in float32, so
+    bf16's error stays that of the whole-map backward (within 2x of it, against the float64 oracle)."""
+    from ahnet_fast import _scratch as scratch
+    from ahnet_fast.ops import _bands
+
+    bw, bb, rm, rv, w = params(8, 4, (3, 3, 1))
+    x = torch.randn(1, 8, 256, 4, 4, dtype=torch.float64)
+    grad = torch.randn(1, 4, 256, 4, 4, dtype=torch.float64)
+    ref = run("reference", x, bw, bb, rm, rv, w, [1, 1, 1], True, grad)
+    low = [t.bfloat16() for t in (x, bw, bb, rm, rv, w, grad)]
+    errors = {}
+    for keep, band_bytes in ((True, 10 ** 12), (False, 1)):
+        monkeypatch.setattr(_bands, "BAND_BYTES", band_bytes)
+        scratch.push_keep(keep)
+        try:
+            got = run("cpp", *low[:6], [1, 1, 1], True, low[6])
+        finally:
+            scratch.pop_keep()
+        errors[keep] = rel_err(got[1][3].double(), ref[1][3])
+    assert errors[False] <= 2 * errors[True] + 1e-3, errors

@@ -108,3 +108,22 @@ def test_auto_picks_the_cheapest_policy_that_fits():
         assert choice["policy"] == expected
         for name in ref[2]:
             assert torch.equal(got[2][name], ref[2][name]), name
+
+
+@pytest.mark.parametrize("policy", ["none", "decoder"])
+def test_encoder_blocks_are_not_checkpointed_unless_asked(policy, monkeypatch):
+    """The encoder's layers nest their blocks' segments only under "encoder" / "all" in training: with
+    another policy (or in eval mode with gradients) no block is checkpointed (it would run its forward
+    twice and keep less than the policy says)."""
+    from ahnet_fast.nn import ahnet as ahnet_module
+
+    calls = []
+    original = ahnet_module.checkpoint_segment
+    monkeypatch.setattr(ahnet_module, "checkpoint_segment",
+                        lambda fn, modules, *a: calls.append(type(modules[0]).__name__) or original(fn, modules, *a))
+    net = make(torch.float32, checkpoint=policy)
+    x = torch.randn(2, 1, 32, 32, 32, requires_grad=True)
+    net(x).sum().backward()
+    net.eval()
+    net(x).sum().backward()
+    assert not any(name.startswith("Bottleneck") for name in calls), calls

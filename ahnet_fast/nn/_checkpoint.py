@@ -7,8 +7,8 @@ checkpointing. :func:`checkpoint_segment` snapshots the segment's BatchNorm buff
 recomputation and puts them back after it; the recomputed values themselves are bitwise those of
 the first forward (the kernels are deterministic, and the RNG state is restored by
 ``torch.utils.checkpoint``), so the gradients equal those of the model without checkpointing
-(bitwise while the dense blocks run on the whole map; on the CPU, inside segments, a dense block wider
-than one band of ``ahnet_fast.ops._bands`` runs band by band, which rounds differently).
+(bitwise while every map fits one band of ``ahnet_fast.ops._bands``; on the CPU, where memory comes
+first, the BatchNorm-ReLU-convolution units of wider maps run band by band, which rounds differently).
 """
 from __future__ import annotations
 

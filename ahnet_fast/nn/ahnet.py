@@ -562,9 +562,10 @@ class AHNet(_ScriptOps, nn.Module):
             "decoder" (every decoder stage: up-transition, skip sum and dense block; and the pyramid
             pooling with the final block); "all" (both, and the stem). Activations inside a segment
             are recomputed in backward; the BatchNorm running statistics equal those without
-            checkpointing, and so do the gradients: bitwise where a dense block's widest activation
-            fits one band (16 MiB, ``ahnet_fast.ops._bands``), to float rounding beyond, where on
-            the CPU the dense blocks run their units band by band inside segments. "auto": at the first
+            checkpointing, and so do the gradients: bitwise where every map fits one band (16 MiB of
+            a unit's widest activation, ``ahnet_fast.ops._bands``), to float rounding beyond, where
+            on the CPU the BatchNorm-ReLU-convolution units (inside the dense blocks of segments,
+            and every unit's backward under any policy) run band by band. "auto": at the first
             training forward of each input shape and precision, the memory planner
             (:mod:`ahnet_fast.memory`) picks the cheapest of those that fits ``memory_budget``.
         memory_budget: bytes (or "16GB") for checkpoint="auto"; None = the device's memory (CUDA:
@@ -779,8 +780,11 @@ class AHNet(_ScriptOps, nn.Module):
             # and the layer's backward only the layer's input is kept (not every block's output: at
             # layer1 those were three maps of 256 channels), the blocks' outputs exist again only
             # while the layer's backward runs. The price: the encoder's forward runs three times
-            x = segment(encoder, self._blocks_checkpointed, (layer,), x, layer) if len(layer) > 1 else \
-                segment(encoder, layer[0], (layer[0],), x)
+            if encoder and self.training and len(layer) > 1:
+                x = segment(True, self._blocks_checkpointed, (layer,), x, layer)
+            else:
+                for block in layer:
+                    x = segment(encoder, block, (block,), x)
             features.append(x)
         fm1, fm2, fm3, fm4 = features
 

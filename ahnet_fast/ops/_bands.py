@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from ahnet_fast.ops import _conv_paths as conv_paths, aniso_conv
-from ahnet_fast._layout import is_channels_last
+from ahnet_fast._layout import is_channels_last, opmath_dtype
 from ahnet_fast.ops._conv_paths import output_format
 
 __all__ = ["BAND_BYTES", "no_backward", "band_rows", "halo", "extend", "unit_rows", "unit_banded",
@@ -39,9 +39,10 @@ __all__ = ["BAND_BYTES", "no_backward", "band_rows", "halo", "extend", "unit_row
 BAND_BYTES = 16 * 2 ** 20
 
 # Whether a backward should run in bands where it can: set around a unit's backward by its autograd
-# function when its forward ran where memory comes first (the scratch pool not kept: inside
-# activation checkpointing); elsewhere the whole map is faster (measured: a banded unit backward took
-# up to twice as long, each band's copies and products being small).
+# function when its forward ran where memory comes first (the scratch pool not kept: AHNet with any
+# checkpoint policy, inside its segments and outside them); elsewhere the whole map is faster
+# (measured: a banded unit backward took up to twice as long, each band's copies and products being
+# small).
 _lean: list[bool] = []
 
 
@@ -195,9 +196,11 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor | None, bn_weight
             out[:, :, lo:hi].add_(grad_a)
         else:
             out[:, :, lo:hi].copy_(grad_a)
-        grad_w = gw.clone() if grad_w is None else grad_w.add_(gw)
+        # summed in float32 (float64 for float64): a bf16 sum rounded once per band loses the
+        # weight gradient's low bits at hundreds of bands
+        grad_w = gw.to(opmath_dtype(gw.dtype), copy=True) if grad_w is None else grad_w.add_(gw)
         del grad_a, gw
-    return out, grad_w
+    return out, grad_w.to(weight.dtype)
 
 
 def bn_backward_streamed(grad_rows: Callable[[int, int], torch.Tensor], x_rows: Callable[[int, int], torch.Tensor],
@@ -236,6 +239,7 @@ def bn_backward_streamed(grad_rows: Callable[[int, int], torch.Tensor], x_rows: 
         sum_g += gm.sum(dims, dtype=torch.float64)
         sum_gd += (gm * centred).sum(dims, dtype=torch.float64)
         count += gm.numel() // channels
+        del gm, centred  # before the next band's are made
     k = scale
     if use_batch_stats:
         a = (-k.double() * sum_g / count).to(sd)
@@ -247,4 +251,5 @@ def bn_backward_streamed(grad_rows: Callable[[int, int], torch.Tensor], x_rows: 
         if use_batch_stats:
             dx.add_(centred.mul_(b.view(per_channel))).add_(a.view(per_channel))
         write(h0, h1, dx.to(dtype))
+        del gm, centred, dx
     return (sum_gd * invstd.double()).to(bn_weight.dtype), sum_g.to(bn_bias.dtype)

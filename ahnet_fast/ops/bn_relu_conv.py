@@ -436,8 +436,8 @@ def _setup_context(ctx, inputs, output):
     x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps, weight, stride, padding = inputs
     _, mean, var = output
     ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, weight)
-    # where memory comes first in forward (the scratch pool not kept: inside activation
-    # checkpointing), the backward runs in bands (ops._bands)
+    # where memory came first in forward (the scratch pool not kept: AHNet under any checkpoint
+    # policy), the backward runs in bands (ops._bands)
     ctx.args = (use_batch_stats, eps, list(stride), list(padding), not scratch.keeping())
 
 

@@ -498,8 +498,9 @@ def _matmul_weight_grad_banded(grad_y, x, bn_weight, bn_bias, mean, var, eps, we
         h1 = min(h0 + rows, x.shape[2])
         a = bands.activation_in(workspace, x[:, :, h0:h1], bn_weight, bn_bias, mean, var, eps)
         gw = conv_paths.matmul_weight_grad(grad_y[:, :, h0:h1], a, weight)
-        grad_w = gw.clone() if grad_w is None else grad_w.add_(gw)
-    return grad_w.contiguous()
+        # summed in float32 (float64 for float64), rounded to the weight's dtype once
+        grad_w = gw.to(opmath_dtype(gw.dtype), copy=True) if grad_w is None else grad_w.add_(gw)
+    return grad_w.to(weight.dtype).contiguous()
 
 
 def _flat_view(buffer, shape, like):
