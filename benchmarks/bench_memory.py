@@ -82,6 +82,14 @@ def measure(shape, checkpoint, precision, impl="ahnet_fast"):
     return {"peak": rss_bytes("VmHWM") - before, "backends": ran}
 
 
+def _meta_model():
+    """The model measure() builds, on the meta device: what the estimates and the parameter count need."""
+    import ahnet_fast
+
+    with torch.device("meta"):
+        return ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+
+
 def _machine() -> str:
     import platform
 
@@ -120,11 +128,9 @@ def scaling(json_path: str | None) -> list[dict]:
     """The per-voxel table: for each size, MONAI's step and ahnet_fast's with checkpoint="all" (and
     "none"), each in a fresh process; the step's bytes = measured peak - parameters, gradients and
     Adam's two moments (the same 38 M parameters in both), per input voxel."""
-    import ahnet_fast
     from ahnet_fast.memory import estimate_training_memory
 
-    with torch.device("meta"):
-        model = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+    model = _meta_model()
     fixed = sum(p.numel() for p in model.parameters()) * 4 * 4  # weights, gradients, two Adam moments
     rows = []
     print(f"{'input':>14} {'impl':>16} {'peak MiB':>9} {'step B/voxel':>13} {'vs MONAI':>9} {'estimate':>9}")
@@ -156,12 +162,10 @@ def single(size, checkpoint, precision, json_path):
     512x512x256 CT slab trains in bf16 within 16 GiB (issue 25)."""
     import time
 
-    import ahnet_fast
     from ahnet_fast.memory import estimate_training_memory
 
     shape = (1, 1, *size)
-    with torch.device("meta"):
-        model = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+    model = _meta_model()
     est = estimate_training_memory(model, shape, dtype=precision, checkpoint=checkpoint)
     start = time.perf_counter()
     try:
@@ -220,11 +224,9 @@ def main():
     if args.scaling:
         scaling(args.json)
         return
-    import ahnet_fast
     from ahnet_fast.memory import estimate_training_memory
 
-    with torch.device("meta"):
-        model = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+    model = _meta_model()
     lines = [f"# Memory planner vs measurement, CPU — {datetime.date.today()}, torch {torch.__version__}", "",
              "Peak memory of building AHNet + Adam and running two training steps (focal loss), over the process "
              "before the model existed, in a fresh process with MALLOC_MMAP_THRESHOLD_=65536; against "

@@ -12,6 +12,7 @@ with an error instead of being printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -393,30 +394,32 @@ def sliding_window_block() -> list[str]:
     return lines
 
 
-def _floor_step_bytes(shape, precision="fp32") -> int:
-    """ahnet_fast.memory.training_floor's bytes beyond parameters, gradients and Adam (arithmetic
-    from the model's shapes, not a measurement)."""
+@functools.lru_cache(maxsize=1)
+def _benchmarked_model():
+    """bench_memory.py's model (MONAI's defaults, 3 classes, psp_block_num=4) on the meta device: the
+    planner's and the floor's arithmetic need its shapes only."""
     import torch
 
     import ahnet_fast
-    from ahnet_fast.memory import training_floor
 
     with torch.device("meta"):
-        model = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
-    f = training_floor(model, tuple(shape), dtype=precision)
+        return ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
+
+
+def _floor_step_bytes(shape, precision="fp32") -> int:
+    """ahnet_fast.memory.training_floor's bytes beyond parameters, gradients and Adam (arithmetic
+    from the model's shapes, not a measurement)."""
+    from ahnet_fast.memory import training_floor
+
+    f = training_floor(_benchmarked_model(), tuple(shape), dtype=precision)
     return f["total"] - f["parameters"] - f["gradients"] - f["optimizer_state"]
 
 
 def _estimate_bytes(shape, precision, checkpoint) -> int:
     """What ahnet_fast.memory.estimate_training_memory says now (a trace on fake tensors)."""
-    import torch
-
-    import ahnet_fast
     from ahnet_fast.memory import estimate_training_memory
 
-    with torch.device("meta"):
-        model = ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
-    return estimate_training_memory(model, tuple(shape), dtype=precision, checkpoint=checkpoint).total
+    return estimate_training_memory(_benchmarked_model(), tuple(shape), dtype=precision, checkpoint=checkpoint).total
 
 
 def checkpoint_scaling_block() -> list[str]:
@@ -437,13 +440,13 @@ def checkpoint_scaling_block() -> list[str]:
              "| input | MONAI B/voxel | `all` B/voxel | `all` vs MONAI | floor B/voxel | `all` vs floor | "
              "`none` B/voxel | `none` vs MONAI | planner / measured (`all`) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    marginal = {}
+    marginal, floors = {}, {}
     previous = None
     for shape in shapes:
         voxels = shape[2] * shape[3] * shape[4]
         monai, lean, plain = (by[(shape, "MONAI", "none")], by[(shape, "ahnet_fast", "all")],
                               by[(shape, "ahnet_fast", "none")])
-        floor = _floor_step_bytes(shape) / voxels
+        floor = floors[shape] = _floor_step_bytes(shape) / voxels
         lines.append(f"| {'x'.join(map(str, shape[2:]))} | {monai['step_bytes_per_voxel']:.0f} | "
                      f"{lean['step_bytes_per_voxel']:.0f} | {lean['ratio_to_monai']:.3f}x | {floor:.0f} | "
                      f"{lean['step_bytes_per_voxel'] / floor:.2f}x | {plain['step_bytes_per_voxel']:.0f} | "
@@ -457,12 +460,14 @@ def checkpoint_scaling_block() -> list[str]:
                   "not grow with the volume: libraries, the loss's scalars, band buffers): "
                   + "; ".join(f"{k}: MONAI {m:.0f}, `all` {a:.0f} ({a / m:.3f}x)" for k, (m, a) in marginal.items())
                   + "."]
-    at256 = by.get(((1, 1, 256, 256, 32), "ahnet_fast", "all"))
+    target_shape = (1, 1, 256, 256, 32)
+    at256 = by.get((target_shape, "ahnet_fast", "all"))
     if at256:
+        floor = floors[target_shape]
         lines += ["", f"Target (issue 25): `all` at most 0.15x MONAI's bytes per voxel at 256x256x32: "
                       f"{at256['ratio_to_monai']:.3f}x, {_verdict(at256['ratio_to_monai'], 0.15, False)}. The floor "
-                      f"there is {_floor_step_bytes((1, 1, 256, 256, 32)) / (256 * 256 * 32):.0f} bytes per voxel "
-                      f"({_floor_step_bytes((1, 1, 256, 256, 32)) / (256 * 256 * 32) / by[((1, 1, 256, 256, 32), 'MONAI', 'none')]['step_bytes_per_voxel']:.3f}x "
+                      f"there is {floor:.0f} bytes per voxel "
+                      f"({floor / by[(target_shape, 'MONAI', 'none')]['step_bytes_per_voxel']:.3f}x "
                       f"MONAI's): the target is above it, so within reach in principle."]
     slab, slab_path = _latest("memory_slab_cpu_*.json")
     if slab and slab.get("measured_step_peak") is None:

@@ -100,12 +100,14 @@ def extend(lo: int, hi: int, r: int, size: int) -> tuple[int, int]:
     return max(lo - r, 0), min(hi + r, size)
 
 
-def workspace_for(x: torch.Tensor, channels: int, rows: int) -> torch.Tensor | None:
-    """One flat buffer for the activations of the units' bands (``channels`` wide, ``rows`` high, one
-    at a time), allocated once per call instead of once per band; None off the CPU (the Triton
-    engine normalises while it loads and writes no activation)."""
+def workspace_for(x: torch.Tensor, channels: int, rows: int, reach: int = 0) -> torch.Tensor | None:
+    """One flat buffer for the activations of the units' bands (``channels`` wide, ``rows`` high plus
+    ``reach`` halo rows on each side, at most the map's height; one band at a time), allocated once per
+    call instead of once per band; None off the CPU (the Triton engine normalises while it loads and
+    writes no activation)."""
     if x.device.type != "cpu":
         return None
+    rows = min(rows + 2 * reach, x.shape[2])
     return torch.empty(x.shape[0] * channels * rows * math.prod(x.shape[3:]), dtype=x.dtype, device=x.device)
 
 
@@ -155,7 +157,7 @@ def activation_in(workspace: torch.Tensor, xb: torch.Tensor, bn_weight, bn_bias,
 
 
 def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor | None, bn_weight, bn_bias, mean, var, eps: float,
-                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor,
+                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor | None,
                          source: Callable[[int, int], torch.Tensor] | None = None):
     """The gradients of ``conv(a)``, a = relu(bn(x)) with the given statistics (stride 1, same
     padding, C++ kernels on the CPU), with ``a`` recomputed a band at a time: (out, weight gradient),
@@ -168,13 +170,15 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor | None, bn_weight
     gradients are linear in grad_y, so the sums over bands are the whole map's.
 
     ``source(lo, hi)``, in place of x: rows [lo, hi) of the unit's input, recomputed on demand (the
-    input then never exists whole)."""
-    size = out.shape[2]
+    input then never exists whole). ``out=None``: the weight gradient only (on the matmul path the
+    input gradient is then not computed)."""
+    size = grad_y.shape[2]
     r = halo(weight)
     nd = weight.dim() - 2
     stride, padding = [1] * nd, [(k - 1) // 2 for k in weight.shape[2:]]
-    if r:
+    if r and out is not None:
         out.zero_()
+    if r:
         masked = torch.empty((grad_y.shape[0], grad_y.shape[1], min(rows + 2 * r, size), *grad_y.shape[3:]),
                              dtype=grad_y.dtype, device=grad_y.device)
     grad_w = None
@@ -191,11 +195,12 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor | None, bn_weight
         else:
             g = grad_y[:, :, h0:h1]
         path = aniso_conv.choose("backward", a, weight, stride, padding)
-        grad_a, gw = conv_paths.backward(path, g, a, weight, stride, padding)
-        if r:
-            out[:, :, lo:hi].add_(grad_a)
+        if out is None and path == "matmul":
+            grad_a, gw = None, conv_paths.matmul_weight_grad(g, a, weight)
         else:
-            out[:, :, lo:hi].copy_(grad_a)
+            grad_a, gw = conv_paths.backward(path, g, a, weight, stride, padding)
+        if out is not None:
+            (out[:, :, lo:hi].add_ if r else out[:, :, lo:hi].copy_)(grad_a)
         # summed in float32 (float64 for float64): a bf16 sum rounded once per band loses the
         # weight gradient's low bits at hundreds of bands
         grad_w = gw.to(opmath_dtype(gw.dtype), copy=True) if grad_w is None else grad_w.add_(gw)

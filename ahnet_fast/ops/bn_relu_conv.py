@@ -200,7 +200,7 @@ class CppEngine(_Engine):
             # band into grad_x's tensor and the BatchNorm gradient written over it in place (no
             # activation and no second gradient of the input's size)
             grad_x = output_like(x)
-            workspace = bands.workspace_for(x, x.shape[1], min(rows + 2 * bands.halo(weight), x.shape[2]))
+            workspace = bands.workspace_for(x, x.shape[1], rows, bands.halo(weight))
             grad_w = bands.conv_backward_banded(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, rows,
                                                 workspace, grad_x)[1]
             grad_bw, grad_bb = cls.bn_backward(grad_x, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps,
@@ -408,7 +408,7 @@ def _banded(engine, x, bn_weight, bn_bias, running_mean, running_var, eps, weigh
     band is the plain forward."""
     size = x.shape[2]
     rows = bands.band_rows(x, x.shape[1])
-    workspace = None if rows >= size else bands.workspace_for(x, x.shape[1], min(rows + 2 * bands.halo(weight), size))
+    workspace = None if rows >= size else bands.workspace_for(x, x.shape[1], rows, bands.halo(weight))
     return bands.unit_banded(engine, x, bn_weight, bn_bias, running_mean, running_var, eps, weight, rows, workspace)
 
 

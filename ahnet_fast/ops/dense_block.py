@@ -269,7 +269,7 @@ def _fill_banded(engine, out, channels0, weights, running_means, running_vars, e
     widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
     rows = bands.band_rows(out, widest)
     reach = max(sum(bands.halo(u[2]) for u in units) for units in layers)
-    workspace = bands.workspace_for(out, widest, min(rows + 2 * reach, size))
+    workspace = bands.workspace_for(out, widest, rows, reach)
     for i, units in enumerate(layers):
         params = [(bw, bb, running_means[4 * i + u], running_vars[4 * i + u], cw) for u, (bw, bb, cw) in enumerate(units)]
         r = [bands.halo(cw) for *_, cw in params]
@@ -400,7 +400,7 @@ def _training_band_rows(engine, out, widest):
 
 def _band_workspace(out, layers, widest, rows):
     reach = max(bands.halo(cw) for units in layers for _, _, cw in units)
-    return bands.workspace_for(out, widest, min(rows + 2 * reach, out.shape[2]))
+    return bands.workspace_for(out, widest, rows, reach)
 
 
 def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows, widest):
@@ -423,11 +423,12 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
         def unit_stats(u):
             return stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
 
-        def conv_grad(g, t, u, into):
+        def conv_grad(g, t, u, into, source=None):
+            """The activation's gradient into ``into`` (None: the weight gradient only), returned."""
             bw, bb, cw = units[u]
-            g_t, gcw = bands.conv_backward_banded(g, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace, into)
+            gcw = bands.conv_backward_banded(g, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace, into, source)[1]
             grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw.contiguous()
-            return g_t
+            return into
 
         def bn_grad(g, t, u, out=None, accumulate=False):
             bw, bb, _ = units[u]
@@ -462,11 +463,8 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
         with _scratch(out, bottleneck, GRADIENT_SLOT) as grad_buffer:
             shape = (out.shape[0], cw0.shape[0], *out.shape[2:])
             g = _flat_view(grad_buffer, shape, out)
-            bw1, bb1, cw1 = units[1]
-            # (the first result is g itself: not bound to a name that would outlive `del g`)
-            gcw = bands.conv_backward_banded(grad_a, None, bw1, bb1, *unit_stats(1), eps, cw1, rows, workspace, g,
-                                             source=c1_rows)[1]
-            grads_w[PARAMS_PER_LAYER * i + 5] = gcw.contiguous()
+            bw1, bb1, _ = units[1]
+            conv_grad(grad_a, None, 1, g, source=c1_rows)
             grads_w[PARAMS_PER_LAYER * i + 3], grads_w[PARAMS_PER_LAYER * i + 4] = bands.bn_backward_streamed(
                 lambda lo, hi: g[:, :, lo:hi], c1_rows, out.shape[2], rows, bw1, bb1, *unit_stats(1),
                 use_batch_stats, eps, lambda lo, hi, dx: g[:, :, lo:hi].copy_(dx))
@@ -480,27 +478,13 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
             else:
                 # the activation's gradient a band at a time (its 1x1x1 product twice, for the
                 # BatchNorm's two passes), added into the prefix gradient: no prefix-sized temporary
-                grads_w[PARAMS_PER_LAYER * i + 2] = _matmul_weight_grad_banded(grad_c1, prefix, bw0, bb0,
-                                                                               *unit_stats(0), eps, cw0, rows,
-                                                                               workspace)
+                conv_grad(grad_c1, prefix, 0, None)
                 grads_w[PARAMS_PER_LAYER * i], grads_w[PARAMS_PER_LAYER * i + 1] = bands.bn_backward_streamed(
                     lambda lo, hi: conv_paths.matmul_input_grad(grad_c1[:, :, lo:hi], prefix[:, :, lo:hi], cw0),
                     lambda lo, hi: prefix[:, :, lo:hi], out.shape[2], rows, bw0, bb0, *unit_stats(0),
                     use_batch_stats, eps, lambda lo, hi, dx: grad[:, :channels[i], lo:hi].add_(dx))
             del g, grad_c1, grad_buffer
     return grad[:, :channels[0]], grads_w
-
-
-def _matmul_weight_grad_banded(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, rows, workspace):
-    """The 1x1x1 unit's weight gradient, its activation relu(bn(x)) recomputed a band at a time."""
-    grad_w = None
-    for h0 in range(0, x.shape[2], rows):
-        h1 = min(h0 + rows, x.shape[2])
-        a = bands.activation_in(workspace, x[:, :, h0:h1], bn_weight, bn_bias, mean, var, eps)
-        gw = conv_paths.matmul_weight_grad(grad_y[:, :, h0:h1], a, weight)
-        # summed in float32 (float64 for float64), rounded to the weight's dtype once
-        grad_w = gw.to(opmath_dtype(gw.dtype), copy=True) if grad_w is None else grad_w.add_(gw)
-    return grad_w.to(weight.dtype).contiguous()
 
 
 def _flat_view(buffer, shape, like):
