@@ -203,6 +203,29 @@ def test_opcheck(training, kind, keep, with_skip):
 
 
 @needs_ext
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last_3d"])
+def test_opcheck_in_bands(kind, monkeypatch):
+    """In bands (no kept bottleneck, one row a band) the forward saves each layer's a as a tensor with
+    no rows (the backward recomputes it): the fake kernel makes the same choice from the shapes, so
+    opcheck's fake-vs-real comparison holds, and the backward op accepts what the forward saved."""
+    from ahnet_fast.ops import _bands
+
+    monkeypatch.setattr(_bands, "BAND_BYTES", 1)
+    block = make_block(3, 4, layers=2, growth=3, bn_size=2, dtype=torch.float32)
+    x = torch.randn(2, 4, 5, 4, 3)
+    if kind == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    args = _op_args(block, x, True, False, None)
+    out, saved = torch.ops.ahnet_fast.dense_block.default(*args)
+    assert [tuple(t.shape) for t in saved[:2]] == [(2, 3, 0, 4, 3)] * 2  # a of each layer, not kept
+    torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, args)
+    grad_args = (args[0].clone().requires_grad_(), [w.clone().requires_grad_() for w in args[1]], *args[2:])
+    torch.library.opcheck(torch.ops.ahnet_fast.dense_block.default, grad_args)
+    torch.library.opcheck(torch.ops.ahnet_fast.dense_block_backward.default,
+                          (torch.randn_like(out), out, x.shape[1], args[1], saved, True, 1e-5))
+
+
+@needs_ext
 def test_saved_bytes_at_most_0_4_of_monai_block():
     """The issue's target, at AH-Net's last block (64 input channels, growth 20, bottleneck 80; the
     ratio does not depend on the spatial size): the one-buffer block keeps at most 0.4x the bytes

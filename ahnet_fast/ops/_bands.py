@@ -123,15 +123,20 @@ def unit_rows(engine, t: torch.Tensor, t_lo: int, lo: int, hi: int, bn_weight, b
 
 
 def unit_banded(engine, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: float, weight: torch.Tensor,
-                rows: int, workspace: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+                rows: int, workspace: torch.Tensor | None, out: torch.Tensor | None = None,
+                source: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """``conv(relu(bn(x)))`` with the given statistics (the running ones, or batch statistics computed
     beforehand), stride 1 and same padding, ``rows`` rows at a time; written into ``out`` when given
     (a tensor or view of the output's shape), else into a fresh tensor laid out as the unit's output.
-    One band (rows >= the map's height) is the engine's plain forward."""
+    One band (rows >= the map's height) is the engine's plain forward.
+
+    ``source(lo, hi)``, in place of x's data: rows [lo, hi) of the unit's input, made on demand (the
+    input then never exists whole); x gives only the batch, spatial sizes, dtype and layout."""
     size = x.shape[2]
     nd = weight.dim() - 2
+    rows_of = source if source is not None else (lambda lo, hi: x[:, :, lo:hi])
     if rows >= size:
-        y = engine.forward(x, bn_weight, bn_bias, mean, var, False, eps, weight, [1] * nd,
+        y = engine.forward(rows_of(0, size), bn_weight, bn_bias, mean, var, False, eps, weight, [1] * nd,
                            [(k - 1) // 2 for k in weight.shape[2:]], workspace)[0]
         return y if out is None else out.copy_(y)
     if out is None:
@@ -141,7 +146,7 @@ def unit_banded(engine, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: flo
     for h0 in range(0, size, rows):
         h1 = min(h0 + rows, size)
         lo, hi = extend(h0, h1, r, size)
-        out[:, :, h0:h1].copy_(unit_rows(engine, x[:, :, lo:hi], lo, h0, h1, bn_weight, bn_bias, mean, var, eps,
+        out[:, :, h0:h1].copy_(unit_rows(engine, rows_of(lo, hi), lo, h0, h1, bn_weight, bn_bias, mean, var, eps,
                                          weight, workspace))
     return out
 
@@ -226,32 +231,37 @@ def bn_backward_streamed(grad_rows: Callable[[int, int], torch.Tensor], x_rows: 
     sum_g = torch.zeros(channels, dtype=torch.float64, device=mean.device)
     sum_gd = torch.zeros_like(sum_g)
     count = 0
+    spare: list[torch.Tensor] = []  # one band-sized buffer for every band's mask and products
 
     def masked(lo, hi):
         # two band-sized copies in the statistics' precision (x and the gradient may be the caller's
-        # data: never written), the mask and centring in place
+        # data: never written), the mask and centring in place; the pre-activation in the spare
         x = x_rows(lo, hi)
         per_channel = (1, channels) + (1,) * (x.dim() - 2)
         xs = x.to(sd, copy=True)
         gm = grad_rows(lo, hi).to(sd, copy=True)
-        gm.mul_(torch.addcmul(shift.view(per_channel), xs, scale.view(per_channel)) > 0)
-        return gm, xs.sub_(mean.to(sd).view(per_channel)), per_channel, x.dtype
+        if not spare or spare[0].numel() < xs.numel():
+            spare[:] = [torch.empty(xs.numel(), dtype=sd, device=xs.device)]
+        pre = spare[0][:xs.numel()].view(xs.shape)
+        torch.addcmul(shift.view(per_channel), xs, scale.view(per_channel), out=pre)
+        gm.mul_(pre.gt_(0))  # the ReLU's mask as 1.0 / 0.0
+        return gm, xs.sub_(mean.to(sd).view(per_channel)), per_channel, x.dtype, pre
 
     for h0 in range(0, size, rows):
         h1 = min(h0 + rows, size)
-        gm, centred, _, _ = masked(h0, h1)
+        gm, centred, _, _, product = masked(h0, h1)
         dims = [0] + list(range(2, gm.dim()))
         sum_g += gm.sum(dims, dtype=torch.float64)
-        sum_gd += (gm * centred).sum(dims, dtype=torch.float64)
+        sum_gd += torch.mul(gm, centred, out=product).sum(dims, dtype=torch.float64)
         count += gm.numel() // channels
-        del gm, centred  # before the next band's are made
+        del gm, centred, product  # before the next band's are made
     k = scale
     if use_batch_stats:
         a = (-k.double() * sum_g / count).to(sd)
         b = (-k.double() * invstd.double() ** 2 * sum_gd / count).to(sd)
     for h0 in range(0, size, rows):
         h1 = min(h0 + rows, size)
-        gm, centred, per_channel, dtype = masked(h0, h1)
+        gm, centred, per_channel, dtype, _ = masked(h0, h1)
         dx = gm.mul_(k.view(per_channel))
         if use_batch_stats:
             dx.add_(centred.mul_(b.view(per_channel))).add_(a.view(per_channel))

@@ -376,7 +376,10 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
             s.add_(a)
             out[:, channels[i]:channels[i + 1]].copy_(unit(s, 3))
             if keep_for_backward:
-                inner.append(a)  # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept
+                # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept; in bands,
+                # a too (from c1's rows, themselves recomputed): the lean backward then holds one
+                # layer's a at a time instead of every layer's
+                inner.append(_dropped(a) if banded else a)
                 if keep_bottleneck:
                     bottlenecks.append(c1)
                     sums.append(s)
@@ -384,6 +387,12 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         if not keep_for_backward:
             return out, stats
         return out, inner + bottlenecks + sums + stats
+
+
+def _dropped(t):
+    """A tensor of t's dtype and layout with no rows, standing in the saved list for a map that the
+    backward recomputes: the list keeps its length and each entry's channels, none of its data."""
+    return torch.empty((t.shape[0], t.shape[1], 0, *t.shape[3:]), dtype=t.dtype, device=t.device)
 
 
 def _training_band_rows(engine, out, widest):
@@ -404,24 +413,33 @@ def _band_workspace(out, layers, widest, rows):
 
 
 def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows, widest):
-    """_backward of the lean block (nothing beyond a kept, as inside activation checkpointing) with
-    every unit's activation recomputed a band at a time (ahnet_fast.ops._bands): the convolutions'
-    gradients band by band (conv_backward_banded), a + b recomputed by the forward's banded units
-    from the saved statistics, c1 only ever as a band (see below), and the first unit's BatchNorm
-    gradient in two passes over the bands where it accumulates into the prefix gradient. What
-    exists whole: the prefix gradient, one layer's bottleneck gradient, and the 1x1x3 and 1x1x1
-    units' g-channel maps."""
+    """_backward of the lean block (nothing kept but the output and the statistics, as inside
+    activation checkpointing) with every unit's activation recomputed a band at a time
+    (ahnet_fast.ops._bands): the convolutions' gradients band by band (conv_backward_banded); a
+    recomputed by the banded 3x3x1 unit from c1's rows (the forward saved it as _dropped), a + b by
+    the 1x1x3 unit from a; c1 only ever as a band (see below); the first unit's BatchNorm gradient in
+    two passes over the bands where it accumulates into the prefix gradient. What exists whole: the
+    prefix gradient, one layer's bottleneck gradient, and that layer's a and the 1x1x3 and 1x1x1
+    units' g-channel maps (a is freed before the bottleneck gradient is made)."""
     workspace = _band_workspace(out, layers, widest, rows)
     grad = None
     grads_w: list[torch.Tensor] = [None] * (PARAMS_PER_LAYER * len(layers))  # type: ignore[list-item]
     bottleneck = max(units[0][2].shape[0] for units in layers)
     for i in reversed(range(len(layers))):
         units = layers[i]
-        a = inner[i]
         prefix = out[:, :channels[i]]
+        bw0, bb0, cw0 = units[0]
 
         def unit_stats(u):
             return stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
+
+        # c1 never exists whole: its 1x1x1 unit needs no halo rows, so any rows of it are recomputed
+        # from the same rows of the prefix, where a band needs them (for a, for the 3x3x1 unit's
+        # gradients, and twice for its BatchNorm's two passes): the extra 1x1x1 products buy the
+        # largest tensor of the layer's backward
+        def c1_rows(lo, hi):
+            return bands.unit_rows(engine, prefix[:, :, lo:hi], lo, lo, hi, bw0, bb0, *unit_stats(0), eps, cw0,
+                                   workspace)
 
         def conv_grad(g, t, u, into, source=None):
             """The activation's gradient into ``into`` (None: the weight gradient only), returned."""
@@ -441,6 +459,11 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
             bw, bb, cw = units[u]
             return bands.unit_banded(engine, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace)
 
+        a = inner[i]
+        if a.shape[2] != out.shape[2]:  # not kept (_dropped): the 3x3x1 unit again, from c1's rows
+            bw1, bb1, cw1 = units[1]
+            a = bands.unit_banded(engine, prefix, bw1, bb1, *unit_stats(1), eps, cw1, rows, workspace,
+                                  source=c1_rows)
         s = recompute(a, 2).add_(a)
         last = i == len(layers) - 1
         g = conv_grad((grad_out if last else grad)[:, channels[i]:channels[i + 1]], s, 3, torch.empty_like(s))
@@ -448,15 +471,7 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
         del s
         g = conv_grad(grad_s, a, 2, torch.empty_like(a))
         grad_a = bn_grad(g, a, 2, out=grad_s, accumulate=True)  # d(a) = its own + d(a + b)
-        del g, grad_s
-        # c1 never exists whole: its 1x1x1 unit needs no halo rows, so any rows of it are recomputed
-        # from the same rows of the prefix, where a band needs them (a third time for its BatchNorm's
-        # two passes): the extra 1x1x1 products buy the largest tensor of the layer's backward
-        bw0, bb0, cw0 = units[0]
-
-        def c1_rows(lo, hi):
-            return bands.unit_rows(engine, prefix[:, :, lo:hi], lo, lo, hi, bw0, bb0, *unit_stats(0), eps, cw0,
-                                   workspace)
+        del g, grad_s, a
 
         # the pooled buffer is borrowed where it is used: outside activation checkpointing the pool
         # keeps it between steps (no page faults), inside it, it is freed after its use
@@ -589,10 +604,13 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
         return grad[:, :channels0], grads_w
 
 
-def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck, skip):
+def _forward_fake(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck, skip):
     layers = _split(weights)
-    total = _channels(x.shape[1], layers)[-1]
-    out = _empty(x, total)
+    channels = _channels(x.shape[1], layers)
+    out = _empty(x, channels[-1])
+    # the real forward's choice, from the same shapes: in bands, each a is saved as _dropped
+    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    banded = not keep_bottleneck and _training_band_rows(engine, out, widest) < out.shape[2]
     inner, bottlenecks, sums, stats = [], [], [], []
     sd = opmath_dtype(x.dtype)
     c = x.shape[1]
@@ -602,8 +620,8 @@ def _forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps,
         # prefix of the buffer, which is channels-last only when it is the whole buffer
         like = out[:, :c]
         fmt = output_format(like)
-        inner.append(torch.empty((x.shape[0], growth, *x.shape[2:]), dtype=x.dtype, device=x.device,
-                                 memory_format=fmt))
+        a = torch.empty((x.shape[0], growth, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+        inner.append(_dropped(a) if banded else a)
         if keep_bottleneck:
             bottlenecks.append(torch.empty((x.shape[0], width, *x.shape[2:]), dtype=x.dtype, device=x.device,
                                            memory_format=fmt))
@@ -665,7 +683,11 @@ def _define(name: str, engine):
         ids = {id(t) for t in running_means} | {id(t) for t in running_vars}
         return out, [t.clone() if id(t) in ids else t for t in saved]
 
-    return register_triton_pair(forward_op, backward_op, _forward_fake, _backward_fake, _make_backward,
+    def forward_fake(x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck, skip):
+        return _forward_fake(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck,
+                             skip)
+
+    return register_triton_pair(forward_op, backward_op, forward_fake, _backward_fake, _make_backward,
                                 _setup_context)[0]
 
 
