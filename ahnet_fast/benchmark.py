@@ -20,6 +20,12 @@ apart as the compile time, and the timed steps come after it), ``MONAI/bf16`` (M
 Each row's "vs best alternative" is its speed against the fastest MONAI row of the same precision
 (fp32: eager, compiled, channels-last; bf16: autocast) in the same run.
 
+With ``--profile``, each row's first timing process profiles one more step (torch.profiler self
+time by kind of op: matrix products, oneDNN/ATen convolutions, ahnet_fast's own loops, elementwise,
+copies, pooling, optimizer), the run counts the step's FLOPs (MONAI's model under FlopCounterMode)
+and measures the machine's fp32 matmul and copy ceilings: how far each step is from its roof, and
+where the rest of its time goes.
+
     ahnet-fast bench [--sizes 128 128 32 [256 256 32 ...]] [--repeats 5] [--device cpu|cuda]
         [--amp off|bf16] [--out e2e_cpu.md] [--json PATH]
     (python benchmarks/e2e.py ... in a source checkout is the same)
@@ -87,6 +93,113 @@ def run_info(device: str, name: str) -> dict:
                 extension=ahnet_fast.extension_available(), requested_backend=ahnet_fast.backends.requested_backend())
 
 
+# What a step spends its time on, by kind of op (torch.profiler self time). Names are ATen's and
+# ahnet_fast's; a kind lists the ops whose self time is that kind of work. Time inside the
+# optimizer's step counts as "optimizer" whatever op it is (Adam is elementwise arithmetic).
+PROFILE_KINDS = (
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")),
+    ("convolutions (oneDNN/ATen)", ("aten::mkldnn_convolution", "aten::convolution_backward",
+                                    "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward",
+                                    "aten::slow_conv3d_forward", "aten::slow_conv_dilated2d",
+                                    "aten::slow_conv_dilated3d", "aten::slow_conv_transpose3d",
+                                    "aten::mkldnn_convolution_backward")),
+    ("copies and concatenation", ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::_to_copy")),
+    ("pooling", ("aten::max_pool3d_with_indices", "aten::max_pool3d_with_indices_backward",
+                 "aten::avg_pool3d", "aten::avg_pool3d_backward", "aten::upsample_trilinear3d",
+                 "aten::upsample_trilinear3d_backward")),
+)
+_KIND_PREFIXES = (("pooling", ("ahnet_fast::slice_max_pool", "ahnet_fast::pyramid_pool", "ahnet_fast::stem_conv_pool")),
+                  ("BatchNorm, ReLU and other elementwise", ("ahnet_fast::bn", "aten::native_batch_norm",
+                                                             "aten::batch_norm", "aten::threshold_backward",
+                                                             "aten::relu", "aten::clamp_min", "aten::add",
+                                                             "aten::mul", "aten::div", "aten::sub", "aten::where")))
+
+
+def _kind_of(event) -> str:
+    parent = event
+    while parent is not None:
+        if parent.name.startswith("Optimizer.step"):
+            return "optimizer"
+        parent = parent.cpu_parent
+    for kind, names in PROFILE_KINDS:
+        if event.name in names:
+            return kind
+    for kind, prefixes in _KIND_PREFIXES:
+        if event.name.startswith(prefixes):
+            return kind
+    if event.name.startswith("ahnet_fast::") and ("conv" in event.name or "dense_block" in event.name):
+        return "ahnet_fast convolutions (own loops)"
+    return "other"
+
+
+def profile_by_kind(fn) -> dict:
+    """Run ``fn()`` once under torch.profiler (CPU): self time per kind of op (PROFILE_KINDS; the
+    rest is "other"), the profiled wall time, and the matrix products' FLOPs and rate (the
+    profiler counts FLOPs of aten::mm/addmm; oneDNN's convolutions it does not). Profiling costs
+    time, so the wall time here is above a timed step's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        fn()
+    wall = time.perf_counter() - t0
+    seconds: dict[str, float] = {}
+    mm_flops = 0
+    for e in prof.events():
+        kind = _kind_of(e)
+        seconds[kind] = seconds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+        if kind == "matrix products":
+            mm_flops += e.flops or 0
+    mm_s = seconds.get("matrix products", 0.0)
+    return dict(profiled_wall_s=wall, self_s=seconds, matmul_gflop=mm_flops / 1e9,
+                matmul_gflops_per_s=mm_flops / 1e9 / mm_s if mm_s else None)
+
+
+def machine_ceilings(device: str = "cpu") -> dict:
+    """The machine's fp32 matmul rate (a 2048^3 GEMM on CPU, 8192^3 on CUDA) and copy bandwidth (a
+    256 MiB / 1 GiB copy, read + write), medians of five: the roofs a step's time is judged against."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def median_s(fn):
+        fn()
+        sync()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    n = 1 << 26 if dev.type == "cpu" else 1 << 28
+    src = torch.randn(n, device=dev)
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * src.numel() * 4 / median_s(lambda: dst.copy_(src)) / 1e9
+    del src, dst
+    m = 2048 if dev.type == "cpu" else 8192
+    a, b = torch.randn(m, m, device=dev), torch.randn(m, m, device=dev)
+    return {"copy_GBps": copy_gbps, "matmul_fp32_GFLOPs": 2 * m ** 3 / median_s(lambda: a @ b) / 1e9}
+
+
+def step_flops(size, mode: str, out_channels: int = 3) -> int:
+    """FLOPs of MONAI's AHNet step at 1x1xsize (torch.utils.flop_counter: convolutions and matrix
+    products, forward, and in training the backward too; elementwise work counts 0). ahnet_fast
+    computes the same products (its lean training recomputes some in backward: not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, loss_fn, x, y = _build("MONAI", size, out_channels, "cpu")
+    with FlopCounterMode(display=False) as counter:
+        if mode == "train":
+            net.train()
+            loss_fn(net(x), y).backward()
+        else:
+            net.eval()
+            with torch.no_grad():
+                net(x)
+    return int(counter.get_total_flops())
+
+
 def backends_that_ran(fn) -> tuple[object, dict]:
     """``fn()`` and {op: {backend: calls}}: which backend ran each ahnet_fast op call in it (the
     record every measurement of ahnet_fast carries, see ahnet_fast.backends.recording)."""
@@ -131,10 +244,11 @@ def parse_impl(impl: str) -> dict:
 
 
 def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="none", layout="contiguous",
-            fused_adam=False, compile_model=False):
+            fused_adam=False, compile_model=False, profile=False):
     """In a fresh process: {"ms": [...], "peak_bytes": int, "first_loss": float, "warmup_s": float}
     (repeats = 0: peak only). ``compile_model``: the model under torch.compile (its warm-up step
-    compiles it)."""
+    compiles it). ``profile``: after the timed steps, one more under torch.profiler
+    (profile_by_kind: where the time goes)."""
     device = torch.device(device)
     net, loss_fn, x, y = _build(impl, size, out_channels, device, checkpoint=checkpoint)
     if layout == "channels_last_3d":  # model and input, as a user would switch it
@@ -180,7 +294,10 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
             step()
             sync()
             times.append(time.perf_counter() - t0)
-        return {"ms": [t * 1e3 for t in times], "first_loss": first, "backends": ran, "warmup_s": warmup_s}
+        result = {"ms": [t * 1e3 for t in times], "first_loss": first, "backends": ran, "warmup_s": warmup_s}
+        if profile:
+            result["profile"] = profile_by_kind(step)
+        return result
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -233,6 +350,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         help="also what a user would pick instead: torch.compile(MONAI) ('MONAI+compile'), MONAI under "
                              "bf16 autocast ('MONAI/bf16'), and ahnet_fast in bf16 ('ahnet_fast/bf16')")
     parser.add_argument("--compile-ours", action="store_true", help="also ahnet_fast under torch.compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="also where each row's time goes (one step under torch.profiler, by kind of op), the "
+                             "step's FLOPs and this machine's matmul and copy ceilings: the roof a step is judged against")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: impl size mode repeats
@@ -242,7 +362,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         part = parse_impl(impl)
         print(json.dumps(run_one(part["name"], tuple(json.loads(size)), mode, int(repeats), args.device,
                                  part["precision"] or args.amp, checkpoint=part["checkpoint"], layout=part["layout"],
-                                 fused_adam="fused_adam" in part["extras"], compile_model="compile" in part["extras"])))
+                                 fused_adam="fused_adam" in part["extras"], compile_model="compile" in part["extras"],
+                                 profile=args.profile)))
         return 0
     if len(args.sizes) % 3:
         parser.error("--sizes takes H W D triples")
@@ -285,9 +406,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 impls.append("ahnet_fast+compile")
             res = {impl: {"ms": []} for impl in impls}
 
-            def one(impl, repeats, environment):
+            def one(impl, repeats, environment, profile=False):
                 cmd = [sys.executable, "-m", "ahnet_fast.benchmark", "--device", args.device, "--amp", args.amp, "--one", impl,
-                       json.dumps(list(size)), mode, str(repeats)]
+                       json.dumps(list(size)), mode, str(repeats)] + (["--profile"] if profile else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, env=environment)
                 if out.returncode != 0:
                     raise RuntimeError(f"{impl} {mode} {size} failed:\n{out.stderr[-3000:]}")
@@ -295,9 +416,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
             # timing rounds alternate the implementations, so that a slow spell of a shared machine
             # falls on both; the peak is measured once each, in its own process
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
                 for impl in impls:
-                    r = one(impl, args.repeats, timing_env)
+                    r = one(impl, args.repeats, timing_env, profile=args.profile and round_ == 0)
+                    if "profile" in r:
+                        res[impl]["profile"] = r["profile"]
                     res[impl]["ms"] += r["ms"]
                     res[impl]["first_loss"] = r["first_loss"]
                     res[impl]["backends"] = r["backends"]
@@ -305,6 +428,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             for impl in impls:
                 res[impl]["peak_bytes"] = one(impl, 0, env)["peak_bytes"]
             base = res["MONAI"]
+            flops = step_flops(size, mode) if args.profile else None
             voxels = size[0] * size[1] * size[2]
             medians = {impl: statistics.median(res[impl]["ms"]) for impl in impls}
             precision = {impl: parse_impl(impl)["precision"] or ("bf16" if args.amp == "bf16" else "fp32")
@@ -327,13 +451,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                     p20_ms=_quantile(r["ms"], 0.2), p80_ms=_quantile(r["ms"], 0.8), ms=r["ms"],
                                     peak_bytes=r["peak_bytes"], first_loss=r["first_loss"], precision=precision[impl],
                                     warmup_s=r["warmup_s"], compile_s=compile_s,
-                                    backends=r["backends"] or None))  # None: MONAI, no ahnet_fast op ran
+                                    backends=r["backends"] or None,  # None: MONAI, no ahnet_fast op ran
+                                    **({"profile": r["profile"]} if "profile" in r else {}),
+                                    **({"flops": flops} if args.profile else {})))
     if args.out:
         with atomic_path(args.out) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
     if args.json:
         with atomic_path(args.json) as tmp:
-            tmp.write_text(_json.dumps(dict(run_info(args.device, name), amp=args.amp, results=records), indent=1))
+            extra = {"ceilings": machine_ceilings(args.device)} if args.profile else {}
+            tmp.write_text(_json.dumps(dict(run_info(args.device, name), amp=args.amp, results=records, **extra), indent=1))
     return 0
 
 

@@ -101,45 +101,16 @@ def _child(impl: str, weights: str, size, window, overlap: float, repeats: int, 
     return dict(impl=impl, times=times, window_profile=_profile(net, crop))
 
 
-# What a window's forward spends its time on, by kind of op (torch.profiler self time).
-_KINDS = (("matrix products (1x1x1 convolutions)", ("aten::mm", "aten::addmm", "aten::bmm")),
-          ("oneDNN/ATen convolutions", ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
-                                        "aten::slow_conv_dilated2d", "aten::slow_conv3d_forward")),
-          ("copies", ("aten::copy_", "aten::clone", "aten::contiguous")),
-          ("BatchNorm+ReLU and other elementwise", ("ahnet_fast::bn_relu", "ahnet_fast::bn_relu_apply_",
-                                                    "ahnet_fast::bn_add_relu", "aten::native_batch_norm", "aten::relu",
-                                                    "aten::relu_", "aten::add", "aten::add_", "aten::mul",
-                                                    "aten::div_")),
-          ("pooling", ("aten::max_pool3d_with_indices", "ahnet_fast::slice_max_pool", "ahnet_fast::pyramid_pool")))
-
-
 def _profile(net, crop) -> dict:
-    """Self CPU time per kind of op in one forward of ``crop`` (after a warm-up), and the matrix
-    products' FLOP rate (the profiler counts their FLOPs)."""
+    """Where one window's forward spends its time, by kind of op (after a warm-up), and the matrix
+    products' FLOP rate: ahnet_fast.benchmark.profile_by_kind."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+
+    from ahnet_fast.benchmark import profile_by_kind
 
     with torch.no_grad():
         net(crop)
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-            net(crop)
-        wall = time.perf_counter() - t0
-    kinds = {name: 0.0 for name, _ in _KINDS}
-    mm_flops = 0
-    total = 0.0
-    for e in prof.events():
-        total += e.self_cpu_time_total
-        for name, ops in _KINDS:
-            if e.name in ops:
-                kinds[name] += e.self_cpu_time_total
-                if name.startswith("matrix"):
-                    mm_flops += e.flops or 0
-    seconds = {k: v / 1e6 for k, v in kinds.items()}
-    seconds["other"] = max(total / 1e6 - sum(seconds.values()), 0.0)
-    mm_s = seconds["matrix products (1x1x1 convolutions)"]
-    return dict(profiled_wall_s=wall, self_s=seconds, matmul_gflop=mm_flops / 1e9,
-                matmul_gflops_per_s=mm_flops / 1e9 / mm_s if mm_s else None)
+        return profile_by_kind(lambda: net(crop))
 
 
 def _calibrated_weights(size, window, model: dict):

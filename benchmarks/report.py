@@ -309,8 +309,8 @@ def _mode_sources(per_mode, amp: bool = False) -> list[str]:
     for mode in ("train", "infer"):
         if mode in per_mode:
             rec, path = per_mode[mode]
-            lines.append(f"{'Training steps' if mode == 'train' else 'Inference'}: {rec['date']}, {rec['device']} "
-                         f"({rec['threads']} threads), torch {rec['torch']}"
+            lines.append(f"{'Training steps' if mode == 'train' else 'Inference'}: {rec['date']}, {rec['device']}"
+                         + (f" ({rec['cpu']})" if rec.get("cpu") else "") + f" ({rec['threads']} threads), torch {rec['torch']}"
                          + (f", amp {rec.get('amp')}" if amp else "") + f", `{path}`.")
     return lines
 
@@ -337,7 +337,93 @@ def alternatives_block() -> list[str]:
                      f"{r['median_ms']:.0f} ({r['p20_ms']:.0f}-{r['p80_ms']:.0f}) | {comp} | "
                      f"{b['median_ms'] / r['median_ms']:.2f}x | {vs} | {r['peak_bytes'] / 2**20:.0f} | "
                      f"{r['peak_bytes'] / b['peak_bytes']:.2f}x |")
+    return lines + _time_profile_lines(per_mode)
+
+
+# the columns of the where-the-time-goes table, in the order ahnet_fast.benchmark.PROFILE_KINDS names them
+_PROFILE_COLUMNS = ("matrix products", "convolutions (oneDNN/ATen)", "ahnet_fast convolutions (own loops)",
+                    "BatchNorm, ReLU and other elementwise", "copies and concatenation", "pooling", "optimizer", "other")
+
+
+def _time_profile_lines(per_mode) -> list[str]:
+    """Where each row's time goes (``--profile``): the step's FLOPs over the fp32 matmul ceiling
+    measured in the same run is the time a machine at its peak would need (the roof); each kind of
+    op's share of the profiled step, scaled to the row's median."""
+    lines = []
+    for mode in ("train", "infer"):
+        if mode not in per_mode:
+            continue
+        rec, path = per_mode[mode]
+        ceil = rec.get("ceilings")
+        rows = [r for r in rec["results"] if r.get("profile") and r.get("flops")]
+        if not ceil or not rows:
+            continue
+        peak = ceil["matmul_fp32_GFLOPs"]
+        if not lines:
+            lines += ["", "Where the time goes (`--profile`: one more step of each row under torch.profiler, self time "
+                          "by kind of op, scaled to the row's median; the roof is the step's FLOPs, MONAI's model "
+                          "under FlopCounterMode, at the fp32 matmul rate measured in the same run: "
+                          f"{peak:.0f} GFLOP/s on a 2048^3 GEMM, copy {ceil['copy_GBps']:.0f} GB/s). Elementwise work "
+                          "counts no FLOPs; bf16 rows are judged against the fp32 rate (CPU bf16 matmuls are not "
+                          "measured as a ceiling).", "",
+                      "| mode | impl | ms | GFLOP | roof ms | % of roof | "
+                      + " | ".join(_PROFILE_COLUMNS) + " |", "|---|---|---|---|---|---|" + "---|" * len(_PROFILE_COLUMNS)]
+        for r in rows:
+            spent = r["profile"]["self_s"]
+            total = sum(spent.values())
+            scale = r["median_ms"] / (1e3 * total) if total else 0.0
+            roof_ms = r["flops"] / (peak * 1e9) * 1e3
+            cells = " | ".join(f"{spent.get(k, 0.0) * 1e3 * scale:.0f}" if spent.get(k) else "—"
+                               for k in _PROFILE_COLUMNS)
+            lines.append(f"| {mode} | {r['impl']} | {r['median_ms']:.0f} | {r['flops'] / 1e9:.1f} | {roof_ms:.0f} | "
+                         f"{100 * roof_ms / r['median_ms']:.0f}% | {cells} |")
+    for mode in ("train", "infer"):
+        if mode in per_mode and per_mode[mode][0].get("ceilings"):
+            lines += _what_would_reach(mode, per_mode[mode][0])
     return lines
+
+
+# issue 25's speed targets against the fastest baseline of the same precision
+SPEED_TARGETS = {"train": 1.3, "infer": 1.5}
+# the matrix products' rate that a kernel written for these thin shapes could be expected to reach:
+# the share of the large square GEMM's rate (no packing of a 20-80 wide operand reaches all of it)
+ATTAINABLE_GEMM_SHARE = 0.9
+
+
+def _what_would_reach(mode, rec) -> list[str]:
+    """For the fp32 ahnet_fast row of ``mode``: its speed against the fastest baseline, and what the
+    step would take were its matrix products at ATTAINABLE_GEMM_SHARE of the measured GEMM rate (the
+    rest unchanged): how much of a missed target that closes, and what is left for the other kinds."""
+    rows = rec["results"]
+    ours = next((r for r in rows if r["impl"] == "ahnet_fast" and r.get("profile")), None)
+    best = _fastest_alternative(rows, ours) if ours else None
+    if not ours or not best:
+        return []
+    target = SPEED_TARGETS[mode]
+    speed = best["median_ms"] / ours["median_ms"]
+    prof = ours["profile"]
+    total = sum(prof["self_s"].values())
+    scale = ours["median_ms"] / (1e3 * total)
+    mm_ms = prof["self_s"].get("matrix products", 0.0) * 1e3 * scale
+    # the products' rate in the timed step's terms (their profiled time scaled to the median, as in
+    # the table): their FLOPs at a faster rate is a time of the same kind
+    rate = prof["matmul_gflop"] / (mm_ms / 1e3) if mm_ms and prof.get("matmul_gflop") else None
+    peak = rec["ceilings"]["matmul_fp32_GFLOPs"]
+    line = (f"{'Training step' if mode == 'train' else 'Inference'}, fp32: ahnet_fast {ours['median_ms']:.0f} ms "
+            f"against {best['impl']} {best['median_ms']:.0f} ms, {speed:.2f}x (target {target}x: "
+            f"{'met' if speed >= target else 'missed'}).")
+    if speed < target and rate:
+        faster_mm = prof["matmul_gflop"] / (ATTAINABLE_GEMM_SHARE * peak) * 1e3
+        step = ours["median_ms"] - mm_ms + faster_mm
+        needed = best["median_ms"] / target
+        line += (f" Its matrix products run at {rate:.0f} GFLOP/s (profiled time scaled to the median), "
+                 f"{100 * rate / peak:.0f}% of the GEMM rate, "
+                 f"for {mm_ms:.0f} ms; at {100 * ATTAINABLE_GEMM_SHARE:.0f}% of that rate they would take "
+                 f"{faster_mm:.0f} ms and the step {step:.0f} ms ({best['median_ms'] / step:.2f}x). The target needs "
+                 f"{needed:.0f} ms: " + (f"{step - needed:.0f} ms more from the other kinds of work, which take "
+                                         f"{ours['median_ms'] - mm_ms:.0f} ms now." if step > needed
+                                         else "the matrix products alone would reach it."))
+    return ["", line]
 
 
 def sliding_window_block() -> list[str]:

@@ -124,3 +124,36 @@ def test_report_refuses_a_fraction_of_the_roof_above_100_percent(tmp_path, monke
         date="2026-01-01", device="cpu", threads=2, torch="x", ceilings={"matmul_fp32_GFLOPs": 300, "copy_GBps": 25},
         results=[row], extension=True)))
     assert any("| bn_add_relu |" in line for line in report.roofline_table())
+
+
+def test_report_says_where_the_time_goes_and_what_would_reach_a_missed_target(tmp_path, monkeypatch):
+    """The alternatives block's profile table scales each kind's profiled time to the row's median and
+    puts the step's FLOPs at the measured GEMM rate beside it; for a missed speed target it says what
+    the matrix products at 90% of that rate would leave for the other kinds of work."""
+    import json
+
+    report = _report_module(tmp_path, monkeypatch)
+
+    def row(impl, ms, self_s=None, mm_gflop=0.0):
+        r = dict(mode="train", shape=[1, 1, 128, 128, 32], impl=impl, median_ms=ms, p20_ms=ms, p80_ms=ms,
+                 peak_bytes=2 ** 20, first_loss=1.0, precision="fp32", compile_s=None, flops=8 * 10 ** 10)
+        if self_s:  # profiled at half the speed of the timed steps: the shares count, not the sums
+            r["profile"] = dict(self_s=self_s, matmul_gflop=mm_gflop,
+                                matmul_gflops_per_s=mm_gflop / self_s.get("matrix products", 1.0))
+        return r
+
+    rows = [row("MONAI", 1200, {"convolutions (oneDNN/ATen)": 2.0, "other": 0.4}),
+            row("MONAI+compile", 800, {"convolutions (oneDNN/ATen)": 1.4, "other": 0.2}),
+            row("ahnet_fast", 1000, {"matrix products": 1.2, "other": 0.8}, mm_gflop=60.0)]
+    (tmp_path / "results" / "e2e_alternatives_cpu_2026-01-01.json").write_text(json.dumps(dict(
+        date="2026-01-01", device="cpu", threads=2, torch="x", results=rows,
+        ceilings={"matmul_fp32_GFLOPs": 200.0, "copy_GBps": 20.0})))
+    text = "\n".join(report.alternatives_block())
+    # 80 GFLOP at 200 GFLOP/s: a 400 ms roof, 40% of ahnet_fast's 1000 ms; its matrix products 60% of it
+    assert "| train | ahnet_fast | 1000 | 80.0 | 400 | 40% | 600 | — | — | — | — | — | — | 400 |" in text
+    # matrix products: 60 GFLOP in 600 ms (100 GFLOP/s, 50% of the GEMM rate); at 180 GFLOP/s 333 ms,
+    # the step 1000 - 600 + 333 = 733 ms; the target needs 800 / 1.3 = 615 ms: 118 ms more elsewhere
+    assert "ahnet_fast 1000 ms against MONAI+compile 800 ms, 0.80x (target 1.3x: missed)" in text
+    assert "run at 100 GFLOP/s (profiled time scaled to the median), 50% of the GEMM rate, for 600 ms" in text
+    assert "they would take 333 ms and the step 733 ms (1.09x)" in text
+    assert "118 ms more from the other kinds of work, which take 400 ms now" in text

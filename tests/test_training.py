@@ -120,11 +120,44 @@ def test_bench_runs_from_any_folder(tmp_path):
     assert r.returncode == 0 and "--sizes" in r.stdout and "usage: ahnet-fast bench" in r.stdout, r.stderr
     out = tmp_path / "results" / "e2e.json"
     r = subprocess.run([sys.executable, "-m", "ahnet_fast", "bench", "--sizes", "128", "128", "32", "--modes", "infer",
-                        "--repeats", "1", "--rounds", "1", "--json", str(out)], capture_output=True, text=True,
-                       env=_env(), timeout=600, cwd=tmp_path)
+                        "--repeats", "1", "--rounds", "1", "--profile", "--json", str(out)], capture_output=True,
+                       text=True, env=_env(), timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    records = json.loads(out.read_text())["results"]
+    record = json.loads(out.read_text())
+    records = record["results"]
     assert {rec["impl"] for rec in records} == {"MONAI", "ahnet_fast"} and all(rec["median_ms"] > 0 for rec in records)
+    # --profile: where each row's time went, the step's FLOPs and the machine's ceilings
+    assert record["ceilings"]["matmul_fp32_GFLOPs"] > 0 and record["ceilings"]["copy_GBps"] > 0
+    by = {rec["impl"]: rec for rec in records}
+    assert by["MONAI"]["flops"] == by["ahnet_fast"]["flops"] > 10 ** 10  # the same model's products
+    assert by["MONAI"]["profile"]["self_s"]["convolutions (oneDNN/ATen)"] > 0
+    assert by["ahnet_fast"]["profile"]["matmul_gflop"] > 0 and by["ahnet_fast"]["profile"]["self_s"]["matrix products"] > 0
+
+
+def test_profile_by_kind_sorts_time_by_kind_of_op():
+    """The benchmark's profile: matrix products (with their FLOPs), convolutions, copies, elementwise,
+    and everything inside an optimizer step as the optimizer's, whatever op it runs."""
+    import torch
+
+    from ahnet_fast.benchmark import profile_by_kind
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    w = torch.nn.Parameter(torch.randn(8, 4, 3, 3, 1))
+    opt = torch.optim.Adam([w])
+    x = torch.randn(1, 4, 16, 16, 4)
+
+    def work():
+        c = a @ b
+        c.add_(1.0).clone()
+        torch.nn.functional.conv3d(x, w, padding=(1, 1, 0)).sum().backward()
+        opt.step()
+
+    prof = profile_by_kind(work)
+    spent = prof["self_s"]
+    for kind in ("matrix products", "convolutions (oneDNN/ATen)", "copies and concatenation",
+                 "BatchNorm, ReLU and other elementwise", "optimizer"):
+        assert spent.get(kind, 0) > 0, (kind, spent)
+    assert prof["matmul_gflop"] >= 2 * 256 ** 3 / 1e9 and prof["matmul_gflops_per_s"] > 0
 
 
 def test_bench_rows_name_their_variant_and_compare_with_the_same_precision():
