@@ -102,17 +102,25 @@ PROFILE_KINDS = (
                                     "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward",
                                     "aten::slow_conv3d_forward", "aten::slow_conv_dilated2d",
                                     "aten::slow_conv_dilated3d", "aten::slow_conv_transpose3d",
-                                    "aten::mkldnn_convolution_backward")),
+                                    "aten::mkldnn_convolution_backward", "aten::cudnn_convolution",
+                                    "aten::cudnn_convolution_transpose")),
     ("copies and concatenation", ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::_to_copy")),
     ("pooling", ("aten::max_pool3d_with_indices", "aten::max_pool3d_with_indices_backward",
                  "aten::avg_pool3d", "aten::avg_pool3d_backward", "aten::upsample_trilinear3d",
                  "aten::upsample_trilinear3d_backward")),
+    ("BatchNorm, ReLU and other elementwise", ("aten::native_batch_norm", "aten::native_batch_norm_backward",
+                                               "aten::batch_norm", "aten::threshold_backward", "aten::relu",
+                                               "aten::relu_", "aten::clamp_min", "aten::clamp_min_", "aten::add",
+                                               "aten::add_", "aten::mul", "aten::mul_", "aten::div", "aten::div_",
+                                               "aten::sub", "aten::sub_", "aten::where")),
 )
-_KIND_PREFIXES = (("pooling", ("ahnet_fast::slice_max_pool", "ahnet_fast::pyramid_pool", "ahnet_fast::stem_conv_pool")),
-                  ("BatchNorm, ReLU and other elementwise", ("ahnet_fast::bn", "aten::native_batch_norm",
-                                                             "aten::batch_norm", "aten::threshold_backward",
-                                                             "aten::relu", "aten::clamp_min", "aten::add",
-                                                             "aten::mul", "aten::div", "aten::sub", "aten::where")))
+# ahnet_fast's ops by what their self time is: the composite ops (the dense block, BN-ReLU-conv,
+# the convolutions) spend theirs in the Python and C++ glue around the products and kernels they
+# call (the products themselves count as matrix products or convolutions); checked in this order
+_OWN_KINDS = (("copies and concatenation", ("shuffle",)),
+              ("ahnet_fast ops' own time (glue around the products)", ("conv", "dense_block", "stem")),
+              ("pooling", ("pool",)),
+              ("BatchNorm, ReLU and other elementwise", ("bn_", "loss", "softmax")))
 
 
 def _kind_of(event) -> str:
@@ -124,30 +132,41 @@ def _kind_of(event) -> str:
     for kind, names in PROFILE_KINDS:
         if event.name in names:
             return kind
-    for kind, prefixes in _KIND_PREFIXES:
-        if event.name.startswith(prefixes):
-            return kind
-    if event.name.startswith("ahnet_fast::") and ("conv" in event.name or "dense_block" in event.name):
-        return "ahnet_fast convolutions (own loops)"
+    if event.name.startswith("ahnet_fast::"):
+        op = event.name[len("ahnet_fast::"):]
+        for kind, words in _OWN_KINDS:
+            if any(w in op for w in words):
+                return kind
+    # torch.compile's generated kernels (CPU: cpp_fused_*, CUDA: triton_*), which fuse elementwise
+    # work with whatever surrounds it
+    if "cpp_fused" in event.name or event.name.startswith("triton_"):
+        return "compiled (Inductor) kernels"
     return "other"
 
 
-def profile_by_kind(fn) -> dict:
-    """Run ``fn()`` once under torch.profiler (CPU): self time per kind of op (PROFILE_KINDS; the
-    rest is "other"), the profiled wall time, and the matrix products' FLOPs and rate (the
-    profiler counts FLOPs of aten::mm/addmm; oneDNN's convolutions it does not). Profiling costs
-    time, so the wall time here is above a timed step's."""
+def profile_by_kind(fn, device: str = "cpu") -> dict:
+    """Run ``fn()`` once under torch.profiler: self time per kind of op (PROFILE_KINDS; the rest is
+    "other"), the profiled wall time, and the matrix products' FLOPs and rate (the profiler counts
+    FLOPs of aten::mm/addmm; oneDNN's convolutions it does not). On CUDA the kinds are the ops' own
+    device time (the host's is launch overhead) and the wall time waits for the device. Profiling
+    costs time, so the wall time here is above a timed step's."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=activities, with_flops=True) as prof:
         fn()
+        sync()
     wall = time.perf_counter() - t0
     seconds: dict[str, float] = {}
     mm_flops = 0
     for e in prof.events():
         kind = _kind_of(e)
-        seconds[kind] = seconds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+        spent = e.self_device_time_total if cuda else e.self_cpu_time_total
+        seconds[kind] = seconds.get(kind, 0.0) + spent / 1e6
         if kind == "matrix products":
             mm_flops += e.flops or 0
     mm_s = seconds.get("matrix products", 0.0)
@@ -156,8 +175,10 @@ def profile_by_kind(fn) -> dict:
 
 
 def machine_ceilings(device: str = "cpu") -> dict:
-    """The machine's fp32 matmul rate (a 2048^3 GEMM on CPU, 8192^3 on CUDA) and copy bandwidth (a
-    256 MiB / 1 GiB copy, read + write), medians of five: the roofs a step's time is judged against."""
+    """The machine's fp32 matmul rate (a 2048^3 GEMM on CPU, 8192^3 on CUDA, with torch's matmul
+    settings as they are: no TF32 by default, while cuDNN's convolutions may use it, so a CUDA step
+    can exceed this roof) and copy bandwidth (a 256 MiB / 1 GiB copy, read + write), medians of five:
+    the roofs a step's time is judged against."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -184,8 +205,9 @@ def machine_ceilings(device: str = "cpu") -> dict:
 
 def step_flops(size, mode: str, out_channels: int = 3) -> int:
     """FLOPs of MONAI's AHNet step at 1x1xsize (torch.utils.flop_counter: convolutions and matrix
-    products, forward, and in training the backward too; elementwise work counts 0). ahnet_fast
-    computes the same products (its lean training recomputes some in backward: not counted)."""
+    products, forward, and in training the backward too; elementwise work counts 0), counted by
+    running that step once on the CPU. ahnet_fast computes the same products (its lean training
+    recomputes some in backward: not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     net, loss_fn, x, y = _build("MONAI", size, out_channels, "cpu")
@@ -296,7 +318,7 @@ def run_one(impl, size, mode, repeats, device, amp, out_channels=3, checkpoint="
             times.append(time.perf_counter() - t0)
         result = {"ms": [t * 1e3 for t in times], "first_loss": first, "backends": ran, "warmup_s": warmup_s}
         if profile:
-            result["profile"] = profile_by_kind(step)
+            result["profile"] = profile_by_kind(step, device.type)
         return result
     if cuda:
         torch.cuda.reset_peak_memory_stats()

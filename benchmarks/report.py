@@ -60,6 +60,13 @@ def _fastest_alternative(results, row):
                key=lambda m: m["median_ms"], default=None)
 
 
+def _host(rec, name=None) -> str:
+    """The machine a results file was measured on: its device name, and the CPU's model where the
+    run recorded it (the machines runs are made on change, and CPU timings differ by model)."""
+    name = rec["device"] if name is None else name
+    return f"{name} ({rec['cpu']})" if rec.get("cpu") else name
+
+
 def rows():
     out = []
     e2e_modes = _latest_per_mode("e2e_cpu_*.json")  # each mode from the latest run of it
@@ -69,7 +76,7 @@ def rows():
         runs = {(r["mode"], tuple(r["shape"]), r["impl"]): r for r in e2e["results"]}
         ran = next((r.get("backends") for r in e2e["results"] if r["impl"] == "ahnet_fast" and r.get("backends")),
                    None)
-        where = (f"{e2e['date']}, {e2e['device']} ({e2e['threads']} threads), torch {e2e['torch']}; ahnet_fast ran "
+        where = (f"{e2e['date']}, {_host(e2e)} ({e2e['threads']} threads), torch {e2e['torch']}; ahnet_fast ran "
                  f"{backend_summary(ran, e2e.get('extension'))}")
         sizes = sorted({shape for _, shape, _ in runs}, key=lambda t: t[2] * t[3] * t[4])
         return runs, where, e2e_path, sizes
@@ -124,7 +131,7 @@ def rows():
         if lean:
             out.append(("25", "CPU training step 1x1x256x256x32, checkpoint=\"all\": bytes per input voxel vs MONAI",
                         f"{lean['ratio_to_monai']:.3f}x", "≤ 0.15x", _verdict(lean["ratio_to_monai"], 0.15, False),
-                        f"{sc['date']}, {sc['device']}, torch {sc['torch']}", sc_path))
+                        f"{sc['date']}, {_host(sc)}, torch {sc['torch']}", sc_path))
     slab, slab_path = _latest("memory_slab_cpu_*.json")
     if slab:
         peak = slab.get("measured_step_peak")
@@ -132,13 +139,13 @@ def rows():
                           f"checkpoint=\"{slab['checkpoint']}\": peak memory",
                     f"{peak / 2**30:.2f} GiB" if peak else "did not complete", "≤ 16 GiB",
                     ("met" if peak <= 16 * 2**30 else "**missed**") if peak else f"**missed** ({slab.get('failed')})",
-                    f"{slab['date']}, {slab['device']}, torch {slab['torch']}", slab_path))
+                    f"{slab['date']}, {_host(slab)}, torch {slab['torch']}", slab_path))
     per_mode = _latest_per_mode("e2e_alternatives_cpu_*.json")
     for mode, target in (("train", 1.3), ("infer", 1.5)):
         if mode not in per_mode:
             continue
         alt, alt_path = per_mode[mode]
-        where = f"{alt['date']}, {alt['device']} ({alt['threads']} threads), torch {alt['torch']}"
+        where = f"{alt['date']}, {_host(alt)} ({alt['threads']} threads), torch {alt['torch']}"
         for precision in ("fp32", "bf16"):
             for r in alt["results"]:
                 if r["mode"] != mode or r.get("precision") != precision or not r["impl"].startswith("ahnet_fast") \
@@ -154,7 +161,7 @@ def rows():
                             _verdict(speed, target, True), where, alt_path))
     sw, sw_path = _latest("sliding_window_cpu_*.json")
     if sw:
-        where = f"{sw['date']}, {sw['machine']}, torch {sw['torch']}"
+        where = f"{sw['date']}, {_host(sw, sw['machine'])}, torch {sw['torch']}"
         what = (f"CPU whole-volume sliding-window inference {'x'.join(map(str, sw['size']))} "
                 f"({'x'.join(map(str, sw['window']))} windows)")
         out.append(("25", f"{what}: speed vs MONAI's sliding_window_inference", f"{sw['speedup_vs_monai']:.2f}x",
@@ -179,7 +186,7 @@ def rows():
         if ratios:
             out.append(("5", f"bytes a decoder dense block keeps for backward vs MONAI's ({len(ratios)} blocks)",
                         f"{min(ratios):.2f}–{max(ratios):.2f}x", "≤ 0.4x", _verdict(max(ratios), 0.4, False),
-                        f"{dense['date']}, {dense['device']}, torch {dense['torch']}; ran "
+                        f"{dense['date']}, {_host(dense)}, torch {dense['torch']}; ran "
                         f"{backend_summary(ran, dense.get('extension'))}", dense_path))
     mem, mem_path = _latest("memory_cpu_*.json")
     if mem:
@@ -188,7 +195,7 @@ def rows():
         held_out = [r for r in mem["results"] if (tuple(r["shape"]), r["checkpoint"], r["precision"]) not in calibration]
         fitted = [r for r in mem["results"] if r not in held_out]
         ran = next((r.get("backends") for r in mem["results"] if r.get("backends")), None)
-        where = f"{mem['date']}, {mem['device']}, torch {mem['torch']}; ran {backend_summary(ran, mem.get('extension'))}"
+        where = f"{mem['date']}, {_host(mem)}, torch {mem['torch']}; ran {backend_summary(ran, mem.get('extension'))}"
         for label, group in (("held out", held_out), ("calibration", fitted)):
             if not group:
                 continue
@@ -207,7 +214,7 @@ def rows():
             gains.append(aten / best)
         out.append(("5", f"CPU convolution paths vs ATen over {len(gains)} AH-Net shapes (fwd+bwd, best path)",
                     f"median {statistics.median(gains):.2f}x, max {max(gains):.2f}x", "—", "",
-                    f"{conv['date']}, {conv['device']}, torch {conv['torch']}; each path called directly "
+                    f"{conv['date']}, {_host(conv)}, torch {conv['torch']}; each path called directly "
                     f"(ahnet_fast.ops._conv_paths), no backend dispatch", conv_path))
     roof, roof_path = _latest("roofline_cpu_*.json")
     if roof:
@@ -217,7 +224,7 @@ def rows():
             out.append(("8", f"roofline, CPU training step {step['shape']}: FLOP rate (% of the fp32 matmul peak "
                              "measured in the same run)",
                         f"{step['gflops_per_s']:.0f} GFLOP/s ({step['pct_matmul_peak']:.0f}%)", "—", "",
-                        f"{roof['date']}, {roof['device']} ({roof['threads']} threads), torch {roof['torch']}; ran "
+                        f"{roof['date']}, {_host(roof)} ({roof['threads']} threads), torch {roof['torch']}; ran "
                         f"{step_ran}", roof_path))
     gpu, gpu_path = _latest("gpu_check*.json")
     if gpu:
@@ -251,7 +258,7 @@ def roofline_table() -> list[str]:
             for op, counts in (r.get("backends") or {}).items():
                 ran.setdefault(op, {}).update(counts)
         c = roof["ceilings"]
-        lines += ["", f"Roofline, {roof['date']}, {roof['device']} ({roof.get('threads')} threads), torch {roof['torch']}: "
+        lines += ["", f"Roofline, {roof['date']}, {_host(roof)} ({roof.get('threads')} threads), torch {roof['torch']}: "
                       f"fp32 matmul {c['matmul_fp32_GFLOPs']:.0f} GFLOP/s and copy {c['copy_GBps']:.1f} GB/s measured "
                       f"in the same run (an op whose working set fits the caches is judged against a copy of as "
                       f"many bytes, when that is faster); forward + backward; 'of roof' = max(FLOPs / matmul rate, "
@@ -340,9 +347,11 @@ def alternatives_block() -> list[str]:
     return lines + _time_profile_lines(per_mode)
 
 
-# the columns of the where-the-time-goes table, in the order ahnet_fast.benchmark.PROFILE_KINDS names them
-_PROFILE_COLUMNS = ("matrix products", "convolutions (oneDNN/ATen)", "ahnet_fast convolutions (own loops)",
-                    "BatchNorm, ReLU and other elementwise", "copies and concatenation", "pooling", "optimizer", "other")
+# the columns of the where-the-time-goes table, in this order (kinds ahnet_fast.benchmark.PROFILE_KINDS
+# and its _kind_of name); a kind no row spent time on gets no column, one not listed here goes last
+_PROFILE_COLUMNS = ("matrix products", "convolutions (oneDNN/ATen)", "ahnet_fast ops' own time (glue around the products)",
+                    "compiled (Inductor) kernels", "BatchNorm, ReLU and other elementwise", "copies and concatenation",
+                    "pooling", "optimizer", "other")
 
 
 def _time_profile_lines(per_mode) -> list[str]:
@@ -359,27 +368,25 @@ def _time_profile_lines(per_mode) -> list[str]:
         if not ceil or not rows:
             continue
         peak = ceil["matmul_fp32_GFLOPs"]
-        if not lines:
-            lines += ["", "Where the time goes (`--profile`: one more step of each row under torch.profiler, self time "
-                          "by kind of op, scaled to the row's median; the roof is the step's FLOPs, MONAI's model "
-                          "under FlopCounterMode, at the fp32 matmul rate measured in the same run: "
-                          f"{peak:.0f} GFLOP/s on a 2048^3 GEMM, copy {ceil['copy_GBps']:.0f} GB/s). Elementwise work "
-                          "counts no FLOPs; bf16 rows are judged against the fp32 rate (CPU bf16 matmuls are not "
-                          "measured as a ceiling).", "",
-                      "| mode | impl | ms | GFLOP | roof ms | % of roof | "
-                      + " | ".join(_PROFILE_COLUMNS) + " |", "|---|---|---|---|---|---|" + "---|" * len(_PROFILE_COLUMNS)]
+        spent_on = {k for r in rows for k, v in r["profile"]["self_s"].items() if v}
+        columns = [k for k in _PROFILE_COLUMNS if k in spent_on] + sorted(spent_on - set(_PROFILE_COLUMNS))
+        lines += ["", f"Where the time goes, {'training steps' if mode == 'train' else 'inference'} (`--profile`: "
+                      "one more step of each row under torch.profiler, self time by kind of op, scaled to the row's "
+                      "median, ms; the roof is the step's FLOPs, MONAI's model under FlopCounterMode, at the fp32 "
+                      f"matmul rate measured in the same run: {peak:.0f} GFLOP/s on a 2048^3 GEMM, copy "
+                      f"{ceil['copy_GBps']:.0f} GB/s). Elementwise work counts no FLOPs; bf16 rows are judged "
+                      "against the fp32 rate (CPU bf16 matmuls are not measured as a ceiling).", "",
+                  "| input | impl | ms | GFLOP | roof ms | % of roof | " + " | ".join(columns) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(columns)]
         for r in rows:
             spent = r["profile"]["self_s"]
             total = sum(spent.values())
             scale = r["median_ms"] / (1e3 * total) if total else 0.0
             roof_ms = r["flops"] / (peak * 1e9) * 1e3
-            cells = " | ".join(f"{spent.get(k, 0.0) * 1e3 * scale:.0f}" if spent.get(k) else "—"
-                               for k in _PROFILE_COLUMNS)
-            lines.append(f"| {mode} | {r['impl']} | {r['median_ms']:.0f} | {r['flops'] / 1e9:.1f} | {roof_ms:.0f} | "
-                         f"{100 * roof_ms / r['median_ms']:.0f}% | {cells} |")
-    for mode in ("train", "infer"):
-        if mode in per_mode and per_mode[mode][0].get("ceilings"):
-            lines += _what_would_reach(mode, per_mode[mode][0])
+            cells = " | ".join(f"{spent[k] * 1e3 * scale:.0f}" if spent.get(k) else "—" for k in columns)
+            lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['impl']} | {r['median_ms']:.0f} | "
+                         f"{r['flops'] / 1e9:.1f} | {roof_ms:.0f} | {100 * roof_ms / r['median_ms']:.0f}% | {cells} |")
+        lines += _what_would_reach(mode, rec)
     return lines
 
 
@@ -391,39 +398,48 @@ ATTAINABLE_GEMM_SHARE = 0.9
 
 
 def _what_would_reach(mode, rec) -> list[str]:
-    """For the fp32 ahnet_fast row of ``mode``: its speed against the fastest baseline, and what the
-    step would take were its matrix products at ATTAINABLE_GEMM_SHARE of the measured GEMM rate (the
-    rest unchanged): how much of a missed target that closes, and what is left for the other kinds."""
+    """For each input size, the fp32 ahnet_fast row of ``mode``: its speed against the fastest
+    baseline of its precision, and where the target is missed, what the step would take were its
+    matrix products at ATTAINABLE_GEMM_SHARE of the measured GEMM rate (the rest unchanged): how
+    much of the gap that closes, and what is left for the other kinds of work."""
+    lines = []
     rows = rec["results"]
-    ours = next((r for r in rows if r["impl"] == "ahnet_fast" and r.get("profile")), None)
-    best = _fastest_alternative(rows, ours) if ours else None
-    if not ours or not best:
-        return []
-    target = SPEED_TARGETS[mode]
-    speed = best["median_ms"] / ours["median_ms"]
-    prof = ours["profile"]
-    total = sum(prof["self_s"].values())
-    scale = ours["median_ms"] / (1e3 * total)
-    mm_ms = prof["self_s"].get("matrix products", 0.0) * 1e3 * scale
-    # the products' rate in the timed step's terms (their profiled time scaled to the median, as in
-    # the table): their FLOPs at a faster rate is a time of the same kind
-    rate = prof["matmul_gflop"] / (mm_ms / 1e3) if mm_ms and prof.get("matmul_gflop") else None
     peak = rec["ceilings"]["matmul_fp32_GFLOPs"]
-    line = (f"{'Training step' if mode == 'train' else 'Inference'}, fp32: ahnet_fast {ours['median_ms']:.0f} ms "
-            f"against {best['impl']} {best['median_ms']:.0f} ms, {speed:.2f}x (target {target}x: "
-            f"{'met' if speed >= target else 'missed'}).")
-    if speed < target and rate:
-        faster_mm = prof["matmul_gflop"] / (ATTAINABLE_GEMM_SHARE * peak) * 1e3
-        step = ours["median_ms"] - mm_ms + faster_mm
-        needed = best["median_ms"] / target
-        line += (f" Its matrix products run at {rate:.0f} GFLOP/s (profiled time scaled to the median), "
-                 f"{100 * rate / peak:.0f}% of the GEMM rate, "
-                 f"for {mm_ms:.0f} ms; at {100 * ATTAINABLE_GEMM_SHARE:.0f}% of that rate they would take "
-                 f"{faster_mm:.0f} ms and the step {step:.0f} ms ({best['median_ms'] / step:.2f}x). The target needs "
-                 f"{needed:.0f} ms: " + (f"{step - needed:.0f} ms more from the other kinds of work, which take "
-                                         f"{ours['median_ms'] - mm_ms:.0f} ms now." if step > needed
-                                         else "the matrix products alone would reach it."))
-    return ["", line]
+    target = SPEED_TARGETS[mode]
+    for ours in rows:
+        if ours["impl"] != "ahnet_fast" or ours.get("precision") != "fp32" or not ours.get("profile"):
+            continue
+        best = _fastest_alternative(rows, ours)
+        prof = ours["profile"]
+        total = sum(prof["self_s"].values())
+        if not best or not total:
+            continue
+        speed = best["median_ms"] / ours["median_ms"]
+        scale = ours["median_ms"] / (1e3 * total)
+        mm_ms = prof["self_s"].get("matrix products", 0.0) * 1e3 * scale
+        # the products' rate in the timed step's terms (their profiled time scaled to the median, as
+        # in the table): their FLOPs at a faster rate is a time of the same kind
+        rate = prof["matmul_gflop"] / (mm_ms / 1e3) if mm_ms and prof.get("matmul_gflop") else None
+        line = (f"{'Training step' if mode == 'train' else 'Inference'} {'x'.join(map(str, ours['shape']))}, fp32: "
+                f"ahnet_fast {ours['median_ms']:.0f} ms against {best['impl']} {best['median_ms']:.0f} ms, "
+                f"{speed:.2f}x (target {target}x: {'met' if speed >= target else 'missed'}).")
+        if speed < target and rate:
+            line += (f" Its matrix products run at {rate:.0f} GFLOP/s (profiled time scaled to the median), "
+                     f"{100 * rate / peak:.0f}% of the GEMM rate, for {mm_ms:.0f} ms")
+            needed = best["median_ms"] / target
+            if rate < ATTAINABLE_GEMM_SHARE * peak:
+                faster_mm = prof["matmul_gflop"] / (ATTAINABLE_GEMM_SHARE * peak) * 1e3
+                step = ours["median_ms"] - mm_ms + faster_mm
+                line += (f"; at {100 * ATTAINABLE_GEMM_SHARE:.0f}% of that rate they would take {faster_mm:.0f} ms "
+                         f"and the step {step:.0f} ms ({best['median_ms'] / step:.2f}x). The target needs "
+                         f"{needed:.0f} ms: " + (f"{step - needed:.0f} ms more from the other kinds of work, which "
+                                                 f"take {ours['median_ms'] - mm_ms:.0f} ms now." if step > needed
+                                                 else "the matrix products alone would reach it."))
+            else:
+                line += (f", already near the GEMM rate: the target's {needed:.0f} ms has to come from the other "
+                         f"kinds of work ({ours['median_ms'] - mm_ms:.0f} ms now).")
+        lines += ["", line]
+    return lines
 
 
 def sliding_window_block() -> list[str]:
@@ -434,7 +450,7 @@ def sliding_window_block() -> list[str]:
     size, window = "x".join(map(str, sw["size"])), "x".join(map(str, sw["window"]))
     out = sw["outputs"]
     noise = out["float32_noise"]
-    lines = [f"{sw['date']}, {sw['machine']}, torch {sw['torch']}; a {size} volume in {window} windows, overlap "
+    lines = [f"{sw['date']}, {_host(sw, sw['machine'])}, torch {sw['torch']}; a {size} volume in {window} windows, overlap "
              f"{sw['overlap']}, blending: {sw['blend']}, one window per forward; time: median of "
              f"{sw['repeats']} whole-volume run(s) in each of {sw['rounds']} process(es) per implementation; peak: "
              f"VmHWM over the model and the volume in a fresh process (MALLOC_MMAP_THRESHOLD_=65536); `{path}`.", "",
@@ -470,13 +486,17 @@ def sliding_window_block() -> list[str]:
         total = sum(prof["self_s"].values())
         shares = ", ".join(f"{kind} {100 * t / total:.0f}%" for kind, t in
                            sorted(prof["self_s"].items(), key=lambda kv: -kv[1]))
-        roof, roof_path = _latest("roofline_cpu_*.json")
-        peak = roof["ceilings"]["matmul_fp32_GFLOPs"] if roof else None
+        # the GEMM rate measured in the same run (older runs: the latest roofline run's, named)
+        if sw.get("ceilings"):
+            peak, where = sw["ceilings"]["matmul_fp32_GFLOPs"], "in the same run"
+        else:
+            roof, roof_path = _latest("roofline_cpu_*.json")
+            peak, where = (roof["ceilings"]["matmul_fp32_GFLOPs"], f"`{roof_path}`") if roof else (None, None)
         rate = prof["matmul_gflops_per_s"]
         lines += ["", f"Where ahnet_fast's time goes (one window's forward under torch.profiler, self time): {shares}. "
                       f"The matrix products run at {rate:.0f} GFLOP/s"
-                      + (f", {100 * rate / peak:.0f}% of the fp32 matmul peak measured on this machine "
-                         f"({peak:.0f} GFLOP/s, `{roof_path}`)" if peak else "") + "."]
+                      + (f", {100 * rate / peak:.0f}% of the fp32 matmul rate of a 2048^3 GEMM ({peak:.0f} GFLOP/s, "
+                         f"{where})" if peak else "") + "."]
     return lines
 
 
@@ -516,7 +536,7 @@ def checkpoint_scaling_block() -> list[str]:
         return ["Not run yet (`python benchmarks/bench_memory.py --scaling --json ...`)."]
     by = {(tuple(r["shape"]), r["impl"], r["checkpoint"]): r for r in sc["results"]}
     shapes = sorted({tuple(r["shape"]) for r in sc["results"]}, key=lambda s: s[2])
-    lines = [f"{sc['date']}, {sc['device']}, torch {sc['torch']}; AHNet (MONAI's defaults, 3 classes, "
+    lines = [f"{sc['date']}, {_host(sc)}, torch {sc['torch']}; AHNet (MONAI's defaults, 3 classes, "
              f"psp_block_num=4), Adam, focal loss, batch 1, two training steps in a fresh process "
              f"(MALLOC_MMAP_THRESHOLD_=65536); a step's bytes = VmHWM over the process before the model, minus "
              f"parameters, gradients and Adam's moments ({by[(shapes[0], 'MONAI', 'none')]['fixed'] / 2**20:.0f} MiB, "

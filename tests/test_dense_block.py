@@ -226,6 +226,21 @@ def test_opcheck_in_bands(kind, monkeypatch):
 
 
 @needs_ext
+def test_backward_refuses_a_band_size_changed_since_the_forward(monkeypatch):
+    """A forward in bands keeps no a; a backward that would run on the whole map (the band size grew
+    in between) cannot recompute it there, and says so instead of failing on a shape."""
+    from ahnet_fast.ops import _bands
+
+    monkeypatch.setattr(_bands, "BAND_BYTES", 1)
+    block = make_block(3, 4, layers=2, growth=3, bn_size=2, dtype=torch.float32)
+    args = _op_args(block, torch.randn(2, 4, 5, 4, 3), True, False, None)
+    out, saved = torch.ops.ahnet_fast.dense_block.default(*args)
+    monkeypatch.setattr(_bands, "BAND_BYTES", 2 ** 40)
+    with pytest.raises(ValueError, match="band size changed"):
+        torch.ops.ahnet_fast.dense_block_backward.default(torch.randn_like(out), out, 4, args[1], saved, True, 1e-5)
+
+
+@needs_ext
 def test_saved_bytes_at_most_0_4_of_monai_block():
     """The issue's target, at AH-Net's last block (64 input channels, growth 20, bottleneck 80; the
     ratio does not depend on the spatial size): the one-buffer block keeps at most 0.4x the bytes

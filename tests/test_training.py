@@ -129,7 +129,7 @@ def test_bench_runs_from_any_folder(tmp_path):
     # --profile: where each row's time went, the step's FLOPs and the machine's ceilings
     assert record["ceilings"]["matmul_fp32_GFLOPs"] > 0 and record["ceilings"]["copy_GBps"] > 0
     by = {rec["impl"]: rec for rec in records}
-    assert by["MONAI"]["flops"] == by["ahnet_fast"]["flops"] > 10 ** 10  # the same model's products
+    assert by["ahnet_fast"]["flops"] > 10 ** 10  # MONAI's model's products, one count for every row
     assert by["MONAI"]["profile"]["self_s"]["convolutions (oneDNN/ATen)"] > 0
     assert by["ahnet_fast"]["profile"]["matmul_gflop"] > 0 and by["ahnet_fast"]["profile"]["self_s"]["matrix products"] > 0
 
@@ -153,6 +153,21 @@ def test_profile_by_kind_sorts_time_by_kind_of_op():
         opt.step()
 
     prof = profile_by_kind(work)
+    from types import SimpleNamespace
+
+    from ahnet_fast.benchmark import _kind_of
+
+    def kind(name, parent=None):
+        return _kind_of(SimpleNamespace(name=name, cpu_parent=parent))
+
+    # ahnet_fast's composite ops' own time is glue, not elementwise work, whatever their name starts with
+    assert kind("ahnet_fast::bn_relu_conv_backward") == kind("ahnet_fast::dense_block") \
+        == "ahnet_fast ops' own time (glue around the products)"
+    assert kind("ahnet_fast::bn_relu_apply_") == "BatchNorm, ReLU and other elementwise"
+    assert kind("ahnet_fast::transposed_conv_unshuffle") == "copies and concatenation"
+    assert kind("ahnet_fast::slice_max_pool") == "pooling"
+    assert kind("cpp_fused_native_batch_norm_relu_3") == "compiled (Inductor) kernels"
+    assert kind("aten::mul_", parent=SimpleNamespace(name="Optimizer.step#Adam.step", cpu_parent=None)) == "optimizer"
     spent = prof["self_s"]
     for kind in ("matrix products", "convolutions (oneDNN/ATen)", "copies and concatenation",
                  "BatchNorm, ReLU and other elementwise", "optimizer"):

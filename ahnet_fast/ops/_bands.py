@@ -34,7 +34,7 @@ from ahnet_fast._layout import is_channels_last, opmath_dtype
 from ahnet_fast.ops._conv_paths import output_format
 
 __all__ = ["BAND_BYTES", "no_backward", "band_rows", "halo", "extend", "unit_rows", "unit_banded",
-           "conv_backward_banded", "bn_backward_streamed", "activation_in", "workspace_for"]
+           "conv_backward_banded", "bn_backward_streamed", "activation_in", "view_like", "workspace_for"]
 
 BAND_BYTES = 16 * 2 ** 20
 
@@ -151,12 +151,18 @@ def unit_banded(engine, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: flo
     return out
 
 
+def view_like(flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The first t.numel() elements of the flat buffer as a tensor of t's shape, channels-last where
+    t is (else contiguous): elementwise work between the two then runs on matching layouts."""
+    v = flat[:t.numel()]
+    return v.view(t.shape[0], *t.shape[2:], t.shape[1]).movedim(-1, 1) if is_channels_last(t) else v.view(t.shape)
+
+
 def activation_in(workspace: torch.Tensor, xb: torch.Tensor, bn_weight, bn_bias, mean, var, eps: float):
     """relu(bn(xb)) with the given statistics (C++ kernel), written into the flat ``workspace`` and
     returned as a view of it: laid out as the kernel reads xb (channels-last, or contiguous: a strided
     band is read through a contiguous copy)."""
-    a = workspace[:xb.numel()]
-    a = a.view(xb.shape[0], *xb.shape[2:], xb.shape[1]).movedim(-1, 1) if is_channels_last(xb) else a.view(xb.shape)
+    a = view_like(workspace, xb)
     torch.ops.ahnet_fast.bn_relu_apply_(xb, bn_weight, bn_bias, mean, var, eps, a)
     return a
 
@@ -242,7 +248,7 @@ def bn_backward_streamed(grad_rows: Callable[[int, int], torch.Tensor], x_rows: 
         gm = grad_rows(lo, hi).to(sd, copy=True)
         if not spare or spare[0].numel() < xs.numel():
             spare[:] = [torch.empty(xs.numel(), dtype=sd, device=xs.device)]
-        pre = spare[0][:xs.numel()].view(xs.shape)
+        pre = view_like(spare[0], xs)
         torch.addcmul(shift.view(per_channel), xs, scale.view(per_channel), out=pre)
         gm.mul_(pre.gt_(0))  # the ReLU's mask as 1.0 / 0.0
         return gm, xs.sub_(mean.to(sd).view(per_channel)), per_channel, x.dtype, pre

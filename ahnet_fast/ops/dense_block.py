@@ -22,7 +22,8 @@ Without ``keep_bottleneck`` (inside activation checkpointing, where memory comes
 engine on the CPU runs every unit in bands of rows (ahnet_fast.ops._bands), in forward and in
 backward: each BatchNorm's batch statistics over its whole input first, then the activation and the
 convolution a band at a time, so that no activation of the prefix's or c1's size is ever written
-(those were the block's largest temporaries, next to its output and the prefix gradient).
+(those were the block's largest temporaries, next to its output and the prefix gradient); there
+the block keeps no a either (the backward recomputes each layer's from c1's rows, one at a time).
 
 What the block keeps for backward is the output buffer plus g channels per layer (a), against
 about three copies of every prefix plus 7g channels per layer in eager mode; with
@@ -297,7 +298,7 @@ def _fill_banded(engine, out, channels0, weights, running_means, running_vars, e
 
 
 # ---------------------------------------------------------------------------------------------
-# The op: forward keeps a per layer and the statistics; backward recomputes the rest.
+# The op: forward keeps a per layer (none in bands) and the statistics; backward recomputes the rest.
 
 
 def _split_saved(saved, layers):
@@ -390,7 +391,7 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
 
 
 def _dropped(t):
-    """A tensor of t's dtype and layout with no rows, standing in the saved list for a map that the
+    """A contiguous tensor of t's dtype with no rows, standing in the saved list for a map that the
     backward recomputes: the list keeps its length and each entry's channels, none of its data."""
     return torch.empty((t.shape[0], t.shape[1], 0, *t.shape[3:]), dtype=t.dtype, device=t.device)
 
@@ -517,6 +518,12 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     channels = _channels(channels0, layers)
     widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
     rows = out.shape[2] if kept else _training_band_rows(engine, out, widest)
+    if any(a.shape[2] != out.shape[2] for a in inner) and rows >= out.shape[2]:
+        # the forward ran in bands (and saved no a) and the backward would not: only if the band
+        # size changed in between (ops._bands.BAND_BYTES), which the two must share
+        raise ValueError("dense_block backward: the forward ran in bands and kept no inner maps, but the band "
+                         "size changed before the backward (ahnet_fast.ops._bands.BAND_BYTES must stay the same "
+                         "from a forward to its backward)")
     if rows < out.shape[2]:
         return _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows,
                                 widest)
