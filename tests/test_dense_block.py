@@ -517,6 +517,38 @@ def test_training_in_bands_matches_reference(kind, rows, training, monkeypatch):
 
 
 @needs_ext
+def test_training_in_bands_under_bf16_autocast_is_as_accurate_as_the_whole_map(monkeypatch):
+    """Under CPU bf16 autocast the banded training path (the bottleneck gradient streamed in three
+    passes, the prefix gradient written in two parts) is judged as low precision is: its error
+    against the float64 reference at most twice the whole-map path's under the same autocast, output
+    and every gradient, plus a small atol."""
+    from ahnet_fast.ops import _bands
+
+    shape = (1, 16, 12, 6, 4)
+    block = make_block(3, shape[1], growth=8, dtype=torch.float32).train()
+    x = torch.randn(shape)
+    grad = torch.randn((shape[0], shape[1] + 24, *shape[2:]))
+
+    def step(dtype, banded):
+        monkeypatch.setattr(_bands, "BAND_BYTES", 3 * shape[0] * 32 * 6 * 4 * 2 if banded else 2 ** 40)
+        b = copy.deepcopy(block).to(dtype)
+        xi = x.to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32), \
+                _checkpoint.prefer_recomputation():
+            y = b(xi)
+        grads = torch.autograd.grad(y, [xi, *b.parameters()], grad.to(y.dtype))
+        return [y.detach().double()] + [g.double() for g in grads]
+
+    ref = step(torch.float64, False)
+    whole = step(torch.float32, False)
+    banded = step(torch.float32, True)
+    names = ["output", "x"] + [n for n, _ in block.named_parameters()]
+    for name, got, base, r in zip(names, banded, whole, ref):
+        bound = 2 * (base - r).norm().item() + 1e-3 * r.norm().item() + 1e-6
+        assert (got - r).norm().item() <= bound, (name, (got - r).norm().item(), (base - r).norm().item())
+
+
+@needs_ext
 def test_training_in_bands_holds_less_at_once(monkeypatch):
     """What the bands are for: the largest set of tensors alive at once inside the block's lean
     training forward and inside its backward (a live-set count over every op the C++ engine runs) is

@@ -34,7 +34,7 @@ from ahnet_fast._layout import is_channels_last, opmath_dtype
 from ahnet_fast.ops._conv_paths import output_format
 
 __all__ = ["BAND_BYTES", "no_backward", "band_rows", "halo", "extend", "unit_rows", "unit_banded",
-           "conv_backward_banded", "bn_backward_streamed", "activation_in", "view_like", "workspace_for"]
+           "conv_backward_banded", "activation_in", "view_like", "workspace_for"]
 
 BAND_BYTES = 16 * 2 ** 20
 
@@ -167,9 +167,8 @@ def activation_in(workspace: torch.Tensor, xb: torch.Tensor, bn_weight, bn_bias,
     return a
 
 
-def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor | None, bn_weight, bn_bias, mean, var, eps: float,
-                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor | None,
-                         source: Callable[[int, int], torch.Tensor] | None = None):
+def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: float,
+                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor):
     """The gradients of ``conv(a)``, a = relu(bn(x)) with the given statistics (stride 1, same
     padding, C++ kernels on the CPU), with ``a`` recomputed a band at a time: (out, weight gradient),
     the activation's gradient written into ``out`` (x's shape). ``workspace``: a flat buffer of x's
@@ -178,26 +177,20 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor | None, bn_weight
     Each band contributes the terms of its own output rows: its weight gradient from grad_y on the
     band's rows (zero on the halo rows, which are the neighbouring bands' to count), its activation
     gradient on the rows those output rows read (the band and its halo), added into ``out``. The
-    gradients are linear in grad_y, so the sums over bands are the whole map's.
-
-    ``source(lo, hi)``, in place of x: rows [lo, hi) of the unit's input, recomputed on demand (the
-    input then never exists whole). ``out=None``: the weight gradient only (on the matmul path the
-    input gradient is then not computed)."""
+    gradients are linear in grad_y, so the sums over bands are the whole map's."""
     size = grad_y.shape[2]
     r = halo(weight)
     nd = weight.dim() - 2
     stride, padding = [1] * nd, [(k - 1) // 2 for k in weight.shape[2:]]
-    if r and out is not None:
-        out.zero_()
     if r:
+        out.zero_()
         masked = torch.empty((grad_y.shape[0], grad_y.shape[1], min(rows + 2 * r, size), *grad_y.shape[3:]),
                              dtype=grad_y.dtype, device=grad_y.device)
     grad_w = None
     for h0 in range(0, size, rows):
         h1 = min(h0 + rows, size)
         lo, hi = extend(h0, h1, r, size)
-        a = activation_in(workspace, x[:, :, lo:hi] if source is None else source(lo, hi), bn_weight, bn_bias, mean,
-                          var, eps)
+        a = activation_in(workspace, x[:, :, lo:hi], bn_weight, bn_bias, mean, var, eps)
         if r:
             g = masked[:, :, :hi - lo]
             g[:, :, :h0 - lo].zero_()
@@ -205,72 +198,11 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor | None, bn_weight
             g[:, :, h0 - lo:h1 - lo].copy_(grad_y[:, :, h0:h1])
         else:
             g = grad_y[:, :, h0:h1]
-        path = aniso_conv.choose("backward", a, weight, stride, padding)
-        if out is None and path == "matmul":
-            grad_a, gw = None, conv_paths.matmul_weight_grad(g, a, weight)
-        else:
-            grad_a, gw = conv_paths.backward(path, g, a, weight, stride, padding)
-        if out is not None:
-            (out[:, :, lo:hi].add_ if r else out[:, :, lo:hi].copy_)(grad_a)
+        grad_a, gw = conv_paths.backward(aniso_conv.choose("backward", a, weight, stride, padding), g, a, weight,
+                                         stride, padding)
+        (out[:, :, lo:hi].add_ if r else out[:, :, lo:hi].copy_)(grad_a)
         # summed in float32 (float64 for float64): a bf16 sum rounded once per band loses the
         # weight gradient's low bits at hundreds of bands
         grad_w = gw.to(opmath_dtype(gw.dtype), copy=True) if grad_w is None else grad_w.add_(gw)
         del grad_a, gw
     return out, grad_w.to(weight.dtype)
-
-
-def bn_backward_streamed(grad_rows: Callable[[int, int], torch.Tensor], x_rows: Callable[[int, int], torch.Tensor],
-                         size: int, rows: int, bn_weight, bn_bias, mean, var, use_batch_stats: bool, eps: float,
-                         write: Callable[[int, int, torch.Tensor], object]):
-    """The gradient of relu(bn(x)) (given statistics) where neither x nor the activation's gradient
-    exists whole: ``grad_rows(lo, hi)`` and ``x_rows(lo, hi)`` give rows [lo, hi) of each (views, or
-    recomputed on demand), ``write(lo, hi, dx)`` takes rows [lo, hi) of the input gradient. Batch
-    statistics couple every row to two per-channel sums over the whole map, so each band is visited
-    twice: once for the sums (the BatchNorm's weight and bias gradients), once to write its rows.
-    Returns (grad_bn_weight, grad_bn_bias). The arithmetic of the C++ bn_relu_backward: the ReLU mask
-    from x * scale + shift, sums accumulated in float64, dx = k * gm + a + b * (x - mean)."""
-    sd = mean.dtype
-    channels = mean.numel()
-    invstd = torch.rsqrt(var.to(sd) + eps)
-    scale = bn_weight.to(sd) * invstd
-    shift = bn_bias.to(sd) - mean.to(sd) * scale
-    sum_g = torch.zeros(channels, dtype=torch.float64, device=mean.device)
-    sum_gd = torch.zeros_like(sum_g)
-    count = 0
-    spare: list[torch.Tensor] = []  # one band-sized buffer for every band's mask and products
-
-    def masked(lo, hi):
-        # two band-sized copies in the statistics' precision (x and the gradient may be the caller's
-        # data: never written), the mask and centring in place; the pre-activation in the spare
-        x = x_rows(lo, hi)
-        per_channel = (1, channels) + (1,) * (x.dim() - 2)
-        xs = x.to(sd, copy=True)
-        gm = grad_rows(lo, hi).to(sd, copy=True)
-        if not spare or spare[0].numel() < xs.numel():
-            spare[:] = [torch.empty(xs.numel(), dtype=sd, device=xs.device)]
-        pre = view_like(spare[0], xs)
-        torch.addcmul(shift.view(per_channel), xs, scale.view(per_channel), out=pre)
-        gm.mul_(pre.gt_(0))  # the ReLU's mask as 1.0 / 0.0
-        return gm, xs.sub_(mean.to(sd).view(per_channel)), per_channel, x.dtype, pre
-
-    for h0 in range(0, size, rows):
-        h1 = min(h0 + rows, size)
-        gm, centred, _, _, product = masked(h0, h1)
-        dims = [0] + list(range(2, gm.dim()))
-        sum_g += gm.sum(dims, dtype=torch.float64)
-        sum_gd += torch.mul(gm, centred, out=product).sum(dims, dtype=torch.float64)
-        count += gm.numel() // channels
-        del gm, centred, product  # before the next band's are made
-    k = scale
-    if use_batch_stats:
-        a = (-k.double() * sum_g / count).to(sd)
-        b = (-k.double() * invstd.double() ** 2 * sum_gd / count).to(sd)
-    for h0 in range(0, size, rows):
-        h1 = min(h0 + rows, size)
-        gm, centred, per_channel, dtype, _ = masked(h0, h1)
-        dx = gm.mul_(k.view(per_channel))
-        if use_batch_stats:
-            dx.add_(centred.mul_(b.view(per_channel))).add_(a.view(per_channel))
-        write(h0, h1, dx.to(dtype))
-        del gm, centred, dx
-    return (sum_gd * invstd.double()).to(bn_weight.dtype), sum_g.to(bn_bias.dtype)

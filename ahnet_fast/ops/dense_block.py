@@ -38,7 +38,6 @@ convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype
-from ahnet_fast.ops import _bands as bands, _conv_paths as conv_paths
+from ahnet_fast.ops import _bands as bands, _conv_paths as conv_paths, aniso_conv
 from ahnet_fast.ops._registry import define_script_entry, register_triton_pair
 from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops.bn_relu_conv import IMPLEMENTATIONS as UNIT_IMPLEMENTATIONS, SCRATCH_SLOT, ENGINES, output_format, \
@@ -416,16 +415,15 @@ def _band_workspace(out, layers, widest, rows):
 def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows, widest):
     """_backward of the lean block (nothing kept but the output and the statistics, as inside
     activation checkpointing) with every unit's activation recomputed a band at a time
-    (ahnet_fast.ops._bands): the convolutions' gradients band by band (conv_backward_banded); a
+    (ahnet_fast.ops._bands): the last two units' gradients band by band (conv_backward_banded); a
     recomputed by the banded 3x3x1 unit from c1's rows (the forward saved it as _dropped), a + b by
-    the 1x1x3 unit from a; c1 only ever as a band (see below); the first unit's BatchNorm gradient in
-    two passes over the bands where it accumulates into the prefix gradient. What exists whole: the
-    prefix gradient, one layer's bottleneck gradient, and that layer's a and the 1x1x3 and 1x1x1
-    units' g-channel maps (a is freed before the bottleneck gradient is made)."""
+    the 1x1x3 unit from a; c1 only ever as a band (see below); the first two units together in three
+    passes over the bands (_bottleneck_backward_streamed), so that neither the bottleneck gradient
+    nor c1's exists whole. What exists whole: the prefix gradient, and one layer's a, a + b and
+    their g-channel gradients (a is freed before the first two units' backward)."""
     workspace = _band_workspace(out, layers, widest, rows)
     grad = None
     grads_w: list[torch.Tensor] = [None] * (PARAMS_PER_LAYER * len(layers))  # type: ignore[list-item]
-    bottleneck = max(units[0][2].shape[0] for units in layers)
     for i in reversed(range(len(layers))):
         units = layers[i]
         prefix = out[:, :channels[i]]
@@ -435,17 +433,16 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
             return stats[2 * (4 * i + u)], stats[2 * (4 * i + u) + 1]
 
         # c1 never exists whole: its 1x1x1 unit needs no halo rows, so any rows of it are recomputed
-        # from the same rows of the prefix, where a band needs them (for a, for the 3x3x1 unit's
-        # gradients, and twice for its BatchNorm's two passes): the extra 1x1x1 products buy the
-        # largest tensor of the layer's backward
+        # from the same rows of the prefix, where a band needs them (for a, and in two of the first
+        # units' three passes): the extra 1x1x1 products buy the largest tensor of the layer's backward
         def c1_rows(lo, hi):
             return bands.unit_rows(engine, prefix[:, :, lo:hi], lo, lo, hi, bw0, bb0, *unit_stats(0), eps, cw0,
                                    workspace)
 
-        def conv_grad(g, t, u, into, source=None):
-            """The activation's gradient into ``into`` (None: the weight gradient only), returned."""
+        def conv_grad(g, t, u, into):
+            """The activation's gradient into ``into``, returned."""
             bw, bb, cw = units[u]
-            gcw = bands.conv_backward_banded(g, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace, into, source)[1]
+            gcw = bands.conv_backward_banded(g, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace, into)[1]
             grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw.contiguous()
             return into
 
@@ -474,42 +471,157 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
         grad_a = bn_grad(g, a, 2, out=grad_s, accumulate=True)  # d(a) = its own + d(a + b)
         del g, grad_s, a
 
-        # the pooled buffer is borrowed where it is used: outside activation checkpointing the pool
-        # keeps it between steps (no page faults), inside it, it is freed after its use
-        with _scratch(out, bottleneck, GRADIENT_SLOT) as grad_buffer:
-            shape = (out.shape[0], cw0.shape[0], *out.shape[2:])
-            g = _flat_view(grad_buffer, shape, out)
-            bw1, bb1, _ = units[1]
-            conv_grad(grad_a, None, 1, g, source=c1_rows)
-            grads_w[PARAMS_PER_LAYER * i + 3], grads_w[PARAMS_PER_LAYER * i + 4] = bands.bn_backward_streamed(
-                lambda lo, hi: g[:, :, lo:hi], c1_rows, out.shape[2], rows, bw1, bb1, *unit_stats(1),
-                use_batch_stats, eps, lambda lo, hi, dx: g[:, :, lo:hi].copy_(dx))
-            del grad_a
-            grad_c1 = g
-            if last:  # the activation's gradient goes where the prefix gradient will be, then in place
-                grad = _empty(out, channels[i])
-                g = conv_grad(grad_c1, prefix, 0, grad)
-                bn_grad(g, prefix, 0, out=grad)
-                grad.add_(grad_out[:, :channels[i]])
-            else:
-                # the activation's gradient a band at a time (its 1x1x1 product twice, for the
-                # BatchNorm's two passes), added into the prefix gradient: no prefix-sized temporary
-                conv_grad(grad_c1, prefix, 0, None)
-                grads_w[PARAMS_PER_LAYER * i], grads_w[PARAMS_PER_LAYER * i + 1] = bands.bn_backward_streamed(
-                    lambda lo, hi: conv_paths.matmul_input_grad(grad_c1[:, :, lo:hi], prefix[:, :, lo:hi], cw0),
-                    lambda lo, hi: prefix[:, :, lo:hi], out.shape[2], rows, bw0, bb0, *unit_stats(0),
-                    use_batch_stats, eps, lambda lo, hi, dx: grad[:, :channels[i], lo:hi].add_(dx))
-            del g, grad_c1, grad_buffer
+        # units 1 and 0 together, a band at a time: neither the bottleneck gradient nor c1's exists
+        # whole (_bottleneck_backward_streamed); the prefix gradient is written (last layer: the
+        # buffer is new) or added into its channels
+        if last:
+            grad = _empty(out, channels[i])
+        base = PARAMS_PER_LAYER * i
+        grads_w[base:base + 6] = _bottleneck_backward_streamed(
+            grad_a, prefix, units[0], units[1], unit_stats(0), unit_stats(1), use_batch_stats, eps, rows, workspace,
+            c1_rows, grad[:, :channels[i]], fresh=last)
+        del grad_a
+        if last:
+            grad.add_(grad_out[:, :channels[i]])
     return grad[:, :channels[0]], grads_w
 
 
-def _flat_view(buffer, shape, like):
-    """A contiguous tensor of ``shape`` (like's dtype and device) in the flat pooled ``buffer`` (a
-    fresh one without it)."""
-    numel = math.prod(shape)
-    if buffer is None or buffer.numel() < numel:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return buffer[:numel].view(shape)
+def _bottleneck_backward_streamed(grad_a, prefix, unit0, unit1, stats0, stats1, use_batch_stats: bool, eps: float,
+                                  rows: int, workspace, c1_rows, dest, fresh: bool) -> list[torch.Tensor]:
+    """The backward of a layer's first two units, c1 = conv0(relu(bn0(prefix))) (1x1x1) and
+    a = conv1(relu(bn1(c1))) (a halo of r rows), from a's gradient, in bands of rows: neither the
+    gradient of unit 1's activation (the bottleneck gradient, c1's width) nor c1's own gradient ever
+    exists whole. Returns the six parameter gradients (bn0 weight, bias, conv0, bn1 weight, bias,
+    conv1); the prefix's gradient is written into ``dest`` (``fresh``) or added to it.
+
+    Batch statistics couple every row of a BatchNorm's input gradient to two per-channel sums over
+    the whole map, dx = k * gm + alpha + beta * (x - mean) (gm: the incoming gradient under the ReLU's
+    mask), and every step in between is linear, so three passes over the bands suffice:
+    A. the bottleneck gradient row by row, exactly (bottleneck_rows: each band's transposed
+       convolution on its own output rows, overlapped and added with its neighbours' over the
+       halo), with c1's rows recomputed: BN1's sums, and conv1's weight gradient;
+    B. the same rows again, now c1's exact gradient (alpha1, beta1 known): conv0's weight gradient,
+       and the prefix's k0 * gm0 into ``dest`` with BN0's sums;
+    C. alpha0 + beta0 * (prefix - mean0) added into ``dest``, band by band (BN0's sums known).
+    Against a whole bottleneck gradient this runs conv1's backward and c1's recomputation twice
+    instead of once, conv0's input gradient once instead of twice. The arithmetic of the C++
+    bn_relu_backward (mask from x * scale + shift, sums in float64); bands half the caller's height,
+    because each pass holds several maps of c1's width a band at a time."""
+    (bw0, bb0, cw0), (bw1, bb1, cw1) = unit0, unit1
+    (mean0, var0), (mean1, var1) = stats0, stats1
+    size, nd = prefix.shape[2], cw1.dim() - 2
+    r, pad, ones = bands.halo(cw1), [(k - 1) // 2 for k in cw1.shape[2:]], [1] * nd
+    band = max(1, rows // 2)
+    sd, dtype = mean1.dtype, prefix.dtype
+    count = prefix.numel() // prefix.shape[1]
+
+    def per_channel(v, like):
+        return v.view((1, -1) + (1,) * (like.dim() - 2))
+
+    def terms(bw, bb, mean, var):
+        invstd = torch.rsqrt(var.to(sd) + eps)
+        scale = bw.to(sd) * invstd
+        return invstd, scale, bb.to(sd) - mean.to(sd) * scale
+
+    def masked(g, x, scale, shift, mean):
+        """(gm, x - mean) in the statistics' dtype, fresh (g and x are never written)."""
+        xs = x.to(sd, copy=True)
+        gm = g.to(sd, copy=True)
+        gm.mul_(torch.addcmul(per_channel(shift, xs), xs, per_channel(scale, xs)).gt_(0))
+        return gm, xs.sub_(per_channel(mean.to(sd), xs))
+
+    def sums(gm, centred):
+        dims = [0] + list(range(2, gm.dim()))
+        return gm.sum(dims, dtype=torch.float64), (gm * centred).sum(dims, dtype=torch.float64)
+
+    grad_cw1: list[torch.Tensor] = []  # conv1's weight gradient, summed in float32 (float64 for float64)
+    masked_rows = torch.empty((grad_a.shape[0], grad_a.shape[1], min(band + 2 * r, size), *grad_a.shape[3:]),
+                              dtype=grad_a.dtype, device=grad_a.device)
+
+    def bottleneck_rows(weight_grad: bool):
+        """(j0, j1, rows [j0, j1) of the bottleneck gradient, c1's same rows), in order over the
+        map. Each band's transposed convolution takes a's gradient on the band's own output rows
+        only (zero on the halo rows: each output row counts once, in conv1's weight gradient too)
+        and spreads it over the band and its halo; a row's gradient is complete once the bands on
+        both sides have added theirs, so the last r rows of a band wait for the next one."""
+        pending = None
+        for h0, h1 in spans:
+            lo, hi = bands.extend(h0, h1, r, size)
+            c1 = c1_rows(lo, hi)
+            act = bands.activation_in(workspace, c1, bw1, bb1, mean1, var1, eps)
+            g = masked_rows[:, :, :hi - lo]
+            g[:, :, :h0 - lo].zero_()
+            g[:, :, h1 - lo:].zero_()
+            g[:, :, h0 - lo:h1 - lo].copy_(grad_a[:, :, h0:h1])
+            partial, gw = conv_paths.backward(aniso_conv.choose("backward", act, cw1, ones, pad), g, act, cw1, ones,
+                                              pad)
+            del act
+            if weight_grad:
+                if grad_cw1:
+                    grad_cw1[0].add_(gw)
+                else:
+                    grad_cw1.append(gw.to(opmath_dtype(gw.dtype), copy=True))
+            del gw
+            if pending is not None:  # rows [lo, lo + pending rows): the previous band's share added
+                partial[:, :, :pending.shape[2]].add_(pending)
+            done = hi if h1 == size else h1 - r
+            pending = partial[:, :, done - lo:]
+            yield lo, done, partial[:, :, :done - lo], c1[:, :, :done - lo]
+            del partial, c1
+
+    invstd1, k1, shift1 = terms(bw1, bb1, mean1, var1)
+    invstd0, k0, shift0 = terms(bw0, bb0, mean0, var0)
+    spans = [(h0, min(h0 + band, size)) for h0 in range(0, size, band)]
+    # A: BN1's sums and conv1's weight gradient
+    sum_g1 = torch.zeros(mean1.numel(), dtype=torch.float64, device=mean1.device)
+    sum_gd1 = torch.zeros_like(sum_g1)
+    for _, _, g1, c1 in bottleneck_rows(weight_grad=True):
+        gm, centred = masked(g1, c1, k1, shift1, mean1)
+        del g1, c1
+        sg, sgd = sums(gm, centred)
+        sum_g1 += sg
+        sum_gd1 += sgd
+        del gm, centred
+    if use_batch_stats:
+        alpha1 = (-k1.double() * sum_g1 / count).to(sd)
+        beta1 = (-k1.double() * invstd1.double() ** 2 * sum_gd1 / count).to(sd)
+    # B: c1's gradient, conv0's weight gradient, the prefix's k0 * gm0 and BN0's sums
+    sum_g0 = torch.zeros(mean0.numel(), dtype=torch.float64, device=mean0.device)
+    sum_gd0 = torch.zeros_like(sum_g0)
+    grad_cw0 = None
+    for j0, j1, g1, c1 in bottleneck_rows(weight_grad=False):
+        gm, centred = masked(g1, c1, k1, shift1, mean1)
+        del g1, c1
+        grad_c1 = gm.mul_(per_channel(k1, gm))
+        if use_batch_stats:
+            grad_c1.add_(centred.mul_(per_channel(beta1, centred))).add_(per_channel(alpha1, grad_c1))
+        del centred
+        grad_c1 = grad_c1.to(dtype)
+        x = prefix[:, :, j0:j1]
+        act = bands.activation_in(workspace, x, bw0, bb0, mean0, var0, eps)
+        part = conv_paths.matmul_weight_grad(grad_c1, act, cw0)
+        grad_cw0 = part.to(opmath_dtype(part.dtype), copy=True) if grad_cw0 is None else grad_cw0.add_(part)
+        gm, centred = masked(conv_paths.matmul_input_grad(grad_c1, act, cw0), x, k0, shift0, mean0)
+        del grad_c1, act, part
+        sg, sgd = sums(gm, centred)
+        sum_g0 += sg
+        sum_gd0 += sgd
+        del centred
+        part = gm.mul_(per_channel(k0, gm)).to(dtype)
+        (dest[:, :, j0:j1].copy_ if fresh else dest[:, :, j0:j1].add_)(part)
+        del gm, part
+    del masked_rows
+    # C: BN0's terms that need its sums
+    if use_batch_stats:
+        alpha0 = (-k0.double() * sum_g0 / count).to(sd)
+        beta0 = (-k0.double() * invstd0.double() ** 2 * sum_gd0 / count).to(sd)
+        for h0, h1 in spans:
+            x = prefix[:, :, h0:h1]
+            fix = x.to(sd, copy=True).sub_(per_channel(mean0.to(sd), x)).mul_(per_channel(beta0, x))
+            dest[:, :, h0:h1].add_(fix.add_(per_channel(alpha0, x)).to(dtype))
+            del fix
+    return [(sum_gd0 * invstd0.double()).to(bw0.dtype), sum_g0.to(bb0.dtype), grad_cw0.to(cw0.dtype).contiguous(),
+            (sum_gd1 * invstd1.double()).to(bw1.dtype), sum_g1.to(bb1.dtype), grad_cw1[0].to(cw1.dtype).contiguous()]
 
 
 def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
