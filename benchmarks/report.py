@@ -544,7 +544,7 @@ def checkpoint_scaling_block() -> list[str]:
              f"dense block's backward ends: every segment boundary, that block's output gradient and its input "
              f"gradient; arithmetic from the shapes); `{path}`.", "",
              "| input | MONAI B/voxel | `all` B/voxel | `all` vs MONAI | floor B/voxel | `all` vs floor | "
-             "`none` B/voxel | `none` vs MONAI | planner / measured (`all`) |",
+             "`none` B/voxel | `none` vs MONAI | planner now / measured (`all`) |",
              "|---|---|---|---|---|---|---|---|---|"]
     marginal, floors = {}, {}
     previous = None
@@ -556,7 +556,7 @@ def checkpoint_scaling_block() -> list[str]:
         lines.append(f"| {'x'.join(map(str, shape[2:]))} | {monai['step_bytes_per_voxel']:.0f} | "
                      f"{lean['step_bytes_per_voxel']:.0f} | {lean['ratio_to_monai']:.3f}x | {floor:.0f} | "
                      f"{lean['step_bytes_per_voxel'] / floor:.2f}x | {plain['step_bytes_per_voxel']:.0f} | "
-                     f"{plain['ratio_to_monai']:.3f}x | {lean['estimate'] / lean['peak']:.2f}x |")
+                     f"{plain['ratio_to_monai']:.3f}x | {_estimate_bytes(shape, 'fp32', 'all') / lean['peak']:.2f}x |")
         if previous:
             dv = voxels - previous[0]
             marginal[f"{'x'.join(map(str, previous[1][2:]))} to {'x'.join(map(str, shape[2:]))}"] = (
