@@ -34,7 +34,7 @@ from ahnet_fast._layout import is_channels_last, opmath_dtype
 from ahnet_fast.ops._conv_paths import output_format
 
 __all__ = ["BAND_BYTES", "no_backward", "band_rows", "halo", "extend", "unit_rows", "unit_banded",
-           "conv_backward_banded", "activation_in", "view_like", "workspace_for"]
+           "conv_backward_banded", "own_rows", "summed", "activation_in", "view_like", "workspace_for"]
 
 BAND_BYTES = 16 * 2 ** 20
 
@@ -167,11 +167,28 @@ def activation_in(workspace: torch.Tensor, xb: torch.Tensor, bn_weight, bn_bias,
     return a
 
 
+def own_rows(buffer: torch.Tensor, grad_y: torch.Tensor, lo: int, hi: int, h0: int, h1: int) -> torch.Tensor:
+    """grad_y's rows [h0, h1) inside rows [lo, hi) of ``buffer`` (a tensor of grad_y's other sizes,
+    at least hi - lo rows), zero on the halo rows around them: a band's own output rows, so that
+    each output row counts in one band only."""
+    g = buffer[:, :, :hi - lo]
+    g[:, :, :h0 - lo].zero_()
+    g[:, :, h1 - lo:].zero_()
+    g[:, :, h0 - lo:h1 - lo].copy_(grad_y[:, :, h0:h1])
+    return g
+
+
+def summed(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``total + part`` for a weight gradient summed over bands, kept in float32 (float64 for
+    float64): a bf16 sum rounded once per band loses the low bits at hundreds of bands."""
+    return part.to(opmath_dtype(part.dtype), copy=True) if total is None else total.add_(part)
+
+
 def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor, bn_weight, bn_bias, mean, var, eps: float,
-                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor):
+                         weight: torch.Tensor, rows: int, workspace: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The gradients of ``conv(a)``, a = relu(bn(x)) with the given statistics (stride 1, same
-    padding, C++ kernels on the CPU), with ``a`` recomputed a band at a time: (out, weight gradient),
-    the activation's gradient written into ``out`` (x's shape). ``workspace``: a flat buffer of x's
+    padding, C++ kernels on the CPU), with ``a`` recomputed a band at a time: returns the weight
+    gradient, the activation's gradient written into ``out`` (x's shape). ``workspace``: a flat buffer of x's
     dtype for one band's activation, halo rows included.
 
     Each band contributes the terms of its own output rows: its weight gradient from grad_y on the
@@ -191,18 +208,10 @@ def conv_backward_banded(grad_y: torch.Tensor, x: torch.Tensor, bn_weight, bn_bi
         h1 = min(h0 + rows, size)
         lo, hi = extend(h0, h1, r, size)
         a = activation_in(workspace, x[:, :, lo:hi], bn_weight, bn_bias, mean, var, eps)
-        if r:
-            g = masked[:, :, :hi - lo]
-            g[:, :, :h0 - lo].zero_()
-            g[:, :, h1 - lo:].zero_()
-            g[:, :, h0 - lo:h1 - lo].copy_(grad_y[:, :, h0:h1])
-        else:
-            g = grad_y[:, :, h0:h1]
+        g = own_rows(masked, grad_y, lo, hi, h0, h1) if r else grad_y[:, :, h0:h1]
         grad_a, gw = conv_paths.backward(aniso_conv.choose("backward", a, weight, stride, padding), g, a, weight,
                                          stride, padding)
         (out[:, :, lo:hi].add_ if r else out[:, :, lo:hi].copy_)(grad_a)
-        # summed in float32 (float64 for float64): a bf16 sum rounded once per band loses the
-        # weight gradient's low bits at hundreds of bands
-        grad_w = gw.to(opmath_dtype(gw.dtype), copy=True) if grad_w is None else grad_w.add_(gw)
+        grad_w = summed(grad_w, gw)
         del grad_a, gw
-    return out, grad_w.to(weight.dtype)
+    return grad_w.to(weight.dtype)

@@ -202,7 +202,7 @@ class CppEngine(_Engine):
             grad_x = output_like(x)
             workspace = bands.workspace_for(x, x.shape[1], rows, bands.halo(weight))
             grad_w = bands.conv_backward_banded(grad_y, x, bn_weight, bn_bias, mean, var, eps, weight, rows,
-                                                workspace, grad_x)[1]
+                                                workspace, grad_x)
             grad_bw, grad_bb = cls.bn_backward(grad_x, x, bn_weight, bn_bias, mean, var, use_batch_stats, eps,
                                                grad_x)[1:]
             return grad_x, grad_bw, grad_bb, grad_w.contiguous()

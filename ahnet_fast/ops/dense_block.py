@@ -266,7 +266,7 @@ def _fill_banded(engine, out, channels0, weights, running_means, running_vars, e
     layers = _split(weights)
     channels = _channels(channels0, layers)
     size = out.shape[2]
-    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    widest = _widest(channels, layers)
     rows = bands.band_rows(out, widest)
     reach = max(sum(bands.halo(u[2]) for u in units) for units in layers)
     workspace = bands.workspace_for(out, widest, rows, reach)
@@ -337,7 +337,7 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         out[:, :channels[0]].copy_(x)
     else:
         torch.add(x, skip, out=out[:, :channels[0]])
-    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    widest = _widest(channels, layers)
     # Where memory comes first (no kept bottleneck), the units run in bands of rows on the CPU
     # (_training_band_rows): each unit's batch statistics over its whole input first, then its
     # activation and convolution a band at a time, so no activation of a prefix's or c1's size exists.
@@ -387,6 +387,12 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         if not keep_for_backward:
             return out, stats
         return out, inner + bottlenecks + sums + stats
+
+
+def _widest(channels, layers):
+    """Channels of the widest activation the block's units write: the last layer's prefix or a
+    bottleneck (what the band height and the workspace are sized by)."""
+    return max(channels[-2], *(units[0][2].shape[0] for units in layers))
 
 
 def _dropped(t):
@@ -442,7 +448,7 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
         def conv_grad(g, t, u, into):
             """The activation's gradient into ``into``, returned."""
             bw, bb, cw = units[u]
-            gcw = bands.conv_backward_banded(g, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace, into)[1]
+            gcw = bands.conv_backward_banded(g, t, bw, bb, *unit_stats(u), eps, cw, rows, workspace, into)
             grads_w[PARAMS_PER_LAYER * i + 3 * u + 2] = gcw.contiguous()
             return into
 
@@ -534,7 +540,7 @@ def _bottleneck_backward_streamed(grad_a, prefix, unit0, unit1, stats0, stats1, 
         dims = [0] + list(range(2, gm.dim()))
         return gm.sum(dims, dtype=torch.float64), (gm * centred).sum(dims, dtype=torch.float64)
 
-    grad_cw1: list[torch.Tensor] = []  # conv1's weight gradient, summed in float32 (float64 for float64)
+    grad_cw1: list[torch.Tensor] = []  # conv1's weight gradient, set by bottleneck_rows(weight_grad=True)
     masked_rows = torch.empty((grad_a.shape[0], grad_a.shape[1], min(band + 2 * r, size), *grad_a.shape[3:]),
                               dtype=grad_a.dtype, device=grad_a.device)
 
@@ -549,18 +555,12 @@ def _bottleneck_backward_streamed(grad_a, prefix, unit0, unit1, stats0, stats1, 
             lo, hi = bands.extend(h0, h1, r, size)
             c1 = c1_rows(lo, hi)
             act = bands.activation_in(workspace, c1, bw1, bb1, mean1, var1, eps)
-            g = masked_rows[:, :, :hi - lo]
-            g[:, :, :h0 - lo].zero_()
-            g[:, :, h1 - lo:].zero_()
-            g[:, :, h0 - lo:h1 - lo].copy_(grad_a[:, :, h0:h1])
+            g = bands.own_rows(masked_rows, grad_a, lo, hi, h0, h1)
             partial, gw = conv_paths.backward(aniso_conv.choose("backward", act, cw1, ones, pad), g, act, cw1, ones,
                                               pad)
             del act
             if weight_grad:
-                if grad_cw1:
-                    grad_cw1[0].add_(gw)
-                else:
-                    grad_cw1.append(gw.to(opmath_dtype(gw.dtype), copy=True))
+                grad_cw1[:] = [bands.summed(grad_cw1[0] if grad_cw1 else None, gw)]
             del gw
             if pending is not None:  # rows [lo, lo + pending rows): the previous band's share added
                 partial[:, :, :pending.shape[2]].add_(pending)
@@ -600,7 +600,7 @@ def _bottleneck_backward_streamed(grad_a, prefix, unit0, unit1, stats0, stats1, 
         x = prefix[:, :, j0:j1]
         act = bands.activation_in(workspace, x, bw0, bb0, mean0, var0, eps)
         part = conv_paths.matmul_weight_grad(grad_c1, act, cw0)
-        grad_cw0 = part.to(opmath_dtype(part.dtype), copy=True) if grad_cw0 is None else grad_cw0.add_(part)
+        grad_cw0 = bands.summed(grad_cw0, part)
         gm, centred = masked(conv_paths.matmul_input_grad(grad_c1, act, cw0), x, k0, shift0, mean0)
         del grad_c1, act, part
         sg, sgd = sums(gm, centred)
@@ -628,7 +628,7 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
     layers = _split(weights)
     inner, kept, kept_sums, stats = _split_saved(saved, len(layers))
     channels = _channels(channels0, layers)
-    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    widest = _widest(channels, layers)
     rows = out.shape[2] if kept else _training_band_rows(engine, out, widest)
     if any(a.shape[2] != out.shape[2] for a in inner) and rows >= out.shape[2]:
         # the forward ran in bands (and saved no a) and the backward would not: only if the band
@@ -728,7 +728,7 @@ def _forward_fake(engine, x, weights, running_means, running_vars, use_batch_sta
     channels = _channels(x.shape[1], layers)
     out = _empty(x, channels[-1])
     # the real forward's choice, from the same shapes: in bands, each a is saved as _dropped
-    widest = max(channels[-2], *(units[0][2].shape[0] for units in layers))
+    widest = _widest(channels, layers)
     banded = not keep_bottleneck and _training_band_rows(engine, out, widest) < out.shape[2]
     inner, bottlenecks, sums, stats = [], [], [], []
     sd = opmath_dtype(x.dtype)
