@@ -97,7 +97,8 @@ def run_info(device: str, name: str) -> dict:
 # ahnet_fast's; a kind lists the ops whose self time is that kind of work. Time inside the
 # optimizer's step counts as "optimizer" whatever op it is (Adam is elementwise arithmetic).
 PROFILE_KINDS = (
-    ("matrix products", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")),
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+                         "ahnet_fast::channel_mm_", "ahnet_fast::channel_mm_nt_")),
     ("convolutions (oneDNN/ATen)", ("aten::mkldnn_convolution", "aten::convolution_backward",
                                     "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward",
                                     "aten::slow_conv3d_forward", "aten::slow_conv_dilated2d",
@@ -146,6 +147,16 @@ def _kind_of(event) -> str:
     return "other"
 
 
+def _kernel_flops(event) -> int:
+    """FLOPs of ahnet_fast's product kernels (the profiler counts ATen's only), from the recorded
+    shapes: channel_mm_(out (M, N), weight (M, K), ...) and channel_mm_nt_(out (M, K), a (M, L), ...)."""
+    shapes = event.input_shapes or []
+    if event.name in ("ahnet_fast::channel_mm_", "ahnet_fast::channel_mm_nt_") and len(shapes) >= 2 \
+            and len(shapes[0]) == 2 and len(shapes[1]) == 2:
+        return 2 * shapes[0][0] * shapes[0][1] * shapes[1][1]
+    return 0
+
+
 def profile_by_kind(fn, device: str = "cpu") -> dict:
     """Run ``fn()`` once under torch.profiler: self time per kind of op (PROFILE_KINDS; the rest is
     "other"), the profiled wall time, and the matrix products' FLOPs and rate (the profiler counts
@@ -159,7 +170,7 @@ def profile_by_kind(fn, device: str = "cpu") -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    with profile(activities=activities, with_flops=True) as prof:
+    with profile(activities=activities, with_flops=True, record_shapes=True) as prof:
         fn()
         sync()
     wall = time.perf_counter() - t0
@@ -172,7 +183,7 @@ def profile_by_kind(fn, device: str = "cpu") -> dict:
         seconds[kind] = seconds.get(kind, 0.0) + spent
         by_name[e.name] = by_name.get(e.name, 0.0) + spent
         if kind == "matrix products":
-            mm_flops += e.flops or 0
+            mm_flops += e.flops or _kernel_flops(e)
     mm_s = seconds.get("matrix products", 0.0)
     # the ops that took the most, by name: what a kind is made of, and the record a later
     # reading can sort differently
@@ -184,7 +195,8 @@ def profile_by_kind(fn, device: str = "cpu") -> dict:
 def machine_ceilings(device: str = "cpu") -> dict:
     """The machine's fp32 matmul rate (a 2048^3 GEMM on CPU, 8192^3 on CUDA, with torch's matmul
     settings as they are: no TF32 by default, while cuDNN's convolutions may use it, so a CUDA step
-    can exceed this roof) and copy bandwidth (a 256 MiB / 1 GiB copy, read + write), medians of five:
+    can exceed this roof; on an AVX-512 CPU also ahnet_fast's product kernel's, kernel_fp32_GFLOPs)
+    and copy bandwidth (a 256 MiB / 1 GiB copy, read + write), medians of five:
     the roofs a step's time is judged against."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -207,7 +219,21 @@ def machine_ceilings(device: str = "cpu") -> dict:
     del src, dst
     m = 2048 if dev.type == "cpu" else 8192
     a, b = torch.randn(m, m, device=dev), torch.randn(m, m, device=dev)
-    return {"copy_GBps": copy_gbps, "matmul_fp32_GFLOPs": 2 * m ** 3 / median_s(lambda: a @ b) / 1e9}
+    out = {"copy_GBps": copy_gbps, "matmul_fp32_GFLOPs": 2 * m ** 3 / median_s(lambda: a @ b) / 1e9}
+    from ahnet_fast.ops import channel_mm
+
+    if dev.type == "cpu" and channel_mm.kernel_isa() == "avx512":
+        # ahnet_fast's own product kernel on the same product: on AMD CPUs MKL's torch.mm runs AVX2
+        # code, and this is the rate the machine reaches with AVX-512
+        c = torch.empty(m, m)
+        out["kernel_fp32_GFLOPs"] = 2 * m ** 3 / median_s(
+            lambda: torch.ops.ahnet_fast.channel_mm_(c, a, b, None, None, False)) / 1e9
+    return out
+
+
+def fp32_product_ceiling(ceilings: dict) -> float:
+    """The faster of torch.mm's and ahnet_fast's kernel's fp32 rate on the ceiling's square product."""
+    return max(ceilings["matmul_fp32_GFLOPs"], ceilings.get("kernel_fp32_GFLOPs") or 0.0)
 
 
 def step_flops(size, mode: str, out_channels: int = 3) -> int:

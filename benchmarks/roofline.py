@@ -38,7 +38,8 @@ from _common import backends_that_ran, finish_report, median_seconds, run_info, 
 
 import ahnet_fast
 from ahnet_fast.nn.ahnet import DenseBlock, PyramidVolumetricPooling
-from ahnet_fast.ops import aniso_conv, bn_add_relu, bn_relu, bn_relu_conv, _conv_paths as conv_paths
+from ahnet_fast.benchmark import fp32_product_ceiling
+from ahnet_fast.ops import aniso_conv, bn_add_relu, bn_relu, bn_relu_conv, channel_mm, _conv_paths as conv_paths
 from ahnet_fast.ops.pointwise_conv import pointwise_conv
 from ahnet_fast.ops.slice_max_pool import slice_max_pool
 from ahnet_fast.ops.stem_conv_pool import stem_conv_pool
@@ -60,6 +61,10 @@ def ceilings(device: torch.device, smoke: bool) -> dict:
     for name, dt in (("fp32", torch.float32),) + ((("bf16", torch.bfloat16),) if device.type == "cuda" else ()):
         a, b = torch.randn(m, m, device=device, dtype=dt), torch.randn(m, m, device=device, dtype=dt)
         out[f"matmul_{name}_GFLOPs"] = 2 * m ** 3 / median_seconds(lambda: a @ b, 5, sync=sync) / 1e9
+    if device.type == "cpu" and channel_mm.kernel_isa() == "avx512":  # what AVX-512 reaches where MKL does not
+        a, b, c = torch.randn(m, m), torch.randn(m, m), torch.empty(m, m)
+        out["kernel_fp32_GFLOPs"] = 2 * m ** 3 / median_seconds(
+            lambda: torch.ops.ahnet_fast.channel_mm_(c, a, b, None, None, False), 5) / 1e9
     return out
 
 
@@ -331,6 +336,22 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
                       # forward: read the image and w, write the pooled map; backward: read gy, the image
                       # (the weight gradient), write gw
                       min_bytes=nbytes(sx, sw, sgy) + nbytes(sgy, sx, sw)))
+    # a dense layer's bottleneck product in the last decoder block at a 128x128x32 input: BN-ReLU then
+    # 104 -> 80 channels over a band of 40 of its 128 rows (64 x 16 voxels each), forward only
+    mk, mm_rows, mn = (24, 20, 300) if smoke else (104, 80, 40 * 64 * 16)
+    mx, mw = randn(mk, mn), randn(mm_rows, mk, scale=0.1)
+    mscale, mshift, mout = torch.rand(mk, device=device) + 0.5, randn(mk), torch.empty(mm_rows, mn, device=device)
+
+    def product(backend):
+        def run():
+            channel_mm.mm_into(mout, mw, mx, scale=mscale, shift=mshift, backend=backend)
+        return run
+
+    cases.append(dict(op="channel_mm", shape=f"BN-ReLU {mk}->{mm_rows} x {mn} voxels", run=product("auto"),
+                      reference=product("reference"), baseline=product("reference"),
+                      baseline_name="relu(x * scale + shift) then torch.mm",
+                      # read x, w, scale, shift; write out
+                      min_bytes=nbytes(mx, mw, mscale, mshift, mout)))
     return cases
 
 
@@ -398,10 +419,12 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     roof = ceilings(device, args.smoke)
-    peak, bw = roof["matmul_fp32_GFLOPs"] * 1e9, roof["copy_GBps"] * 1e9
+    peak, bw = fp32_product_ceiling(roof) * 1e9, roof["copy_GBps"] * 1e9
     lines = [f"# Roofline of ahnet_fast's ops and of the AH-Net training step — {datetime.date.today()}, {name}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32", "",
              f"Ceilings measured in this run: fp32 matmul {roof['matmul_fp32_GFLOPs']:.0f} GFLOP/s"
+             + (f" (torch.mm), {roof['kernel_fp32_GFLOPs']:.0f} GFLOP/s (ahnet_fast's channel_mm kernel: the peak "
+                "used below)" if "kernel_fp32_GFLOPs" in roof else "")
              + (f", bf16 matmul {roof['matmul_bf16_GFLOPs']:.0f} GFLOP/s" if "matmul_bf16_GFLOPs" in roof else "")
              + f", copy {roof['copy_GBps']:.1f} GB/s. Forward + backward, median of {args.repeats} (the step: "
              "+ Adam). FLOPs: torch.utils.flop_counter over the reference path (matmuls and convolutions only: "

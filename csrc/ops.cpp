@@ -89,4 +89,12 @@ TORCH_LIBRARY(ahnet_fast, m) {
   // transposed_conv_unshuffle is the inverse. Both return contiguous tensors.
   m.def("transposed_conv_shuffle(Tensor x, int[] factors) -> Tensor");
   m.def("transposed_conv_unshuffle(Tensor y, int[] factors) -> Tensor");
+  // out (+)= weight @ act(x) for a channel-first map's channels (csrc/cpu/channel_mm.cpp): weight (M, K), x (K, N)
+  // with contiguous rows, out (M, N) with contiguous rows, float32; act(v) = max(0, v * scale[k] + shift[k])
+  // when scale and shift are given (BatchNorm-ReLU applied as x is read), else v.
+  m.def(
+      "channel_mm_(Tensor(a!) out, Tensor weight, Tensor x, Tensor? scale, Tensor? shift, bool accumulate) -> ()");
+  // out (+)= a @ b^T, a (M, L) and b (K, L) with contiguous rows (L: the voxels), out (M, K) with contiguous rows,
+  // float32: a convolution's weight gradient (a: the output gradient, b: its input).
+  m.def("channel_mm_nt_(Tensor(a!) out, Tensor a, Tensor b, bool accumulate) -> ()");
 }

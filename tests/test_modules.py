@@ -289,7 +289,11 @@ def test_inference_path_steps_aside_for_batch_statistics_and_hooks(monkeypatch):
             m.track_running_stats, m.running_mean, m.running_var = False, None, None
     with torch.no_grad():
         y = net(x)
-    assert calls == [] and torch.allclose(y, net(x).detach(), rtol=1e-5, atol=1e-5)
+    assert calls == []
+    # norm-wise: with a gradient to come the transposed convolutions' products run on torch.mm (they
+    # are autograd compositions), under no_grad on ops.channel_mm's kernel; this uncalibrated network's
+    # outputs reach 1e4 with cancellations, so elementwise rounding differences show up to 1e-3
+    assert_close_normwise(y, net(x), 1e-5)
     for hooked in ("dense4", "psp"):
         net = _eval_net("transpose", 1)
         seen = []

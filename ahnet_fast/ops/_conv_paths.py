@@ -37,6 +37,7 @@ import torch
 
 from ahnet_fast import _scratch as scratch
 from ahnet_fast._layout import is_channels_last
+from ahnet_fast.ops import channel_mm
 
 # The fold copies the input kd times: a candidate only while that stays small.
 SLICE_FOLD_MAX_CHANNELS = 16
@@ -52,7 +53,31 @@ def output_format(x: torch.Tensor) -> torch.memory_format:
 
 
 
-def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]):
+def fusable(path: str, a: torch.Tensor) -> bool:
+    """Whether :func:`forward` can take ``scale`` and ``shift`` for this path and input: apply a
+    BatchNorm-ReLU (relu(a * scale + shift) per channel) while ops.channel_mm's kernel reads a,
+    instead of writing the activation out first. Paths matmul and shift, channel-first maps whose
+    spatial axes are laid out as one block (a band of rows of a map qualifies), float32 on a CPU where
+    the kernel runs."""
+    return path in ("matmul", "shift") and a.device.type == "cpu" and a.dtype == torch.float32 \
+        and channel_mm.kernel_isa() == "avx512" and not torch.is_autocast_enabled("cpu") \
+        and not is_channels_last(a) and _trailing_contiguous(a, a.dim() - 2)
+
+
+def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+            scale: torch.Tensor | None = None, shift: torch.Tensor | None = None):
+    """conv(a) by ``path``; with ``scale`` and ``shift`` (where :func:`fusable`), conv(relu(a * scale
+    + shift)), the activation applied as the product reads a."""
+    if scale is not None:
+        if not fusable(path, a):
+            raise ValueError(f"conv path {path!r} cannot apply the activation for this input")
+        if path == "shift":
+            return _shift_forward(a, weight, scale, shift)
+        y = a.new_empty((a.shape[0], weight.shape[0], *a.shape[2:]))
+        w = weight.view(weight.shape[0], weight.shape[1])
+        for i in range(a.shape[0]):
+            channel_mm.mm_into(y[i].view(weight.shape[0], -1), w, a[i].flatten(1), scale=scale, shift=shift)
+        return y
     if path == "slice_fold":
         return slice_fold_forward(a, weight, None, stride, padding).contiguous(memory_format=output_format(a))
     if path == "matmul":
@@ -102,7 +127,7 @@ def matmul_weight_grad(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tens
     if cl:  # rows are positions
         grad_w = gm[0].t() @ m[0] if m.shape[0] == 1 else torch.matmul(gm.transpose(1, 2), m).sum(0)
     else:  # columns are positions
-        grad_w = gm[0] @ m[0].t() if m.shape[0] == 1 else torch.matmul(gm, m.transpose(1, 2)).sum(0)
+        grad_w = _weight_grad(gm, m)
     return grad_w.view_as(weight)
 
 
@@ -116,10 +141,21 @@ def matmul_input_grad(grad_y: torch.Tensor, like: torch.Tensor, weight: torch.Te
     gm, _ = _as_matrix(grad_y.contiguous(memory_format=output_format(like)))
     if out is not None and not cl and like.shape[0] == 1 and out.is_contiguous() and out.shape == like.shape \
             and out.dtype == gm.dtype:
-        torch.mm(w.t(), gm[0], out=out.view(like.shape[1], -1))
+        channel_mm.mm_into(out.view(like.shape[1], -1), w.t(), gm[0])
         return out
     grad_a = torch.matmul(gm, w) if cl else _left_mm(w.t(), gm)
     return _from_matrix(grad_a, like, like.shape[1], cl)
+
+
+def _weight_grad(g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sum over the batch of g[n] @ m[n]^T (g: (N, Co, S) output gradients, m: (N, Ci, S) inputs), on
+    ops.channel_mm's kernel where it runs."""
+    if g.shape[0] == 1:
+        return channel_mm.mm_nt(g[0], m[0])
+    out = m.new_empty((g.shape[1], m.shape[1]))
+    for i in range(g.shape[0]):
+        channel_mm.mm_nt_into(out, g[i], m[i], accumulate=i > 0)
+    return out
 
 
 def _as_matrix(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -137,10 +173,8 @@ def _from_matrix(m: torch.Tensor, like: torch.Tensor, channels: int, channels_la
 
 
 def _left_mm(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """w @ m[n] for every n (torch.matmul would fold the batch into rows by copying m transposed)."""
-    if m.shape[0] == 1:
-        return (w @ m[0]).unsqueeze(0)
-    return torch.bmm(w.expand(m.shape[0], -1, -1), m)
+    """w @ m[n] for every n (ops.channel_mm: its kernel where it runs, else torch's)."""
+    return channel_mm.mm_batched(w, m)
 
 
 def _taps(weight: torch.Tensor) -> list[tuple[int, ...]]:
@@ -163,7 +197,8 @@ def _tap_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(co, ci, -1).permute(2, 0, 1).reshape(-1, ci)
 
 
-def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _shift_forward(a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                   shift: torch.Tensor | None = None) -> torch.Tensor:
     """y = sum over taps t of shift_t(W_t a): one matrix product for every tap (z, taps x Co
     channels, a temporary: in a pooled scratch buffer at batch 1), then each tap's map added at its
     offset. The additions run over the flattened maps (long contiguous runs, where per-axis slices
@@ -178,8 +213,12 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     wall = _tap_matrix(weight)
     # at batch 1 the tap maps go into a pooled buffer (a larger batch's matrix product has no out=)
     with _scratch(a, wall.shape[0] * math.prod(spatial)) if n == 1 else contextlib.nullcontext() as buffer:
-        if n == 1:
-            z = torch.mm(wall, a.reshape(ci, -1), out=buffer.view(wall.shape[0], -1))
+        if scale is not None:  # the activation applied as the product reads a (see fusable)
+            z = buffer.view(1, wall.shape[0], -1) if n == 1 else a.new_empty((n, wall.shape[0], math.prod(spatial)))
+            for i in range(n):
+                channel_mm.mm_into(z[i], wall, a[i].flatten(1), scale=scale, shift=shift)
+        elif n == 1:
+            z = channel_mm.mm_into(buffer.view(wall.shape[0], -1), wall, a.reshape(ci, -1))
         else:
             z = _left_mm(wall, a.reshape(n, ci, -1))
         z = z.view(n, len(taps), co, *spatial)
@@ -276,14 +315,14 @@ def _accumulate_tap_group(grad_a, grad_wall, wall, rows, g, m, out=None):
     if grad_a is None and out is not None and n == 1 and out.numel() >= w_t.shape[0] * g.shape[2] \
             and out.dtype == g.dtype:
         grad_a = out[:w_t.shape[0] * g.shape[2]].view(1, w_t.shape[0], g.shape[2])
-        torch.mm(w_t, g[0], out=grad_a[0])
+        channel_mm.mm_into(grad_a[0], w_t, g[0])
     elif grad_a is None:
         grad_a = _left_mm(w_t, g)
     elif n == 1:
-        grad_a[0].addmm_(w_t, g[0])
+        channel_mm.mm_into(grad_a[0], w_t, g[0], accumulate=True)
     else:
         grad_a.baddbmm_(w_t.expand(n, -1, -1), g)
-    grad_wall[rows] = g[0] @ m[0].t() if n == 1 else torch.matmul(g, m.transpose(1, 2)).sum(0)
+    grad_wall[rows] = _weight_grad(g, m)
     return grad_a
 
 

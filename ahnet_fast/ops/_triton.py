@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ahnet_fast._layout import opmath_dtype, output_like
 from ahnet_fast.backends import guarded
+from ahnet_fast.ops.bn_relu import scale_shift
 from ahnet_fast.kernels.triton import aniso_conv as _conv
 from ahnet_fast.kernels.triton import bn_relu as _bn
 from ahnet_fast.kernels.triton import pyramid_pool as _pyramid
@@ -31,16 +32,6 @@ def _bn_relu_stats_composition(x):
     sd = opmath_dtype(x.dtype)
     var, mean = torch.var_mean(x.to(sd), dim=_reduce_dims(x), correction=0)
     return mean, var
-
-
-def scale_shift(weight, bias, mean, var, eps):
-    """BatchNorm as one multiply-add per channel, (scale, shift), formed in float64 and kept in the
-    statistics' precision: what the kernels' BN-ReLU prologue applies."""
-    invstd = torch.rsqrt(var.double() + eps)
-    scale = weight.double() * invstd
-    shift = bias.double() - mean.double() * scale
-    dt = opmath_dtype(mean.dtype)
-    return scale.to(dt).contiguous(), shift.to(dt).contiguous()
 
 
 def _bn_relu_forward_composition(x, weight, bias, running_mean, running_var, training, eps):

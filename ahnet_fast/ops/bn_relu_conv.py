@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast.ops import aniso_conv, _bands as bands, _conv_paths as conv_paths
-from ahnet_fast.ops.bn_relu import update_running_stats
+from ahnet_fast.ops.bn_relu import cpu_scale_shift, scale_shift, update_running_stats
 from ahnet_fast.ops._conv_paths import output_format
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, is_channels_last, opmath_dtype, output_like
@@ -137,6 +137,13 @@ class CppEngine(_Engine):
             else:  # what bn_relu hands back in eval: the running statistics in the statistics dtype
                 sd = opmath_dtype(x.dtype)
                 mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
+            if not aniso_conv.tuning():  # (tuning times the paths on a: it must hold the activation)
+                path = aniso_conv.choose("forward", a, weight, stride, padding)
+                if conv_paths.fusable(path, x) and bn_weight is not None and bn_bias is not None:
+                    # the BatchNorm-ReLU applied as the product reads x: the activation is never written
+                    scale, shift = cpu_scale_shift(bn_weight, bn_bias, mean, var, eps)
+                    y = conv_paths.forward(path, x, weight, stride, padding, scale, shift)
+                    return y.contiguous(memory_format=output_format(x)), mean, var
             torch.ops.ahnet_fast.bn_relu_apply_(x, bn_weight, bn_bias, mean, var, eps, a)
         y = conv_paths.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
         return y.contiguous(memory_format=output_format(x)), mean, var
@@ -256,8 +263,6 @@ class TritonEngine(_Engine):
 
     @staticmethod
     def _scale_shift(bn_weight, bn_bias, mean, var, eps):
-        from ahnet_fast.ops._triton import scale_shift
-
         return scale_shift(bn_weight, bn_bias, mean, var, eps)
 
     @staticmethod

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ahnet_fast import backends
-from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops import aniso_conv, channel_mm
 from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import cpu_reasons, gpu_composition_reasons
 from ahnet_fast.ops._conv_paths import _as_matrix, _from_matrix, _left_mm, output_format
@@ -55,7 +55,7 @@ def _matmul(a, weight, bias, stride):
     if cl:
         y = torch.matmul(m, w.t())
     elif m.shape[0] == 1:  # squeeze, not m[0]: select's backward would fill a zero tensor and copy into it
-        y = (w @ m.squeeze(0)).unsqueeze(0)
+        y = channel_mm.mm(w, m.squeeze(0)).unsqueeze(0)
     else:
         y = _left_mm(w, m)
     y = _from_matrix(y, a, weight.shape[0], cl)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
-from ahnet_fast.ops import aniso_conv
+from ahnet_fast.ops import aniso_conv, channel_mm
 from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import cpp_kernel_reasons, cpu_reasons, dtype_reasons, gpu_composition_reasons, \
     note_compiled_kernels
@@ -133,7 +133,7 @@ def _product_shuffle(x, weight, bias, stride):
     # contiguous (N, Ci, S) operand: channels-last input is made channel-first once
     m = x.contiguous().view(n, ci, -1)
     w = weight.reshape(ci, co * taps).t()  # (Co * F, Ci), a transposed view
-    t = (w @ m[0]).unsqueeze(0) if n == 1 else torch.matmul(w, m)
+    t = channel_mm.mm(w, m[0]).unsqueeze(0) if n == 1 else channel_mm.mm_batched(w, m)
     y = transposed_conv_shuffle(t.view(n, co * taps, *x.shape[2:]), stride)
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, co, *([1] * (x.dim() - 2)))  # autocast: stay in the product's dtype

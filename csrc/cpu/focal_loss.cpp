@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "focal_loss.h"
+#include "isa.h"
 #include "layout.h"
 
 #include <cstdlib>
@@ -43,31 +44,6 @@ Layout layout_of(const at::Tensor& x) {
   l.sc = x.stride(1);
   l.ss = is_channels_last(x) ? l.C : 1;
   return l;
-}
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AHNET_FAST_HAVE_AVX2_VARIANT 1  // focal_loss.avx2.cpp and focal_loss.avx512.cpp compile theirs
-#endif
-
-// Which compiled variant runs: the widest the CPU has, unless AHNET_FAST_NO_AVX512=1 (then AVX2 at
-// most) or AHNET_FAST_NO_AVX2=1 (the baseline) says otherwise.
-enum class Isa { baseline, avx2, avx512 };
-
-Isa chosen_isa() {
-#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
-  static const Isa isa = [] {
-    if (std::getenv("AHNET_FAST_NO_AVX2") != nullptr) return Isa::baseline;
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return Isa::baseline;
-    if (std::getenv("AHNET_FAST_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq"))
-      return Isa::avx512;
-    return Isa::avx2;
-  }();
-  return isa;
-#else
-  return Isa::baseline;
-#endif
 }
 
 // The widest variant the CPU runs; double logits always take the baseline (see focal_loss.h).

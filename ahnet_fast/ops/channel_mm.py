@@ -1,0 +1,270 @@
+"""channel_mm: out (+)= weight @ act(x), the matrix product inside AH-Net's CPU convolutions.
+
+A convolution path that is a matrix product over channels (the 1x1x1 convolutions, every tap of a
+3x3x1 / 1x1x3 one at once in the ``shift`` path, a transposed convolution before its pixel shuffle,
+and their input gradients) multiplies a small weight matrix (M = 20 to 2048 output rows, K input
+channels) by a channel-first map viewed as (K, N), N = the voxels of a band or map. ``torch.mm``
+sends these to MKL, which on AMD CPUs runs its AVX2 code: about half of what AVX-512 does.
+``ahnet_fast::channel_mm_`` (csrc/cpu/channel_mm*.cpp) is a register-blocked AVX-512 kernel for this
+shape, which can also apply a BatchNorm-ReLU to x as it reads it (``scale``, ``shift``: the
+activation is never written out). ``benchmarks/bench_channel_mm.py`` compares it with torch.mm.
+
+:func:`mm_into` is the one entry: the ``cpp`` kernel where it runs (CPU, float32, AVX-512, rows
+contiguous, no autograd or autocast to respect), else ``torch.mm`` / ``addmm_`` on the activated x
+(the reference). The choice is always ``auto``: forcing a backend on the ops that call it (``cpp``)
+must not fail on a CPU without AVX-512, where torch.mm is the CPU path. No Triton kernel: on CUDA
+the products are cuBLAS's (torch.mm), which is what a kernel of ours would have to beat.
+"""
+from __future__ import annotations
+
+import torch
+
+from ahnet_fast import backends
+from ahnet_fast._extension import extension_available
+from ahnet_fast.ops._registry import cpp_kernel_reasons, gpu_composition_reasons, note_compiled_kernels
+
+__all__ = ["channel_mm_reference", "channel_mm_nt_reference", "kernel_isa", "mm", "mm_batched", "mm_into", "mm_nt",
+           "mm_nt_into"]
+
+
+def channel_mm_reference(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
+                         shift: torch.Tensor | None = None) -> torch.Tensor:
+    """weight @ act(x), act(v) = relu(v * scale[k] + shift[k]) per row k of x, or v."""
+    return weight @ _activated(x, scale, shift)
+
+
+def _activated(x, scale, shift):
+    if scale is None:
+        return x
+    return torch.relu(x * scale.view(-1, 1) + shift.view(-1, 1))
+
+
+_isa: str | None = None
+
+
+def kernel_isa() -> str | None:
+    """The variant ``ahnet_fast::channel_mm_`` runs on this CPU ("avx512", "avx2" or "baseline", the
+    last two being ATen's mm), or None without the compiled extension. Read once: the C++ side reads
+    AHNET_FAST_NO_AVX512 / AHNET_FAST_NO_AVX2 once too."""
+    global _isa
+    if _isa is None and extension_available():
+        _isa = torch.ops.ahnet_fast.channel_mm_isa()
+    return _isa
+
+
+def _cpp_reasons(out, weight, x, scale, shift, accumulate) -> list[str]:
+    reasons = cpp_kernel_reasons("channel_mm_", x.device)
+    if reasons:
+        return reasons
+    if kernel_isa() != "avx512":
+        reasons.append(f"the kernel is written for AVX-512 and this CPU runs the {kernel_isa()} variant (no "
+                       "AVX-512 F/BW/VL/DQ, or AHNET_FAST_NO_AVX512 / AHNET_FAST_NO_AVX2 set): torch.mm is as fast")
+    tensors = [out, weight, x] + ([scale, shift] if scale is not None else [])
+    if any(t.dtype != torch.float32 for t in tensors):
+        reasons.append("the kernel is float32 only (" + ", ".join(str(t.dtype) for t in tensors) + ")")
+    if x.shape[1] > 1 and x.stride(1) != 1 or out.shape[1] > 1 and out.stride(1) != 1:
+        reasons.append(f"x's and out's rows must be contiguous (strides {tuple(x.stride())}, {tuple(out.stride())})")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        reasons.append("an input requires grad: channel_mm_ writes into out (mm() differentiates it)")
+    if torch.is_autocast_enabled("cpu"):
+        reasons.append("CPU autocast is on: torch.mm casts its operands, the kernel would not")
+    return reasons
+
+
+# Below these the kernel loses to MKL (benchmarks/bench_channel_mm.py): a register block is 48 columns
+# wide, so a map of 16 voxels (up0's transposed convolution) fills a third of its lanes while the
+# whole weight streams through for them; and a tiny product is all call overhead.
+MIN_COLUMNS = 64
+MIN_MULTIPLY_ADDS = 1 << 16
+
+
+def _slower_reasons(out, weight, x, scale, shift, accumulate) -> list[str]:
+    reasons = []
+    if x.shape[1] < MIN_COLUMNS:
+        reasons.append(f"{x.shape[1]} columns, fewer than {MIN_COLUMNS}: MKL's torch.mm is faster")
+    if weight.shape[0] * weight.shape[1] * x.shape[1] < MIN_MULTIPLY_ADDS:
+        reasons.append("a product this small is call overhead either way")
+    return reasons
+
+
+IMPLEMENTATIONS = backends.register("channel_mm", (
+    backends.Implementation("reference", lambda *a: [], runs="torch.mm / addmm_ on the activated x"),
+    backends.Implementation("cpp", _cpp_reasons, _slower_reasons,
+                            runs="ahnet_fast::channel_mm_, the AVX-512 kernel (csrc/cpu/channel_mm*.cpp)"),
+    backends.Implementation("triton", lambda out, weight, x, *rest: gpu_composition_reasons(x.device),
+                            runs="torch.mm (cuBLAS) on the activated x: no kernel of ours on GPUs"),
+))
+
+
+def mm_into(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
+            shift: torch.Tensor | None = None, accumulate: bool = False, backend: str = "auto") -> torch.Tensor:
+    """out = weight @ act(x), or out += weight @ act(x) with ``accumulate``; returns out. weight (M, K),
+    x (K, N), out (M, N), not overlapping; act as in :func:`channel_mm_reference`. ``backend``:
+    "auto" (the ops' products always choose: a backend forced on an op must not reach its inner
+    products), or one forced, for the tests."""
+    if weight.dim() != 2 or x.dim() != 2 or out.dim() != 2 or weight.shape[1] != x.shape[0] \
+            or tuple(out.shape) != (weight.shape[0], x.shape[1]):
+        raise ValueError(f"channel_mm: shapes do not chain: weight {tuple(weight.shape)}, x {tuple(x.shape)}, "
+                         f"out {tuple(out.shape)}")
+    if (scale is None) != (shift is None):
+        raise ValueError("channel_mm: give scale and shift together")
+    args = (out, weight, x, scale, shift, accumulate)
+    if backends.select("channel_mm", IMPLEMENTATIONS, x.device, args, explicit=backend) == "cpp":
+        torch.ops.ahnet_fast.channel_mm_(out, weight, x, scale, shift, accumulate)
+        return out
+    act = _activated(x, scale, shift)
+    if accumulate:
+        return out.addmm_(weight, act)
+    return torch.mm(weight, act, out=out)
+
+
+class _Product(torch.autograd.Function):
+    """weight @ x on the kernel, differentiable: the input gradient weight^T @ grad and the weight
+    gradient grad @ x^T on the kernels too where they run (mm, mm_nt)."""
+
+    @staticmethod
+    def forward(ctx, weight, x):
+        out = x.new_empty((weight.shape[0], x.shape[1]))
+        torch.ops.ahnet_fast.channel_mm_(out, weight, x, None, None, False)
+        ctx.save_for_backward(weight, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, x = ctx.saved_tensors
+        grad_w = mm_nt(grad, x) if ctx.needs_input_grad[0] else None
+        grad_x = mm(weight.t(), grad) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_x
+
+
+def mm(weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
+       shift: torch.Tensor | None = None) -> torch.Tensor:
+    """weight @ act(x) in a new tensor: the kernel where it runs (differentiable without ``scale``),
+    else exactly ``weight @ act(x)`` (autograd, autocast and dtype promotion as torch.mm has them)."""
+    if x.dim() == 2 and weight.dim() == 2:
+        out = x.new_empty((weight.shape[0], x.shape[1]))
+        args = (out, weight, x, scale, shift, False)
+        if backends.select("channel_mm", IMPLEMENTATIONS, x.device, args, explicit="auto") == "cpp":
+            torch.ops.ahnet_fast.channel_mm_(out, weight, x, scale, shift, False)
+            return out
+        del out
+        if scale is None and torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad) \
+                and _runs_but_for_autograd(weight, x):
+            return _Product.apply(weight, x)
+    return weight @ _activated(x, scale, shift)
+
+
+def _runs_but_for_autograd(weight, x) -> bool:
+    """Whether the kernel would take weight @ x if nothing required a gradient."""
+    with torch.no_grad():
+        probe = x.new_empty((weight.shape[0], x.shape[1]), device="meta")
+        args = (probe, weight.detach(), x.detach(), None, None, False)
+        impl = next(i for i in IMPLEMENTATIONS if i.backend == "cpp")
+        return not impl.not_supported_reasons(*args) and not impl.slower_reasons(*args)
+
+
+def mm_batched(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight @ x[n] for every n of a batch x (N, K, S) (torch.matmul would fold the batch into rows
+    by copying x transposed)."""
+    if x.shape[0] == 1:
+        return mm(weight, x[0]).unsqueeze(0)
+    out = x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
+    if backends.select("channel_mm", IMPLEMENTATIONS, x.device, (out[0], weight, x[0], None, None, False),
+                       explicit="auto") == "cpp":
+        for i in range(x.shape[0]):
+            torch.ops.ahnet_fast.channel_mm_(out[i], weight, x[i], None, None, False)
+        return out
+    del out
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_mm_nt: out (+)= a @ b^T over the voxels, a convolution's weight gradient
+
+
+def channel_mm_nt_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b^T: a (M, L) an output gradient, b (K, L) the input, L the voxels."""
+    return a @ b.t()
+
+
+# The kernel keeps a block's rows of the chunk in L1 and b's chunk (K rows of 2048 voxels) in L2: past
+# 2^16 output elements b's chunk spills to L3 and MKL is faster (1024 x 512 outputs over 1024 voxels:
+# 0.7x); over a short L the per-chunk reductions dominate.
+NT_MIN_LENGTH = 256
+NT_MAX_OUTPUTS = 1 << 16
+
+
+def _nt_cpp_reasons(out, a, b, accumulate) -> list[str]:
+    reasons = cpp_kernel_reasons("channel_mm_nt_", b.device)
+    if reasons:
+        return reasons
+    if kernel_isa() != "avx512":
+        reasons.append(f"the kernel is written for AVX-512 and this CPU runs the {kernel_isa()} variant: torch.mm "
+                       "is as fast")
+    if any(t.dtype != torch.float32 for t in (out, a, b)):
+        reasons.append(f"the kernel is float32 only ({a.dtype}, {b.dtype}, {out.dtype})")
+    if any(t.shape[1] > 1 and t.stride(1) != 1 for t in (out, a, b)):
+        reasons.append("the rows of a, b and out must be contiguous")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, a, b)):
+        reasons.append("an input requires grad: channel_mm_nt_ writes into out")
+    if torch.is_autocast_enabled("cpu"):
+        reasons.append("CPU autocast is on: torch.mm casts its operands, the kernel would not")
+    return reasons
+
+
+def _nt_slower_reasons(out, a, b, accumulate) -> list[str]:
+    reasons = []
+    if a.shape[1] < NT_MIN_LENGTH:
+        reasons.append(f"a reduction over {a.shape[1]} < {NT_MIN_LENGTH} voxels: MKL's torch.mm is faster")
+    if a.shape[0] * b.shape[0] > NT_MAX_OUTPUTS:
+        reasons.append(f"{a.shape[0]} x {b.shape[0]} outputs: b's chunk leaves L2, MKL's torch.mm is faster")
+    return reasons
+
+
+NT_IMPLEMENTATIONS = backends.register("channel_mm_nt", (
+    backends.Implementation("reference", lambda *args: [], runs="torch.mm(a, b.t())"),
+    backends.Implementation("cpp", _nt_cpp_reasons, _nt_slower_reasons,
+                            runs="ahnet_fast::channel_mm_nt_, the AVX-512 kernel (csrc/cpu/channel_mm*.cpp)"),
+    backends.Implementation("triton", lambda out, a, b, *rest: gpu_composition_reasons(b.device),
+                            runs="torch.mm (cuBLAS): no kernel of ours on GPUs"),
+))
+
+
+def mm_nt_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool = False,
+               backend: str = "auto") -> torch.Tensor:
+    """out = a @ b^T (or out += with ``accumulate``); returns out. a (M, L), b (K, L), out (M, K). The
+    choice is "auto" as for :func:`mm_into`."""
+    if a.dim() != 2 or b.dim() != 2 or out.dim() != 2 or a.shape[1] != b.shape[1] \
+            or tuple(out.shape) != (a.shape[0], b.shape[0]):
+        raise ValueError(f"channel_mm_nt: shapes do not chain: a {tuple(a.shape)}, b {tuple(b.shape)}, "
+                         f"out {tuple(out.shape)}")
+    if backends.select("channel_mm_nt", NT_IMPLEMENTATIONS, b.device, (out, a, b, accumulate),
+                       explicit=backend) == "cpp":
+        torch.ops.ahnet_fast.channel_mm_nt_(out, a, b, accumulate)
+        return out
+    if accumulate:
+        return out.addmm_(a, b.t())
+    return torch.mm(a, b.t(), out=out)
+
+
+def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b^T in a new tensor: the kernel where it runs, else exactly ``a @ b.t()``."""
+    if a.dim() == 2 and b.dim() == 2:
+        out = b.new_empty((a.shape[0], b.shape[0]))
+        if backends.select("channel_mm_nt", NT_IMPLEMENTATIONS, b.device, (out, a, b, False),
+                           explicit="auto") == "cpp":
+            torch.ops.ahnet_fast.channel_mm_nt_(out, a, b, False)
+            return out
+    return a @ b.t()
+
+
+def _register():
+    if not extension_available():
+        return
+    note_compiled_kernels("channel_mm_")
+    note_compiled_kernels("channel_mm_nt_")
+    torch.library.register_fake("ahnet_fast::channel_mm_")(lambda out, weight, x, scale, shift, accumulate: None)
+    torch.library.register_fake("ahnet_fast::channel_mm_nt_")(lambda out, a, b, accumulate: None)
+
+
+_register()

@@ -1,0 +1,56 @@
+"""pytest-benchmark view of the matrix products behind the CPU convolutions: torch.mm (MKL), with
+the BatchNorm-ReLU as a separate pass where the layer has one, against ahnet_fast's channel_mm
+kernels (the activation applied as x is read; the weight gradient as channel_mm_nt_):
+
+    pip install pytest-benchmark
+    pytest benchmarks/test_bench_channel_mm.py --benchmark-group-by=param:case
+
+(Timings are never asserted; each result is checked against torch's before it is timed. On a CPU
+without AVX-512 the kernels' dispatch sends every product to torch.mm, and both columns time it.)
+"""
+import pytest
+import torch
+from _common import assert_matches, smoke
+
+from ahnet_fast.ops import channel_mm
+
+pytest.importorskip("pytest_benchmark")
+
+# (M, K, N, BN-ReLU) at a 1x1x128x128x32 input: a dense layer's bottleneck over a band of the last
+# block, the final 3x3x1 convolution's nine taps, layer1's 1x1x1 expansion, a 1x1x3's three taps
+CASES = {"bottleneck": (80, 104, 40960, True), "final": (27, 128, 33792, True), "layer1": (256, 64, 8192, False),
+         "1x1x3": (60, 20, 39936, True)}
+if smoke():
+    CASES = {k: (m, k2, 200, act) for k, (m, k2, _, act) in CASES.items()}
+
+
+@pytest.mark.parametrize("impl", ["torch", "kernel"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_channel_mm_forward(benchmark, case, impl):
+    m, k, n, act = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    w, x, out = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g), torch.empty(m, n)
+    scale = torch.rand(k, generator=g) + 0.5 if act else None
+    shift = torch.randn(k, generator=g) if act else None
+    backend = "reference" if impl == "torch" else "auto"
+
+    def run(which):
+        return channel_mm.mm_into(out, w, x, scale=scale, shift=shift, backend=which).clone()
+
+    assert_matches(run(backend), run("reference"), f"{case} {impl}", rtol=1e-5)
+    benchmark.pedantic(lambda: run(backend), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["torch", "kernel"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_channel_mm_weight_gradient(benchmark, case, impl):
+    m, k, n, _ = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    grad, x, out = torch.randn(m, n, generator=g), torch.randn(k, n, generator=g), torch.empty(m, k)
+    backend = "reference" if impl == "torch" else "auto"
+
+    def run(which):
+        return channel_mm.mm_nt_into(out, grad, x, backend=which).clone()
+
+    assert_matches(run(backend), run("reference"), f"{case} {impl}", rtol=1e-5)
+    benchmark.pedantic(lambda: run(backend), rounds=5, warmup_rounds=1)

@@ -1,0 +1,136 @@
+// CPU kernel of ahnet_fast::channel_mm_: out (+)= weight @ act(x), the matrix product behind AH-Net's
+// convolutions on channel-first maps (see channel_mm.avx512.cpp for why it is ours and how it is blocked).
+//
+//   weight (M, K), any strides (read in place); x (K, N) with contiguous rows (a band of a map is a row-strided view);
+//   out (M, N) with contiguous rows, not overlapping weight or x; scale, shift: K values each or both
+//   absent; act(v) = max(0, v * scale[k] + shift[k]) (BatchNorm folded to one multiply-add, then ReLU),
+//   or v. float32 only: other dtypes take torch.mm (ahnet_fast/ops/channel_mm.py chooses).
+//
+// Without AVX-512 (or with AHNET_FAST_NO_AVX512=1) the same result comes from ATen (mm / addmm_ on the
+// activated x), so the op runs everywhere; the Python side only calls it where the kernel runs.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+
+#include "channel_mm.h"
+#include "isa.h"
+
+namespace ahnet_fast {
+namespace {
+
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const char* a0 = static_cast<const char*>(a.data_ptr());
+  const char* b0 = static_cast<const char*>(b.data_ptr());
+  const auto extent = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return (last + 1) * static_cast<int64_t>(t.element_size());
+  };
+  return a0 < b0 + extent(b) && b0 < a0 + extent(a);
+}
+
+void check(const at::Tensor& out, const at::Tensor& weight, const at::Tensor& x,
+           const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && out.dim() == 2,
+              "channel_mm_: weight, x and out must be matrices, got ", weight.sizes(), ", ", x.sizes(), ", ",
+              out.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(0) && out.size(0) == weight.size(0) && out.size(1) == x.size(1),
+              "channel_mm_: shapes do not chain: weight ", weight.sizes(), ", x ", x.sizes(), ", out ", out.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "channel_mm_: float32 tensors only, got weight ", weight.scalar_type(), ", x ", x.scalar_type(),
+              ", out ", out.scalar_type());
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "channel_mm_: x's rows must be contiguous, strides ", x.strides());
+  TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, "channel_mm_: out's rows must be contiguous, strides ",
+              out.strides());
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "channel_mm_: give scale and shift together");
+  if (scale) {
+    TORCH_CHECK(scale->numel() == x.size(0) && shift->numel() == x.size(0) && scale->scalar_type() == at::kFloat &&
+                    shift->scalar_type() == at::kFloat,
+                "channel_mm_: scale and shift need ", x.size(0), " float32 values each");
+  }
+  TORCH_CHECK(!overlaps(out, x) && !overlaps(out, weight), "channel_mm_: out overlaps an input");
+}
+
+void channel_mm_cpu(at::Tensor out, const at::Tensor& weight, const at::Tensor& x,
+                    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                    bool accumulate) {
+  check(out, weight, x, scale, shift);
+  const int64_t M = out.size(0), N = out.size(1), K = x.size(0);
+  if (M == 0 || N == 0) return;
+  if (chosen_isa() != Isa::avx512) {
+    at::Tensor act = x;
+    if (scale) act = at::relu(x * scale->reshape({K, 1}) + shift->reshape({K, 1}));
+    if (accumulate)
+      out.addmm_(weight, act);
+    else
+      at::mm_out(out, weight, act);
+    return;
+  }
+#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
+  const at::Tensor s = scale ? scale->contiguous() : at::Tensor();
+  const at::Tensor b = shift ? shift->contiguous() : at::Tensor();
+  ChannelMmJob job{weight.data_ptr<float>(),
+                   weight.stride(0),
+                   weight.stride(1),
+                   M,
+                   K,
+                   N,
+                   x.data_ptr<float>(),
+                   K > 0 ? x.stride(0) : 0,
+                   scale ? s.data_ptr<float>() : nullptr,
+                   shift ? b.data_ptr<float>() : nullptr,
+                   out.data_ptr<float>(),
+                   out.stride(0),
+                   accumulate};
+  channel_mm_kernels::isa_avx512::run(job);
+#endif
+}
+
+// out (+)= a @ b^T (channel_mm_nt_): a (M, L) and b (K, L) with contiguous rows, out (M, K) with contiguous rows.
+void channel_mm_nt_cpu(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(1) && out.size(0) == a.size(0) &&
+                  out.size(1) == b.size(0),
+              "channel_mm_nt_: shapes do not chain: a ", a.sizes(), ", b ", b.sizes(), ", out ", out.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "channel_mm_nt_: float32 tensors only, got a ", a.scalar_type(), ", b ", b.scalar_type(), ", out ",
+              out.scalar_type());
+  TORCH_CHECK((a.size(1) <= 1 || a.stride(1) == 1) && (b.size(1) <= 1 || b.stride(1) == 1),
+              "channel_mm_nt_: a's and b's rows must be contiguous, strides ", a.strides(), ", ", b.strides());
+  TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, "channel_mm_nt_: out's rows must be contiguous, strides ",
+              out.strides());
+  TORCH_CHECK(!overlaps(out, a) && !overlaps(out, b), "channel_mm_nt_: out overlaps an input");
+  if (out.numel() == 0) return;
+  if (chosen_isa() != Isa::avx512) {
+    if (accumulate)
+      out.addmm_(a, b.t());
+    else
+      at::mm_out(out, a, b.t());
+    return;
+  }
+#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
+  ChannelMmNtJob job{a.data_ptr<float>(), a.size(1) > 0 ? a.stride(0) : 0, b.data_ptr<float>(),
+                     b.size(1) > 0 ? b.stride(0) : 0, out.size(0), out.size(1), a.size(1), out.data_ptr<float>(),
+                     out.stride(0), accumulate};
+  channel_mm_kernels::isa_avx512::run_nt(job);
+#endif
+}
+
+// Which variant channel_mm_ runs here ("avx512", or "avx2" / "baseline": ATen's mm): the Python side
+// sends products to channel_mm_ only where its own kernel runs.
+std::string channel_mm_isa_cpu() { return isa_name(chosen_isa()); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
+  m.impl("channel_mm_", &channel_mm_cpu);
+  m.impl("channel_mm_nt_", &channel_mm_nt_cpu);
+}
+
+// A query with no tensor to dispatch on: defined with its implementation (a catch-all kernel), here
+// beside the kernel whose variant it reports rather than in ops.cpp.
+TORCH_LIBRARY_FRAGMENT(ahnet_fast, m) { m.def("channel_mm_isa() -> str", &channel_mm_isa_cpu); }
+
+}  // namespace ahnet_fast

@@ -1,0 +1,56 @@
+// The tile loop of ahnet_fast::channel_mm_ (see channel_mm.cpp), compiled per instruction set in its own
+// translation unit (channel_mm.avx512.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace ahnet_fast {
+
+// y[m, n] (+)= sum_k w[m, k] * act(x[k, n]) for m < M, n < N; act(v) = max(0, v * scale[k] + shift[k]) when
+// scale is set, else v. x and y rows are contiguous (ldx, ldy: their row strides, in elements).
+struct ChannelMmJob {
+  const float* w;  // w[m, k] at w + m * w_sm + k * w_sk
+  int64_t w_sm, w_sk;
+  int64_t M, K, N;
+  const float* x;
+  int64_t ldx;
+  const float* scale;  // K values, or nullptr (then shift is nullptr too)
+  const float* shift;
+  float* y;
+  int64_t ldy;
+  bool accumulate;
+};
+
+namespace channel_mm_kernels {
+constexpr int kRows = 8;     // output rows per register block
+constexpr int kColumns = 48; // output columns per register block (three 16-float vectors)
+namespace isa_avx512 {
+void run(const ChannelMmJob& job);
+}  // namespace isa_avx512
+}  // namespace channel_mm_kernels
+
+}  // namespace ahnet_fast
+
+namespace ahnet_fast {
+
+// out[m, k] (+)= sum_l a[m, l] * b[k, l] for m < M, k < K: a weight gradient (a: the output gradient,
+// b: the layer's input, l: the voxels). Rows of a and b contiguous (lda, ldb: row strides); out[m, k] at
+// out + m * ldo + k.
+struct ChannelMmNtJob {
+  const float* a;
+  int64_t lda;
+  const float* b;
+  int64_t ldb;
+  int64_t M, K, L;
+  float* out;
+  int64_t ldo;
+  bool accumulate;
+};
+
+namespace channel_mm_kernels {
+namespace isa_avx512 {
+void run_nt(const ChannelMmNtJob& job);
+}  // namespace isa_avx512
+}  // namespace channel_mm_kernels
+
+}  // namespace ahnet_fast
