@@ -19,6 +19,8 @@ import argparse
 import collections
 import datetime
 import json
+import os
+import platform
 import sys
 
 import torch
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     if args.json:
         from ahnet_fast._atomic import atomic_path
 
-        record = dict(run_info("cpu", None), size=list(args.size), repeats=args.repeats, ceilings=ceilings,
+        record = dict(run_info("cpu", f"{platform.machine()} ({os.cpu_count()} CPUs)"), size=list(args.size), repeats=args.repeats, ceilings=ceilings,
                       summary=summary, rows=rows, date=datetime.date.today().isoformat())
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump(record, f, indent=1)

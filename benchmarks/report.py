@@ -673,7 +673,39 @@ def detection_block() -> list[str]:
             + f" (`{path}`)."]
 
 
+def channel_mm_block() -> list[str]:
+    """The products of an AH-Net step on torch.mm against ahnet_fast's kernels (bench_channel_mm.py)."""
+    rec, path = _latest("channel_mm_cpu_*.json")
+    if not rec:
+        return ["Not run yet (`python benchmarks/bench_channel_mm.py --json ...`)."]
+    c = rec["ceilings"]
+    lines = [f"{rec['date']}, {_host(rec, rec['device'])}, torch {rec['torch']}, {rec['threads']} threads; every product "
+             f"of a 1x1x{'x'.join(map(str, rec['size']))} training step and inference forward, median of "
+             f"{rec['repeats']} per shape; a 2048^3 product runs at {c['torch_mm_GFLOPs']:.0f} GFLOP/s on torch.mm "
+             f"and {c['channel_mm_GFLOPs']:.0f} GFLOP/s on channel_mm_; `{path}`.", "",
+             "| step | shapes | share of FLOPs on the kernels | all on torch.mm | as dispatched | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for mode, s in rec["summary"].items():
+        lines.append(f"| {'training' if mode == 'train' else 'inference'} | {s['shapes']} | "
+                     f"{s['kernel_flops'] / s['flops']:.0%} | {s['torch_mm_s'] * 1e3:.0f} ms "
+                     f"({s['flops'] / s['torch_mm_s'] / 1e9:.0f} GFLOP/s) | {s['dispatched_s'] * 1e3:.0f} ms "
+                     f"({s['flops'] / s['dispatched_s'] / 1e9:.0f} GFLOP/s) | {s['torch_mm_s'] / s['dispatched_s']:.2f}x |")
+    top = sorted((r for r in rec["rows"] if r["kernel_s"] is not None),
+                 key=lambda r: -r["torch_mm_s"] * r["calls"])[:8]
+    lines += ["", "The shapes that take the most time on torch.mm (M x K times K x N; nt: M x N times (K x N)^T, the "
+                  "weight gradients; act: the BatchNorm-ReLU applied while reading, which on torch.mm is a pass of "
+                  "its own, timed with it):", "",
+              "| step | kind | M | K | N | act | calls | torch.mm ms | kernel ms | kernel GFLOP/s | speed-up |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in top:
+        lines.append(f"| {r['mode']} | {r['kind']} | {r['M']} | {r['K']} | {r['N']} | {'yes' if r['act'] else '—'} | "
+                     f"{r['calls']} | {r['torch_mm_s'] * 1e3:.2f} | {r['kernel_s'] * 1e3:.2f} | "
+                     f"{r['flops'] / r['kernel_s'] / 1e9:.0f} | {r['torch_mm_s'] / r['kernel_s']:.2f}x |")
+    return lines
+
+
 GENERATED = {"ci": ci_block, "demo": demo_block, "e2e": e2e_block, "alternatives": alternatives_block,
+             "channel_mm": channel_mm_block,
              "sliding_window": sliding_window_block, "checkpoint_scaling": checkpoint_scaling_block,
              "plan": plan_block, "plan_infer": plan_infer_block, "detection": detection_block}
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
@@ -97,6 +98,22 @@ def test_kernel_refuses_bad_operands():
         torch.ops.ahnet_fast.channel_mm_(square, torch.randn(64, 64), square, None, None, False)
     with pytest.raises(ValueError, match="do not chain"):
         mm_into(torch.empty(8, 64), w, x[:9])
+    with pytest.raises(RuntimeError, match="rows overlap"):
+        torch.ops.ahnet_fast.channel_mm_(torch.empty(64).expand(8, 64), w, x, None, None, False)
+
+
+@needs_ext
+def test_empty_operands():
+    """K = 0 gives zeros (or leaves out as it was when accumulating), N = 0 and an empty batch give
+    empty results."""
+    out = torch.full((5, 70), 3.0)
+    torch.ops.ahnet_fast.channel_mm_(out, torch.empty(5, 0), torch.empty(0, 70), None, None, False)
+    assert (out == 0).all()
+    out.fill_(3.0)
+    torch.ops.ahnet_fast.channel_mm_(out, torch.empty(5, 0), torch.empty(0, 70), None, None, True)
+    assert (out == 3.0).all()
+    torch.ops.ahnet_fast.channel_mm_(torch.empty(5, 0), torch.randn(5, 4), torch.empty(4, 0), None, None, False)
+    assert mm_batched(torch.randn(5, 4), torch.empty(0, 4, 70)).shape == (0, 5, 70)
 
 
 @needs_ext
@@ -133,15 +150,25 @@ def test_dispatch_uses_kernel_only_where_it_runs_and_pays():
 
 @needs_kernel
 def test_differentiable_product_on_the_kernel():
-    """mm() with a gradient to come: forward and input gradient on the kernel (autograd.Function),
-    weight gradient on torch.mm; gradients as float64's."""
+    """mm() with a gradient to come: forward and input gradient on channel_mm_ (an autograd.Function),
+    the weight gradient on channel_mm_nt_; gradients as float64's."""
     w, x, _, _ = operands(40, 64, 300)
     wg, xg = w.clone().requires_grad_(), x.clone().requires_grad_()
     grad = torch.randn(40, 300)
+    # torch.func and forward-mode AD take torch.mm (the kernel has no rules for them)
+    assert not backends.explain("channel_mm", x.device, torch.empty(40, 300), w, x, None, None, False,
+                                explicit="auto")["implementations"]["cpp"]["not_supported"]
+    grad_v = torch.func.grad(lambda v: mm(w, v).sum())(x[:, :70].contiguous())
+    assert_close_normwise(grad_v, w.double().sum(0, keepdim=True).t().expand(64, 70), 1e-6)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        tangent = torch.autograd.forward_ad.unpack_dual(mm(w, dual)).tangent
+    assert_close_normwise(tangent, w.double() @ torch.ones(64, 300, dtype=torch.float64), 1e-6)
     with backends.recording() as calls:
         y = mm(wg, xg)
         y.backward(grad)
-    assert "_Product" in type(y.grad_fn).__name__ and calls["channel_mm"].get("cpp", 0) == 1, calls
+    assert "_Product" in type(y.grad_fn).__name__, type(y.grad_fn)
+    assert calls["channel_mm"].get("cpp", 0) == 2 and calls["channel_mm_nt"].get("cpp", 0) == 1, calls
     w64, x64 = w.double().requires_grad_(), x.double().requires_grad_()
     (w64 @ x64).backward(grad.double())
     assert_close_normwise(y, w64 @ x64, 1e-6)
@@ -219,17 +246,32 @@ def test_conv_paths_through_kernel_match_float64(case, kernel_everywhere):
     assert_close_normwise(grad_w, gw64, 1e-5, what="weight gradient")
 
 
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the ops run inside the block (ahnet_fast's custom ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @needs_kernel
 @pytest.mark.parametrize("kernel", [(3, 3, 1), (1, 1, 1), (1, 1, 3)], ids=["3x3x1-shift", "1x1x1-matmul",
                                                                         "1x1x3-shift"])
-def test_fused_activation_is_bitwise_the_written_one(kernel, kernel_everywhere, monkeypatch):
-    """A BN-ReLU-convolution unit whose activation the kernel applies as it reads x gives bit for bit
-    what writing the activation first gives (activation checkpointing recomputes units one way or
-    the other and promises equal results)."""
+@pytest.mark.parametrize("layout", ["batch1", "batch2", "band"])
+def test_fused_activation_is_bitwise_the_written_one(kernel, layout, kernel_everywhere, monkeypatch):
+    """A BN-ReLU-convolution unit whose activation the kernel applies as it reads x (no bn_relu op
+    runs) gives bit for bit what writing the activation first gives: activation checkpointing
+    recomputes units one way or the other and promises equal results. Batch 2 (one product per
+    sample either way) and a band of rows of a larger map (strided x, as the banded forwards pass)."""
     from ahnet_fast.ops.bn_relu_conv import CppEngine
 
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 24, 20, 12, 6, generator=g) * 3 + 1
+    full = torch.randn(2 if layout == "batch2" else 1, 24, 30 if layout == "band" else 20, 12, 6, generator=g) * 3 + 1
+    x = full[:, :, 4:24] if layout == "band" else full
     weight = torch.randn(4, 24, *kernel, generator=g)  # 4 x 9 taps: the shift path (rule: <= 64)
     bn_w, bn_b = torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)
     padding = [(k - 1) // 2 for k in kernel]
@@ -237,17 +279,20 @@ def test_fused_activation_is_bitwise_the_written_one(kernel, kernel_everywhere, 
         rm, rv = torch.randn(24, generator=g), torch.rand(24, generator=g) + 0.5
 
         def unit():
-            return CppEngine.forward(x, bn_w, bn_b, rm, rv, batch_stats, 1e-5, weight, [1, 1, 1], padding,
-                                     torch.empty(x.numel()))[0]
+            with _OpLog() as log:
+                y = CppEngine.forward(x, bn_w, bn_b, rm, rv, batch_stats, 1e-5, weight, [1, 1, 1], padding,
+                                      torch.empty(full.numel()))[0]
+            return y, [n for n in log.names if n.startswith("ahnet_fast.")]
 
-        with backends.recording() as calls:
-            fused = unit()
-        assert calls["channel_mm"].get("cpp", 0) >= 1, calls
+        fused, ops = unit()
+        assert "ahnet_fast.channel_mm_.default" in ops and not any("bn_relu." in n or "bn_relu_apply_" in n
+                                                                    for n in ops), ops
         monkeypatch.setattr(_conv_paths, "fusable", lambda *a: False)
-        written = unit()
+        written, ops = unit()
+        assert any("bn_relu" in n for n in ops), ops
         monkeypatch.undo()
-        monkeypatch.setattr(channel_mm, "MIN_COLUMNS", 1)
-        monkeypatch.setattr(channel_mm, "MIN_MULTIPLY_ADDS", 0)
+        for name, value in (("MIN_COLUMNS", 1), ("MIN_MULTIPLY_ADDS", 0)):
+            monkeypatch.setattr(channel_mm, name, value)
         assert torch.equal(fused, written), (batch_stats, (fused - written).abs().max())
 
 

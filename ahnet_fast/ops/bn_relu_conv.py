@@ -128,7 +128,15 @@ class CppEngine(_Engine):
                 return CppEngine.forward(x, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps,
                                          weight, stride, padding, pooled)
         a = _in_workspace(workspace, x)
-        if a is None:
+        fused = None
+        if not aniso_conv.tuning() and bn_weight is not None and bn_bias is not None:
+            # (tuning times the paths on the activation: it must be written.) The path is chosen for the
+            # activation's shape and layout: the workspace's view, or for a band of rows (strided, its
+            # activation written contiguous by bn_relu) an untouched tensor of that layout
+            like = a if a is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            path = aniso_conv.choose("forward", like, weight, stride, padding)
+            fused = path if conv_paths.fusable(path, x) else None
+        if a is None and fused is None:
             a, mean, var = torch.ops.ahnet_fast.bn_relu(x, bn_weight, bn_bias, running_mean, running_var,
                                                         use_batch_stats, eps)
         else:
@@ -137,13 +145,11 @@ class CppEngine(_Engine):
             else:  # what bn_relu hands back in eval: the running statistics in the statistics dtype
                 sd = opmath_dtype(x.dtype)
                 mean, var = running_mean.to(sd).clone(), running_var.to(sd).clone()
-            if not aniso_conv.tuning():  # (tuning times the paths on a: it must hold the activation)
-                path = aniso_conv.choose("forward", a, weight, stride, padding)
-                if conv_paths.fusable(path, x) and bn_weight is not None and bn_bias is not None:
-                    # the BatchNorm-ReLU applied as the product reads x: the activation is never written
-                    scale, shift = cpu_scale_shift(bn_weight, bn_bias, mean, var, eps)
-                    y = conv_paths.forward(path, x, weight, stride, padding, scale, shift)
-                    return y.contiguous(memory_format=output_format(x)), mean, var
+            if fused is not None:
+                # the BatchNorm-ReLU applied as the product reads x: the activation is never written
+                scale, shift = cpu_scale_shift(bn_weight, bn_bias, mean, var, eps)
+                y = conv_paths.forward(fused, x, weight, stride, padding, scale, shift)
+                return y.contiguous(memory_format=output_format(x)), mean, var
             torch.ops.ahnet_fast.bn_relu_apply_(x, bn_weight, bn_bias, mean, var, eps, a)
         y = conv_paths.forward(aniso_conv.choose("forward", a, weight, stride, padding), a, weight, stride, padding)
         return y.contiguous(memory_format=output_format(x)), mean, var

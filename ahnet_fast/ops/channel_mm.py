@@ -68,7 +68,18 @@ def _cpp_reasons(out, weight, x, scale, shift, accumulate) -> list[str]:
         reasons.append("an input requires grad: channel_mm_ writes into out (mm() differentiates it)")
     if torch.is_autocast_enabled("cpu"):
         reasons.append("CPU autocast is on: torch.mm casts its operands, the kernel would not")
+    reasons += _transform_reasons()
     return reasons
+
+
+def _transform_reasons() -> list[str]:
+    """torch.func transforms (vmap, grad, jvp) and forward-mode AD see through torch.mm, not through
+    the kernel (a custom op without batching or forward-gradient rules)."""
+    if torch._C._are_functorch_transforms_active():
+        return ["a torch.func transform is active: torch.mm has its rules, the kernel none"]
+    if torch.autograd.forward_ad._current_level >= 0:
+        return ["forward-mode AD is active: torch.mm has its rule, the kernel none"]
+    return []
 
 
 # Below these the kernel loses to MKL (benchmarks/bench_channel_mm.py): a register block is 48 columns
@@ -120,7 +131,8 @@ def mm_into(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, scale: 
 
 class _Product(torch.autograd.Function):
     """weight @ x on the kernel, differentiable: the input gradient weight^T @ grad and the weight
-    gradient grad @ x^T on the kernels too where they run (mm, mm_nt)."""
+    gradient grad @ x^T on the kernels too where they run (mm, mm_nt). Only reached where the
+    kernel was chosen for the operands (no torch.func transform, no forward-mode AD)."""
 
     @staticmethod
     def forward(ctx, weight, x):
@@ -139,43 +151,39 @@ class _Product(torch.autograd.Function):
 
 def mm(weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
        shift: torch.Tensor | None = None) -> torch.Tensor:
-    """weight @ act(x) in a new tensor: the kernel where it runs (differentiable without ``scale``),
-    else exactly ``weight @ act(x)`` (autograd, autocast and dtype promotion as torch.mm has them)."""
+    """weight @ act(x) in a new tensor: the kernel where it runs (differentiable without ``scale``:
+    the forward and both gradients on the kernels), else exactly ``weight @ act(x)`` (autograd,
+    autocast and dtype promotion as torch.mm has them)."""
     if x.dim() == 2 and weight.dim() == 2:
         out = x.new_empty((weight.shape[0], x.shape[1]))
-        args = (out, weight, x, scale, shift, False)
+        differentiable = scale is None and torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+        # with a gradient to come the choice is made on the operands' values (autograd is _Product's)
+        args = (out, weight.detach(), x.detach(), scale, shift, False) if differentiable else \
+            (out, weight, x, scale, shift, False)
         if backends.select("channel_mm", IMPLEMENTATIONS, x.device, args, explicit="auto") == "cpp":
+            if differentiable:
+                del out
+                return _Product.apply(weight, x)
             torch.ops.ahnet_fast.channel_mm_(out, weight, x, scale, shift, False)
             return out
         del out
-        if scale is None and torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad) \
-                and _runs_but_for_autograd(weight, x):
-            return _Product.apply(weight, x)
     return weight @ _activated(x, scale, shift)
-
-
-def _runs_but_for_autograd(weight, x) -> bool:
-    """Whether the kernel would take weight @ x if nothing required a gradient."""
-    with torch.no_grad():
-        probe = x.new_empty((weight.shape[0], x.shape[1]), device="meta")
-        args = (probe, weight.detach(), x.detach(), None, None, False)
-        impl = next(i for i in IMPLEMENTATIONS if i.backend == "cpp")
-        return not impl.not_supported_reasons(*args) and not impl.slower_reasons(*args)
 
 
 def mm_batched(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """weight @ x[n] for every n of a batch x (N, K, S) (torch.matmul would fold the batch into rows
-    by copying x transposed)."""
+    by copying x transposed). Without autograd or autocast, one product per sample whichever runs
+    it, as the fused convolution paths do (so that a unit fused or not gives the same bits)."""
     if x.shape[0] == 1:
         return mm(weight, x[0]).unsqueeze(0)
+    plain = x.shape[0] > 0 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) \
+        and not torch.is_autocast_enabled("cpu") and weight.dtype == x.dtype
+    if not plain:
+        return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
     out = x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
-    if backends.select("channel_mm", IMPLEMENTATIONS, x.device, (out[0], weight, x[0], None, None, False),
-                       explicit="auto") == "cpp":
-        for i in range(x.shape[0]):
-            torch.ops.ahnet_fast.channel_mm_(out[i], weight, x[i], None, None, False)
-        return out
-    del out
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    for i in range(x.shape[0]):
+        mm_into(out[i], weight, x[i])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +217,7 @@ def _nt_cpp_reasons(out, a, b, accumulate) -> list[str]:
         reasons.append("an input requires grad: channel_mm_nt_ writes into out")
     if torch.is_autocast_enabled("cpu"):
         reasons.append("CPU autocast is on: torch.mm casts its operands, the kernel would not")
+    reasons += _transform_reasons()
     return reasons
 
 

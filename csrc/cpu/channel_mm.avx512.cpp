@@ -11,16 +11,21 @@
 // do not depend on the thread count.
 #include "channel_mm.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+// Every header before the target pragma: an inline function a header defines (std::vector's, ATen's
+// parallel helpers) compiled here for AVX-512 could be the one copy the linker keeps for the whole
+// library, and then run on a CPU without AVX-512.
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 
 namespace ahnet_fast {
 namespace channel_mm_kernels {
@@ -140,6 +145,7 @@ void run(const ChannelMmJob& job) {
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     std::unique_ptr<float, FreeDeleter> owned(
         static_cast<float*>(std::aligned_alloc(64, sizeof(float) * std::max<int64_t>(job.K, 1) * kColumns)));
+    TORCH_CHECK(owned != nullptr, "channel_mm_: out of memory for a ", job.K, " x ", kColumns, " panel");
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t tile = t / groups, m_begin = (t % groups) * rows, m_end = std::min(job.M, m_begin + rows);
       if (job.scale != nullptr)

@@ -51,7 +51,10 @@ void check(const at::Tensor& out, const at::Tensor& weight, const at::Tensor& x,
                     shift->scalar_type() == at::kFloat,
                 "channel_mm_: scale and shift need ", x.size(0), " float32 values each");
   }
-  TORCH_CHECK(!overlaps(out, x) && !overlaps(out, weight), "channel_mm_: out overlaps an input");
+  TORCH_CHECK(!overlaps(out, x) && !overlaps(out, weight) && !(scale && (overlaps(out, *scale) || overlaps(out, *shift))),
+              "channel_mm_: out overlaps an input");
+  TORCH_CHECK(out.size(0) <= 1 || out.size(1) == 0 || out.stride(0) >= out.size(1),
+              "channel_mm_: out's rows overlap each other, strides ", out.strides());
 }
 
 void channel_mm_cpu(at::Tensor out, const at::Tensor& weight, const at::Tensor& x,
@@ -102,6 +105,8 @@ void channel_mm_nt_cpu(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, "channel_mm_nt_: out's rows must be contiguous, strides ",
               out.strides());
   TORCH_CHECK(!overlaps(out, a) && !overlaps(out, b), "channel_mm_nt_: out overlaps an input");
+  TORCH_CHECK(out.size(0) <= 1 || out.size(1) == 0 || out.stride(0) >= out.size(1),
+              "channel_mm_nt_: out's rows overlap each other, strides ", out.strides());
   if (out.numel() == 0) return;
   if (chosen_isa() != Isa::avx512) {
     if (accumulate)
