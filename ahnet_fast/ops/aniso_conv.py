@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ahnet_fast._layout import is_channels_last
+from ahnet_fast.ops import channel_mm
 from ahnet_fast.ops._conv_paths import SLICE_FOLD_MAX_CHANNELS, backward, forward
 
 __all__ = ["PATHS", "PATH_TABLE", "candidates", "path_reasons", "choose", "choices", "save_choices",
@@ -156,7 +157,11 @@ def rule(direction: str, a: torch.Tensor, weight: torch.Tensor, paths: list[str]
         return "matmul"
     if "shift" in paths:
         taps_x_out = weight.shape[0] * weight[0, 0].numel()
-        if taps_x_out <= (64 if direction == "forward" else 192):
+        # the forward's one product is the shift path's work; on ops.channel_mm's AVX-512 kernel (float32)
+        # it beats oneDNN up to the dense layers' 3x3x1 (9 taps x 20 outputs: 4.5 vs 5.6 ms over a band of
+        # the last block), on MKL's torch.mm only up to 64 rows
+        fast_products = a.dtype == torch.float32 and channel_mm.kernel_isa() == "avx512"
+        if taps_x_out <= (64 if direction == "forward" and not fast_products else 192):
             return "shift"
     # Small inputs (the encoder's layer2-4 and the early decoder blocks): oneDNN's 3D convolution
     # has more fixed cost than the 2D one over folded slices; past FOLDED_MAX_BYTES it is as fast
