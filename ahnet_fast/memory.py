@@ -66,10 +66,11 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
 # relative step time of each choice (measured on CPU, benchmarks/results/e2e_cpu.md; on GPUs bf16 is
 # the faster precision): the planner's order of preference, fastest first
-# (benchmarks/results/e2e_cpu_2026-12-06.json, 128x128x32 and 256x256x32: "encoder" 1.19x and 1.34x
-# "none", "decoder" 1.69x and 1.75x, "all" 2.00x and 1.99x, the lean dense block recomputing c1 and a
-# band by band)
-CHECKPOINT_COST = {"none": 1.0, "encoder": 1.25, "decoder": 1.7, "all": 2.0}
+# (benchmarks/results/e2e_cpu_2026-12-06b.json, 128x128x32 and 256x256x32, the products on the AVX-512
+# kernels of ops.channel_mm: "encoder" 1.16x and 1.35x "none", "decoder" 1.47x and 1.76x, "all" 1.62x and
+# 1.95x, the lean dense block recomputing c1 and a band by band; before the kernels 1.19/1.34, 1.69/1.75,
+# 2.00/1.99)
+CHECKPOINT_COST = {"none": 1.0, "encoder": 1.25, "decoder": 1.6, "all": 1.8}
 PRECISION_COST = {"bf16": 0.5, "fp16": 0.5, "fp32": 1.0}
 
 

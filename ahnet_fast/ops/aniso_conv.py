@@ -159,8 +159,10 @@ def rule(direction: str, a: torch.Tensor, weight: torch.Tensor, paths: list[str]
         taps_x_out = weight.shape[0] * weight[0, 0].numel()
         # the forward's one product is the shift path's work; on ops.channel_mm's AVX-512 kernel (float32)
         # it beats oneDNN up to the dense layers' 3x3x1 (9 taps x 20 outputs: 4.5 vs 5.6 ms over a band of
-        # the last block), on MKL's torch.mm only up to 64 rows
-        fast_products = a.dtype == torch.float32 and channel_mm.kernel_isa() == "avx512"
+        # the last block), on MKL's torch.mm only up to 64 rows. Not under autocast: there the kernel
+        # steps aside and aten's convolution runs oneDNN's bf16 kernels
+        fast_products = a.dtype == torch.float32 and channel_mm.kernel_isa() == "avx512" \
+            and not torch.is_autocast_enabled("cpu")
         if taps_x_out <= (64 if direction == "forward" and not fast_products else 192):
             return "shift"
     # Small inputs (the encoder's layer2-4 and the early decoder blocks): oneDNN's 3D convolution
@@ -178,8 +180,10 @@ FOLDED_MAX_BYTES = {"forward": 1 << 20, "backward": 512 << 10}
 def _key(direction, a, weight, stride, padding) -> str:
     layout = "channels_last" if is_channels_last(a) else "contiguous" if a.is_contiguous() else "strided"
     device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
+    # under CPU autocast the rule differs (aniso_conv.rule): a choice made there is its own
+    amp = "|autocast" if a.device.type == "cpu" and torch.is_autocast_enabled("cpu") else ""
     return (f"{direction}|{device}|{str(a.dtype).replace('torch.', '')}|{tuple(a.shape)}|{layout}|"
-            f"{tuple(weight.shape)}|s{tuple(stride)}|p{tuple(padding)}")
+            f"{tuple(weight.shape)}|s{tuple(stride)}|p{tuple(padding)}{amp}")
 
 
 def choose(direction: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
