@@ -220,9 +220,9 @@ def machine_ceilings(device: str = "cpu") -> dict:
     m = 2048 if dev.type == "cpu" else 8192
     a, b = torch.randn(m, m, device=dev), torch.randn(m, m, device=dev)
     out = {"copy_GBps": copy_gbps, "matmul_fp32_GFLOPs": 2 * m ** 3 / median_s(lambda: a @ b) / 1e9}
-    from ahnet_fast.ops import channel_mm
-
-    if dev.type == "cpu" and channel_mm.kernel_isa() == "avx512":
+    # (through torch.ops, not ahnet_fast.ops: this layer calls the model, not the ops)
+    if dev.type == "cpu" and hasattr(torch.ops.ahnet_fast, "channel_mm_isa") and \
+            torch.ops.ahnet_fast.channel_mm_isa() == "avx512":
         # ahnet_fast's own product kernel on the same product: on AMD CPUs MKL's torch.mm runs AVX2
         # code, and this is the rate the machine reaches with AVX-512
         c = torch.empty(m, m)

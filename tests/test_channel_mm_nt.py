@@ -1,5 +1,5 @@
 """ahnet_fast::channel_mm_nt_ (out (+)= a @ b^T over the voxels: the convolutions' weight gradients on
-CPU) against float64, and its dispatch (ops.channel_mm.mm_nt_into)."""
+CPU) against float64, and its dispatch (ops.channel_mm.mm_nt_into: the channel_mm table, transposed)."""
 import os
 import subprocess
 import sys
@@ -80,17 +80,10 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.ahnet_fast.channel_mm_nt_.default, (torch.randn(5, 7), a, b, accumulate))
 
 
-def dispatch_sample():
-    """One call for tests/test_dispatch.py's contract over every registered op (float64: the kernel
-    refuses it by reason, the composition runs)."""
-    a, b = (t.double() for t in operands(6, 9, 500))
-    return (lambda be: mm_nt_into(torch.zeros(6, 9, dtype=torch.float64), a, b, backend=be)), \
-        (torch.zeros(6, 9, dtype=torch.float64), a, b, False)
-
-
 def test_dispatch_uses_kernel_only_where_it_runs_and_pays():
     def chosen(out, a, b):
-        return backends.explain("channel_mm_nt", torch.device("cpu"), out, a, b, False, explicit="auto")["chosen"]
+        return backends.explain("channel_mm", torch.device("cpu"), out, a, b, None, None, False, True,
+                                explicit="auto")["chosen"]
 
     a, b = operands(20, 60, 4096)
     expected = "cpp" if channel_mm.kernel_isa() == "avx512" else "reference"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ahnet_fast._layout import opmath_dtype, output_like
 from ahnet_fast.backends import guarded
-from ahnet_fast.ops.bn_relu import scale_shift
+from ahnet_fast.ops._affine import scale_shift
 from ahnet_fast.kernels.triton import aniso_conv as _conv
 from ahnet_fast.kernels.triton import bn_relu as _bn
 from ahnet_fast.kernels.triton import pyramid_pool as _pyramid

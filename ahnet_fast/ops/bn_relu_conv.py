@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast.ops import aniso_conv, _bands as bands, _conv_paths as conv_paths
-from ahnet_fast.ops.bn_relu import cpu_scale_shift, scale_shift, update_running_stats
+from ahnet_fast.ops._affine import cpu_scale_shift, scale_shift
+from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops._conv_paths import output_format
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, is_channels_last, opmath_dtype, output_like

@@ -52,8 +52,10 @@ def kernel_isa() -> str | None:
     return _isa
 
 
-def _cpp_reasons(out, weight, x, scale, shift, accumulate) -> list[str]:
-    reasons = cpp_kernel_reasons("channel_mm_", x.device)
+def _cpp_reasons(out, weight, x, scale, shift, accumulate, transposed=False) -> list[str]:
+    """Why the kernel cannot take this product: out (+)= weight @ act(x) (channel_mm_), or with
+    ``transposed`` out (+)= weight @ x^T (channel_mm_nt_: weight the output gradient, x the input)."""
+    reasons = cpp_kernel_reasons("channel_mm_nt_" if transposed else "channel_mm_", x.device)
     if reasons:
         return reasons
     if kernel_isa() != "avx512":
@@ -62,10 +64,12 @@ def _cpp_reasons(out, weight, x, scale, shift, accumulate) -> list[str]:
     tensors = [out, weight, x] + ([scale, shift] if scale is not None else [])
     if any(t.dtype != torch.float32 for t in tensors):
         reasons.append("the kernel is float32 only (" + ", ".join(str(t.dtype) for t in tensors) + ")")
-    if x.shape[1] > 1 and x.stride(1) != 1 or out.shape[1] > 1 and out.stride(1) != 1:
-        reasons.append(f"x's and out's rows must be contiguous (strides {tuple(x.stride())}, {tuple(out.stride())})")
+    rows = (out, weight, x) if transposed else (out, x)
+    if any(t.shape[1] > 1 and t.stride(1) != 1 for t in rows):
+        reasons.append("the operands' rows must be contiguous (strides "
+                       + ", ".join(str(tuple(t.stride())) for t in rows) + ")")
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        reasons.append("an input requires grad: channel_mm_ writes into out (mm() differentiates it)")
+        reasons.append("an input requires grad: the kernel writes into out (mm() differentiates it)")
     if torch.is_autocast_enabled("cpu"):
         reasons.append("CPU autocast is on: torch.mm casts its operands, the kernel would not")
     reasons += _transform_reasons()
@@ -89,8 +93,15 @@ MIN_COLUMNS = 64
 MIN_MULTIPLY_ADDS = 1 << 16
 
 
-def _slower_reasons(out, weight, x, scale, shift, accumulate) -> list[str]:
+def _slower_reasons(out, weight, x, scale, shift, accumulate, transposed=False) -> list[str]:
     reasons = []
+    if transposed:
+        if x.shape[1] < NT_MIN_LENGTH:
+            reasons.append(f"a reduction over {x.shape[1]} < {NT_MIN_LENGTH} voxels: MKL's torch.mm is faster")
+        if weight.shape[0] * x.shape[0] > NT_MAX_OUTPUTS:
+            reasons.append(f"{weight.shape[0]} x {x.shape[0]} outputs: the chunk of x leaves L2, MKL's torch.mm "
+                           "is faster")
+        return reasons
     if x.shape[1] < MIN_COLUMNS:
         reasons.append(f"{x.shape[1]} columns, fewer than {MIN_COLUMNS}: MKL's torch.mm is faster")
     if weight.shape[0] * weight.shape[1] * x.shape[1] < MIN_MULTIPLY_ADDS:
@@ -98,10 +109,19 @@ def _slower_reasons(out, weight, x, scale, shift, accumulate) -> list[str]:
     return reasons
 
 
+# channel_mm_nt_ keeps a block's rows of the chunk in L1 and x's chunk (K rows of 2048 voxels) in L2:
+# past 2^16 output elements that chunk spills to L3 and MKL is faster (1024 x 512 outputs over 1024
+# voxels: 0.7x); over a short reduction the per-chunk sums dominate.
+NT_MIN_LENGTH = 256
+NT_MAX_OUTPUTS = 1 << 16
+
+
+# One table for both kernels: the reasons take (out, weight, x, scale, shift, accumulate[, transposed]).
 IMPLEMENTATIONS = backends.register("channel_mm", (
-    backends.Implementation("reference", lambda *a: [], runs="torch.mm / addmm_ on the activated x"),
+    backends.Implementation("reference", lambda *a: [], runs="torch.mm / addmm_ on the activated x (or x^T)"),
     backends.Implementation("cpp", _cpp_reasons, _slower_reasons,
-                            runs="ahnet_fast::channel_mm_, the AVX-512 kernel (csrc/cpu/channel_mm*.cpp)"),
+                            runs="ahnet_fast::channel_mm_ / channel_mm_nt_, the AVX-512 kernels "
+                                 "(csrc/cpu/channel_mm*.cpp)"),
     backends.Implementation("triton", lambda out, weight, x, *rest: gpu_composition_reasons(x.device),
                             runs="torch.mm (cuBLAS) on the activated x: no kernel of ours on GPUs"),
 ))
@@ -195,50 +215,6 @@ def channel_mm_nt_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.t()
 
 
-# The kernel keeps a block's rows of the chunk in L1 and b's chunk (K rows of 2048 voxels) in L2: past
-# 2^16 output elements b's chunk spills to L3 and MKL is faster (1024 x 512 outputs over 1024 voxels:
-# 0.7x); over a short L the per-chunk reductions dominate.
-NT_MIN_LENGTH = 256
-NT_MAX_OUTPUTS = 1 << 16
-
-
-def _nt_cpp_reasons(out, a, b, accumulate) -> list[str]:
-    reasons = cpp_kernel_reasons("channel_mm_nt_", b.device)
-    if reasons:
-        return reasons
-    if kernel_isa() != "avx512":
-        reasons.append(f"the kernel is written for AVX-512 and this CPU runs the {kernel_isa()} variant: torch.mm "
-                       "is as fast")
-    if any(t.dtype != torch.float32 for t in (out, a, b)):
-        reasons.append(f"the kernel is float32 only ({a.dtype}, {b.dtype}, {out.dtype})")
-    if any(t.shape[1] > 1 and t.stride(1) != 1 for t in (out, a, b)):
-        reasons.append("the rows of a, b and out must be contiguous")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, a, b)):
-        reasons.append("an input requires grad: channel_mm_nt_ writes into out")
-    if torch.is_autocast_enabled("cpu"):
-        reasons.append("CPU autocast is on: torch.mm casts its operands, the kernel would not")
-    reasons += _transform_reasons()
-    return reasons
-
-
-def _nt_slower_reasons(out, a, b, accumulate) -> list[str]:
-    reasons = []
-    if a.shape[1] < NT_MIN_LENGTH:
-        reasons.append(f"a reduction over {a.shape[1]} < {NT_MIN_LENGTH} voxels: MKL's torch.mm is faster")
-    if a.shape[0] * b.shape[0] > NT_MAX_OUTPUTS:
-        reasons.append(f"{a.shape[0]} x {b.shape[0]} outputs: b's chunk leaves L2, MKL's torch.mm is faster")
-    return reasons
-
-
-NT_IMPLEMENTATIONS = backends.register("channel_mm_nt", (
-    backends.Implementation("reference", lambda *args: [], runs="torch.mm(a, b.t())"),
-    backends.Implementation("cpp", _nt_cpp_reasons, _nt_slower_reasons,
-                            runs="ahnet_fast::channel_mm_nt_, the AVX-512 kernel (csrc/cpu/channel_mm*.cpp)"),
-    backends.Implementation("triton", lambda out, a, b, *rest: gpu_composition_reasons(b.device),
-                            runs="torch.mm (cuBLAS): no kernel of ours on GPUs"),
-))
-
-
 def mm_nt_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool = False,
                backend: str = "auto") -> torch.Tensor:
     """out = a @ b^T (or out += with ``accumulate``); returns out. a (M, L), b (K, L), out (M, K). The
@@ -247,7 +223,7 @@ def mm_nt_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulat
             or tuple(out.shape) != (a.shape[0], b.shape[0]):
         raise ValueError(f"channel_mm_nt: shapes do not chain: a {tuple(a.shape)}, b {tuple(b.shape)}, "
                          f"out {tuple(out.shape)}")
-    if backends.select("channel_mm_nt", NT_IMPLEMENTATIONS, b.device, (out, a, b, accumulate),
+    if backends.select("channel_mm", IMPLEMENTATIONS, b.device, (out, a, b, None, None, accumulate, True),
                        explicit=backend) == "cpp":
         torch.ops.ahnet_fast.channel_mm_nt_(out, a, b, accumulate)
         return out
@@ -260,7 +236,7 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b^T in a new tensor: the kernel where it runs, else exactly ``a @ b.t()``."""
     if a.dim() == 2 and b.dim() == 2:
         out = b.new_empty((a.shape[0], b.shape[0]))
-        if backends.select("channel_mm_nt", NT_IMPLEMENTATIONS, b.device, (out, a, b, False),
+        if backends.select("channel_mm", IMPLEMENTATIONS, b.device, (out, a, b, None, None, False, True),
                            explicit="auto") == "cpp":
             torch.ops.ahnet_fast.channel_mm_nt_(out, a, b, False)
             return out
