@@ -56,6 +56,18 @@ def finish_report(lines: list[str], path: str | None) -> None:
             f.write("\n".join(lines) + "\n")
 
 
+def write_json(path: str, record: dict) -> None:
+    """Writes a results record atomically (a crash leaves the previous file or none, never half of
+    one) and says where."""
+    import json
+
+    from ahnet_fast._atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
+
+
 def smoke() -> bool:
     """AHNET_FAST_BENCH_SMOKE=1: the pytest-benchmark files run tiny shapes (tests/test_benchmarks.py
     runs them so, with --benchmark-disable, to keep them working; the timings mean nothing then)."""

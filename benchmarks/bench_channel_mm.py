@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import json
 import os
 import platform
 import sys
 
 import torch
-from _common import median_seconds, run_info  # benchmarks/ is the script's folder, first on sys.path
+from _common import median_seconds, run_info, write_json  # benchmarks/ is the script's folder, first on sys.path
 
 from ahnet_fast.ops import channel_mm
 
@@ -145,13 +144,9 @@ def main(argv=None) -> int:
               f"{t_mkl * 1e3:.1f} ms ({flops / t_mkl / 1e9:.0f} GFLOP/s), as dispatched {t_ours * 1e3:.1f} ms "
               f"({flops / t_ours / 1e9:.0f} GFLOP/s, {t_mkl / t_ours:.2f}x)")
     if args.json:
-        from ahnet_fast._atomic import atomic_path
-
-        record = dict(run_info("cpu", f"{platform.machine()} ({os.cpu_count()} CPUs)"), size=list(args.size), repeats=args.repeats, ceilings=ceilings,
-                      summary=summary, rows=rows, date=datetime.date.today().isoformat())
-        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, dict(run_info("cpu", f"{platform.machine()} ({os.cpu_count()} CPUs)"), size=list(args.size),
+                                   repeats=args.repeats, ceilings=ceilings, summary=summary, rows=rows,
+                                   date=datetime.date.today().isoformat()))
     return 0
 
 

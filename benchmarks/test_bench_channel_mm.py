@@ -25,32 +25,24 @@ if smoke():
 
 
 @pytest.mark.parametrize("impl", ["torch", "kernel"])
+@pytest.mark.parametrize("product", ["forward", "weight_gradient"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_channel_mm_forward(benchmark, case, impl):
+def test_channel_mm(benchmark, case, product, impl):
     m, k, n, act = CASES[case]
     g = torch.Generator().manual_seed(0)
-    w, x, out = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g), torch.empty(m, n)
-    scale = torch.rand(k, generator=g) + 0.5 if act else None
-    shift = torch.randn(k, generator=g) if act else None
     backend = "reference" if impl == "torch" else "auto"
+    if product == "forward":  # out = w @ act(x)
+        w, x, out = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g), torch.empty(m, n)
+        scale = torch.rand(k, generator=g) + 0.5 if act else None
+        shift = torch.randn(k, generator=g) if act else None
 
-    def run(which):
-        return channel_mm.mm_into(out, w, x, scale=scale, shift=shift, backend=which).clone()
+        def run(which):
+            return channel_mm.mm_into(out, w, x, scale=scale, shift=shift, backend=which).clone()
+    else:  # out = grad @ x^T, over the voxels
+        grad, x, out = torch.randn(m, n, generator=g), torch.randn(k, n, generator=g), torch.empty(m, k)
 
-    assert_matches(run(backend), run("reference"), f"{case} {impl}", rtol=1e-5)
-    benchmark.pedantic(lambda: run(backend), rounds=5, warmup_rounds=1)
+        def run(which):
+            return channel_mm.mm_nt_into(out, grad, x, backend=which).clone()
 
-
-@pytest.mark.parametrize("impl", ["torch", "kernel"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_channel_mm_weight_gradient(benchmark, case, impl):
-    m, k, n, _ = CASES[case]
-    g = torch.Generator().manual_seed(1)
-    grad, x, out = torch.randn(m, n, generator=g), torch.randn(k, n, generator=g), torch.empty(m, k)
-    backend = "reference" if impl == "torch" else "auto"
-
-    def run(which):
-        return channel_mm.mm_nt_into(out, grad, x, backend=which).clone()
-
-    assert_matches(run(backend), run("reference"), f"{case} {impl}", rtol=1e-5)
+    assert_matches(run(backend), run("reference"), f"{case} {product} {impl}", rtol=1e-5)
     benchmark.pedantic(lambda: run(backend), rounds=5, warmup_rounds=1)

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 
-from _common import rss_bytes  # benchmarks/ is the script's folder, first on sys.path
+from _common import rss_bytes, write_json  # benchmarks/ is the script's folder, first on sys.path
 
 MiB = 2 ** 20
 
@@ -124,13 +123,9 @@ def main(argv=None) -> int:
         r = record["ops"][i]
         print(f"{i:>5} {r['op'][:44]:<44} {r['before']:>8.0f} {r['high']:>8.0f} {r['after']:>8.0f}  {r['shapes']}")
     if args.json:
-        from ahnet_fast._atomic import atomic_path
-
         record.update(date=datetime.date.today().isoformat(), device=f"CPU ({platform.machine()})",
                       torch=torch.__version__, threads=torch.get_num_threads())
-        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0
 
 

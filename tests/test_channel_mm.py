@@ -178,7 +178,7 @@ def test_differentiable_product_on_the_kernel():
 
 @needs_kernel
 def test_narrower_isa_takes_torch_mm():
-    """With AVX-512 switched off the op still answers (ATen's mm) and the dispatch sends products to
+    """With AVX-512 switched off both ops still answer (ATen's mm) and the dispatch sends products to
     torch.mm, saying why."""
     code = (
         "import torch\n"
@@ -194,6 +194,11 @@ def test_narrower_isa_takes_torch_mm():
         "assert (out.double() - ref).norm() <= 1e-6 * ref.norm()\n"
         "e = backends.explain('channel_mm', torch.device('cpu'), out, w, x, s, b, False, explicit='auto')\n"
         "assert e['chosen'] == 'reference' and 'AVX-512' in ' '.join(e['implementations']['cpp']['not_supported'])\n"
+        "a, c = torch.randn(9, 3000, generator=g), torch.randn(13, 3000, generator=g)\n"  # the weight-gradient kernel
+        "out = torch.empty(9, 13)\n"
+        "torch.ops.ahnet_fast.channel_mm_nt_(out, a, c, False)\n"
+        "ref = a.double() @ c.double().t()\n"
+        "assert (out.double() - ref).norm() <= 1e-6 * ref.norm()\n"
         "print('ok')\n")
     for switch in ("AHNET_FAST_NO_AVX512", "AHNET_FAST_NO_AVX2"):
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
