@@ -59,9 +59,8 @@ def fusable(path: str, a: torch.Tensor) -> bool:
     instead of writing the activation out first. Paths matmul and shift, channel-first maps whose
     spatial axes are laid out as one block (a band of rows of a map qualifies), float32 on a CPU where
     the kernel runs."""
-    return path in ("matmul", "shift") and a.device.type == "cpu" and a.dtype == torch.float32 \
-        and channel_mm.kernel_isa() == "avx512" and not torch.is_autocast_enabled("cpu") \
-        and not is_channels_last(a) and _trailing_contiguous(a, a.dim() - 2)
+    return path in ("matmul", "shift") and channel_mm.kernel_takes(a) and not is_channels_last(a) \
+        and _trailing_contiguous(a, a.dim() - 2)
 
 
 def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -73,17 +72,15 @@ def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[i
             raise ValueError(f"conv path {path!r} cannot apply the activation for this input")
         if path == "shift":
             return _shift_forward(a, weight, scale, shift)
-        y = a.new_empty((a.shape[0], weight.shape[0], *a.shape[2:]))
-        w = weight.view(weight.shape[0], weight.shape[1])
-        for i in range(a.shape[0]):
-            channel_mm.mm_into(y[i].view(weight.shape[0], -1), w, a[i].flatten(1), scale=scale, shift=shift)
-        return y
+        y = channel_mm.mm_batched(weight.view(weight.shape[0], weight.shape[1]), a.flatten(2), scale=scale,
+                                  shift=shift)
+        return y.view(a.shape[0], weight.shape[0], *a.shape[2:])
     if path == "slice_fold":
         return slice_fold_forward(a, weight, None, stride, padding).contiguous(memory_format=output_format(a))
     if path == "matmul":
         w = weight.view(weight.shape[0], weight.shape[1])
         m, cl = _as_matrix(a)
-        return _from_matrix(torch.matmul(m, w.t()) if cl else _left_mm(w, m), a, weight.shape[0], cl)
+        return _from_matrix(torch.matmul(m, w.t()) if cl else channel_mm.mm_batched(w, m), a, weight.shape[0], cl)
     if path == "shift":
         return _shift_forward(a, weight)
     if path == "folded":
@@ -143,7 +140,7 @@ def matmul_input_grad(grad_y: torch.Tensor, like: torch.Tensor, weight: torch.Te
             and out.dtype == gm.dtype:
         channel_mm.mm_into(out.view(like.shape[1], -1), w.t(), gm[0])
         return out
-    grad_a = torch.matmul(gm, w) if cl else _left_mm(w.t(), gm)
+    grad_a = torch.matmul(gm, w) if cl else channel_mm.mm_batched(w.t(), gm)
     return _from_matrix(grad_a, like, like.shape[1], cl)
 
 
@@ -170,11 +167,6 @@ def _from_matrix(m: torch.Tensor, like: torch.Tensor, channels: int, channels_la
     if channels_last:
         return m.view(like.shape[0], *like.shape[2:], channels).movedim(-1, 1)
     return m.view(like.shape[0], channels, *like.shape[2:])
-
-
-def _left_mm(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """w @ m[n] for every n (ops.channel_mm: its kernel where it runs, else torch's)."""
-    return channel_mm.mm_batched(w, m)
 
 
 def _taps(weight: torch.Tensor) -> list[tuple[int, ...]]:
@@ -206,21 +198,16 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     that is z_t[p + offset] when p + offset is inside the map, and otherwise a value r whose own
     r - offset is outside the map (flat indices are one-to-one inside it), which no output reads
     legitimately: those values lie in the strips zeroed first, so a wrapped read adds zero."""
-    n, ci = a.shape[:2]
+    n = a.shape[0]
     co, spatial = weight.shape[0], a.shape[2:]
     nd = len(spatial)
     taps = _taps(weight)
     wall = _tap_matrix(weight)
-    # at batch 1 the tap maps go into a pooled buffer (a larger batch's matrix product has no out=)
+    # at batch 1 the tap maps go into a pooled buffer (at larger batches into a fresh tensor)
     with _scratch(a, wall.shape[0] * math.prod(spatial)) if n == 1 else contextlib.nullcontext() as buffer:
-        if scale is not None:  # the activation applied as the product reads a (see fusable)
-            z = buffer.view(1, wall.shape[0], -1) if n == 1 else a.new_empty((n, wall.shape[0], math.prod(spatial)))
-            for i in range(n):
-                channel_mm.mm_into(z[i], wall, a[i].flatten(1), scale=scale, shift=shift)
-        elif n == 1:
-            z = channel_mm.mm_into(buffer.view(wall.shape[0], -1), wall, a.reshape(ci, -1))
-        else:
-            z = _left_mm(wall, a.reshape(n, ci, -1))
+        # with scale and shift the activation is applied as the product reads a (see fusable)
+        z = channel_mm.mm_batched(wall, a.flatten(2), scale=scale, shift=shift,
+                                  out=buffer.view(1, wall.shape[0], -1) if n == 1 else None)
         z = z.view(n, len(taps), co, *spatial)
         centre = taps.index(tuple(0 for _ in spatial))
         y = z[:, centre].clone()
@@ -317,7 +304,7 @@ def _accumulate_tap_group(grad_a, grad_wall, wall, rows, g, m, out=None):
         grad_a = out[:w_t.shape[0] * g.shape[2]].view(1, w_t.shape[0], g.shape[2])
         channel_mm.mm_into(grad_a[0], w_t, g[0])
     elif grad_a is None:
-        grad_a = _left_mm(w_t, g)
+        grad_a = channel_mm.mm_batched(w_t, g)
     elif n == 1:
         channel_mm.mm_into(grad_a[0], w_t, g[0], accumulate=True)
     else:

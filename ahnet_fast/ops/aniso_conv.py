@@ -161,9 +161,7 @@ def rule(direction: str, a: torch.Tensor, weight: torch.Tensor, paths: list[str]
         # it beats oneDNN up to the dense layers' 3x3x1 (9 taps x 20 outputs: 4.5 vs 5.6 ms over a band of
         # the last block), on MKL's torch.mm only up to 64 rows. Not under autocast: there the kernel
         # steps aside and aten's convolution runs oneDNN's bf16 kernels
-        fast_products = a.dtype == torch.float32 and channel_mm.kernel_isa() == "avx512" \
-            and not torch.is_autocast_enabled("cpu")
-        if taps_x_out <= (64 if direction == "forward" and not fast_products else 192):
+        if taps_x_out <= (64 if direction == "forward" and not channel_mm.kernel_takes(a) else 192):
             return "shift"
     # Small inputs (the encoder's layer2-4 and the early decoder blocks): oneDNN's 3D convolution
     # has more fixed cost than the 2D one over folded slices; past FOLDED_MAX_BYTES it is as fast

@@ -23,7 +23,7 @@ from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast.ops._registry import cpp_kernel_reasons, gpu_composition_reasons, note_compiled_kernels
 
-__all__ = ["channel_mm_reference", "channel_mm_nt_reference", "kernel_isa", "mm", "mm_batched", "mm_into", "mm_nt",
+__all__ = ["channel_mm_reference", "channel_mm_nt_reference", "kernel_isa", "kernel_takes", "mm", "mm_batched", "mm_into", "mm_nt",
            "mm_nt_into"]
 
 
@@ -50,6 +50,14 @@ def kernel_isa() -> str | None:
     if _isa is None and extension_available():
         _isa = torch.ops.ahnet_fast.channel_mm_isa()
     return _isa
+
+
+def kernel_takes(t: torch.Tensor) -> bool:
+    """Whether the kernels take float32 products of tensors like ``t`` here (the conditions of the
+    dispatch that depend on neither shapes nor autograd): a CPU tensor, float32, an AVX-512 CPU, CPU
+    autocast off. The convolution paths decide on it what to hand the kernels."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and kernel_isa() == "avx512" \
+        and not torch.is_autocast_enabled("cpu")
 
 
 def _cpp_reasons(out, weight, x, scale, shift, accumulate, transposed=False) -> list[str]:
@@ -175,34 +183,38 @@ def mm(weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = No
     the forward and both gradients on the kernels), else exactly ``weight @ act(x)`` (autograd,
     autocast and dtype promotion as torch.mm has them)."""
     if x.dim() == 2 and weight.dim() == 2:
-        out = x.new_empty((weight.shape[0], x.shape[1]))
         differentiable = scale is None and torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-        # with a gradient to come the choice is made on the operands' values (autograd is _Product's)
-        args = (out, weight.detach(), x.detach(), scale, shift, False) if differentiable else \
-            (out, weight, x, scale, shift, False)
+        # the choice is made on a stand-in for out (no memory), and with a gradient to come on the
+        # operands' values (autograd is then _Product's)
+        probe = x.new_empty((weight.shape[0], x.shape[1]), device="meta")
+        args = (probe, weight.detach(), x.detach(), scale, shift, False) if differentiable else \
+            (probe, weight, x, scale, shift, False)
         if backends.select("channel_mm", IMPLEMENTATIONS, x.device, args, explicit="auto") == "cpp":
             if differentiable:
-                del out
                 return _Product.apply(weight, x)
+            out = x.new_empty((weight.shape[0], x.shape[1]))
             torch.ops.ahnet_fast.channel_mm_(out, weight, x, scale, shift, False)
             return out
-        del out
     return weight @ _activated(x, scale, shift)
 
 
-def mm_batched(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight @ x[n] for every n of a batch x (N, K, S) (torch.matmul would fold the batch into rows
-    by copying x transposed). Without autograd or autocast, one product per sample whichever runs
-    it, as the fused convolution paths do (so that a unit fused or not gives the same bits)."""
-    if x.shape[0] == 1:
-        return mm(weight, x[0]).unsqueeze(0)
-    plain = x.shape[0] > 0 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) \
-        and not torch.is_autocast_enabled("cpu") and weight.dtype == x.dtype
-    if not plain:
-        return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
-    out = x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
+def mm_batched(weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight @ act(x[n]) for every n of a batch x (N, K, S) (torch.matmul would fold the batch into
+    rows by copying x transposed), into ``out`` (N, M, S) when given; act as in :func:`mm_into`.
+    Without autograd or autocast, one product per sample whichever runs it, as with ``scale`` or
+    ``out`` always (so that a convolution unit fused or not gives the same bits)."""
+    if out is None and scale is None:
+        if x.shape[0] == 1:  # squeeze, not x[0]: select's backward would fill a zero tensor and copy into it
+            return mm(weight, x.squeeze(0)).unsqueeze(0)
+        plain = x.shape[0] > 0 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) \
+            and not torch.is_autocast_enabled("cpu") and weight.dtype == x.dtype
+        if not plain:
+            return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    if out is None:
+        out = x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
     for i in range(x.shape[0]):
-        mm_into(out[i], weight, x[i])
+        mm_into(out[i], weight, x[i], scale=scale, shift=shift)
     return out
 
 
@@ -235,9 +247,10 @@ def mm_nt_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulat
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b^T in a new tensor: the kernel where it runs, else exactly ``a @ b.t()``."""
     if a.dim() == 2 and b.dim() == 2:
-        out = b.new_empty((a.shape[0], b.shape[0]))
-        if backends.select("channel_mm", IMPLEMENTATIONS, b.device, (out, a, b, None, None, False, True),
+        probe = b.new_empty((a.shape[0], b.shape[0]), device="meta")  # the choice needs no memory
+        if backends.select("channel_mm", IMPLEMENTATIONS, b.device, (probe, a, b, None, None, False, True),
                            explicit="auto") == "cpp":
+            out = b.new_empty((a.shape[0], b.shape[0]))
             torch.ops.ahnet_fast.channel_mm_nt_(out, a, b, False)
             return out
     return a @ b.t()

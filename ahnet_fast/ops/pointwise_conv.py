@@ -23,7 +23,7 @@ from ahnet_fast import backends
 from ahnet_fast.ops import aniso_conv, channel_mm
 from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import cpu_reasons, gpu_composition_reasons
-from ahnet_fast.ops._conv_paths import _as_matrix, _from_matrix, _left_mm, output_format
+from ahnet_fast.ops._conv_paths import _as_matrix, _from_matrix, output_format
 
 __all__ = ["pointwise_conv", "pointwise_conv_reference"]
 
@@ -52,12 +52,7 @@ def _matmul(a, weight, bias, stride):
         a = a[(slice(None), slice(None), *(slice(None, None, s) for s in stride))].contiguous(memory_format=fmt)
     w = weight.view(weight.shape[0], weight.shape[1])
     m, cl = _as_matrix(a)
-    if cl:
-        y = torch.matmul(m, w.t())
-    elif m.shape[0] == 1:  # squeeze, not m[0]: select's backward would fill a zero tensor and copy into it
-        y = channel_mm.mm(w, m.squeeze(0)).unsqueeze(0)
-    else:
-        y = _left_mm(w, m)
+    y = torch.matmul(m, w.t()) if cl else channel_mm.mm_batched(w, m)
     y = _from_matrix(y, a, weight.shape[0], cl)
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, -1, *([1] * nd))

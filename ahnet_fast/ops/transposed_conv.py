@@ -133,7 +133,7 @@ def _product_shuffle(x, weight, bias, stride):
     # contiguous (N, Ci, S) operand: channels-last input is made channel-first once
     m = x.contiguous().view(n, ci, -1)
     w = weight.reshape(ci, co * taps).t()  # (Co * F, Ci), a transposed view
-    t = channel_mm.mm(w, m[0]).unsqueeze(0) if n == 1 else channel_mm.mm_batched(w, m)
+    t = channel_mm.mm_batched(w, m)
     y = transposed_conv_shuffle(t.view(n, co * taps, *x.shape[2:]), stride)
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, co, *([1] * (x.dim() - 2)))  # autocast: stay in the product's dtype
