@@ -1,5 +1,7 @@
 """The matrix products of an AH-Net step on CPU: torch.mm (MKL) against ahnet_fast's kernels
-(channel_mm_: weight @ act(x); channel_mm_nt_: the weight gradients, a @ b^T over the voxels).
+(channel_mm_: weight @ act(x); channel_mm_nt_: the weight gradients, a @ b^T over the voxels;
+channel_mm_conv_: a 3x3x1 / 1x1x3 convolution as one product over its taps, against torch's own
+convolution, oneDNN).
 
 Every product a training step and an inference forward make at 1x1xSIZE (default 128x128x32) is
 recorded with its shape and whether a BatchNorm-ReLU is applied to its input as it is read; each
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import math
 import os
 import platform
 import sys
@@ -29,11 +32,12 @@ from ahnet_fast.ops import channel_mm
 
 
 def step_products(size) -> dict:
-    """{(mode, kind, M, K, N, act): count} over one training step and one inference forward. kind
-    "mm": out = weight (M, K) @ act(x) (K, N) on channel_mm_; "nt": out (M, K) = a (M, N) @ b (K, N)^T
-    on channel_mm_nt_ (weight gradients, N the voxels); "torch": a product left to torch.mm (below the
-    kernels' thresholds, another dtype or layout), timed as (M, K) @ (K, N). Recorded by the profiler
-    with shapes."""
+    """{(mode, kind, M, K, N, act, geometry): count} over one training step and one inference forward.
+    kind "mm": out = weight (M, K) @ act(x) (K, N) on channel_mm_; "nt": out (M, K) = a (M, N) @ b (K, N)^T
+    on channel_mm_nt_ (weight gradients, N the voxels); "conv": channel_mm_conv_, M output channels, K =
+    input channels x taps, N voxels, geometry = (kernel, spatial sizes); "torch": a product left to
+    torch.mm (below the kernels' thresholds, another dtype or layout), timed as (M, K) @ (K, N).
+    Recorded by the profiler with shapes (and the convolution's sizes, a list argument)."""
     from torch.profiler import ProfilerActivity, profile
 
     from ahnet_fast import AHNet
@@ -59,19 +63,27 @@ def step_products(size) -> dict:
             shapes = e.input_shapes
             if e.name == "ahnet_fast::channel_mm_":  # (out, weight, x, scale, shift, accumulate)
                 (m, k), n = shapes[1], shapes[2][1]
-                counts[(mode, "mm", m, k, n, bool(shapes[3]))] += 1
+                counts[(mode, "mm", m, k, n, bool(shapes[3]), None)] += 1
+            elif e.name == "ahnet_fast::channel_mm_conv_":  # (out, weight, x, spatial, scale, shift, accumulate)
+                weight, spatial = shapes[1], tuple(e.concrete_inputs[3])
+                k = weight[1] * math.prod(weight[2:])
+                counts[(mode, "conv", weight[0], k, shapes[2][1], bool(shapes[4]), (tuple(weight[2:]), spatial))] += 1
             elif e.name == "ahnet_fast::channel_mm_nt_":  # (out, a, b, accumulate)
                 (m, n), k = shapes[1], shapes[2][0]
-                counts[(mode, "nt", m, k, n, False)] += 1
+                counts[(mode, "nt", m, k, n, False, None)] += 1
             elif e.name == "aten::mm" and len(shapes) >= 2 and len(shapes[0]) == 2 and len(shapes[1]) == 2:
                 (m, k), n = shapes[0], shapes[1][1]
-                counts[(mode, "torch", m, k, n, False)] += 1
+                counts[(mode, "torch", m, k, n, False, None)] += 1
     return counts
 
 
-def time_shape(kind, m, k, n, act, repeats):
-    """(torch.mm seconds, kernel seconds or None, the kernel's relative error against float64)."""
+def time_shape(kind, m, k, n, act, repeats, geometry=None):
+    """(torch seconds, kernel seconds or None, the kernel's relative error against float64). torch:
+    torch.mm, or for a convolution torch's conv (oneDNN), each with the activation pass where the
+    kernel applies one as it reads."""
     g = torch.Generator().manual_seed(0)
+    if kind == "conv":
+        return _time_conv(m, k, n, act, repeats, geometry, g)
     if kind == "nt":
         a, b, out = torch.randn(m, n, generator=g), torch.randn(k, n, generator=g), torch.empty(m, k)
         t_mkl = median_seconds(lambda: torch.mm(a, b.t(), out=out), repeats)
@@ -99,6 +111,30 @@ def time_shape(kind, m, k, n, act, repeats):
     return t_mkl, t_kernel, ((out.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+def _time_conv(m, k, n, act, repeats, geometry, g):
+    kernel, spatial = geometry
+    ci = k // math.prod(kernel)
+    w, x = torch.randn(m, ci, *kernel, generator=g), torch.randn(1, ci, *spatial, generator=g)
+    scale = torch.rand(ci, generator=g) + 0.5 if act else None
+    shift = torch.randn(ci, generator=g) if act else None
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[len(spatial) - 1]
+    padding = [(s - 1) // 2 for s in kernel]
+    activated = torch.empty_like(x)
+    out = torch.empty(m, n)
+    view = (1, -1) + (1,) * len(spatial)
+
+    def torch_conv():
+        a = torch.addcmul(shift.view(view), x, scale.view(view), out=activated).relu_() if act else x
+        return conv(a, w, padding=padding)
+
+    t_torch = median_seconds(torch_conv, repeats)
+    t_kernel = median_seconds(lambda: torch.ops.ahnet_fast.channel_mm_conv_(out, w, x[0].flatten(1), list(spatial), scale,
+                                                                         shift, False), repeats)
+    expected = channel_mm.channel_mm_conv_reference(w.double(), x.double(), None if scale is None else scale.double(),
+                                                 None if shift is None else shift.double())[0].flatten(1)
+    return t_torch, t_kernel, ((out.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, nargs=3, default=(128, 128, 32))
@@ -119,14 +155,15 @@ def main(argv=None) -> int:
           f"{ceilings['channel_mm_GFLOPs']:.0f} GFLOP/s (2048^3)")
     counts = step_products(tuple(args.size))
     rows = []
-    print(f"{'mode':>5} {'kind':>5} {'M':>5} {'K':>5} {'N':>6} {'act':>3} {'calls':>5} {'torch.mm ms':>11} "
+    print(f"{'mode':>5} {'kind':>5} {'M':>5} {'K':>5} {'N':>6} {'act':>3} {'calls':>5} {'torch ms':>11} "
           f"{'kernel ms':>9} {'GFLOP/s':>8} {'speed-up':>8}")
-    for (mode, kind, m, k, n, act), calls in sorted(counts.items(),
-                                                    key=lambda kv: -kv[0][2] * kv[0][3] * kv[0][4] * kv[1]):
-        t_mkl, t_kernel, err = time_shape(kind, m, k, n, act, args.repeats)
+    for (mode, kind, m, k, n, act, geometry), calls in sorted(counts.items(),
+                                                              key=lambda kv: -kv[0][2] * kv[0][3] * kv[0][4] * kv[1]):
+        t_mkl, t_kernel, err = time_shape(kind, m, k, n, act, args.repeats, geometry)
         flops = 2 * m * k * n
         rows.append(dict(mode=mode, kind=kind, M=m, K=k, N=n, act=act, calls=calls, torch_mm_s=t_mkl,
-                         kernel_s=t_kernel, flops=flops, rel_err=err))
+                         kernel_s=t_kernel, flops=flops, rel_err=err,
+                         **({} if geometry is None else dict(kernel=list(geometry[0]), spatial=list(geometry[1])))))
         t = t_kernel if t_kernel is not None else t_mkl
         print(f"{mode:>5} {kind:>5} {m:>5} {k:>5} {n:>6} {int(act):>3} {calls:>5} {t_mkl * 1e3:11.3f} "
               f"{'-' if t_kernel is None else f'{t_kernel * 1e3:.3f}':>9} {flops / t / 1e9:8.0f} "
@@ -140,7 +177,7 @@ def main(argv=None) -> int:
         on_kernel = sum(r["flops"] * r["calls"] for r in sel if r["kernel_s"] is not None)
         summary[mode] = dict(torch_mm_s=t_mkl, dispatched_s=t_ours, flops=flops, kernel_flops=on_kernel,
                              shapes=len(sel))
-        print(f"{mode}: {len(sel)} shapes, {on_kernel / flops:.0%} of the FLOPs on the kernels; all on torch.mm "
+        print(f"{mode}: {len(sel)} shapes, {on_kernel / flops:.0%} of the FLOPs on the kernels; all on torch "
               f"{t_mkl * 1e3:.1f} ms ({flops / t_mkl / 1e9:.0f} GFLOP/s), as dispatched {t_ours * 1e3:.1f} ms "
               f"({flops / t_ours / 1e9:.0f} GFLOP/s, {t_mkl / t_ours:.2f}x)")
     if args.json:

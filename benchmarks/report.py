@@ -674,7 +674,8 @@ def detection_block() -> list[str]:
 
 
 def channel_mm_block() -> list[str]:
-    """The products of an AH-Net step on torch.mm against ahnet_fast's kernels (bench_channel_mm.py)."""
+    """The products of an AH-Net step on torch (torch.mm; oneDNN's convolution for channel_mm_conv_'s
+    shapes) against ahnet_fast's kernels (bench_channel_mm.py)."""
     rec, path = _latest("channel_mm_cpu_*.json")
     if not rec:
         return ["Not run yet (`python benchmarks/bench_channel_mm.py --json ...`)."]
@@ -683,7 +684,7 @@ def channel_mm_block() -> list[str]:
              f"of a 1x1x{'x'.join(map(str, rec['size']))} training step and inference forward, median of "
              f"{rec['repeats']} per shape; a 2048^3 product runs at {c['torch_mm_GFLOPs']:.0f} GFLOP/s on torch.mm "
              f"and {c['channel_mm_GFLOPs']:.0f} GFLOP/s on channel_mm_; `{path}`.", "",
-             "| step | shapes | share of FLOPs on the kernels | all on torch.mm | as dispatched | speed-up |",
+             "| step | shapes | share of FLOPs on the kernels | all on torch | as dispatched | speed-up |",
              "|---|---|---|---|---|---|"]
     for mode, s in rec["summary"].items():
         lines.append(f"| {'training' if mode == 'train' else 'inference'} | {s['shapes']} | "
@@ -692,10 +693,12 @@ def channel_mm_block() -> list[str]:
                      f"({s['flops'] / s['dispatched_s'] / 1e9:.0f} GFLOP/s) | {s['torch_mm_s'] / s['dispatched_s']:.2f}x |")
     top = sorted((r for r in rec["rows"] if r["kernel_s"] is not None),
                  key=lambda r: -r["torch_mm_s"] * r["calls"])[:8]
-    lines += ["", "The shapes that take the most time on torch.mm (M x K times K x N; nt: M x N times (K x N)^T, the "
-                  "weight gradients; act: the BatchNorm-ReLU applied while reading, which on torch.mm is a pass of "
-                  "its own, timed with it):", "",
-              "| step | kind | M | K | N | act | calls | torch.mm ms | kernel ms | kernel GFLOP/s | speed-up |",
+    lines += ["", "The shapes that take the most time on torch (M x K times K x N; nt: M x N times (K x N)^T, the "
+                  "weight gradients; conv: a 3x3x1 / 1x1x3 convolution on channel_mm_conv_, M output channels, K = "
+                  "input channels x taps, against torch's convolution (oneDNN) where the other rows take torch.mm; "
+                  "act: the BatchNorm-ReLU applied while reading, which on torch is a pass of its own, timed with "
+                  "it):", "",
+              "| step | kind | M | K | N | act | calls | torch ms | kernel ms | kernel GFLOP/s | speed-up |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in top:
         lines.append(f"| {r['mode']} | {r['kind']} | {r['M']} | {r['K']} | {r['N']} | {'yes' if r['act'] else '—'} | "

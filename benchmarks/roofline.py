@@ -352,6 +352,23 @@ def op_cases(device: torch.device, smoke: bool) -> list[dict]:
                       baseline_name="relu(x * scale + shift) then torch.mm",
                       # read x, w, scale, shift; write out
                       min_bytes=nbytes(mx, mw, mscale, mshift, mout)))
+    # the same band's 3x3x1 convolution (80 -> 20 channels, BN-ReLU first) on channel_mm_conv_ (taps
+    # read in place) against torch's convolution (oneDNN) of the activation written out
+    ck, cco, cspatial = (8, 8, (5, 6, 4)) if smoke else (80, 20, (40, 64, 16))
+    cx, cw = randn(ck, *cspatial), randn(cco, ck, 3, 3, 1, scale=0.1)
+    cscale, cshift = torch.rand(ck, device=device) + 0.5, randn(ck)
+    cout = torch.empty(cco, *cspatial, device=device)
+
+    def tap_conv(backend):
+        def run():
+            channel_mm.conv_into(cout, cw, cx, scale=cscale, shift=cshift, backend=backend)
+        return run
+
+    cases.append(dict(op="channel_mm", shape=f"conv 3x3x1 BN-ReLU {ck}->{cco} @{'x'.join(map(str, cspatial))}",
+                      run=tap_conv("auto"), reference=tap_conv("reference"), baseline=tap_conv("reference"),
+                      baseline_name="relu(x * scale + shift) then F.conv3d (oneDNN)",
+                      # read x (each value once at best), w, scale, shift; write out
+                      min_bytes=nbytes(cx, cw, cscale, cshift, cout)))
     return cases
 
 

@@ -46,3 +46,30 @@ def test_channel_mm(benchmark, case, product, impl):
 
     assert_matches(run(backend), run("reference"), f"{case} {product} {impl}", rtol=1e-5)
     benchmark.pedantic(lambda: run(backend), rounds=5, warmup_rounds=1)
+
+
+# (Co, Ci, kernel, spatial) at a 1x1x128x128x32 input: a dense layer's 3x3x1 and 1x1x3 over a band of
+# the last block, layer1's 3x3x1
+CONV_CASES = {"dense 3x3x1": (20, 80, (3, 3, 1), (40, 64, 16)), "dense 1x1x3": (20, 20, (1, 1, 3), (40, 64, 16)),
+              "layer1 3x3x1": (64, 64, (3, 3, 1), (32, 32, 8))}
+if smoke():
+    CONV_CASES = {k: (co, ci, kernel, (5, 6, 4)) for k, (co, ci, kernel, _) in CONV_CASES.items()}
+
+
+@pytest.mark.parametrize("impl", ["torch", "kernel"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_channel_mm_conv(benchmark, case, impl):
+    """channel_mm_conv_ (the taps read in place, BatchNorm-ReLU in its panel) against torch's convolution
+    (oneDNN) of the activation written out first."""
+    co, ci, kernel, spatial = CONV_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(co, ci, *kernel, generator=g), torch.randn(ci, *spatial, generator=g)
+    scale, shift = torch.rand(ci, generator=g) + 0.5, torch.randn(ci, generator=g)
+    out = torch.empty(co, *spatial)
+
+    def run(which):
+        return channel_mm.conv_into(out, w, x, scale=scale, shift=shift, backend=which).clone()
+
+    backend = "reference" if impl == "torch" else "auto"
+    assert_matches(run(backend), run("reference"), f"{case} {impl}", rtol=1e-5)
+    benchmark.pedantic(lambda: run(backend), rounds=5, warmup_rounds=1)

@@ -97,4 +97,11 @@ TORCH_LIBRARY(ahnet_fast, m) {
   // out (+)= a @ b^T, a (M, L) and b (K, L) with contiguous rows (L: the voxels), out (M, K) with contiguous rows,
   // float32: a convolution's weight gradient (a: the output gradient, b: its input).
   m.def("channel_mm_nt_(Tensor(a!) out, Tensor a, Tensor b, bool accumulate) -> ()");
+  // out (+)= conv(act(x), weight), stride 1, the size kept (zero padding (k - 1) / 2): x (Ci, S) a channel-first
+  // map of the given spatial sizes with contiguous rows, weight (Co, Ci, *kernel) contiguous with odd sizes (at
+  // most 27 taps), out (Co, S) with contiguous rows, float32; act as in channel_mm_. A 3x3x1 or 1x1x3
+  // convolution without its taps' maps (csrc/cpu/channel_mm.cpp).
+  m.def(
+      "channel_mm_conv_(Tensor(a!) out, Tensor weight, Tensor x, int[] spatial, Tensor? scale, Tensor? shift, "
+      "bool accumulate) -> ()");
 }

@@ -178,8 +178,8 @@ def test_differentiable_product_on_the_kernel():
 
 @needs_kernel
 def test_narrower_isa_takes_torch_mm():
-    """With AVX-512 switched off both ops still answer (ATen's mm) and the dispatch sends products to
-    torch.mm, saying why."""
+    """With AVX-512 switched off the three ops still answer (ATen's mm, or its convolution) and the
+    dispatch sends products to torch.mm (convolutions to the caller's path), saying why."""
     code = (
         "import torch\n"
         "from ahnet_fast import backends\n"
@@ -199,6 +199,12 @@ def test_narrower_isa_takes_torch_mm():
         "torch.ops.ahnet_fast.channel_mm_nt_(out, a, c, False)\n"
         "ref = a.double() @ c.double().t()\n"
         "assert (out.double() - ref).norm() <= 1e-6 * ref.norm()\n"
+        "w, x = torch.randn(9, 30, 3, 3, 1, generator=g), torch.randn(30, 7, 8, 5, generator=g)\n"  # the convolution
+        "out = torch.empty(9, 280)\n"
+        "torch.ops.ahnet_fast.channel_mm_conv_(out, w, x.flatten(1), [7, 8, 5], s, b, False)\n"
+        "ref = channel_mm.channel_mm_conv_reference(w.double(), x.double()[None], s.double(), b.double())\n"
+        "assert (out.double() - ref[0].flatten(1)).norm() <= 1e-6 * ref.norm()\n"
+        "assert channel_mm.conv_batched(w, x[None], scale=s, shift=b) is None\n"
         "print('ok')\n")
     for switch in ("AHNET_FAST_NO_AVX512", "AHNET_FAST_NO_AVX2"):
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

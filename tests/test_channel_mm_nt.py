@@ -77,7 +77,7 @@ def test_opcheck():
 
 def test_dispatch_uses_kernel_only_where_it_runs_and_pays():
     def chosen(out, a, b):
-        return backends.explain("channel_mm", torch.device("cpu"), out, a, b, None, None, False, True,
+        return backends.explain("channel_mm", torch.device("cpu"), out, a, b, None, None, False, "nt",
                                 explicit="auto")["chosen"]
 
     a, b = operands(20, 60, 4096)

@@ -169,6 +169,15 @@ def test_profile_by_kind_sorts_time_by_kind_of_op():
     assert kind("## Call CompiledFxGraph fxe3lllika2qmbqe2zfx ##") == "compiled (Inductor) kernels"
     assert kind("Torch-Compiled Region: 0/0") == "other"  # the wrapper's own overhead
     assert kind("aten::mul_", parent=SimpleNamespace(name="Optimizer.step#Adam.step", cpu_parent=None)) == "optimizer"
+    # ahnet_fast's product kernels count as products, FLOPs from their recorded shapes (channel_mm_conv_:
+    # 2 x voxels x Co x Ci x taps)
+    assert kind("ahnet_fast::channel_mm_conv_") == kind("ahnet_fast::channel_mm_") == "matrix products"
+    from ahnet_fast.benchmark import _kernel_flops
+    conv = SimpleNamespace(name="ahnet_fast::channel_mm_conv_",
+                           input_shapes=[[20, 960], [20, 16, 3, 3, 1], [16, 960], [], [], [], []])
+    assert _kernel_flops(conv) == 2 * 960 * 20 * 16 * 9
+    assert _kernel_flops(SimpleNamespace(name="ahnet_fast::channel_mm_", input_shapes=[[8, 100], [8, 5], [5, 100]])) \
+        == 2 * 8 * 100 * 5
     spent = prof["self_s"]
     for kind in ("matrix products", "convolutions (oneDNN/ATen)", "copies and concatenation",
                  "BatchNorm, ReLU and other elementwise", "optimizer"):

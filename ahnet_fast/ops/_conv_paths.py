@@ -11,7 +11,9 @@ Each path computes ``conv(a, weight, stride, padding)`` (no bias, dilation 1, gr
   Z = W_all (T*Co x Ci) @ X (Ci x S), then the output is the sum of the T tap maps shifted into
   place; backward stacks the T shifted copies of the output gradient (T*Co rows) and does two
   matrix products. It pays where Co is small (the final 3-class 3x3x1 convolution, the dense
-  layers' 3x3x1 with Co = 20).
+  layers' 3x3x1 with Co = 20). Where ops.channel_mm's convolution kernel runs (float32 on AVX-512,
+  Co >= 8) the forward is that kernel instead, the taps read in place and no tap map written; it
+  then beats oneDNN at every Co AH-Net has.
 - ``folded`` (kernel k x k x 1 or 1 x 1 x k, stride 1, contiguous): a 2D convolution on a view with
   the slice axis folded away (k x k x 1 as a (k, k) convolution dilated by D along W*D; 1 x 1 x k
   as (1, k) on (H*W, D)), no copy.
@@ -197,7 +199,15 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     of a 1x1x3 kernel are runs of D - 1 values). In the flat sum, output p reads z_t at flat(p) + flat(offset):
     that is z_t[p + offset] when p + offset is inside the map, and otherwise a value r whose own
     r - offset is outside the map (flat indices are one-to-one inside it), which no output reads
-    legitimately: those values lie in the strips zeroed first, so a wrapped read adds zero."""
+    legitimately: those values lie in the strips zeroed first, so a wrapped read adds zero.
+
+    Where ops.channel_mm's convolution kernel takes it (float32, AVX-512, at least 8 output
+    channels), none of that: the kernel reads each tap's shifted rows of a into its panel and writes
+    y once (no tap maps, which at batch 1 would otherwise fault in fresh pages wherever the scratch
+    pool is not kept, as in lean inference)."""
+    y = channel_mm.conv_batched(weight, a, scale=scale, shift=shift)
+    if y is not None:
+        return y
     n = a.shape[0]
     co, spatial = weight.shape[0], a.shape[2:]
     nd = len(spatial)

@@ -9,6 +9,11 @@ sends these to MKL, which on AMD CPUs runs its AVX2 code: about half of what AVX
 shape, which can also apply a BatchNorm-ReLU to x as it reads it (``scale``, ``shift``: the
 activation is never written out). ``benchmarks/bench_channel_mm.py`` compares it with torch.mm.
 
+``ahnet_fast::channel_mm_conv_`` is the same kernel over a convolution's taps (stride 1, the size kept:
+AH-Net's 3x3x1 and 1x1x3): row c * T + t of its panel is channel c read at tap t's offset, zero
+where the tap leaves the map, so the convolution is one (Co, Ci * T) product with nothing written
+but the output (:func:`conv_batched`, which the shift path's forward takes).
+
 :func:`mm_into` is the one entry: the ``cpp`` kernel where it runs (CPU, float32, AVX-512, rows
 contiguous, no autograd or autocast to respect), else ``torch.mm`` / ``addmm_`` on the activated x
 (the reference). The choice is always ``auto``: forcing a backend on the ops that call it (``cpp``)
@@ -17,14 +22,17 @@ the products are cuBLAS's (torch.mm), which is what a kernel of ours would have 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast.ops._registry import cpp_kernel_reasons, gpu_composition_reasons, note_compiled_kernels
 
-__all__ = ["channel_mm_reference", "channel_mm_nt_reference", "kernel_isa", "kernel_takes", "mm", "mm_batched", "mm_into", "mm_nt",
-           "mm_nt_into"]
+__all__ = ["channel_mm_conv_reference", "channel_mm_reference", "channel_mm_nt_reference", "conv_batched", "conv_into",
+           "conv_takes",
+           "kernel_isa", "kernel_takes", "mm", "mm_batched", "mm_into", "mm_nt", "mm_nt_into"]
 
 
 def channel_mm_reference(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
@@ -60,10 +68,15 @@ def kernel_takes(t: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
 
 
-def _cpp_reasons(out, weight, x, scale, shift, accumulate, transposed=False) -> list[str]:
-    """Why the kernel cannot take this product: out (+)= weight @ act(x) (channel_mm_), or with
-    ``transposed`` out (+)= weight @ x^T (channel_mm_nt_: weight the output gradient, x the input)."""
-    reasons = cpp_kernel_reasons("channel_mm_nt_" if transposed else "channel_mm_", x.device)
+_KERNELS = {"mm": "channel_mm_", "nt": "channel_mm_nt_", "conv": "channel_mm_conv_"}
+
+
+def _cpp_reasons(out, weight, x, scale, shift, accumulate, kind="mm") -> list[str]:
+    """Why the kernel cannot take this product. ``kind`` "mm": out (+)= weight @ act(x) (channel_mm_);
+    "nt": out (+)= weight @ x^T (channel_mm_nt_: weight the output gradient, x the input); "conv": the
+    convolution of channel_mm_conv_, weight its (Co, Ci * taps) matrix, x the (Ci, voxels) map."""
+    transposed = kind == "nt"
+    reasons = cpp_kernel_reasons(_KERNELS[kind], x.device)
     if reasons:
         return reasons
     if kernel_isa() != "avx512":
@@ -101,9 +114,12 @@ MIN_COLUMNS = 64
 MIN_MULTIPLY_ADDS = 1 << 16
 
 
-def _slower_reasons(out, weight, x, scale, shift, accumulate, transposed=False) -> list[str]:
+def _slower_reasons(out, weight, x, scale, shift, accumulate, kind="mm") -> list[str]:
     reasons = []
-    if transposed:
+    if kind == "conv" and weight.shape[0] < CONV_MIN_OUTPUTS:
+        reasons.append(f"{weight.shape[0]} < {CONV_MIN_OUTPUTS} output channels: the taps' panel costs more than "
+                       "its products (the shift path's one product over every tap is faster)")
+    if kind == "nt":
         if x.shape[1] < NT_MIN_LENGTH:
             reasons.append(f"a reduction over {x.shape[1]} < {NT_MIN_LENGTH} voxels: MKL's torch.mm is faster")
         if weight.shape[0] * x.shape[0] > NT_MAX_OUTPUTS:
@@ -124,11 +140,18 @@ NT_MIN_LENGTH = 256
 NT_MAX_OUTPUTS = 1 << 16
 
 
-# One table for both kernels: the reasons take (out, weight, x, scale, shift, accumulate[, transposed]).
+# channel_mm_conv_ builds a Ci * taps x 48 panel per column block for the products of all output channels:
+# with fewer than 8 (one register block) the packing is most of the work (the final 3-class 3x3x1
+# convolution: 86 GFLOP/s against the shift path's 27-row product at twice that).
+CONV_MIN_OUTPUTS = 8
+
+
+# One table for the three kernels: the reasons take (out, weight, x, scale, shift, accumulate[, kind]).
 IMPLEMENTATIONS = backends.register("channel_mm", (
-    backends.Implementation("reference", lambda *a: [], runs="torch.mm / addmm_ on the activated x (or x^T)"),
+    backends.Implementation("reference", lambda *a: [], runs="torch.mm / addmm_ on the activated x (or x^T); a convolution: "
+                                                           "the caller's own path (conv_batched answers None)"),
     backends.Implementation("cpp", _cpp_reasons, _slower_reasons,
-                            runs="ahnet_fast::channel_mm_ / channel_mm_nt_, the AVX-512 kernels "
+                            runs="ahnet_fast::channel_mm_ / channel_mm_nt_ / channel_mm_conv_, the AVX-512 kernels "
                                  "(csrc/cpu/channel_mm*.cpp)"),
     backends.Implementation("triton", lambda out, weight, x, *rest: gpu_composition_reasons(x.device),
                             runs="torch.mm (cuBLAS) on the activated x: no kernel of ours on GPUs"),
@@ -235,7 +258,7 @@ def mm_nt_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulat
             or tuple(out.shape) != (a.shape[0], b.shape[0]):
         raise ValueError(f"channel_mm_nt: shapes do not chain: a {tuple(a.shape)}, b {tuple(b.shape)}, "
                          f"out {tuple(out.shape)}")
-    if backends.select("channel_mm", IMPLEMENTATIONS, b.device, (out, a, b, None, None, accumulate, True),
+    if backends.select("channel_mm", IMPLEMENTATIONS, b.device, (out, a, b, None, None, accumulate, "nt"),
                        explicit=backend) == "cpp":
         torch.ops.ahnet_fast.channel_mm_nt_(out, a, b, accumulate)
         return out
@@ -248,12 +271,115 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b^T in a new tensor: the kernel where it runs, else exactly ``a @ b.t()``."""
     if a.dim() == 2 and b.dim() == 2:
         probe = b.new_empty((a.shape[0], b.shape[0]), device="meta")  # the choice needs no memory
-        if backends.select("channel_mm", IMPLEMENTATIONS, b.device, (probe, a, b, None, None, False, True),
+        if backends.select("channel_mm", IMPLEMENTATIONS, b.device, (probe, a, b, None, None, False, "nt"),
                            explicit="auto") == "cpp":
             out = b.new_empty((a.shape[0], b.shape[0]))
             torch.ops.ahnet_fast.channel_mm_nt_(out, a, b, False)
             return out
     return a @ b.t()
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_mm_conv: a stride-1, size-keeping convolution of act(x) without its taps' maps
+
+
+def channel_mm_conv_reference(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
+                           shift: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(act(x), weight), stride 1, zero padding (k - 1) / 2 per axis: x (N, Ci, *spatial), weight
+    (Co, Ci, *kernel) with odd sizes; act as in :func:`channel_mm_reference`, per channel."""
+    nd = x.dim() - 2
+    act = x if scale is None else torch.relu(x * scale.view(1, -1, *[1] * nd) + shift.view(1, -1, *[1] * nd))
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[nd - 1]
+    return conv(act, weight, padding=[(k - 1) // 2 for k in weight.shape[2:]])
+
+
+def _conv_args(out, weight, x, scale, shift, accumulate):
+    """The dispatch's view of one sample's convolution: weight as its (Co, Ci * taps) matrix, x as
+    (Ci, voxels); out stays (Co, voxels)."""
+    return (out, weight.reshape(weight.shape[0], -1), x.flatten(1), scale, shift, accumulate, "conv")
+
+
+def conv_batched(weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None) -> torch.Tensor | None:
+    """conv(act(x[n]), weight) for every sample of x (N, Ci, *spatial) on channel_mm_conv_ (stride 1,
+    the size kept: AH-Net's 3x3x1 and 1x1x3 convolutions), a new (N, Co, *spatial) tensor; None where
+    the dispatch does not choose the kernel for these operands (the caller then computes the
+    convolution its own way). x's spatial axes must be one contiguous block per channel (a band of
+    rows of a map qualifies); the tap panel reads them in place, so no tap's map is ever written."""
+    if not _conv_fits(weight, x) or backends.select("channel_mm", IMPLEMENTATIONS, x.device, _conv_args(
+            _conv_probe(weight, x), weight, x[0], scale, shift, False), explicit="auto") != "cpp":
+        return None
+    spatial = list(x.shape[2:])
+    voxels = math.prod(spatial)
+    weight = weight.contiguous()
+    out = x.new_empty((x.shape[0], weight.shape[0], *spatial))
+    for i in range(x.shape[0]):
+        torch.ops.ahnet_fast.channel_mm_conv_(out[i].view(weight.shape[0], voxels), weight, x[i].flatten(1), spatial,
+                                           scale, shift, False)
+    return out
+
+
+def conv_takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :func:`conv_batched` would run the kernel for a batch like x (N, Ci, *spatial) and this
+    weight, a gradient to come or not (a convolution path's rule decides on it once per shape, for
+    calls inside autograd functions, whose forwards see no gradient)."""
+    if not _conv_fits(weight, x):
+        return False
+    args = _conv_args(_conv_probe(weight, x), weight.detach(), x[0].detach(), None, None, False)
+    return backends.explain("channel_mm", x.device, *args, explicit="auto")["chosen"] == "cpp"
+
+
+def _conv_fits(weight, x) -> bool:
+    """The shapes channel_mm_conv_ computes: odd kernels of at most CONV_MAX_TAPS taps over 1 to 3 axes,
+    a non-empty batch of non-empty maps, each channel's map one contiguous block."""
+    nd = x.dim() - 2
+    return 1 <= nd <= 3 and weight.dim() == nd + 2 and weight.shape[1] == x.shape[1] \
+        and all(k % 2 for k in weight.shape[2:]) and weight[0, 0].numel() <= CONV_MAX_TAPS \
+        and x.shape[0] > 0 and x[0, 0].numel() > 0 and _block_contiguous(x[0], nd)
+
+
+def _conv_probe(weight, x):
+    """A stand-in for one sample's output (no memory)."""
+    return x.new_empty((weight.shape[0], x[0, 0].numel()), device="meta")
+
+
+def conv_into(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
+              shift: torch.Tensor | None = None, accumulate: bool = False, backend: str = "auto") -> torch.Tensor:
+    """out (Co, *spatial) = conv(act(x), weight) for one sample x (Ci, *spatial), or += with
+    ``accumulate``; returns out. ``backend`` as for :func:`mm_into` (the reference: torch's
+    convolution of the activated x)."""
+    nd = x.dim() - 1
+    if not 1 <= nd <= 3 or weight.dim() != nd + 2 or weight.shape[1] != x.shape[0] \
+            or tuple(out.shape) != (weight.shape[0], *x.shape[1:]):
+        raise ValueError(f"channel_mm_conv: shapes do not fit: weight {tuple(weight.shape)}, x {tuple(x.shape)}, "
+                         f"out {tuple(out.shape)}")
+    if any(k % 2 == 0 for k in weight.shape[2:]) or weight[0, 0].numel() > CONV_MAX_TAPS:
+        raise ValueError(f"channel_mm_conv: odd kernel sizes with at most {CONV_MAX_TAPS} taps, got "
+                         f"{tuple(weight.shape[2:])}")
+    if (scale is None) != (shift is None):
+        raise ValueError("channel_mm_conv: give scale and shift together")
+    if _block_contiguous(x, nd) and _block_contiguous(out, nd) and backends.select(
+            "channel_mm", IMPLEMENTATIONS, x.device, _conv_args(out.flatten(1), weight, x, scale, shift, accumulate),
+            explicit=backend) == "cpp":
+        torch.ops.ahnet_fast.channel_mm_conv_(out.view(out.shape[0], -1), weight.contiguous(), x.flatten(1),
+                                           list(x.shape[1:]), scale, shift, accumulate)
+        return out
+    y = channel_mm_conv_reference(weight, x.unsqueeze(0), scale, shift)[0]
+    return out.add_(y) if accumulate else out.copy_(y)
+
+
+# channel_mm_conv_'s tap table is fixed-size (csrc/cpu/channel_mm.h: kMaxTaps)
+CONV_MAX_TAPS = 27
+
+
+def _block_contiguous(t: torch.Tensor, nd: int) -> bool:
+    """Whether t's last nd axes are one row-major block (strides over size-1 axes ignored)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[t.dim() - nd:]), reversed(t.stride()[t.dim() - nd:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _register():
@@ -263,6 +389,9 @@ def _register():
     note_compiled_kernels("channel_mm_nt_")
     torch.library.register_fake("ahnet_fast::channel_mm_")(lambda out, weight, x, scale, shift, accumulate: None)
     torch.library.register_fake("ahnet_fast::channel_mm_nt_")(lambda out, a, b, accumulate: None)
+    note_compiled_kernels("channel_mm_conv_")
+    torch.library.register_fake("ahnet_fast::channel_mm_conv_")(lambda out, weight, x, spatial, scale, shift, accumulate:
+                                                             None)
 
 
 _register()

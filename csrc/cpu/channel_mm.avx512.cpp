@@ -8,7 +8,8 @@
 // columns' K x 48 panel of x is copied once per column block into a buffer that stays in L1 (with the
 // BatchNorm-ReLU applied on the way, so the activation is never written out), and every block of 8 rows
 // of w streams over it. Each output is a sum over k in increasing order, whatever the threads: results
-// do not depend on the thread count.
+// do not depend on the thread count. A convolution (channel_mm_conv_) is the same loop over a panel whose
+// rows are the taps' shifted reads of x (pack_taps).
 #include "channel_mm.h"
 
 // Every header before the target pragma: an inline function a header defines (std::vector's, ATen's
@@ -74,11 +75,83 @@ inline void block(const float* __restrict w, int64_t sm, int64_t sk, const float
     }
 }
 
-// One task: output rows [m_begin, m_end) of column block `tile`.
+// The panel rows of a plain product: x's K x ncols block (zero beyond ncols), activated. max(0, v) written
+// as max_ps(0, v), which returns its second operand when either is NaN: a NaN input stays NaN, as in
+// torch.relu.
 template <bool Act>
+inline void pack_row(const float* xr, const float* scale, const float* shift, int64_t k, float* dst,
+                     const __mmask16 (&masks)[3]) {
+  if (Act) {
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 s = _mm512_set1_ps(scale[k]), b = _mm512_set1_ps(shift[k]);
+    for (int j = 0; j < 3; ++j) {
+      const __m512 v = _mm512_maskz_loadu_ps(masks[j], xr + 16 * j);
+      // v * scale + shift rounded twice, not fused: bn_relu_apply_'s arithmetic (csrc/cpu/batch_norm.h),
+      // so that an activation made here equals the one a recomputation writes out, bit for bit (what
+      // activation checkpointing promises). Masked lanes stay zero (a zero input past the end would
+      // otherwise become max(0, shift); for a convolution tap they are the zero padding).
+      const __m512 pre = _mm512_add_ps(_mm512_mul_ps(v, s), b);
+      _mm512_store_ps(dst + 16 * j, _mm512_maskz_max_ps(masks[j], zero, pre));
+    }
+  } else {
+    for (int j = 0; j < 3; ++j) _mm512_store_ps(dst + 16 * j, _mm512_maskz_loadu_ps(masks[j], xr + 16 * j));
+  }
+}
+
+// A convolution's panel (channel_mm_conv_): row c * T + t holds act(x[c]) at tap t's offset from each of the
+// block's columns, zero where that voxel is outside the map. No tap map is ever written: the shifted rows
+// exist only here, in cache (the alternative, every tap's product written out and added back shifted, is 9
+// output-sized maps for a 3x3x1 kernel, each faulted in fresh where no scratch buffer is kept).
+template <bool Act>
+void pack_taps(const ChannelMmJob& job, float* panel, int64_t n0, const __mmask16 (&masks)[3]) {
+  const ChannelConvTaps& taps = *job.taps;
+  const int64_t T = taps.count, channels = job.K / T;
+  // the block's columns' coordinates along the three axes (columns past the end get coordinates too;
+  // their lanes are masked off by `masks`)
+  alignas(64) int32_t coord[3][kColumns];
+  {
+    const int64_t plane = int64_t{taps.size[1]} * taps.size[2];
+    int32_t a = static_cast<int32_t>(n0 / plane), b = static_cast<int32_t>((n0 % plane) / taps.size[2]),
+            c = static_cast<int32_t>(n0 % taps.size[2]);
+    for (int j = 0; j < kColumns; ++j) {
+      coord[0][j] = a;
+      coord[1][j] = b;
+      coord[2][j] = c;
+      if (++c == taps.size[2]) {
+        c = 0;
+        if (++b == taps.size[1]) {
+          b = 0;
+          ++a;
+        }
+      }
+    }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    // lanes whose tap voxel is inside the map: 0 <= coord + offset < size on every axis the tap moves
+    // along, tested as one unsigned comparison (a negative sum wraps to a large value)
+    __mmask16 tap_masks[3];
+    for (int j = 0; j < 3; ++j) {
+      __mmask16 m = masks[j];
+      for (int axis = 0; axis < 3; ++axis) {
+        if (taps.offset[t][axis] == 0) continue;
+        const __m512i moved = _mm512_add_epi32(_mm512_load_si512(coord[axis] + 16 * j),
+                                               _mm512_set1_epi32(taps.offset[t][axis]));
+        m &= _mm512_cmplt_epu32_mask(moved, _mm512_set1_epi32(taps.size[axis]));
+      }
+      tap_masks[j] = m;
+    }
+    // lanes outside the map are never loaded (masked loads do not touch them), so the row pointer may
+    // point before the row's start or past its end
+    const float* base = job.x + n0 + taps.flat[t];
+    for (int64_t c = 0; c < channels; ++c)
+      pack_row<Act>(base + c * job.ldx, job.scale, job.shift, c, panel + (c * T + t) * kColumns, tap_masks);
+  }
+}
+
+// One task: output rows [m_begin, m_end) of column block `tile`.
+template <bool Act, bool Conv>
 void task(const ChannelMmJob& job, float* panel, int64_t tile, int64_t m_begin, int64_t m_end) {
   const int64_t K = job.K;
-  const __m512 zero = _mm512_setzero_ps();
   const int64_t n0 = tile * kColumns;
   const int ncols = static_cast<int>(std::min<int64_t>(kColumns, job.N - n0));
   __mmask16 masks[3];
@@ -86,25 +159,11 @@ void task(const ChannelMmJob& job, float* panel, int64_t tile, int64_t m_begin, 
     const int c = ncols - 16 * j;
     masks[j] = c >= 16 ? static_cast<__mmask16>(0xFFFF) : c <= 0 ? 0 : static_cast<__mmask16>((1u << c) - 1);
   }
-  // The panel: x's K x ncols block (zero beyond ncols), activated. max(0, v) written as max_ps(0, v),
-  // which returns its second operand when either is NaN: a NaN input stays NaN, as in torch.relu.
-  for (int64_t k = 0; k < K; ++k) {
-    const float* xr = job.x + k * job.ldx + n0;
-    float* dst = panel + k * kColumns;
-    if (Act) {
-      const __m512 s = _mm512_set1_ps(job.scale[k]), b = _mm512_set1_ps(job.shift[k]);
-      for (int j = 0; j < 3; ++j) {
-        const __m512 v = _mm512_maskz_loadu_ps(masks[j], xr + 16 * j);
-        // v * scale + shift rounded twice, not fused: bn_relu_apply_'s arithmetic (csrc/cpu/batch_norm.h),
-        // so that an activation made here equals the one a recomputation writes out, bit for bit (what
-        // activation checkpointing promises). Masked lanes stay zero (a zero input past the end would
-        // otherwise become max(0, shift)).
-        const __m512 pre = _mm512_add_ps(_mm512_mul_ps(v, s), b);
-        _mm512_store_ps(dst + 16 * j, _mm512_maskz_max_ps(masks[j], zero, pre));
-      }
-    } else {
-      for (int j = 0; j < 3; ++j) _mm512_store_ps(dst + 16 * j, _mm512_maskz_loadu_ps(masks[j], xr + 16 * j));
-    }
+  if (Conv) {
+    pack_taps<Act>(job, panel, n0, masks);
+  } else {
+    for (int64_t k = 0; k < K; ++k)
+      pack_row<Act>(job.x + k * job.ldx + n0, job.scale, job.shift, k, panel + k * kColumns, masks);
   }
   float* y = job.y + n0;
   int64_t m = m_begin;
@@ -148,10 +207,15 @@ void run(const ChannelMmJob& job) {
     TORCH_CHECK(owned != nullptr, "channel_mm_: out of memory for a ", job.K, " x ", kColumns, " panel");
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t tile = t / groups, m_begin = (t % groups) * rows, m_end = std::min(job.M, m_begin + rows);
-      if (job.scale != nullptr)
-        task<true>(job, owned.get(), tile, m_begin, m_end);
+      const bool act = job.scale != nullptr, conv = job.taps != nullptr;
+      if (act && conv)
+        task<true, true>(job, owned.get(), tile, m_begin, m_end);
+      else if (conv)
+        task<false, true>(job, owned.get(), tile, m_begin, m_end);
+      else if (act)
+        task<true, false>(job, owned.get(), tile, m_begin, m_end);
       else
-        task<false>(job, owned.get(), tile, m_begin, m_end);
+        task<false, false>(job, owned.get(), tile, m_begin, m_end);
     }
   });
 }

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "channel_mm.h"
 #include "isa.h"
@@ -92,6 +93,93 @@ void channel_mm_cpu(at::Tensor out, const at::Tensor& weight, const at::Tensor& 
 #endif
 }
 
+// out (+)= conv(act(x), weight) (channel_mm_conv_): x (Ci, S) a channel-first map of `spatial` (S voxels, rows
+// contiguous), weight (Co, Ci, *kernel) contiguous with odd kernel sizes, stride 1, zero padding (k - 1) / 2
+// per axis (the size kept), out (Co, S) with contiguous rows. The kernel's panel reads the taps in place
+// (channel_mm.avx512.cpp: pack_taps); the weight, contiguous, is the (Co, Ci * T) matrix of that panel.
+void channel_mm_conv_cpu(at::Tensor out, const at::Tensor& weight, const at::Tensor& x, at::IntArrayRef spatial,
+                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, bool accumulate) {
+  const int64_t nd = static_cast<int64_t>(spatial.size());
+  TORCH_CHECK(nd >= 1 && nd <= 3 && weight.dim() == nd + 2,
+              "channel_mm_conv_: a weight (Co, Ci, *kernel) over 1 to 3 spatial axes, got weight ", weight.sizes(),
+              " for spatial ", spatial);
+  int64_t voxels = 1, taps = 1;
+  for (int64_t d = 0; d < nd; ++d) {
+    TORCH_CHECK(spatial[d] >= 1 && spatial[d] < (int64_t{1} << 30), "channel_mm_conv_: spatial sizes must be in [1, 2^30), got ",
+                spatial);
+    TORCH_CHECK(weight.size(2 + d) % 2 == 1, "channel_mm_conv_: odd kernel sizes only, got ", weight.sizes());
+    voxels *= spatial[d];
+    taps *= weight.size(2 + d);
+  }
+  TORCH_CHECK(taps <= kMaxTaps, "channel_mm_conv_: at most ", kMaxTaps, " taps, got ", taps);
+  TORCH_CHECK(weight.is_contiguous(), "channel_mm_conv_: the weight must be contiguous, strides ", weight.strides());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == voxels && x.size(0) == weight.size(1),
+              "channel_mm_conv_: x must be (", weight.size(1), ", ", voxels, "), got ", x.sizes());
+  const at::Tensor w2 = weight.view({weight.size(0), weight.size(1) * taps});
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == weight.size(0) && out.size(1) == voxels,
+              "channel_mm_conv_: out must be (", weight.size(0), ", ", voxels, "), got ", out.sizes());
+  // dtypes, row strides, overlaps (the first Ci columns of the weight stand for its rows; the whole
+  // weight is checked after); scale and shift: Ci values
+  check(out, w2.narrow(1, 0, x.size(0)), x, scale, shift);
+  TORCH_CHECK(!overlaps(out, weight), "channel_mm_conv_: out overlaps an input");
+  const int64_t M = out.size(0), N = out.size(1);
+  if (M == 0 || N == 0) return;
+  if (chosen_isa() != Isa::avx512) {
+    at::Tensor act = x;
+    if (scale) act = at::relu(x * scale->reshape({-1, 1}) + shift->reshape({-1, 1}));
+    std::vector<int64_t> shape{1, x.size(0)}, padding;
+    shape.insert(shape.end(), spatial.begin(), spatial.end());
+    for (int64_t d = 0; d < nd; ++d) padding.push_back((weight.size(2 + d) - 1) / 2);
+    const at::Tensor y = at::convolution(act.reshape(shape), weight, c10::nullopt, std::vector<int64_t>(nd, 1),
+                                         padding, std::vector<int64_t>(nd, 1), false, std::vector<int64_t>(nd, 0), 1)
+                             .view({M, N});
+    if (accumulate)
+      out.add_(y);
+    else
+      out.copy_(y);
+    return;
+  }
+#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
+  ChannelConvTaps geometry{};
+  geometry.count = taps;
+  int64_t sizes[3] = {1, 1, 1}, kernel[3] = {1, 1, 1};
+  for (int64_t d = 0; d < nd; ++d) {
+    sizes[3 - nd + d] = spatial[d];
+    kernel[3 - nd + d] = weight.size(2 + d);
+  }
+  for (int d = 0; d < 3; ++d) geometry.size[d] = static_cast<int32_t>(sizes[d]);
+  // taps in the weight's row-major order, each offset from the centre
+  for (int64_t t = 0; t < taps; ++t) {
+    int64_t rest = t, flat = 0, stride = 1;
+    for (int d = 2; d >= 0; --d) {
+      const int64_t o = rest % kernel[d] - (kernel[d] - 1) / 2;
+      rest /= kernel[d];
+      geometry.offset[t][d] = static_cast<int32_t>(o);
+      flat += o * stride;
+      stride *= sizes[d];
+    }
+    geometry.flat[t] = flat;
+  }
+  const at::Tensor s = scale ? scale->contiguous() : at::Tensor();
+  const at::Tensor b = shift ? shift->contiguous() : at::Tensor();
+  ChannelMmJob job{w2.data_ptr<float>(),
+                   w2.stride(0),
+                   1,
+                   M,
+                   w2.size(1),
+                   N,
+                   x.data_ptr<float>(),
+                   x.size(0) > 0 ? x.stride(0) : 0,
+                   scale ? s.data_ptr<float>() : nullptr,
+                   shift ? b.data_ptr<float>() : nullptr,
+                   out.data_ptr<float>(),
+                   out.stride(0),
+                   accumulate,
+                   &geometry};
+  channel_mm_kernels::isa_avx512::run(job);
+#endif
+}
+
 // out (+)= a @ b^T (channel_mm_nt_): a (M, L) and b (K, L) with contiguous rows, out (M, K) with contiguous rows.
 void channel_mm_nt_cpu(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(1) && out.size(0) == a.size(0) &&
@@ -132,6 +220,7 @@ std::string channel_mm_isa_cpu() { return isa_name(chosen_isa()); }
 TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
   m.impl("channel_mm_", &channel_mm_cpu);
   m.impl("channel_mm_nt_", &channel_mm_nt_cpu);
+  m.impl("channel_mm_conv_", &channel_mm_conv_cpu);
 }
 
 // A query with no tensor to dispatch on: defined with its implementation (a catch-all kernel), here

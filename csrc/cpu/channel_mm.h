@@ -6,8 +6,22 @@
 
 namespace ahnet_fast {
 
+// A convolution's taps for channel_mm_conv_ (stride 1, zero padding that keeps the size): the input map has
+// `size` (three axes, leading ones of size 1 for fewer), tap t reads the voxel `offset[t]` away from the
+// output voxel, `flat[t]` elements away in the row-major map.
+constexpr int kMaxTaps = 27;
+struct ChannelConvTaps {
+  int64_t count;
+  int32_t size[3];
+  int32_t offset[kMaxTaps][3];
+  int64_t flat[kMaxTaps];
+};
+
 // y[m, n] (+)= sum_k w[m, k] * act(x[k, n]) for m < M, n < N; act(v) = max(0, v * scale[k] + shift[k]) when
 // scale is set, else v. x and y rows are contiguous (ldx, ldy: their row strides, in elements).
+// With `taps` set, the product is a convolution over x's map (channel_mm_conv_): row k = c * T + t of the
+// product's right operand is act(x[c]) at tap t's offset from each output voxel, zero where that leaves
+// the map (the padding is of the activated map); K = channels * T.
 struct ChannelMmJob {
   const float* w;  // w[m, k] at w + m * w_sm + k * w_sk
   int64_t w_sm, w_sk;
@@ -19,6 +33,7 @@ struct ChannelMmJob {
   float* y;
   int64_t ldy;
   bool accumulate;
+  const ChannelConvTaps* taps = nullptr;
 };
 
 namespace channel_mm_kernels {
