@@ -99,7 +99,8 @@ def run_info(device: str, name: str) -> dict:
 # optimizer's step counts as "optimizer" whatever op it is (Adam is elementwise arithmetic).
 PROFILE_KINDS = (
     ("matrix products", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
-                         "ahnet_fast::channel_mm_", "ahnet_fast::channel_mm_nt_", "ahnet_fast::channel_mm_conv_")),
+                         "ahnet_fast::channel_mm_", "ahnet_fast::channel_mm_nt_", "ahnet_fast::channel_mm_conv_",
+                         "ahnet_fast::channel_mm_nt_conv_")),
     ("convolutions (oneDNN/ATen)", ("aten::mkldnn_convolution", "aten::convolution_backward",
                                     "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward",
                                     "aten::slow_conv3d_forward", "aten::slow_conv_dilated2d",
@@ -150,12 +151,16 @@ def _kind_of(event) -> str:
 
 def _kernel_flops(event) -> int:
     """FLOPs of ahnet_fast's product kernels (the profiler counts ATen's only), from the recorded
-    shapes: channel_mm_(out (M, N), weight (M, K), ...), channel_mm_nt_(out (M, K), a (M, L), ...) and
-    channel_mm_conv_(out (Co, S), weight (Co, Ci, *kernel), ...)."""
+    shapes: channel_mm_(out (M, N), weight (M, K), ...), channel_mm_nt_(out (M, K), a (M, L), ...),
+    channel_mm_conv_(out (Co, S), weight (Co, Ci, *kernel), ...) and channel_mm_nt_conv_(out (Co, Ci * T),
+    a (Co, S), ...)."""
     shapes = event.input_shapes or []
     if event.name == "ahnet_fast::channel_mm_conv_" and len(shapes) >= 2 and len(shapes[0]) == 2 \
             and len(shapes[1]) >= 3:
         return 2 * shapes[0][1] * math.prod(shapes[1])
+    if event.name == "ahnet_fast::channel_mm_nt_conv_" and len(shapes) >= 2 and len(shapes[0]) == 2 \
+            and len(shapes[1]) == 2:  # out (M, Ci * T), a (M, S)
+        return 2 * shapes[0][0] * shapes[0][1] * shapes[1][1]
     if event.name in ("ahnet_fast::channel_mm_", "ahnet_fast::channel_mm_nt_") and len(shapes) >= 2 \
             and len(shapes[0]) == 2 and len(shapes[1]) == 2:
         return 2 * shapes[0][0] * shapes[0][1] * shapes[1][1]

@@ -1,7 +1,7 @@
 """The matrix products of an AH-Net step on CPU: torch.mm (MKL) against ahnet_fast's kernels
 (channel_mm_: weight @ act(x); channel_mm_nt_: the weight gradients, a @ b^T over the voxels;
-channel_mm_conv_: a 3x3x1 / 1x1x3 convolution as one product over its taps, against torch's own
-convolution, oneDNN).
+channel_mm_conv_: a 3x3x1 / 1x1x3 convolution as one product over its taps, and channel_mm_nt_conv_ its
+weight gradient, against torch's own convolution and its backward, oneDNN).
 
 Every product a training step and an inference forward make at 1x1xSIZE (default 128x128x32) is
 recorded with its shape and whether a BatchNorm-ReLU is applied to its input as it is read; each
@@ -35,7 +35,9 @@ def step_products(size) -> dict:
     """{(mode, kind, M, K, N, act, geometry): count} over one training step and one inference forward.
     kind "mm": out = weight (M, K) @ act(x) (K, N) on channel_mm_; "nt": out (M, K) = a (M, N) @ b (K, N)^T
     on channel_mm_nt_ (weight gradients, N the voxels); "conv": channel_mm_conv_, M output channels, K =
-    input channels x taps, N voxels, geometry = (kernel, spatial sizes); "torch": a product left to
+    input channels x taps, N voxels, geometry = (kernel, spatial sizes); "nt_conv": that convolution's
+    weight gradient on channel_mm_nt_conv_ (M output channels, K input channels x taps, N voxels);
+    "torch": a product left to
     torch.mm (below the kernels' thresholds, another dtype or layout), timed as (M, K) @ (K, N).
     Recorded by the profiler with shapes (and the convolution's sizes, a list argument)."""
     from torch.profiler import ProfilerActivity, profile
@@ -68,6 +70,9 @@ def step_products(size) -> dict:
                 weight, spatial = shapes[1], tuple(e.concrete_inputs[3])
                 k = weight[1] * math.prod(weight[2:])
                 counts[(mode, "conv", weight[0], k, shapes[2][1], bool(shapes[4]), (tuple(weight[2:]), spatial))] += 1
+            elif e.name == "ahnet_fast::channel_mm_nt_conv_":  # (out (Co, Ci * T), a (Co, S), x (Ci, S), spatial, kernel, acc)
+                spatial, kernel = tuple(e.concrete_inputs[3]), tuple(e.concrete_inputs[4])
+                counts[(mode, "nt_conv", shapes[0][0], shapes[0][1], shapes[1][1], False, (kernel, spatial))] += 1
             elif e.name == "ahnet_fast::channel_mm_nt_":  # (out, a, b, accumulate)
                 (m, n), k = shapes[1], shapes[2][0]
                 counts[(mode, "nt", m, k, n, False, None)] += 1
@@ -84,6 +89,8 @@ def time_shape(kind, m, k, n, act, repeats, geometry=None):
     g = torch.Generator().manual_seed(0)
     if kind == "conv":
         return _time_conv(m, k, n, act, repeats, geometry, g)
+    if kind == "nt_conv":
+        return _time_conv_weight_grad(m, k, n, repeats, geometry, g)
     if kind == "nt":
         a, b, out = torch.randn(m, n, generator=g), torch.randn(k, n, generator=g), torch.empty(m, k)
         t_mkl = median_seconds(lambda: torch.mm(a, b.t(), out=out), repeats)
@@ -132,6 +139,24 @@ def _time_conv(m, k, n, act, repeats, geometry, g):
                                                                          shift, False), repeats)
     expected = channel_mm.channel_mm_conv_reference(w.double(), x.double(), None if scale is None else scale.double(),
                                                  None if shift is None else shift.double())[0].flatten(1)
+    return t_torch, t_kernel, ((out.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _time_conv_weight_grad(m, k, n, repeats, geometry, g):
+    """channel_mm_nt_conv_ against oneDNN's weight gradient (convolution_backward, that output only)."""
+    kernel, spatial = geometry
+    ci = k // math.prod(kernel)
+    grad_y, x = torch.randn(1, m, *spatial, generator=g), torch.randn(1, ci, *spatial, generator=g)
+    w = torch.empty(m, ci, *kernel)
+    nd, padding = len(spatial), [(s - 1) // 2 for s in kernel]
+    out = torch.empty(m, k)
+    t_torch = median_seconds(lambda: torch.ops.aten.convolution_backward(
+        grad_y, x, w, None, [1] * nd, padding, [1] * nd, False, [0] * nd, 1, [False, True, False]), repeats)
+    t_kernel = median_seconds(lambda: torch.ops.ahnet_fast.channel_mm_nt_conv_(
+        out, grad_y[0].flatten(1), x[0].flatten(1), list(spatial), list(kernel), False), repeats)
+    w64 = torch.zeros(m, ci, *kernel, dtype=torch.float64, requires_grad=True)
+    channel_mm.channel_mm_conv_reference(w64, x.double()).backward(grad_y.double())
+    expected = w64.grad.flatten(1)
     return t_torch, t_kernel, ((out.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 

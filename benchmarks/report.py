@@ -696,6 +696,7 @@ def channel_mm_block() -> list[str]:
     lines += ["", "The shapes that take the most time on torch (M x K times K x N; nt: M x N times (K x N)^T, the "
                   "weight gradients; conv: a 3x3x1 / 1x1x3 convolution on channel_mm_conv_, M output channels, K = "
                   "input channels x taps, against torch's convolution (oneDNN) where the other rows take torch.mm; "
+                  "nt_conv: its weight gradient on channel_mm_nt_conv_, against oneDNN's; "
                   "act: the BatchNorm-ReLU applied while reading, which on torch is a pass of its own, timed with "
                   "it):", "",
               "| step | kind | M | K | N | act | calls | torch ms | kernel ms | kernel GFLOP/s | speed-up |",

@@ -104,4 +104,8 @@ TORCH_LIBRARY(ahnet_fast, m) {
   m.def(
       "channel_mm_conv_(Tensor(a!) out, Tensor weight, Tensor x, int[] spatial, Tensor? scale, Tensor? shift, "
       "bool accumulate) -> ()");
+  // out (+)= a @ taps(x)^T: channel_mm_conv_'s weight gradient, a (M, S) the output gradient, x (Ci, S) the input
+  // map of the given spatial sizes (both with contiguous rows), out (M, Ci * taps) with contiguous rows, float32:
+  // out[m, c * T + t] = sum over voxels p of a[m, p] * x[c, p + offset_t], zero where the tap leaves the map.
+  m.def("channel_mm_nt_conv_(Tensor(a!) out, Tensor a, Tensor x, int[] spatial, int[] kernel, bool accumulate) -> ()");
 }

@@ -205,6 +205,13 @@ def test_narrower_isa_takes_torch_mm():
         "ref = channel_mm.channel_mm_conv_reference(w.double(), x.double()[None], s.double(), b.double())\n"
         "assert (out.double() - ref[0].flatten(1)).norm() <= 1e-6 * ref.norm()\n"
         "assert channel_mm.conv_batched(w, x[None], scale=s, shift=b) is None\n"
+        "gy = torch.randn(9, 280, generator=g)\n"  # the convolution's weight gradient
+        "out = torch.empty(9, 270)\n"
+        "torch.ops.ahnet_fast.channel_mm_nt_conv_(out, gy, x.flatten(1), [7, 8, 5], [3, 3, 1], False)\n"
+        "w64 = torch.zeros(9, 30, 3, 3, 1, dtype=torch.float64, requires_grad=True)\n"
+        "channel_mm.channel_mm_conv_reference(w64, x.double()[None]).backward(gy.double().view(1, 9, 7, 8, 5))\n"
+        "assert (out.double() - w64.grad.flatten(1)).norm() <= 1e-6 * w64.grad.norm()\n"
+        "assert channel_mm.conv_backward(gy.view(1, 9, 7, 8, 5), x[None], w) is None\n"
         "print('ok')\n")
     for switch in ("AHNET_FAST_NO_AVX512", "AHNET_FAST_NO_AVX2"):
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

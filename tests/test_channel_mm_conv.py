@@ -173,3 +173,95 @@ def test_shift_path_runs_on_the_kernel(kernel, batch):
         expected = channel_mm_conv_reference(w.double(), a.double(), scale.double(), shift.double())
         assert_close_normwise(fused, expected, 2e-6, what=f"band={a.shape[2]}")
         assert fused.is_contiguous() and fused.shape == (batch, 20, *a.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_mm_nt_conv_: the convolution's weight gradient, and conv_backward (both gradients on the kernels)
+
+
+def weight_grad64(grad_y, x, kernel):
+    """float64 weight gradient of conv(x) (stride 1, the size kept) for one sample: (Co, Ci, *kernel)."""
+    xd = x.double().unsqueeze(0).requires_grad_(False)
+    w = torch.zeros(grad_y.shape[0], x.shape[0], *kernel, dtype=torch.float64, requires_grad=True)
+    channel_mm_conv_reference(w, xd).backward(grad_y.double().unsqueeze(0))
+    return w.grad
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}-{'x'.join(map(str, s[2]))}-{'x'.join(map(str, s[3]))}"
+                                               for s in SHAPES])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+def test_weight_gradient_kernel_matches_float64(shape, accumulate):
+    """Every tap's shifted rows of x against the output gradient: chunks of 2048 voxels and their tails,
+    taps leaving the map on every side, row-strided operands."""
+    co, ci, kernel, spatial = shape
+    _, x, _, _ = operands(co, ci, kernel, spatial, channel_gap=7)
+    g = torch.Generator().manual_seed(5)
+    voxels = math.prod(spatial)
+    grad_y = torch.randn(co, voxels + 9, generator=g)[:, 2:2 + voxels]
+    start = torch.randn(co, ci * math.prod(kernel), generator=g)
+    out = start.clone()
+    torch.ops.ahnet_fast.channel_mm_nt_conv_(out, grad_y, x.flatten(1), list(spatial), list(kernel), accumulate)
+    expected = weight_grad64(grad_y.reshape(co, *spatial), x, kernel).reshape(co, -1) + \
+        (start.double() if accumulate else 0)
+    assert_close_normwise(out, expected, 2e-6, 1e-7, what=f"{shape} accumulate={accumulate}")
+
+
+@needs_ext
+def test_weight_gradient_kernel_over_many_chunks():
+    """A map of several 2048-voxel chunks split between threads, the chunk edges inside rows."""
+    _, x, _, _ = operands(12, 10, (3, 3, 1), (37, 23, 11))
+    grad_y = torch.randn(12, 37 * 23 * 11)
+    out = torch.empty(12, 90)
+    torch.ops.ahnet_fast.channel_mm_nt_conv_(out, grad_y, x.flatten(1), [37, 23, 11], [3, 3, 1], False)
+    expected = weight_grad64(grad_y.view(12, 37, 23, 11), x, (3, 3, 1)).reshape(12, -1)
+    assert_close_normwise(out, expected, 2e-6)
+
+
+@needs_ext
+def test_weight_gradient_kernel_refuses_bad_operands_and_opcheck():
+    _, x, _, _ = operands(8, 6, (3, 3, 1), (5, 6, 7))
+    flat, grad_y = x.flatten(1), torch.randn(8, 210)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.ahnet_fast.channel_mm_nt_conv_(torch.empty(8, 53), grad_y, flat, [5, 6, 7], [3, 3, 1], False)
+    with pytest.raises(RuntimeError, match="odd kernel"):
+        torch.ops.ahnet_fast.channel_mm_nt_conv_(torch.empty(8, 36), grad_y, flat, [5, 6, 7], [2, 3, 1], False)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.ahnet_fast.channel_mm_nt_conv_(torch.empty(8, 54, dtype=torch.float64), grad_y.double(),
+                                                 flat.double(), [5, 6, 7], [3, 3, 1], False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.ahnet_fast.channel_mm_nt_conv_(torch.empty(8, 54), torch.randn(210, 8).t(), flat, [5, 6, 7],
+                                                 [3, 3, 1], False)
+    for accumulate in (False, True):
+        torch.library.opcheck(torch.ops.ahnet_fast.channel_mm_nt_conv_.default,
+                              (torch.randn(8, 54), grad_y, flat, [5, 6, 7], [3, 3, 1], accumulate))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", [(3, 3, 1), (1, 1, 3)], ids=["3x3x1", "1x1x3"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shift_backward_runs_on_the_kernels(kernel, batch):
+    """_conv_paths' shift backward on channel_mm_conv_ (input gradient: the flipped weight) and
+    channel_mm_nt_conv_ (weight gradient): as float64's autograd, with a band of rows as the input,
+    grad_x written into a caller's buffer at batch 1; the grouped path (chunks given) agrees."""
+    g = torch.Generator().manual_seed(2)
+    full = torch.randn(batch, 24, 14, 10, 6, generator=g)
+    w = torch.randn(20, 24, *kernel, generator=g) * 0.1
+    for a in (full, full[:, :, 3:11]):
+        grad_y = torch.randn(batch, 20, *a.shape[2:], generator=g)
+        buffer = torch.full((a.numel() + 5,), 9.0)
+        with backends.recording() as calls:
+            grad_a, grad_w = _conv_paths.backward("shift", grad_y, a, w, [1, 1, 1], [(k - 1) // 2 for k in kernel],
+                                                  out=buffer)
+        assert calls["channel_mm"].get("cpp", 0) == 2, calls  # the input gradient's convolution, the weight gradient
+        a64, w64 = a.double().requires_grad_(), w.double().requires_grad_()
+        channel_mm_conv_reference(w64, a64).backward(grad_y.double())
+        assert_close_normwise(grad_a, a64.grad, 2e-6, what="grad_a")
+        assert_close_normwise(grad_w, w64.grad, 2e-6, what="grad_w")
+        if batch == 1:
+            assert grad_a.data_ptr() == buffer.data_ptr()
+        # fewer output channels than a register block: the shift path's copies (both kernels or neither)
+        assert channel_mm.conv_backward(grad_y[:, :3], a, w[:3]) is None
+        grouped = _conv_paths._shift_backward(grad_y, a, w, chunks=2)
+        assert_close_normwise(grouped[0], a64.grad, 2e-6, what="grouped grad_a")
+        assert_close_normwise(grouped[1], w64.grad, 2e-6, what="grouped grad_w")

@@ -178,6 +178,8 @@ def test_profile_by_kind_sorts_time_by_kind_of_op():
     assert _kernel_flops(conv) == 2 * 960 * 20 * 16 * 9
     assert _kernel_flops(SimpleNamespace(name="ahnet_fast::channel_mm_", input_shapes=[[8, 100], [8, 5], [5, 100]])) \
         == 2 * 8 * 100 * 5
+    assert _kernel_flops(SimpleNamespace(name="ahnet_fast::channel_mm_nt_conv_",
+                                         input_shapes=[[20, 144], [20, 960], [16, 960], [], [], []])) == 2 * 20 * 144 * 960
     spent = prof["self_s"]
     for kind in ("matrix products", "convolutions (oneDNN/ATen)", "copies and concatenation",
                  "BatchNorm, ReLU and other elementwise", "optimizer"):

@@ -12,8 +12,9 @@ Each path computes ``conv(a, weight, stride, padding)`` (no bias, dilation 1, gr
   place; backward stacks the T shifted copies of the output gradient (T*Co rows) and does two
   matrix products. It pays where Co is small (the final 3-class 3x3x1 convolution, the dense
   layers' 3x3x1 with Co = 20). Where ops.channel_mm's convolution kernel runs (float32 on AVX-512,
-  Co >= 8) the forward is that kernel instead, the taps read in place and no tap map written; it
-  then beats oneDNN at every Co AH-Net has.
+  Co >= 8) the forward is that kernel instead, the taps read in place and no tap map written (it
+  then beats oneDNN at every Co AH-Net has), and the backward its two gradient kernels, without the
+  shifted copies.
 - ``folded`` (kernel k x k x 1 or 1 x 1 x k, stride 1, contiguous): a 2D convolution on a view with
   the slice axis folded away (k x k x 1 as a (k, k) convolution dilated by D along W*D; 1 x 1 x k
   as (1, k) on (H*W, D)), no copy.
@@ -325,6 +326,13 @@ def _accumulate_tap_group(grad_a, grad_wall, wall, rows, g, m, out=None):
 
 def _shift_backward(grad_y: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, chunks: int | None = None,
                     out: torch.Tensor | None = None):
+    # where ops.channel_mm's kernels take it: both gradients without a shifted copy of grad_y (the
+    # input gradient a convolution with the flipped weight, the weight gradient each tap's rows of a
+    # read in place)
+    if chunks is None:
+        on_kernels = channel_mm.conv_backward(grad_y, a, weight, out=out)
+        if on_kernels is not None:
+            return on_kernels
     n, ci = a.shape[:2]
     co, spatial = weight.shape[0], a.shape[2:]
     taps = _taps(weight)

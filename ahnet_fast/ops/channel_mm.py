@@ -12,7 +12,10 @@ activation is never written out). ``benchmarks/bench_channel_mm.py`` compares it
 ``ahnet_fast::channel_mm_conv_`` is the same kernel over a convolution's taps (stride 1, the size kept:
 AH-Net's 3x3x1 and 1x1x3): row c * T + t of its panel is channel c read at tap t's offset, zero
 where the tap leaves the map, so the convolution is one (Co, Ci * T) product with nothing written
-but the output (:func:`conv_batched`, which the shift path's forward takes).
+but the output (:func:`conv_batched`, which the shift path's forward takes). Its gradients
+(:func:`conv_backward`) need no shifted copy of the output gradient: the input gradient is the same
+kernel with the weight flipped, the weight gradient ``ahnet_fast::channel_mm_nt_conv_`` (the
+weight-gradient kernel with the output gradient's rows read at each tap's offset).
 
 :func:`mm_into` is the one entry: the ``cpp`` kernel where it runs (CPU, float32, AVX-512, rows
 contiguous, no autograd or autocast to respect), else ``torch.mm`` / ``addmm_`` on the activated x
@@ -30,8 +33,8 @@ from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast.ops._registry import cpp_kernel_reasons, gpu_composition_reasons, note_compiled_kernels
 
-__all__ = ["channel_mm_conv_reference", "channel_mm_reference", "channel_mm_nt_reference", "conv_batched", "conv_into",
-           "conv_takes",
+__all__ = ["channel_mm_conv_reference", "channel_mm_reference", "channel_mm_nt_reference", "conv_backward",
+           "conv_batched", "conv_into", "conv_takes",
            "kernel_isa", "kernel_takes", "mm", "mm_batched", "mm_into", "mm_nt", "mm_nt_into"]
 
 
@@ -68,14 +71,16 @@ def kernel_takes(t: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
 
 
-_KERNELS = {"mm": "channel_mm_", "nt": "channel_mm_nt_", "conv": "channel_mm_conv_"}
+_KERNELS = {"mm": "channel_mm_", "nt": "channel_mm_nt_", "conv": "channel_mm_conv_", "nt_conv": "channel_mm_nt_conv_"}
 
 
 def _cpp_reasons(out, weight, x, scale, shift, accumulate, kind="mm") -> list[str]:
     """Why the kernel cannot take this product. ``kind`` "mm": out (+)= weight @ act(x) (channel_mm_);
     "nt": out (+)= weight @ x^T (channel_mm_nt_: weight the output gradient, x the input); "conv": the
-    convolution of channel_mm_conv_, weight its (Co, Ci * taps) matrix, x the (Ci, voxels) map."""
-    transposed = kind == "nt"
+    convolution of channel_mm_conv_, weight its (Co, Ci * taps) matrix, x the (Ci, voxels) map; "nt_conv":
+    that convolution's weight gradient (channel_mm_nt_conv_), weight the output gradient (Co, voxels),
+    x the input map (Ci, voxels), out (Co, Ci * taps)."""
+    transposed = kind in ("nt", "nt_conv")
     reasons = cpp_kernel_reasons(_KERNELS[kind], x.device)
     if reasons:
         return reasons
@@ -119,11 +124,14 @@ def _slower_reasons(out, weight, x, scale, shift, accumulate, kind="mm") -> list
     if kind == "conv" and weight.shape[0] < CONV_MIN_OUTPUTS:
         reasons.append(f"{weight.shape[0]} < {CONV_MIN_OUTPUTS} output channels: the taps' panel costs more than "
                        "its products (the shift path's one product over every tap is faster)")
-    if kind == "nt":
+    if kind == "nt_conv" and out.shape[0] < CONV_MIN_OUTPUTS:
+        reasons.append(f"{out.shape[0]} < {CONV_MIN_OUTPUTS} output channels: too few rows of the output gradient "
+                       "per tap block (the shift path's product over copies of it is faster)")
+    if kind in ("nt", "nt_conv"):
         if x.shape[1] < NT_MIN_LENGTH:
             reasons.append(f"a reduction over {x.shape[1]} < {NT_MIN_LENGTH} voxels: MKL's torch.mm is faster")
-        if weight.shape[0] * x.shape[0] > NT_MAX_OUTPUTS:
-            reasons.append(f"{weight.shape[0]} x {x.shape[0]} outputs: the chunk of x leaves L2, MKL's torch.mm "
+        if out.shape[0] * out.shape[1] > NT_MAX_OUTPUTS:
+            reasons.append(f"{out.shape[0]} x {out.shape[1]} outputs: the chunk of x leaves L2, MKL's torch.mm "
                            "is faster")
         return reasons
     if x.shape[1] < MIN_COLUMNS:
@@ -300,19 +308,21 @@ def _conv_args(out, weight, x, scale, shift, accumulate):
 
 
 def conv_batched(weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
-                 shift: torch.Tensor | None = None) -> torch.Tensor | None:
+                 shift: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """conv(act(x[n]), weight) for every sample of x (N, Ci, *spatial) on channel_mm_conv_ (stride 1,
     the size kept: AH-Net's 3x3x1 and 1x1x3 convolutions), a new (N, Co, *spatial) tensor; None where
     the dispatch does not choose the kernel for these operands (the caller then computes the
     convolution its own way). x's spatial axes must be one contiguous block per channel (a band of
-    rows of a map qualifies); the tap panel reads them in place, so no tap's map is ever written."""
+    rows of a map qualifies); the tap panel reads them in place, so no tap's map is ever written.
+    ``out``: a contiguous (N, Co, *spatial) tensor to write into instead (a caller's reused buffer)."""
     if not _conv_fits(weight, x) or backends.select("channel_mm", IMPLEMENTATIONS, x.device, _conv_args(
             _conv_probe(weight, x), weight, x[0], scale, shift, False), explicit="auto") != "cpp":
         return None
     spatial = list(x.shape[2:])
     voxels = math.prod(spatial)
     weight = weight.contiguous()
-    out = x.new_empty((x.shape[0], weight.shape[0], *spatial))
+    if out is None:
+        out = x.new_empty((x.shape[0], weight.shape[0], *spatial))
     for i in range(x.shape[0]):
         torch.ops.ahnet_fast.channel_mm_conv_(out[i].view(weight.shape[0], voxels), weight, x[i].flatten(1), spatial,
                                            scale, shift, False)
@@ -341,6 +351,45 @@ def _conv_fits(weight, x) -> bool:
 def _conv_probe(weight, x):
     """A stand-in for one sample's output (no memory)."""
     return x.new_empty((weight.shape[0], x[0, 0].numel()), device="meta")
+
+
+def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(grad_x, grad_weight) of y = conv(x, weight) as :func:`conv_batched` computes it (x (N, Ci,
+    *spatial), no activation), on the kernels: grad_x is the convolution of grad_y with the weight
+    flipped and its channels swapped (channel_mm_conv_, the flipped taps read in place), grad_weight
+    the sum over the batch of channel_mm_nt_conv_ (grad_y against each tap's shifted rows of x). No
+    tap's map or shifted copy of grad_y is written. None where the dispatch does not choose both
+    kernels. ``out``: a flat buffer of at least x.numel() elements that grad_x is written into (then
+    a view of it) at batch 1."""
+    if not _conv_fits(weight, x) or grad_y.shape != (x.shape[0], weight.shape[0], *x.shape[2:]):
+        return None
+    nd = x.dim() - 2
+    grad_y = grad_y if _block_contiguous(grad_y, nd + 1) else grad_y.contiguous()
+    flipped = weight.flip(list(range(2, weight.dim()))).transpose(0, 1)
+    voxels = x[0, 0].numel()
+    wgrad_probe = x.new_empty((weight.shape[0], weight[0].numel()), device="meta")
+    if backends.select("channel_mm", IMPLEMENTATIONS, x.device, _conv_args(
+            _conv_probe(flipped, grad_y), flipped, grad_y[0], None, None, False), explicit="auto") != "cpp" \
+            or backends.select("channel_mm", IMPLEMENTATIONS, x.device, (
+                wgrad_probe, grad_y[0].view(weight.shape[0], voxels), x[0].flatten(1), None, None, False, "nt_conv"),
+                explicit="auto") != "cpp":
+        return None
+    spatial, kernel = list(x.shape[2:]), list(weight.shape[2:])
+    grad_w = x.new_empty((weight.shape[0], weight[0].numel()))
+    for i in range(x.shape[0]):
+        torch.ops.ahnet_fast.channel_mm_nt_conv_(grad_w, grad_y[i].view(weight.shape[0], voxels), x[i].flatten(1),
+                                                 spatial, kernel, i > 0)
+    buffer = None
+    if out is not None and x.shape[0] == 1 and out.numel() >= x.numel() and out.dtype == x.dtype:
+        buffer = out[:x.numel()].view(x.shape)
+    flipped = flipped.contiguous()
+    for i in range(x.shape[0]):
+        if buffer is None:
+            buffer = x.new_empty(x.shape)
+        torch.ops.ahnet_fast.channel_mm_conv_(buffer[i].view(x.shape[1], voxels), flipped,
+                                              grad_y[i].view(weight.shape[0], voxels), spatial, None, None, False)
+    return buffer, grad_w.view(weight.shape)
 
 
 def conv_into(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
@@ -390,6 +439,8 @@ def _register():
     torch.library.register_fake("ahnet_fast::channel_mm_")(lambda out, weight, x, scale, shift, accumulate: None)
     torch.library.register_fake("ahnet_fast::channel_mm_nt_")(lambda out, a, b, accumulate: None)
     note_compiled_kernels("channel_mm_conv_")
+    note_compiled_kernels("channel_mm_nt_conv_")
+    torch.library.register_fake("ahnet_fast::channel_mm_nt_conv_")(lambda out, a, x, spatial, kernel, accumulate: None)
     torch.library.register_fake("ahnet_fast::channel_mm_conv_")(lambda out, weight, x, spatial, scale, shift, accumulate:
                                                              None)
 

@@ -230,19 +230,81 @@ namespace {
 constexpr int kNtRows = 4, kNtCols = 6;
 constexpr int64_t kChunk = 2048;
 
-template <int R, int C>
-void nt_block(const ChannelMmNtJob& job, int64_t m0, int64_t k0, int64_t l0, int64_t l1, float* partial) {
+// A chunk's tap masks (channel_mm_nt_conv_): bit j of masks[t * vectors + v] says whether voxel q = l0 + 16 v + j
+// is inside the chunk and q - offset_t inside the map (the output voxel whose tap t reads q). Worked out per
+// voxel in scalar code: T x 2048 tests against the chunk's M x K x 2048 multiply-adds.
+void tap_masks(const ChannelConvTaps& taps, int64_t l0, int64_t l1, int64_t vectors, uint16_t* masks) {
+  std::fill(masks, masks + taps.count * vectors, uint16_t{0});
+  const int64_t plane = int64_t{taps.size[1]} * taps.size[2];
+  int32_t coord[3] = {static_cast<int32_t>(l0 / plane), static_cast<int32_t>((l0 % plane) / taps.size[2]),
+                      static_cast<int32_t>(l0 % taps.size[2])};
+  for (int64_t l = l0; l < l1; ++l) {
+    const int64_t v = (l - l0) / 16;
+    const uint16_t bit = static_cast<uint16_t>(1u << ((l - l0) % 16));
+    for (int64_t t = 0; t < taps.count; ++t) {
+      bool inside = true;
+      for (int axis = 0; axis < 3; ++axis) {
+        const int32_t source = coord[axis] - taps.offset[t][axis];
+        inside = inside && source >= 0 && source < taps.size[axis];
+      }
+      if (inside) masks[t * vectors + v] |= bit;
+    }
+    if (++coord[2] == taps.size[2]) {
+      coord[2] = 0;
+      if (++coord[1] == taps.size[1]) {
+        coord[1] = 0;
+        ++coord[0];
+      }
+    }
+  }
+}
+
+// R rows of a x C rows of b over voxels [l0, l1), added to the partial sums. Plain: rows m0.. of a and k0.. of b,
+// partial (M, K). Over taps (channel_mm_nt_conv_): a's rows are virtual, i = t * M + m: the output gradient's
+// row m read at voxel q - offset_t (zero where that is no voxel of the map), so that
+// sum_q g[m, q - offset_t] x[c, q] = sum_p g[m, p] x[c, p + offset_t] lands in partial[m, c * T + t]. The
+// shifted operand is the gradient's few rows (M * T virtual rows against the input's channels: the shape
+// of the product the shift path made on copies, whose blocks of a stay in L1 while b's chunk sits in L2).
+// A masked 16-float load (lanes off in `mask` are zero and their memory is not touched, so p may point
+// outside the buffer where they are), written as the instruction itself: with _mm512_maskz_loadu_ps (or an asm
+// declaring the memory it reads) GCC 12 kept nt_block's accumulators in memory, storing all 24 for every
+// vector (half the speed); a plain load followed by a masked move would only be safe where the compiler
+// happens to fuse the two. The asm names only the address, not the memory: correct because nothing writes
+// the operands while a kernel runs (they are inputs, written before the call).
+inline __m512 load_masked(__mmask16 mask, const float* p) {
+  __m512 v;
+  asm("vmovups (%1), %0%{%2%}%{z%}" : "=v"(v) : "r"(p), "Yk"(mask));
+  return v;
+}
+
+template <int R, int C, bool Taps>
+void nt_block(const ChannelMmNtJob& job, int64_t i0, int64_t k0, int64_t l0, int64_t l1, float* partial,
+              const uint16_t* masks) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   const float* a[R];
   const float* b[C];
-  for (int r = 0; r < R; ++r) a[r] = job.a + (m0 + r) * job.lda;
+  // Over taps a block's rows share their tap (nt_chunk never lets a block straddle two), so one mask per
+  // vector serves them all (fewer live pointers: with one per row the compiler spilled accumulators).
+  const int64_t T = Taps ? job.taps->count : 1;
+  const int64_t t = Taps ? i0 / job.M : 0, m0 = Taps ? i0 % job.M : i0;
+  const int64_t vectors = (l1 - l0 + 15) / 16;
+  const uint16_t* tmask = Taps ? masks + t * vectors : nullptr;
+  // lanes outside the map are masked off and never loaded, so the pointers may lie outside their rows
+  for (int r = 0; r < R; ++r) a[r] = job.a + (m0 + r) * job.lda - (Taps ? job.taps->flat[t] : 0);
   for (int c = 0; c < C; ++c) b[c] = job.b + (k0 + c) * job.ldb;
   int64_t l = l0;
-  for (; l + 16 <= l1; l += 16) {
+  for (int64_t v = 0; l + 16 <= l1; l += 16, ++v) {
     __m512 av[R];
-    for (int r = 0; r < R; ++r) av[r] = _mm512_loadu_ps(a[r] + l);
+    if (Taps) {
+      // lanes whose source voxel is outside the map stay unloaded, zero (one code path: a branch between
+      // plain and masked loads made the compiler keep the accumulators in memory)
+      const __mmask16 m = static_cast<__mmask16>(tmask[v]);
+      for (int r = 0; r < R; ++r) av[r] = load_masked(m, a[r] + l);
+    } else {
+      for (int r = 0; r < R; ++r) av[r] = _mm512_loadu_ps(a[r] + l);
+    }
     for (int c = 0; c < C; ++c) {
       const __m512 bv = _mm512_loadu_ps(b[c] + l);
       for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(av[r], bv, acc[r][c]);
@@ -250,36 +312,55 @@ void nt_block(const ChannelMmNtJob& job, int64_t m0, int64_t k0, int64_t l0, int
   }
   if (l < l1) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (l1 - l)) - 1);
+    const int64_t v = (l - l0) / 16;
     __m512 av[R];
-    for (int r = 0; r < R; ++r) av[r] = _mm512_maskz_loadu_ps(mask, a[r] + l);
+    for (int r = 0; r < R; ++r)
+      av[r] = _mm512_maskz_loadu_ps(Taps ? static_cast<__mmask16>(tmask[v] & mask) : mask, a[r] + l);
     for (int c = 0; c < C; ++c) {
       const __m512 bv = _mm512_maskz_loadu_ps(mask, b[c] + l);
       for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(av[r], bv, acc[r][c]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) partial[(m0 + r) * job.K + k0 + c] += _mm512_reduce_add_ps(acc[r][c]);
+    for (int c = 0; c < C; ++c)
+      partial[(m0 + r) * job.K + (k0 + c) * T + t] += _mm512_reduce_add_ps(acc[r][c]);
 }
 
-template <int R>
-void nt_block_cols(int c, const ChannelMmNtJob& job, int64_t m0, int64_t k0, int64_t l0, int64_t l1, float* p) {
+template <int R, bool Taps>
+void nt_block_cols(int c, const ChannelMmNtJob& job, int64_t m0, int64_t k0, int64_t l0, int64_t l1, float* p,
+                   const uint16_t* masks) {
   switch (c) {
-    case 1: return nt_block<R, 1>(job, m0, k0, l0, l1, p);
-    case 2: return nt_block<R, 2>(job, m0, k0, l0, l1, p);
-    case 3: return nt_block<R, 3>(job, m0, k0, l0, l1, p);
-    case 4: return nt_block<R, 4>(job, m0, k0, l0, l1, p);
-    case 5: return nt_block<R, 5>(job, m0, k0, l0, l1, p);
-    default: return nt_block<R, kNtCols>(job, m0, k0, l0, l1, p);
+    case 1: return nt_block<R, 1, Taps>(job, m0, k0, l0, l1, p, masks);
+    case 2: return nt_block<R, 2, Taps>(job, m0, k0, l0, l1, p, masks);
+    case 3: return nt_block<R, 3, Taps>(job, m0, k0, l0, l1, p, masks);
+    case 4: return nt_block<R, 4, Taps>(job, m0, k0, l0, l1, p, masks);
+    case 5: return nt_block<R, 5, Taps>(job, m0, k0, l0, l1, p, masks);
+    default: return nt_block<R, kNtCols, Taps>(job, m0, k0, l0, l1, p, masks);
   }
 }
 
-void nt_any_block(int r, int c, const ChannelMmNtJob& job, int64_t m0, int64_t k0, int64_t l0, int64_t l1, float* p) {
+template <bool Taps>
+void nt_any_block(int r, int c, const ChannelMmNtJob& job, int64_t m0, int64_t k0, int64_t l0, int64_t l1, float* p,
+                  const uint16_t* masks) {
   switch (r) {
-    case 1: return nt_block_cols<1>(c, job, m0, k0, l0, l1, p);
-    case 2: return nt_block_cols<2>(c, job, m0, k0, l0, l1, p);
-    case 3: return nt_block_cols<3>(c, job, m0, k0, l0, l1, p);
-    default: return nt_block_cols<kNtRows>(c, job, m0, k0, l0, l1, p);
+    case 1: return nt_block_cols<1, Taps>(c, job, m0, k0, l0, l1, p, masks);
+    case 2: return nt_block_cols<2, Taps>(c, job, m0, k0, l0, l1, p, masks);
+    case 3: return nt_block_cols<3, Taps>(c, job, m0, k0, l0, l1, p, masks);
+    default: return nt_block_cols<kNtRows, Taps>(c, job, m0, k0, l0, l1, p, masks);
   }
+}
+
+// A chunk's blocks: each block of a's rows (L1) against every block of b's (the chunk of b in L2). Over taps
+// a's rows are the M * T virtual rows and b's the input's channels (K / T).
+template <bool Taps>
+void nt_chunk(const ChannelMmNtJob& job, int64_t l0, int64_t l1, float* partial, const uint16_t* masks) {
+  const int64_t T = Taps ? job.taps->count : 1, columns = job.K / T;
+  for (int64_t t = 0; t < T; ++t)  // (Taps: a block's rows within one tap)
+    for (int64_t m0 = 0; m0 < job.M; m0 += kNtRows)
+      for (int64_t k0 = 0; k0 < columns; k0 += kNtCols)
+        nt_any_block<Taps>(static_cast<int>(std::min<int64_t>(kNtRows, job.M - m0)),
+                           static_cast<int>(std::min<int64_t>(kNtCols, columns - k0)), job, t * job.M + m0, k0, l0, l1,
+                           partial, masks);
 }
 
 }  // namespace
@@ -292,15 +373,19 @@ void run_nt(const ChannelMmNtJob& job) {
   // on the thread count (where the voxels are split), not on scheduling.
   std::vector<float> partials(static_cast<size_t>(threads * M * K), 0.f);
   const int64_t per = (chunks + threads - 1) / threads;
+  constexpr int64_t kVectors = kChunk / 16;
   at::parallel_for(0, threads, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<uint16_t> masks(job.taps != nullptr ? static_cast<size_t>(job.taps->count * kVectors) : 0);
     for (int64_t slot = s0; slot < s1; ++slot) {
       float* partial = partials.data() + slot * M * K;
       for (int64_t ch = slot * per; ch < std::min(chunks, (slot + 1) * per); ++ch) {
         const int64_t l0 = ch * kChunk, l1 = std::min(job.L, l0 + kChunk);
-        for (int64_t m0 = 0; m0 < M; m0 += kNtRows)
-          for (int64_t k0 = 0; k0 < K; k0 += kNtCols)
-            nt_any_block(static_cast<int>(std::min<int64_t>(kNtRows, M - m0)),
-                         static_cast<int>(std::min<int64_t>(kNtCols, K - k0)), job, m0, k0, l0, l1, partial);
+        if (job.taps != nullptr) {
+          tap_masks(*job.taps, l0, l1, (l1 - l0 + 15) / 16, masks.data());
+          nt_chunk<true>(job, l0, l1, partial, masks.data());
+        } else {
+          nt_chunk<false>(job, l0, l1, partial, nullptr);
+        }
       }
     }
   });

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "channel_mm.h"
@@ -93,6 +94,50 @@ void channel_mm_cpu(at::Tensor out, const at::Tensor& weight, const at::Tensor& 
 #endif
 }
 
+// The taps of a kernel over a map (stride 1, the size kept), in the weight's row-major tap order, each offset
+// from the centre; fewer than three axes are padded with leading axes of size 1.
+ChannelConvTaps conv_taps(at::IntArrayRef spatial, at::IntArrayRef kernel_sizes) {
+  const int64_t nd = static_cast<int64_t>(spatial.size());
+  ChannelConvTaps geometry{};
+  int64_t sizes[3] = {1, 1, 1}, kernel[3] = {1, 1, 1};
+  geometry.count = 1;
+  for (int64_t d = 0; d < nd; ++d) {
+    sizes[3 - nd + d] = spatial[d];
+    kernel[3 - nd + d] = kernel_sizes[d];
+    geometry.count *= kernel_sizes[d];
+  }
+  for (int d = 0; d < 3; ++d) geometry.size[d] = static_cast<int32_t>(sizes[d]);
+  for (int64_t t = 0; t < geometry.count; ++t) {
+    int64_t rest = t, flat = 0, stride = 1;
+    for (int d = 2; d >= 0; --d) {
+      const int64_t o = rest % kernel[d] - (kernel[d] - 1) / 2;
+      rest /= kernel[d];
+      geometry.offset[t][d] = static_cast<int32_t>(o);
+      flat += o * stride;
+      stride *= sizes[d];
+    }
+    geometry.flat[t] = flat;
+  }
+  return geometry;
+}
+
+// The checks channel_mm_conv_ and channel_mm_nt_conv_ share: 1 to 3 spatial axes of sizes in [1, 2^30), odd
+// kernel sizes, at most kMaxTaps taps; returns (voxels, taps).
+std::pair<int64_t, int64_t> check_conv_geometry(const char* op, at::IntArrayRef spatial, at::IntArrayRef kernel) {
+  TORCH_CHECK(spatial.size() >= 1 && spatial.size() <= 3 && kernel.size() == spatial.size(), op,
+              ": a kernel over 1 to 3 spatial axes, got kernel ", kernel, " for spatial ", spatial);
+  int64_t voxels = 1, taps = 1;
+  for (size_t d = 0; d < spatial.size(); ++d) {
+    TORCH_CHECK(spatial[d] >= 1 && spatial[d] < (int64_t{1} << 30), op, ": spatial sizes must be in [1, 2^30), got ",
+                spatial);
+    TORCH_CHECK(kernel[d] % 2 == 1 && kernel[d] > 0, op, ": odd kernel sizes only, got ", kernel);
+    voxels *= spatial[d];
+    taps *= kernel[d];
+  }
+  TORCH_CHECK(taps <= kMaxTaps, op, ": at most ", kMaxTaps, " taps, got ", taps);
+  return {voxels, taps};
+}
+
 // out (+)= conv(act(x), weight) (channel_mm_conv_): x (Ci, S) a channel-first map of `spatial` (S voxels, rows
 // contiguous), weight (Co, Ci, *kernel) contiguous with odd kernel sizes, stride 1, zero padding (k - 1) / 2
 // per axis (the size kept), out (Co, S) with contiguous rows. The kernel's panel reads the taps in place
@@ -103,15 +148,7 @@ void channel_mm_conv_cpu(at::Tensor out, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(nd >= 1 && nd <= 3 && weight.dim() == nd + 2,
               "channel_mm_conv_: a weight (Co, Ci, *kernel) over 1 to 3 spatial axes, got weight ", weight.sizes(),
               " for spatial ", spatial);
-  int64_t voxels = 1, taps = 1;
-  for (int64_t d = 0; d < nd; ++d) {
-    TORCH_CHECK(spatial[d] >= 1 && spatial[d] < (int64_t{1} << 30), "channel_mm_conv_: spatial sizes must be in [1, 2^30), got ",
-                spatial);
-    TORCH_CHECK(weight.size(2 + d) % 2 == 1, "channel_mm_conv_: odd kernel sizes only, got ", weight.sizes());
-    voxels *= spatial[d];
-    taps *= weight.size(2 + d);
-  }
-  TORCH_CHECK(taps <= kMaxTaps, "channel_mm_conv_: at most ", kMaxTaps, " taps, got ", taps);
+  const auto [voxels, taps] = check_conv_geometry("channel_mm_conv_", spatial, weight.sizes().slice(2));
   TORCH_CHECK(weight.is_contiguous(), "channel_mm_conv_: the weight must be contiguous, strides ", weight.strides());
   TORCH_CHECK(x.dim() == 2 && x.size(1) == voxels && x.size(0) == weight.size(1),
               "channel_mm_conv_: x must be (", weight.size(1), ", ", voxels, "), got ", x.sizes());
@@ -140,26 +177,7 @@ void channel_mm_conv_cpu(at::Tensor out, const at::Tensor& weight, const at::Ten
     return;
   }
 #ifdef AHNET_FAST_HAVE_AVX2_VARIANT
-  ChannelConvTaps geometry{};
-  geometry.count = taps;
-  int64_t sizes[3] = {1, 1, 1}, kernel[3] = {1, 1, 1};
-  for (int64_t d = 0; d < nd; ++d) {
-    sizes[3 - nd + d] = spatial[d];
-    kernel[3 - nd + d] = weight.size(2 + d);
-  }
-  for (int d = 0; d < 3; ++d) geometry.size[d] = static_cast<int32_t>(sizes[d]);
-  // taps in the weight's row-major order, each offset from the centre
-  for (int64_t t = 0; t < taps; ++t) {
-    int64_t rest = t, flat = 0, stride = 1;
-    for (int d = 2; d >= 0; --d) {
-      const int64_t o = rest % kernel[d] - (kernel[d] - 1) / 2;
-      rest /= kernel[d];
-      geometry.offset[t][d] = static_cast<int32_t>(o);
-      flat += o * stride;
-      stride *= sizes[d];
-    }
-    geometry.flat[t] = flat;
-  }
+  const ChannelConvTaps geometry = conv_taps(spatial, weight.sizes().slice(2));
   const at::Tensor s = scale ? scale->contiguous() : at::Tensor();
   const at::Tensor b = shift ? shift->contiguous() : at::Tensor();
   ChannelMmJob job{w2.data_ptr<float>(),
@@ -211,6 +229,53 @@ void channel_mm_nt_cpu(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
 #endif
 }
 
+// out (+)= a @ taps(x)^T (channel_mm_nt_conv_): the weight gradient of channel_mm_conv_'s convolution, a (M, S)
+// its output gradient, x (Ci, S) its input map of `spatial` (both with contiguous rows), out (M, Ci * T) with
+// contiguous rows: out[m, c * T + t] = sum over voxels p of a[m, p] * x[c, p + offset_t] (zero outside the map).
+void channel_mm_nt_conv_cpu(at::Tensor out, const at::Tensor& a, const at::Tensor& x, at::IntArrayRef spatial,
+                            at::IntArrayRef kernel, bool accumulate) {
+  const auto [voxels, taps] = check_conv_geometry("channel_mm_nt_conv_", spatial, kernel);
+  TORCH_CHECK(a.dim() == 2 && x.dim() == 2 && out.dim() == 2 && a.size(1) == voxels && x.size(1) == voxels &&
+                  out.size(0) == a.size(0) && out.size(1) == x.size(0) * taps,
+              "channel_mm_nt_conv_: shapes do not fit: a ", a.sizes(), ", x ", x.sizes(), ", out ", out.sizes(),
+              " for spatial ", spatial, " and kernel ", kernel);
+  TORCH_CHECK(a.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "channel_mm_nt_conv_: float32 tensors only, got a ", a.scalar_type(), ", x ", x.scalar_type(), ", out ",
+              out.scalar_type());
+  TORCH_CHECK((a.size(1) <= 1 || a.stride(1) == 1) && (x.size(1) <= 1 || x.stride(1) == 1),
+              "channel_mm_nt_conv_: a's and x's rows must be contiguous, strides ", a.strides(), ", ", x.strides());
+  TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, "channel_mm_nt_conv_: out's rows must be contiguous, strides ",
+              out.strides());
+  TORCH_CHECK(!overlaps(out, a) && !overlaps(out, x), "channel_mm_nt_conv_: out overlaps an input");
+  TORCH_CHECK(out.size(0) <= 1 || out.size(1) == 0 || out.stride(0) >= out.size(1),
+              "channel_mm_nt_conv_: out's rows overlap each other, strides ", out.strides());
+  if (out.numel() == 0) return;
+  if (chosen_isa() != Isa::avx512) {
+    std::vector<int64_t> a_shape{1, a.size(0)}, x_shape{1, x.size(0)}, w_shape{a.size(0), x.size(0)}, padding;
+    a_shape.insert(a_shape.end(), spatial.begin(), spatial.end());
+    x_shape.insert(x_shape.end(), spatial.begin(), spatial.end());
+    w_shape.insert(w_shape.end(), kernel.begin(), kernel.end());
+    for (const int64_t k : kernel) padding.push_back((k - 1) / 2);
+    const int64_t nd = static_cast<int64_t>(spatial.size());
+    const at::Tensor w = at::empty(w_shape, out.options());
+    const at::Tensor grad_w = std::get<1>(at::convolution_backward(
+        a.reshape(a_shape), x.reshape(x_shape), w, c10::nullopt, std::vector<int64_t>(nd, 1), padding,
+        std::vector<int64_t>(nd, 1), false, std::vector<int64_t>(nd, 0), 1, {false, true, false}));
+    if (accumulate)
+      out.add_(grad_w.view({out.size(0), out.size(1)}));
+    else
+      out.copy_(grad_w.view({out.size(0), out.size(1)}));
+    return;
+  }
+#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
+  const ChannelConvTaps geometry = conv_taps(spatial, kernel);
+  ChannelMmNtJob job{a.data_ptr<float>(), a.size(1) > 0 ? a.stride(0) : 0, x.data_ptr<float>(),
+                     x.size(1) > 0 ? x.stride(0) : 0, out.size(0), out.size(1), voxels, out.data_ptr<float>(),
+                     out.stride(0), accumulate, &geometry};
+  channel_mm_kernels::isa_avx512::run_nt(job);
+#endif
+}
+
 // Which variant channel_mm_ runs here ("avx512", or "avx2" / "baseline": ATen's mm): the Python side
 // sends products to channel_mm_ only where its own kernel runs.
 std::string channel_mm_isa_cpu() { return isa_name(chosen_isa()); }
@@ -221,6 +286,7 @@ TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
   m.impl("channel_mm_", &channel_mm_cpu);
   m.impl("channel_mm_nt_", &channel_mm_nt_cpu);
   m.impl("channel_mm_conv_", &channel_mm_conv_cpu);
+  m.impl("channel_mm_nt_conv_", &channel_mm_nt_conv_cpu);
 }
 
 // A query with no tensor to dispatch on: defined with its implementation (a catch-all kernel), here

@@ -60,6 +60,11 @@ struct ChannelMmNtJob {
   float* out;
   int64_t ldo;
   bool accumulate;
+  // With `taps` set (channel_mm_nt_conv_): b is a convolution's input map (channels rows), and row
+  // k = c * T + t of the right operand is b[c] read at tap t's offset, zero where that leaves the map, as
+  // in ChannelMmJob's panel: out is then the convolution's weight gradient, (M, channels * T); K counts
+  // those virtual rows.
+  const ChannelConvTaps* taps = nullptr;
 };
 
 namespace channel_mm_kernels {
