@@ -228,22 +228,26 @@ def test_static_rule_is_recorded(fresh_choices):
     a = torch.randn(1, 16, 8, 8, 4)
     assert aniso_conv.choose("forward", a, torch.randn(8, 16, 1, 1, 1), [1, 1, 1], [0, 0, 0]) == "matmul"
     assert aniso_conv.choose("forward", a, torch.randn(3, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "shift"
-    # forward where ops.channel_mm's convolution kernel runs (float32, AVX-512): the shift path on it at
-    # any size; elsewhere, and backward: small inputs' slices folded into a 2D convolution, from
-    # FOLDED_MAX_BYTES up oneDNN's 3D one
+    # where ops.channel_mm's convolution kernels run (float32, AVX-512): the shift path on them at any
+    # size; elsewhere: small inputs' slices folded into a 2D convolution, from FOLDED_MAX_BYTES up
+    # oneDNN's 3D one
     kernel = channel_mm.kernel_isa() == "avx512"
     assert aniso_conv.choose("forward", a, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == \
         ("shift" if kernel else "folded")
     assert aniso_conv.choose("forward", a.double(), torch.randn(64, 16, 3, 3, 1).double(), [1, 1, 1],
                              [1, 1, 0]) == "folded"
-    assert aniso_conv.choose("backward", a, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "folded"
+    assert aniso_conv.choose("backward", a, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == \
+        ("shift" if kernel else "folded")
+    # a weight gradient past the kernel's 2^16 elements: folded / oneDNN
+    assert aniso_conv.choose("backward", a, torch.randn(512, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "folded"
     big = torch.randn(1, 16, 64, 64, 8)  # 2 MiB
     assert aniso_conv.choose("forward", big, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == \
         ("shift" if kernel else "aten")
-    assert aniso_conv.choose("backward", big, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == "aten"
+    assert aniso_conv.choose("backward", big, torch.randn(64, 16, 3, 3, 1), [1, 1, 1], [1, 1, 0]) == \
+        ("shift" if kernel else "aten")
     assert aniso_conv.choose("forward", a, torch.randn(8, 16, 3, 3, 1), [2, 2, 1], [1, 1, 0]) == "aten"
     table = aniso_conv.choices()
-    assert len(table) == 8 and all(v["reason"] == "rule" for v in table.values())
+    assert len(table) == 9 and all(v["reason"] == "rule" for v in table.values())
 
 
 def test_tuning_measures_and_saved_choices_reload(fresh_choices, tmp_path):

@@ -260,8 +260,10 @@ def test_shift_backward_runs_on_the_kernels(kernel, batch):
         assert_close_normwise(grad_w, w64.grad, 2e-6, what="grad_w")
         if batch == 1:
             assert grad_a.data_ptr() == buffer.data_ptr()
-        # fewer output channels than a register block: the shift path's copies (both kernels or neither)
+        # fewer output channels than a register block: the shift path's copies (both kernels or neither);
+        # the rule's probe says the same
         assert channel_mm.conv_backward(grad_y[:, :3], a, w[:3]) is None
+        assert channel_mm.conv_backward_takes(w, a) and not channel_mm.conv_backward_takes(w[:3], a)
         grouped = _conv_paths._shift_backward(grad_y, a, w, chunks=2)
         assert_close_normwise(grouped[0], a64.grad, 2e-6, what="grouped grad_a")
         assert_close_normwise(grouped[1], w64.grad, 2e-6, what="grouped grad_w")

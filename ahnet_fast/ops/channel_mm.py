@@ -34,7 +34,7 @@ from ahnet_fast._extension import extension_available
 from ahnet_fast.ops._registry import cpp_kernel_reasons, gpu_composition_reasons, note_compiled_kernels
 
 __all__ = ["channel_mm_conv_reference", "channel_mm_reference", "channel_mm_nt_reference", "conv_backward",
-           "conv_batched", "conv_into", "conv_takes",
+           "conv_backward_takes", "conv_batched", "conv_into", "conv_takes",
            "kernel_isa", "kernel_takes", "mm", "mm_batched", "mm_into", "mm_nt", "mm_nt_into"]
 
 
@@ -337,6 +337,22 @@ def conv_takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
         return False
     args = _conv_args(_conv_probe(weight, x), weight.detach(), x[0].detach(), None, None, False)
     return backends.explain("channel_mm", x.device, *args, explicit="auto")["chosen"] == "cpp"
+
+
+def conv_backward_takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :func:`conv_backward` would run both gradient kernels for a batch like x and this weight
+    (as :func:`conv_takes`, for a convolution path's rule)."""
+    if not _conv_fits(weight, x):
+        return False
+    weight, rows = weight.detach(), x[0].detach().flatten(1)
+    flipped = weight.transpose(0, 1)
+    # stand-ins with the shapes, device and row layout of one sample's output gradient and the outputs
+    grad_y = rows[:1].expand(weight.shape[0], rows.shape[1])
+    input_grad = _conv_args(rows.new_empty(rows.shape, device="meta"), flipped, grad_y, None, None, False)
+    weight_grad = (rows.new_empty((weight.shape[0], weight[0].numel()), device="meta"), grad_y, rows, None, None,
+                   False, "nt_conv")
+    return all(backends.explain("channel_mm", x.device, *args, explicit="auto")["chosen"] == "cpp"
+               for args in (input_grad, weight_grad))
 
 
 def _conv_fits(weight, x) -> bool:
