@@ -11,6 +11,17 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
+def trailing_contiguous(t: torch.Tensor, nd: int) -> bool:
+    """Whether t's last nd axes are laid out as one contiguous row-major block (strides over axes of
+    size 1 ignored): a map, or a band of rows of one, whose voxels a kernel can read as one run."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[t.dim() - nd:]), reversed(t.stride()[t.dim() - nd:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def readable(x: torch.Tensor) -> torch.Tensor:
     """``x`` in a layout the kernels read directly (contiguous or channels-last), copied if not."""
     return x if x.is_contiguous() or is_channels_last(x) else x.contiguous()

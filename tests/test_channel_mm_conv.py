@@ -120,6 +120,9 @@ def test_empty_map_and_no_channels():
     out = torch.full((8, 30), 3.0)
     torch.ops.ahnet_fast.channel_mm_conv_(out, torch.empty(8, 0, 3, 1), torch.empty(0, 30), [5, 6], None, None, False)
     assert (out == 0).all()
+    out.fill_(3.0)
+    torch.ops.ahnet_fast.channel_mm_conv_(out, torch.empty(8, 0, 3, 1), torch.empty(0, 30), [5, 6], None, None, True)
+    assert (out == 3.0).all()
     assert conv_batched(torch.randn(8, 4, 3, 3, 1), torch.empty(0, 4, 5, 6, 7)) is None
 
 

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 
 from ahnet_fast import _scratch as scratch
-from ahnet_fast._layout import is_channels_last
+from ahnet_fast._layout import is_channels_last, trailing_contiguous
 from ahnet_fast.ops import channel_mm
 
 # The fold copies the input kd times: a candidate only while that stays small.
@@ -63,7 +63,7 @@ def fusable(path: str, a: torch.Tensor) -> bool:
     spatial axes are laid out as one block (a band of rows of a map qualifies), float32 on a CPU where
     the kernel runs."""
     return path in ("matmul", "shift") and channel_mm.kernel_takes(a) and not is_channels_last(a) \
-        and _trailing_contiguous(a, a.dim() - 2)
+        and trailing_contiguous(a, a.dim() - 2)
 
 
 def forward(path: str, a: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -226,7 +226,7 @@ def _shift_forward(a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
             if t == centre:
                 continue
             zt = z[:, t]
-            if _trailing_contiguous(y, nd) and _trailing_contiguous(zt, nd):
+            if trailing_contiguous(y, nd) and trailing_contiguous(zt, nd):
                 _zero_strips(zt, offset)
                 runs = _flat_runs(y, zt, [-o for o in offset])  # y[p] += zt[p + offset]
                 if runs is not None:
@@ -247,7 +247,7 @@ def _copy_shifted(dst: torch.Tensor, src: torch.Tensor, offset: Sequence[int]) -
     nd = len(offset)
     lead = (slice(None),) * (dst.dim() - nd)
     sizes = dst.shape[dst.dim() - nd:]
-    if _trailing_contiguous(dst, nd) and _trailing_contiguous(src, nd):
+    if trailing_contiguous(dst, nd) and trailing_contiguous(src, nd):
         # One shifted copy of the flattened trailing block: long contiguous runs, where the
         # per-axis slices below copy runs of the last axis's length (AH-Net's depth axis: 1x1x3
         # shifts copy 7 of every 8 values in short runs, which copy slowly). The values that wrap across a row land
@@ -292,16 +292,6 @@ def _scratch(like: torch.Tensor, numel: int):
     on CPU a fresh one would fault in every page each call; at AH-Net's last dense block 15 MiB per
     unit). Never both at once: no shift forward runs inside a shift backward."""
     return scratch.borrow("aniso_conv.shift", numel, like.dtype, like.device)
-
-
-def _trailing_contiguous(t: torch.Tensor, nd: int) -> bool:
-    """Whether t's last nd axes are laid out as one contiguous block (row-major)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[t.dim() - nd:]), reversed(t.stride()[t.dim() - nd:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _accumulate_tap_group(grad_a, grad_wall, wall, rows, g, m, out=None):

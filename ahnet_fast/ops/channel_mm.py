@@ -31,6 +31,7 @@ import torch
 
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
+from ahnet_fast._layout import trailing_contiguous
 from ahnet_fast.ops._registry import cpp_kernel_reasons, gpu_composition_reasons, note_compiled_kernels
 
 __all__ = ["channel_mm_conv_reference", "channel_mm_reference", "channel_mm_nt_reference", "conv_backward",
@@ -361,7 +362,7 @@ def _conv_fits(weight, x) -> bool:
     nd = x.dim() - 2
     return 1 <= nd <= 3 and weight.dim() == nd + 2 and weight.shape[1] == x.shape[1] \
         and all(k % 2 for k in weight.shape[2:]) and weight[0, 0].numel() <= CONV_MAX_TAPS \
-        and x.shape[0] > 0 and x[0, 0].numel() > 0 and _block_contiguous(x[0], nd)
+        and x.shape[0] > 0 and x[0, 0].numel() > 0 and trailing_contiguous(x[0], nd)
 
 
 def _conv_probe(weight, x):
@@ -381,7 +382,7 @@ def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *
     if not _conv_fits(weight, x) or grad_y.shape != (x.shape[0], weight.shape[0], *x.shape[2:]):
         return None
     nd = x.dim() - 2
-    grad_y = grad_y if _block_contiguous(grad_y, nd + 1) else grad_y.contiguous()
+    grad_y = grad_y if trailing_contiguous(grad_y, nd + 1) else grad_y.contiguous()
     flipped = weight.flip(list(range(2, weight.dim()))).transpose(0, 1)
     voxels = x[0, 0].numel()
     wgrad_probe = x.new_empty((weight.shape[0], weight[0].numel()), device="meta")
@@ -423,7 +424,7 @@ def conv_into(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, scale
                          f"{tuple(weight.shape[2:])}")
     if (scale is None) != (shift is None):
         raise ValueError("channel_mm_conv: give scale and shift together")
-    if _block_contiguous(x, nd) and _block_contiguous(out, nd) and backends.select(
+    if trailing_contiguous(x, nd) and trailing_contiguous(out, nd) and backends.select(
             "channel_mm", IMPLEMENTATIONS, x.device, _conv_args(out.flatten(1), weight, x, scale, shift, accumulate),
             explicit=backend) == "cpp":
         torch.ops.ahnet_fast.channel_mm_conv_(out.view(out.shape[0], -1), weight.contiguous(), x.flatten(1),
@@ -435,16 +436,6 @@ def conv_into(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, scale
 
 # channel_mm_conv_'s tap table is fixed-size (csrc/cpu/channel_mm.h: kMaxTaps)
 CONV_MAX_TAPS = 27
-
-
-def _block_contiguous(t: torch.Tensor, nd: int) -> bool:
-    """Whether t's last nd axes are one row-major block (strides over size-1 axes ignored)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[t.dim() - nd:]), reversed(t.stride()[t.dim() - nd:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _register():

@@ -161,6 +161,10 @@ void channel_mm_conv_cpu(at::Tensor out, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(!overlaps(out, weight), "channel_mm_conv_: out overlaps an input");
   const int64_t M = out.size(0), N = out.size(1);
   if (M == 0 || N == 0) return;
+  if (x.size(0) == 0) {  // no input channels: a sum of nothing (ATen's convolution would answer an empty tensor)
+    if (!accumulate) out.zero_();
+    return;
+  }
   if (chosen_isa() != Isa::avx512) {
     at::Tensor act = x;
     if (scale) act = at::relu(x * scale->reshape({-1, 1}) + shift->reshape({-1, 1}));
@@ -198,21 +202,25 @@ void channel_mm_conv_cpu(at::Tensor out, const at::Tensor& weight, const at::Ten
 #endif
 }
 
+// The weight-gradient kernels' checks beyond shapes: float32, rows of a, b and out contiguous, out overlapping
+// neither input nor itself.
+void check_nt_operands(const char* op, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op,
+              ": float32 tensors only, got a ", a.scalar_type(), ", b ", b.scalar_type(), ", out ", out.scalar_type());
+  TORCH_CHECK((a.size(1) <= 1 || a.stride(1) == 1) && (b.size(1) <= 1 || b.stride(1) == 1), op,
+              ": a's and b's rows must be contiguous, strides ", a.strides(), ", ", b.strides());
+  TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, op, ": out's rows must be contiguous, strides ", out.strides());
+  TORCH_CHECK(!overlaps(out, a) && !overlaps(out, b), op, ": out overlaps an input");
+  TORCH_CHECK(out.size(0) <= 1 || out.size(1) == 0 || out.stride(0) >= out.size(1), op,
+              ": out's rows overlap each other, strides ", out.strides());
+}
+
 // out (+)= a @ b^T (channel_mm_nt_): a (M, L) and b (K, L) with contiguous rows, out (M, K) with contiguous rows.
 void channel_mm_nt_cpu(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(1) && out.size(0) == a.size(0) &&
                   out.size(1) == b.size(0),
               "channel_mm_nt_: shapes do not chain: a ", a.sizes(), ", b ", b.sizes(), ", out ", out.sizes());
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "channel_mm_nt_: float32 tensors only, got a ", a.scalar_type(), ", b ", b.scalar_type(), ", out ",
-              out.scalar_type());
-  TORCH_CHECK((a.size(1) <= 1 || a.stride(1) == 1) && (b.size(1) <= 1 || b.stride(1) == 1),
-              "channel_mm_nt_: a's and b's rows must be contiguous, strides ", a.strides(), ", ", b.strides());
-  TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, "channel_mm_nt_: out's rows must be contiguous, strides ",
-              out.strides());
-  TORCH_CHECK(!overlaps(out, a) && !overlaps(out, b), "channel_mm_nt_: out overlaps an input");
-  TORCH_CHECK(out.size(0) <= 1 || out.size(1) == 0 || out.stride(0) >= out.size(1),
-              "channel_mm_nt_: out's rows overlap each other, strides ", out.strides());
+  check_nt_operands("channel_mm_nt_", out, a, b);
   if (out.numel() == 0) return;
   if (chosen_isa() != Isa::avx512) {
     if (accumulate)
@@ -239,16 +247,7 @@ void channel_mm_nt_conv_cpu(at::Tensor out, const at::Tensor& a, const at::Tenso
                   out.size(0) == a.size(0) && out.size(1) == x.size(0) * taps,
               "channel_mm_nt_conv_: shapes do not fit: a ", a.sizes(), ", x ", x.sizes(), ", out ", out.sizes(),
               " for spatial ", spatial, " and kernel ", kernel);
-  TORCH_CHECK(a.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "channel_mm_nt_conv_: float32 tensors only, got a ", a.scalar_type(), ", x ", x.scalar_type(), ", out ",
-              out.scalar_type());
-  TORCH_CHECK((a.size(1) <= 1 || a.stride(1) == 1) && (x.size(1) <= 1 || x.stride(1) == 1),
-              "channel_mm_nt_conv_: a's and x's rows must be contiguous, strides ", a.strides(), ", ", x.strides());
-  TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, "channel_mm_nt_conv_: out's rows must be contiguous, strides ",
-              out.strides());
-  TORCH_CHECK(!overlaps(out, a) && !overlaps(out, x), "channel_mm_nt_conv_: out overlaps an input");
-  TORCH_CHECK(out.size(0) <= 1 || out.size(1) == 0 || out.stride(0) >= out.size(1),
-              "channel_mm_nt_conv_: out's rows overlap each other, strides ", out.strides());
+  check_nt_operands("channel_mm_nt_conv_", out, a, x);
   if (out.numel() == 0) return;
   if (chosen_isa() != Isa::avx512) {
     std::vector<int64_t> a_shape{1, a.size(0)}, x_shape{1, x.size(0)}, w_shape{a.size(0), x.size(0)}, padding;
