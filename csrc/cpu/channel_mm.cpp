@@ -59,6 +59,32 @@ void check(const at::Tensor& out, const at::Tensor& weight, const at::Tensor& x,
               "channel_mm_: out's rows overlap each other, strides ", out.strides());
 }
 
+// channel_mm_'s kernel (AVX-512 builds): out (+)= weight @ act(x), weight (M, K) read with its strides, over a
+// convolution's taps when `taps` is set (K = channels * T; see ChannelMmJob).
+void run_product(const at::Tensor& weight, const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+                 const c10::optional<at::Tensor>& shift, at::Tensor& out, bool accumulate,
+                 const ChannelConvTaps* taps) {
+#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
+  const at::Tensor s = scale ? scale->contiguous() : at::Tensor();
+  const at::Tensor b = shift ? shift->contiguous() : at::Tensor();
+  ChannelMmJob job{weight.data_ptr<float>(),
+                   weight.stride(0),
+                   weight.stride(1),
+                   weight.size(0),
+                   weight.size(1),
+                   out.size(1),
+                   x.data_ptr<float>(),
+                   x.size(0) > 0 ? x.stride(0) : 0,
+                   scale ? s.data_ptr<float>() : nullptr,
+                   shift ? b.data_ptr<float>() : nullptr,
+                   out.data_ptr<float>(),
+                   out.stride(0),
+                   accumulate,
+                   taps};
+  channel_mm_kernels::isa_avx512::run(job);
+#endif
+}
+
 void channel_mm_cpu(at::Tensor out, const at::Tensor& weight, const at::Tensor& x,
                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                     bool accumulate) {
@@ -74,24 +100,7 @@ void channel_mm_cpu(at::Tensor out, const at::Tensor& weight, const at::Tensor& 
       at::mm_out(out, weight, act);
     return;
   }
-#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
-  const at::Tensor s = scale ? scale->contiguous() : at::Tensor();
-  const at::Tensor b = shift ? shift->contiguous() : at::Tensor();
-  ChannelMmJob job{weight.data_ptr<float>(),
-                   weight.stride(0),
-                   weight.stride(1),
-                   M,
-                   K,
-                   N,
-                   x.data_ptr<float>(),
-                   K > 0 ? x.stride(0) : 0,
-                   scale ? s.data_ptr<float>() : nullptr,
-                   shift ? b.data_ptr<float>() : nullptr,
-                   out.data_ptr<float>(),
-                   out.stride(0),
-                   accumulate};
-  channel_mm_kernels::isa_avx512::run(job);
-#endif
+  run_product(weight, x, scale, shift, out, accumulate, nullptr);
 }
 
 // The taps of a kernel over a map (stride 1, the size kept), in the weight's row-major tap order, each offset
@@ -180,26 +189,8 @@ void channel_mm_conv_cpu(at::Tensor out, const at::Tensor& weight, const at::Ten
       out.copy_(y);
     return;
   }
-#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
   const ChannelConvTaps geometry = conv_taps(spatial, weight.sizes().slice(2));
-  const at::Tensor s = scale ? scale->contiguous() : at::Tensor();
-  const at::Tensor b = shift ? shift->contiguous() : at::Tensor();
-  ChannelMmJob job{w2.data_ptr<float>(),
-                   w2.stride(0),
-                   1,
-                   M,
-                   w2.size(1),
-                   N,
-                   x.data_ptr<float>(),
-                   x.size(0) > 0 ? x.stride(0) : 0,
-                   scale ? s.data_ptr<float>() : nullptr,
-                   shift ? b.data_ptr<float>() : nullptr,
-                   out.data_ptr<float>(),
-                   out.stride(0),
-                   accumulate,
-                   &geometry};
-  channel_mm_kernels::isa_avx512::run(job);
-#endif
+  run_product(w2, x, scale, shift, out, accumulate, &geometry);
 }
 
 // The weight-gradient kernels' checks beyond shapes: float32, rows of a, b and out contiguous, out overlapping
