@@ -92,6 +92,14 @@ def test_kernel_refuses_bad_operands():
         torch.ops.ahnet_fast.channel_mm_conv_(out, torch.randn(8, 6, 2, 3, 1), flat, [5, 6, 7], None, None, False)
     with pytest.raises(RuntimeError, match="at most 27 taps"):
         torch.ops.ahnet_fast.channel_mm_conv_(out, torch.randn(8, 6, 5, 3, 3), flat, [5, 6, 7], None, None, False)
+    # kernel sizes whose product wraps around 2^64 to 1 (a free argument of the weight-gradient op)
+    with pytest.raises(RuntimeError, match="at most 27 taps"):
+        torch.ops.ahnet_fast.channel_mm_nt_conv_(torch.empty(8, 6), torch.randn(8, 210), flat, [5, 6, 7],
+                                                 [7, 0x6db6db6db6db6db7, 1], False)
+    with pytest.raises(RuntimeError, match="overflows"):
+        torch.ops.ahnet_fast.channel_mm_nt_conv_(torch.empty(8, 54), torch.randn(8, 210), flat,
+                                                 [2 ** 29, 2 ** 29, 2 ** 29], [3, 3, 1], False)
+    assert conv_batched(torch.empty(0, 6, 3, 3, 1), x.unsqueeze(0)) is None  # no output channels: nothing to run
     with pytest.raises(RuntimeError, match="x must be"):
         torch.ops.ahnet_fast.channel_mm_conv_(out, w, flat, [5, 6, 6], None, None, False)
     with pytest.raises(RuntimeError, match="out must be"):

@@ -305,25 +305,24 @@ def channel_mm_conv_reference(weight: torch.Tensor, x: torch.Tensor, scale: torc
 def _conv_args(out, weight, x, scale, shift, accumulate):
     """The dispatch's view of one sample's convolution: weight as its (Co, Ci * taps) matrix, x as
     (Ci, voxels); out stays (Co, voxels)."""
-    return (out, weight.reshape(weight.shape[0], -1), x.flatten(1), scale, shift, accumulate, "conv")
+    return (out, weight.reshape(weight.shape[0], math.prod(weight.shape[1:])), x.flatten(1), scale, shift, accumulate,
+            "conv")
 
 
 def conv_batched(weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,
-                 shift: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+                 shift: torch.Tensor | None = None) -> torch.Tensor | None:
     """conv(act(x[n]), weight) for every sample of x (N, Ci, *spatial) on channel_mm_conv_ (stride 1,
     the size kept: AH-Net's 3x3x1 and 1x1x3 convolutions), a new (N, Co, *spatial) tensor; None where
     the dispatch does not choose the kernel for these operands (the caller then computes the
     convolution its own way). x's spatial axes must be one contiguous block per channel (a band of
-    rows of a map qualifies); the tap panel reads them in place, so no tap's map is ever written.
-    ``out``: a contiguous (N, Co, *spatial) tensor to write into instead (a caller's reused buffer)."""
+    rows of a map qualifies); the tap panel reads them in place, so no tap's map is ever written."""
     if not _conv_fits(weight, x) or backends.select("channel_mm", IMPLEMENTATIONS, x.device, _conv_args(
             _conv_probe(weight, x), weight, x[0], scale, shift, False), explicit="auto") != "cpp":
         return None
     spatial = list(x.shape[2:])
     voxels = math.prod(spatial)
     weight = weight.contiguous()
-    if out is None:
-        out = x.new_empty((x.shape[0], weight.shape[0], *spatial))
+    out = x.new_empty((x.shape[0], weight.shape[0], *spatial))
     for i in range(x.shape[0]):
         torch.ops.ahnet_fast.channel_mm_conv_(out[i].view(weight.shape[0], voxels), weight, x[i].flatten(1), spatial,
                                            scale, shift, False)
@@ -361,7 +360,7 @@ def _conv_fits(weight, x) -> bool:
     a non-empty batch of non-empty maps, each channel's map one contiguous block."""
     nd = x.dim() - 2
     return 1 <= nd <= 3 and weight.dim() == nd + 2 and weight.shape[1] == x.shape[1] \
-        and all(k % 2 for k in weight.shape[2:]) and weight[0, 0].numel() <= CONV_MAX_TAPS \
+        and all(k % 2 for k in weight.shape[2:]) and math.prod(weight.shape[2:]) <= CONV_MAX_TAPS \
         and x.shape[0] > 0 and x[0, 0].numel() > 0 and trailing_contiguous(x[0], nd)
 
 
@@ -419,12 +418,13 @@ def conv_into(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, scale
             or tuple(out.shape) != (weight.shape[0], *x.shape[1:]):
         raise ValueError(f"channel_mm_conv: shapes do not fit: weight {tuple(weight.shape)}, x {tuple(x.shape)}, "
                          f"out {tuple(out.shape)}")
-    if any(k % 2 == 0 for k in weight.shape[2:]) or weight[0, 0].numel() > CONV_MAX_TAPS:
+    if any(k % 2 == 0 for k in weight.shape[2:]) or math.prod(weight.shape[2:]) > CONV_MAX_TAPS:
         raise ValueError(f"channel_mm_conv: odd kernel sizes with at most {CONV_MAX_TAPS} taps, got "
                          f"{tuple(weight.shape[2:])}")
     if (scale is None) != (shift is None):
         raise ValueError("channel_mm_conv: give scale and shift together")
-    if trailing_contiguous(x, nd) and trailing_contiguous(out, nd) and backends.select(
+    x = x if trailing_contiguous(x, nd) else x.contiguous()
+    if trailing_contiguous(out, nd) and backends.select(
             "channel_mm", IMPLEMENTATIONS, x.device, _conv_args(out.flatten(1), weight, x, scale, shift, accumulate),
             explicit=backend) == "cpp":
         torch.ops.ahnet_fast.channel_mm_conv_(out.view(out.shape[0], -1), weight.contiguous(), x.flatten(1),

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -140,6 +141,11 @@ std::pair<int64_t, int64_t> check_conv_geometry(const char* op, at::IntArrayRef 
     TORCH_CHECK(spatial[d] >= 1 && spatial[d] < (int64_t{1} << 30), op, ": spatial sizes must be in [1, 2^30), got ",
                 spatial);
     TORCH_CHECK(kernel[d] % 2 == 1 && kernel[d] > 0, op, ": odd kernel sizes only, got ", kernel);
+    // bounded before multiplying: a wrapped product could pass the checks below (the kernel sizes of
+    // channel_mm_nt_conv_ are a free argument)
+    TORCH_CHECK(kernel[d] <= kMaxTaps, op, ": at most ", kMaxTaps, " taps, got kernel ", kernel);
+    TORCH_CHECK(voxels <= std::numeric_limits<int64_t>::max() / spatial[d], op, ": a map of ", spatial,
+                " voxels overflows");
     voxels *= spatial[d];
     taps *= kernel[d];
   }
