@@ -66,11 +66,12 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
 # relative step time of each choice (measured on CPU, benchmarks/results/e2e_cpu.md; on GPUs bf16 is
 # the faster precision): the planner's order of preference, fastest first
-# (benchmarks/results/e2e_cpu_2026-12-06b.json, 128x128x32 and 256x256x32, the products on the AVX-512
-# kernels of ops.channel_mm: "encoder" 1.16x and 1.35x "none", "decoder" 1.47x and 1.76x, "all" 1.62x and
-# 1.95x, the lean dense block recomputing c1 and a band by band; before the kernels 1.19/1.34, 1.69/1.75,
-# 2.00/1.99)
-CHECKPOINT_COST = {"none": 1.0, "encoder": 1.25, "decoder": 1.6, "all": 1.8}
+# (benchmarks/results/e2e_cpu_2026-12-06c.json, 128x128x32 and 256x256x32, the products and the 3x3x1 /
+# 1x1x3 convolutions on the AVX-512 kernels of ops.channel_mm: "encoder" 1.11x and 1.29x "none", "decoder"
+# 1.49x and 1.81x, "all" 1.75x and 2.02x, the lean dense block recomputing c1 and a band by band; "none"
+# gained more from the convolution kernels than the recomputations did. Before them (e2e_cpu_2026-12-06b)
+# 1.16/1.35, 1.47/1.76, 1.62/1.95; before the product kernels 1.19/1.34, 1.69/1.75, 2.00/1.99)
+CHECKPOINT_COST = {"none": 1.0, "encoder": 1.2, "decoder": 1.65, "all": 1.9}
 PRECISION_COST = {"bf16": 0.5, "fp16": 0.5, "fp32": 1.0}
 
 
