@@ -344,15 +344,20 @@ def conv_backward_takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
     (as :func:`conv_takes`, for a convolution path's rule)."""
     if not _conv_fits(weight, x):
         return False
-    weight, rows = weight.detach(), x[0].detach().flatten(1)
-    flipped = weight.transpose(0, 1)
-    # stand-ins with the shapes, device and row layout of one sample's output gradient and the outputs
-    grad_y = rows[:1].expand(weight.shape[0], rows.shape[1])
-    input_grad = _conv_args(rows.new_empty(rows.shape, device="meta"), flipped, grad_y, None, None, False)
-    weight_grad = (rows.new_empty((weight.shape[0], weight[0].numel()), device="meta"), grad_y, rows, None, None,
-                   False, "nt_conv")
+    rows = x[0].detach().flatten(1)
+    # a stand-in with the shape, device and row layout of one sample's output gradient
+    grad_rows = rows[:1].expand(weight.shape[0], rows.shape[1])
     return all(backends.explain("channel_mm", x.device, *args, explicit="auto")["chosen"] == "cpp"
-               for args in (input_grad, weight_grad))
+               for args in _conv_backward_args(weight.detach().transpose(0, 1), grad_rows, rows))
+
+
+def _conv_backward_args(flipped, grad_rows, rows):
+    """The dispatch's view of one sample's two gradient products: the input gradient's convolution
+    (flipped: the weight with its channels swapped, (Ci, Co, *kernel)) and the weight gradient;
+    grad_rows (Co, voxels) the output gradient, rows (Ci, voxels) the input; outputs as stand-ins."""
+    co, taps = flipped.shape[1], math.prod(flipped.shape[2:])
+    return (_conv_args(rows.new_empty(rows.shape, device="meta"), flipped, grad_rows, None, None, False),
+            (rows.new_empty((co, rows.shape[0] * taps), device="meta"), grad_rows, rows, None, None, False, "nt_conv"))
 
 
 def _conv_fits(weight, x) -> bool:
@@ -384,28 +389,23 @@ def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *
     grad_y = grad_y if trailing_contiguous(grad_y, nd + 1) else grad_y.contiguous()
     flipped = weight.flip(list(range(2, weight.dim()))).transpose(0, 1)
     voxels = x[0, 0].numel()
-    wgrad_probe = x.new_empty((weight.shape[0], weight[0].numel()), device="meta")
-    if backends.select("channel_mm", IMPLEMENTATIONS, x.device, _conv_args(
-            _conv_probe(flipped, grad_y), flipped, grad_y[0], None, None, False), explicit="auto") != "cpp" \
-            or backends.select("channel_mm", IMPLEMENTATIONS, x.device, (
-                wgrad_probe, grad_y[0].view(weight.shape[0], voxels), x[0].flatten(1), None, None, False, "nt_conv"),
-                explicit="auto") != "cpp":
+    if any(backends.select("channel_mm", IMPLEMENTATIONS, x.device, args, explicit="auto") != "cpp"
+           for args in _conv_backward_args(flipped, grad_y[0].view(weight.shape[0], voxels), x[0].flatten(1))):
         return None
     spatial, kernel = list(x.shape[2:]), list(weight.shape[2:])
-    grad_w = x.new_empty((weight.shape[0], weight[0].numel()))
+    grad_w = x.new_empty((weight.shape[0], math.prod(weight.shape[1:])))
     for i in range(x.shape[0]):
         torch.ops.ahnet_fast.channel_mm_nt_conv_(grad_w, grad_y[i].view(weight.shape[0], voxels), x[i].flatten(1),
                                                  spatial, kernel, i > 0)
-    buffer = None
     if out is not None and x.shape[0] == 1 and out.numel() >= x.numel() and out.dtype == x.dtype:
-        buffer = out[:x.numel()].view(x.shape)
+        grad_x = out[:x.numel()].view(x.shape)
+    else:
+        grad_x = x.new_empty(x.shape)
     flipped = flipped.contiguous()
     for i in range(x.shape[0]):
-        if buffer is None:
-            buffer = x.new_empty(x.shape)
-        torch.ops.ahnet_fast.channel_mm_conv_(buffer[i].view(x.shape[1], voxels), flipped,
+        torch.ops.ahnet_fast.channel_mm_conv_(grad_x[i].view(x.shape[1], voxels), flipped,
                                               grad_y[i].view(weight.shape[0], voxels), spatial, None, None, False)
-    return buffer, grad_w.view(weight.shape)
+    return grad_x, grad_w.view(weight.shape)
 
 
 def conv_into(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, scale: torch.Tensor | None = None,

@@ -98,6 +98,28 @@ inline void pack_row(const float* xr, const float* scale, const float* shift, in
   }
 }
 
+// A voxel's coordinates along the map's three axes, stepped through the voxels in row-major order (the
+// convolution kernels' masks: pack_taps, tap_masks).
+struct VoxelCursor {
+  int32_t at[3];
+  const int32_t* size;
+  VoxelCursor(const ChannelConvTaps& taps, int64_t voxel) : size(taps.size) {
+    const int64_t plane = int64_t{size[1]} * size[2];
+    at[0] = static_cast<int32_t>(voxel / plane);
+    at[1] = static_cast<int32_t>((voxel % plane) / size[2]);
+    at[2] = static_cast<int32_t>(voxel % size[2]);
+  }
+  void next() {
+    if (++at[2] == size[2]) {
+      at[2] = 0;
+      if (++at[1] == size[1]) {
+        at[1] = 0;
+        ++at[0];
+      }
+    }
+  }
+};
+
 // A convolution's panel (channel_mm_conv_): row c * T + t holds act(x[c]) at tap t's offset from each of the
 // block's columns, zero where that voxel is outside the map. No tap map is ever written: the shifted rows
 // exist only here, in cache (the alternative, every tap's product written out and added back shifted, is 9
@@ -109,23 +131,9 @@ void pack_taps(const ChannelMmJob& job, float* panel, int64_t n0, const __mmask1
   // the block's columns' coordinates along the three axes (columns past the end get coordinates too;
   // their lanes are masked off by `masks`)
   alignas(64) int32_t coord[3][kColumns];
-  {
-    const int64_t plane = int64_t{taps.size[1]} * taps.size[2];
-    int32_t a = static_cast<int32_t>(n0 / plane), b = static_cast<int32_t>((n0 % plane) / taps.size[2]),
-            c = static_cast<int32_t>(n0 % taps.size[2]);
-    for (int j = 0; j < kColumns; ++j) {
-      coord[0][j] = a;
-      coord[1][j] = b;
-      coord[2][j] = c;
-      if (++c == taps.size[2]) {
-        c = 0;
-        if (++b == taps.size[1]) {
-          b = 0;
-          ++a;
-        }
-      }
-    }
-  }
+  VoxelCursor voxel(taps, n0);
+  for (int j = 0; j < kColumns; ++j, voxel.next())
+    for (int axis = 0; axis < 3; ++axis) coord[axis][j] = voxel.at[axis];
   for (int64_t t = 0; t < T; ++t) {
     // lanes whose tap voxel is inside the map: 0 <= coord + offset < size on every axis the tap moves
     // along, tested as one unsigned comparison (a negative sum wraps to a large value)
@@ -235,26 +243,17 @@ constexpr int64_t kChunk = 2048;
 // voxel in scalar code: T x 2048 tests against the chunk's M x K x 2048 multiply-adds.
 void tap_masks(const ChannelConvTaps& taps, int64_t l0, int64_t l1, int64_t vectors, uint16_t* masks) {
   std::fill(masks, masks + taps.count * vectors, uint16_t{0});
-  const int64_t plane = int64_t{taps.size[1]} * taps.size[2];
-  int32_t coord[3] = {static_cast<int32_t>(l0 / plane), static_cast<int32_t>((l0 % plane) / taps.size[2]),
-                      static_cast<int32_t>(l0 % taps.size[2])};
-  for (int64_t l = l0; l < l1; ++l) {
+  VoxelCursor voxel(taps, l0);
+  for (int64_t l = l0; l < l1; ++l, voxel.next()) {
     const int64_t v = (l - l0) / 16;
     const uint16_t bit = static_cast<uint16_t>(1u << ((l - l0) % 16));
     for (int64_t t = 0; t < taps.count; ++t) {
       bool inside = true;
       for (int axis = 0; axis < 3; ++axis) {
-        const int32_t source = coord[axis] - taps.offset[t][axis];
+        const int32_t source = voxel.at[axis] - taps.offset[t][axis];
         inside = inside && source >= 0 && source < taps.size[axis];
       }
       if (inside) masks[t * vectors + v] |= bit;
-    }
-    if (++coord[2] == taps.size[2]) {
-      coord[2] = 0;
-      if (++coord[1] == taps.size[1]) {
-        coord[1] = 0;
-        ++coord[0];
-      }
     }
   }
 }

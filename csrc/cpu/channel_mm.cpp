@@ -131,6 +131,19 @@ ChannelConvTaps conv_taps(at::IntArrayRef spatial, at::IntArrayRef kernel_sizes)
   return geometry;
 }
 
+// The ATen fallbacks' view of (channels, voxels) rows as a batch of one map, and their padding (the size kept).
+at::Tensor as_map(const at::Tensor& rows, at::IntArrayRef spatial) {
+  std::vector<int64_t> shape{1, rows.size(0)};
+  shape.insert(shape.end(), spatial.begin(), spatial.end());
+  return rows.reshape(shape);
+}
+
+std::vector<int64_t> same_padding(at::IntArrayRef kernel) {
+  std::vector<int64_t> padding;
+  for (const int64_t k : kernel) padding.push_back((k - 1) / 2);
+  return padding;
+}
+
 // The checks channel_mm_conv_ and channel_mm_nt_conv_ share: 1 to 3 spatial axes of sizes in [1, 2^30), odd
 // kernel sizes, at most kMaxTaps taps; returns (voxels, taps).
 std::pair<int64_t, int64_t> check_conv_geometry(const char* op, at::IntArrayRef spatial, at::IntArrayRef kernel) {
@@ -183,11 +196,9 @@ void channel_mm_conv_cpu(at::Tensor out, const at::Tensor& weight, const at::Ten
   if (chosen_isa() != Isa::avx512) {
     at::Tensor act = x;
     if (scale) act = at::relu(x * scale->reshape({-1, 1}) + shift->reshape({-1, 1}));
-    std::vector<int64_t> shape{1, x.size(0)}, padding;
-    shape.insert(shape.end(), spatial.begin(), spatial.end());
-    for (int64_t d = 0; d < nd; ++d) padding.push_back((weight.size(2 + d) - 1) / 2);
-    const at::Tensor y = at::convolution(act.reshape(shape), weight, c10::nullopt, std::vector<int64_t>(nd, 1),
-                                         padding, std::vector<int64_t>(nd, 1), false, std::vector<int64_t>(nd, 0), 1)
+    const at::Tensor y = at::convolution(as_map(act, spatial), weight, c10::nullopt, std::vector<int64_t>(nd, 1),
+                                         same_padding(weight.sizes().slice(2)), std::vector<int64_t>(nd, 1), false,
+                                         std::vector<int64_t>(nd, 0), 1)
                              .view({M, N});
     if (accumulate)
       out.add_(y);
@@ -197,6 +208,18 @@ void channel_mm_conv_cpu(at::Tensor out, const at::Tensor& weight, const at::Ten
   }
   const ChannelConvTaps geometry = conv_taps(spatial, weight.sizes().slice(2));
   run_product(w2, x, scale, shift, out, accumulate, &geometry);
+}
+
+// channel_mm_nt_'s kernel (AVX-512 builds): out (+)= a @ b^T over the voxels, or with `taps` the weight gradient
+// of a convolution over b's map (see ChannelMmNtJob).
+void run_weight_grad(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                     const ChannelConvTaps* taps) {
+#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
+  ChannelMmNtJob job{a.data_ptr<float>(), a.size(1) > 0 ? a.stride(0) : 0, b.data_ptr<float>(),
+                     b.size(1) > 0 ? b.stride(0) : 0, out.size(0), out.size(1), a.size(1), out.data_ptr<float>(),
+                     out.stride(0), accumulate, taps};
+  channel_mm_kernels::isa_avx512::run_nt(job);
+#endif
 }
 
 // The weight-gradient kernels' checks beyond shapes: float32, rows of a, b and out contiguous, out overlapping
@@ -226,12 +249,7 @@ void channel_mm_nt_cpu(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
       at::mm_out(out, a, b.t());
     return;
   }
-#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
-  ChannelMmNtJob job{a.data_ptr<float>(), a.size(1) > 0 ? a.stride(0) : 0, b.data_ptr<float>(),
-                     b.size(1) > 0 ? b.stride(0) : 0, out.size(0), out.size(1), a.size(1), out.data_ptr<float>(),
-                     out.stride(0), accumulate};
-  channel_mm_kernels::isa_avx512::run_nt(job);
-#endif
+  run_weight_grad(out, a, b, accumulate, nullptr);
 }
 
 // out (+)= a @ taps(x)^T (channel_mm_nt_conv_): the weight gradient of channel_mm_conv_'s convolution, a (M, S)
@@ -247,15 +265,12 @@ void channel_mm_nt_conv_cpu(at::Tensor out, const at::Tensor& a, const at::Tenso
   check_nt_operands("channel_mm_nt_conv_", out, a, x);
   if (out.numel() == 0) return;
   if (chosen_isa() != Isa::avx512) {
-    std::vector<int64_t> a_shape{1, a.size(0)}, x_shape{1, x.size(0)}, w_shape{a.size(0), x.size(0)}, padding;
-    a_shape.insert(a_shape.end(), spatial.begin(), spatial.end());
-    x_shape.insert(x_shape.end(), spatial.begin(), spatial.end());
+    std::vector<int64_t> w_shape{a.size(0), x.size(0)};
     w_shape.insert(w_shape.end(), kernel.begin(), kernel.end());
-    for (const int64_t k : kernel) padding.push_back((k - 1) / 2);
     const int64_t nd = static_cast<int64_t>(spatial.size());
     const at::Tensor w = at::empty(w_shape, out.options());
     const at::Tensor grad_w = std::get<1>(at::convolution_backward(
-        a.reshape(a_shape), x.reshape(x_shape), w, c10::nullopt, std::vector<int64_t>(nd, 1), padding,
+        as_map(a, spatial), as_map(x, spatial), w, c10::nullopt, std::vector<int64_t>(nd, 1), same_padding(kernel),
         std::vector<int64_t>(nd, 1), false, std::vector<int64_t>(nd, 0), 1, {false, true, false}));
     if (accumulate)
       out.add_(grad_w.view({out.size(0), out.size(1)}));
@@ -263,13 +278,8 @@ void channel_mm_nt_conv_cpu(at::Tensor out, const at::Tensor& a, const at::Tenso
       out.copy_(grad_w.view({out.size(0), out.size(1)}));
     return;
   }
-#ifdef AHNET_FAST_HAVE_AVX2_VARIANT
   const ChannelConvTaps geometry = conv_taps(spatial, kernel);
-  ChannelMmNtJob job{a.data_ptr<float>(), a.size(1) > 0 ? a.stride(0) : 0, x.data_ptr<float>(),
-                     x.size(1) > 0 ? x.stride(0) : 0, out.size(0), out.size(1), voxels, out.data_ptr<float>(),
-                     out.stride(0), accumulate, &geometry};
-  channel_mm_kernels::isa_avx512::run_nt(job);
-#endif
+  run_weight_grad(out, a, x, accumulate, &geometry);
 }
 
 // Which variant channel_mm_ runs here ("avx512", or "avx2" / "baseline": ATen's mm): the Python side
