@@ -75,6 +75,9 @@ TORCH_LIBRARY(ahnet_fast, m) {
   m.def(
       "pyramid_pool_backward(Tensor? grad_identity, Tensor[] grad_pooled, Tensor[] argmax, int[] size, bool pool_w, "
       "ScalarType dtype, bool channels_last) -> Tensor");
+  // The same gradient written over grad_x, which holds the gradient of the concatenated x on entry
+  // (pyramid_pool's caller owns that gradient and hands it over: no second tensor of x's size).
+  m.def("pyramid_pool_backward_(Tensor(a!) grad_x, Tensor[] grad_pooled, Tensor[] argmax, bool pool_w) -> ()");
   // Max pooling along the last axis only (windows (1, 1, k) / (1, k), stride k, floor mode) of an
   // input of any dense strides; see csrc/cpu/slice_max_pool.cpp. Returns (out: contiguous, or
   // channels-last when the input is; position: uint8, the winning index in each window, laid out

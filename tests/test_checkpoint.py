@@ -127,3 +127,35 @@ def test_encoder_blocks_are_not_checkpointed_unless_asked(policy, monkeypatch):
     net.eval()
     net(x).sum().backward()
     assert not any(name.startswith("Bottleneck") for name in calls), calls
+
+
+def _backward_ops(net, x):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    y = net(x)
+    with Record():
+        y.sum().backward()
+    return names
+
+
+def test_last_stage_hands_its_gradients_over_unless_hooked():
+    """Under decoder checkpointing the last stage's gradients pass in place from the final block to
+    the pyramid pooling to dense4 (ops._handover: the in-place backward ops run; the gradients are
+    bitwise those without checkpointing, test_same_step_as_without_checkpointing); a forward hook on
+    any of those modules could see the tensors in between, and then the ordinary backward runs."""
+    x = torch.randn(2, 1, 32, 32, 32)
+    net = make(torch.float32, checkpoint="all")
+    ran = _backward_ops(net, x)
+    assert any("pyramid_pool_backward_" in n for n in ran) and any("dense_block_backward_" in n for n in ran)
+    hooked = make(torch.float32, checkpoint="all")
+    hooked.psp.register_forward_hook(lambda m, i, o: None)
+    ran = _backward_ops(hooked, x)
+    assert not any("pyramid_pool_backward_" in n or "dense_block_backward_" in n for n in ran)
+    assert any("pyramid_pool_backward" in n for n in ran)

@@ -583,3 +583,62 @@ def test_training_in_bands_holds_less_at_once(monkeypatch):
     assert_close_normwise(results[0][1], results[1][1], 1e-5)
     for a, b in zip(results[0][2], results[1][2]):
         assert_close_normwise(a, b, 1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("rows", [None, 2], ids=["whole", "bands"])
+@pytest.mark.parametrize("grad_layout", ["slice", "own", "channels_last"])
+def test_handed_over_gradient_takes_the_prefix_gradients(rows, grad_layout, monkeypatch):
+    """grad_handover (ops._handover): the backward adds the layers' prefix gradients into the output's
+    gradient itself (as a channel slice of a wider one, as AH-Net's pyramid pooling hands it on, or a
+    tensor of its own) instead of a buffer of the block's width; the input's gradient is a compact copy
+    of its first channels. Gradients: bitwise those of the ordinary backward on the whole map, float32
+    rounding in bands (the sums are added in another order). A gradient of another layout than the
+    output's goes the ordinary way, untouched."""
+    from ahnet_fast.ops import _bands
+
+    if rows is not None:
+        monkeypatch.setattr(_bands, "BAND_BYTES", rows * 2 * 20 * 7 * 3 * 4)
+    block = make_block(3, 6, growth=5, dtype=torch.float32)
+    torch.manual_seed(5)
+    x, skip = torch.randn(2, 6, 9, 7, 3), torch.randn(2, 6, 9, 7, 3)
+    wide = torch.randn(2, 3 + 21, 9, 7, 3)
+    results = []
+    for handover in (False, True):
+        b = copy.deepcopy(block)
+        xi, si = x.clone().requires_grad_(), skip.clone().requires_grad_()
+        with _checkpoint.prefer_recomputation():
+            y = module_dense_block(list(b), xi, "cpp", si, grad_handover=handover)
+        if grad_layout == "slice":
+            g = wide.clone()[:, 3:]
+        elif grad_layout == "own":
+            g = wide[:, 3:].clone()
+        else:
+            g = wide[:, 3:].contiguous(memory_format=torch.channels_last_3d)
+        before = g.clone()
+        grads = torch.autograd.grad(y, [xi, si, *b.parameters()], g)
+        results.append((grads, g, before))
+    (plain, _, _), (handed, g, before) = results
+    for a, b in zip(plain, handed):
+        if rows is None:
+            assert torch.equal(a, b)
+        else:
+            assert_close_normwise(b, a, 1e-5)
+    assert torch.equal(handed[0], handed[1])
+    if grad_layout == "channels_last":
+        assert torch.equal(g, before)  # not the output's layout: not written
+    else:
+        assert not torch.equal(g[:, :15], before[:, :15])  # the prefix gradients are in it
+        assert torch.equal(g[:, :6], handed[0])
+        assert handed[0].is_contiguous() and handed[0].untyped_storage().nbytes() == handed[0].numel() * 4
+
+
+@needs_ext
+def test_opcheck_handed_over_backward():
+    block = make_block(3, 4, layers=2, growth=3, bn_size=2, dtype=torch.float32)
+    x = torch.randn(2, 4, 5, 4, 3)
+    args = _op_args(block, x, True)
+    out, saved = torch.ops.ahnet_fast.dense_block.default(*args)
+    torch.library.opcheck(torch.ops.ahnet_fast.dense_block_backward_.default,
+                          (torch.randn_like(out), out, x.shape[1], args[1], saved, True, 1e-5,
+                           [torch.empty_like(w) for w in args[1]]))

@@ -286,3 +286,61 @@ def dispatch_sample():
     up_w = [torch.randn(1, 1, 8, 8, 1, dtype=torch.float64), torch.randn(1, 1, 16, 16, 1, dtype=torch.float64)]
     up_b = [torch.randn(1, dtype=torch.float64) for _ in range(2)]
     return (lambda be: ops.pyramid_pool(x, proj_w, proj_b, up_w, up_b, backend=be)), (x,)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch,layout", [(1, "contiguous"), (2, "contiguous"), (2, "channels_last_3d")])
+def test_handed_over_gradient_is_written_in_place(dtype, batch, layout):
+    """grad_handover (ops._handover): the backward adds the levels' gradient into the concatenated x's
+    part of the output's gradient and returns that part (no tensor of x's size beside it); the
+    gradients are bitwise those of the ordinary backward, for the input and every parameter."""
+    from ahnet_fast.ops._handover import handed_over
+
+    torch.manual_seed(3)
+    x = torch.randn(batch, 6, 64, 64, 3, dtype=dtype)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    pw = [torch.randn(1, 6, 1, 1, 1, dtype=dtype) for _ in range(3)]
+    pb = [torch.randn(1, dtype=dtype) for _ in range(3)]
+    uw = [torch.randn(1, 1, 8 << i, 8 << i, 1, dtype=dtype) for i in range(3)]
+    ub = [torch.randn(1, dtype=dtype) for _ in range(3)]
+    grad = torch.randn(batch, 9, 64, 64, 3, dtype=dtype)
+    results = []
+    for handover in (False, True):
+        leaves = [t.clone().requires_grad_() for t in [x, *pw, *pb, *uw, *ub]]
+        out = pyramid_pool(leaves[0], leaves[1:4], leaves[4:7], leaves[7:10], leaves[10:13], concat_input=True,
+                           backend="cpp", grad_handover=handover)
+        g = grad.clone()
+        results.append((torch.autograd.grad(out, leaves, g), g))
+    (plain, _), (handed, g) = results
+    for a, b in zip(plain, handed):
+        assert torch.equal(a, b)
+    assert handed[0].untyped_storage().data_ptr() == g.untyped_storage().data_ptr()  # x's gradient is in g
+    assert not torch.equal(g[:, 3:], grad[:, 3:])  # written over
+    with handed_over(False):  # the flag is read at the forward only: nothing leaks out of the call
+        out = pyramid_pool(x.clone().requires_grad_(), pw, pb, uw, ub, concat_input=True, backend="cpp")
+    g = grad.clone()
+    out.backward(g)
+    assert torch.equal(g, grad)
+
+
+@needs_ext
+def test_in_place_backward_op():
+    """pyramid_pool_backward_: the out-of-place op's result written over the identity gradient;
+    opcheck (its schema declares the mutation); overlapping gradients refused."""
+    _, ours = _pair(3, 2, "transpose", channels=3)
+    x = torch.randn(_shape(3, 2, "transpose", channels=3))
+    a = _Args(x, *_params(ours), "transpose")
+    _, pooled, args, _ = torch.ops.ahnet_fast.pyramid_pool(*a.op_args(True))
+    gp = [torch.randn(p.shape) for p in pooled]
+    gid = torch.randn(a.x5.shape)
+    expected = torch.ops.ahnet_fast.pyramid_pool_backward(gid, gp, args, list(a.x5.shape), a.pool_w, torch.float32,
+                                                          False)
+    got = gid.clone()
+    torch.ops.ahnet_fast.pyramid_pool_backward_(got, gp, args, a.pool_w)
+    assert torch.equal(got, expected)
+    torch.library.opcheck(torch.ops.ahnet_fast.pyramid_pool_backward_.default, (gid.clone(), gp, args, a.pool_w))
+    overlapping = torch.randn(1, *a.x5.shape[1:]).expand(a.x5.shape)
+    with pytest.raises(RuntimeError, match="must not overlap"):
+        torch.ops.ahnet_fast.pyramid_pool_backward_(overlapping, gp, args, a.pool_w)

@@ -52,14 +52,14 @@ def bn_relu_conv(bn: nn.modules.batchnorm._BatchNorm, conv: nn.modules.conv._Con
                             conv.weight, list(conv.stride), list(conv.padding), backend=backend)
 
 
-def dense_block(layers, x: torch.Tensor, backend: str | None = None, skip: torch.Tensor | None = None
-                ) -> torch.Tensor:
+def dense_block(layers, x: torch.Tensor, backend: str | None = None, skip: torch.Tensor | None = None,
+                grad_handover: bool = False) -> torch.Tensor:
     """A sequence of AH-Net dense layers (modules with bn1..bn4 / conv1..conv4) as the one-buffer op,
     applied to x (+ skip); each layer's bottleneck output is kept for backward except inside a
-    checkpointed segment."""
+    checkpointed segment. grad_handover: as ``ops.dense_block``'s."""
     weights, means, variances, momenta, training = _dense_args(layers)
     return ops.dense_block(x, weights, means, variances, training, momenta, layers[0].bn1.eps, backend=backend,
-                           keep_bottleneck=not in_checkpoint_segment(), skip=skip)
+                           keep_bottleneck=not in_checkpoint_segment(), skip=skip, grad_handover=grad_handover)
 
 
 def dense_block_into(layers, buffer: torch.Tensor, channels0: int, backend: str | None = None) -> torch.Tensor:

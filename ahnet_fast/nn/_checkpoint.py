@@ -42,6 +42,14 @@ def resolve_auto(model: nn.Module, x: torch.Tensor) -> str:
 
 
 _segment_depth = 0
+_output_discarded = False
+
+
+def output_discarded() -> bool:
+    """True while a segment's function runs again in backward (not in segments nested in it):
+    non-reentrant checkpointing keeps what that run saves for backward and drops its output, which
+    the function may then leave unbuilt where its saved tensors do not depend on it."""
+    return _output_discarded
 
 
 def in_checkpoint_segment() -> bool:
@@ -78,13 +86,16 @@ def checkpoint_segment(fn: Callable[..., torch.Tensor], modules: tuple[nn.Module
     keep = scratch.keeping()  # the recomputation in backward keeps scratch buffers as this call did
 
     def run(*inputs):
+        global _output_discarded
         calls[0] += 1
         snapshot = [(b, b.clone()) for b in _bn_buffers(modules)] if calls[0] > 1 else []
         scratch.push_keep(keep)
+        discarded, _output_discarded = _output_discarded, calls[0] > 1
         try:
             with prefer_recomputation():
                 return fn(*inputs)
         finally:
+            _output_discarded = discarded
             scratch.pop_keep()
             with torch.no_grad():
                 for buffer, value in snapshot:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ahnet_fast.nn._bn import bn_add_relu, bn_relu, bn_relu_conv, dense_block, dense_block_input, dense_block_into, \
     set_backend
-from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, resolve_auto
+from ahnet_fast.nn._checkpoint import POLICIES, checkpoint_segment, output_discarded, resolve_auto
 from ahnet_fast.nn.shapes import check_ahnet_input
 from ahnet_fast.ops._bands import no_backward
 from ahnet_fast.ops._inputs import check_input_matches
@@ -394,8 +394,8 @@ class DenseBlock(_ScriptOps, nn.Sequential):
         return torch.ops.ahnet_fast.dense_block_script(x, weights, means, variances, eps, skip, self.backend)
 
     @torch.jit.unused
-    def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-        return dense_block(list(self), x, self.backend, skip)
+    def _fused(self, x: torch.Tensor, skip: torch.Tensor | None, grad_handover: bool = False) -> torch.Tensor:
+        return dense_block(list(self), x, self.backend, skip, grad_handover)
 
     @torch.jit.unused
     def input_buffer(self, x: torch.Tensor, skip: torch.Tensor | None = None, front: int = 0) -> torch.Tensor:
@@ -518,7 +518,7 @@ class PyramidVolumetricPooling(_ScriptOps, nn.Module):
         return torch.cat(outputs, dim=1)
 
     @torch.jit.unused
-    def _fused(self, x: torch.Tensor, concat_input: bool) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, concat_input: bool, grad_handover: bool = False) -> torch.Tensor:
         self.check_input(x)
         transpose = self.upsample_mode == "transpose"
         return pyramid_pool(
@@ -530,6 +530,7 @@ class PyramidVolumetricPooling(_ScriptOps, nn.Module):
             upsample_mode=self.upsample_mode,
             concat_input=concat_input,
             backend=self.backend,
+            grad_handover=grad_handover,
         )
 
 
@@ -793,6 +794,12 @@ class AHNet(_ScriptOps, nn.Module):
         d1 = segment(decoder, self._stage1, (self.up1, self.dense1), d0, fm2)
         d2 = segment(decoder, self._stage2, (self.up2, self.dense2), d1, fm1)
         d3 = segment(decoder, self._stage3, (self.trans1, self.dense3), d2, pool_x)
+        if decoder and self.psp_block_num > 0:
+            # the pyramid pooling and its concatenation in the last stage's segment: the boundary kept
+            # for the final block is that concatenation alone, not it and dense4's output beside it
+            # (the final block's backward held both, 124 + 128 channels at the largest decoder size)
+            head_input = segment(True, self._stage4_pooled, (self.up3, self.dense4, self.psp), d3, conv_x)
+            return segment(True, self.final, (self.final,), head_input)
         d4 = segment(decoder, self._stage4, (self.up3, self.dense4), d3, conv_x)
         return segment(decoder, self._head, (self.psp, self.final), d4)
 
@@ -865,6 +872,27 @@ class AHNet(_ScriptOps, nn.Module):
 
     def _stage4(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.dense4(self.up3(a), skip)
+
+    def _stage4_pooled(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The last stage and the pyramid pooling's cat((psp(d4), d4), 1), in one segment. The gradients
+        pass from op to op in place where no hook can see the tensors between them (ops._handover):
+        the final block's input gradient (a fresh tensor of its backward, the concatenation's only
+        consumer) takes the pyramid levels' share and is dense4's output gradient; dense4's backward
+        adds its prefix gradients into it. No second gradient of dense4's size is made."""
+        # Run again in backward, only what the pooling saves is wanted (the same without the
+        # concatenation): the 128-channel output is not built there
+        concat = not output_discarded()
+        if not self._handover_applies():
+            return self.psp(self._stage4(a, skip), concat_input=concat)
+        d4 = self.dense4._fused(self.up3(a), skip, grad_handover=True)
+        return self.psp._fused(d4, concat, grad_handover=True)
+
+    def _handover_applies(self) -> bool:
+        hooked = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
+        if any(hooked):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for module in (self.dense4, self.psp, self.final)
+                       for m in module.modules())
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return bn_relu(self.bn0, stem(self.conv1, self.pool1, x, self.backend), self.backend)

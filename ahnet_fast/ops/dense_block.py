@@ -47,6 +47,7 @@ from ahnet_fast import _scratch as scratch, backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, opmath_dtype
 from ahnet_fast.ops import _bands as bands, _conv_paths as conv_paths, aniso_conv
+from ahnet_fast.ops._handover import gradient_handed_over, handed_over
 from ahnet_fast.ops._registry import define_script_entry, register_triton_pair
 from ahnet_fast.ops.bn_relu import update_running_stats
 from ahnet_fast.ops.bn_relu_conv import IMPLEMENTATIONS as UNIT_IMPLEMENTATIONS, SCRATCH_SLOT, ENGINES, output_format, \
@@ -130,7 +131,7 @@ def _check(x, weights, running_means, running_vars, momenta):
 def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor | None],
                 running_vars: Sequence[torch.Tensor | None], training: bool, momenta: Sequence[float], eps: float,
                 *, backend: str | None = None, keep_bottleneck: bool = False,
-                skip: torch.Tensor | None = None) -> torch.Tensor:
+                skip: torch.Tensor | None = None, grad_handover: bool = False) -> torch.Tensor:
     """``cat(x, f_1, ..., f_L)`` of AH-Net's pseudo-3D dense layers (see the module docstring).
 
     weights: per layer bn1.weight, bn1.bias, conv1.weight, bn2.weight, bn2.bias, conv2.weight,
@@ -147,6 +148,11 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
     skip: the block is applied to ``x + skip`` (AH-Net's decoder stages add the encoder's feature
     map to the upsampled one), the sum written straight into the block's buffer instead of a tensor
     of its own; both get the gradient of the sum.
+
+    grad_handover: the caller promises that the gradient reaching this output's backward is seen by
+    nothing else (``ahnet_fast.ops._handover``); the backward then adds the layers' prefix gradients
+    into it, and the input's gradient is its first channels, instead of a buffer of the block's
+    width beside it.
     """
     _check(x, weights, running_means, running_vars, momenta)
     cast = autocast_dtype(x)
@@ -180,7 +186,8 @@ def dense_block(x: torch.Tensor, weights: Sequence[torch.Tensor], running_means:
                                   False, skip, keep_for_backward=False)
         else:
             op = torch.ops.ahnet_fast.dense_block if chosen == "cpp" else _triton_op()
-            out, saved = op(x, list(weights), means, variances, use_batch_stats, eps, keep_bottleneck, skip)
+            with handed_over(grad_handover):
+                out, saved = op(x, list(weights), means, variances, use_batch_stats, eps, keep_bottleneck, skip)
             stats = _split_saved(saved, len(weights) // PARAMS_PER_LAYER)[3]
         if training and have_running:
             count = x.numel() // x.shape[1]  # every unit keeps the spatial size
@@ -354,17 +361,20 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
             rms = running_means[4 * i: 4 * i + 4] if running_means else [None] * 4
             rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
 
-            def unit(t, u):
+            def unit(t, u, into=None):
+                """The unit's output, or written into ``into`` (in bands straight from each band)."""
                 bw, bb, cw = units[u]
                 if not banded:
                     y, mean, var = engine.forward(t, bw, bb, rms[u], rvs[u], use_batch_stats, eps, cw,
                                                   [1] * cw[0, 0].dim(), same_padding(cw), workspace)
+                    if into is not None:
+                        y = into.copy_(y)
                 else:
                     if use_batch_stats:
                         mean, var = torch.ops.ahnet_fast.bn_relu_stats(t)
                     else:  # what the engine hands back in eval: the running statistics in the statistics dtype
                         mean, var = rms[u].to(sd).clone(), rvs[u].to(sd).clone()
-                    y = bands.unit_banded(engine, t, bw, bb, mean, var, eps, cw, rows, workspace)
+                    y = bands.unit_banded(engine, t, bw, bb, mean, var, eps, cw, rows, workspace, out=into)
                 stats.extend((mean, var))
                 return y
 
@@ -374,7 +384,6 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
                 del c1  # read by the 3x3x1 unit only: gone before the next layer makes its own
             s = unit(a, 2)
             s.add_(a)
-            out[:, channels[i]:channels[i + 1]].copy_(unit(s, 3))
             if keep_for_backward:
                 # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept; in bands,
                 # a too (from c1's rows, themselves recomputed): the lean backward then holds one
@@ -383,7 +392,9 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
                 if keep_bottleneck:
                     bottlenecks.append(c1)
                     sums.append(s)
-            del a, s
+            del a  # (in bands, gone before the last unit: a + b is all it reads)
+            unit(s, 3, into=out[:, channels[i]:channels[i + 1]])
+            del s
         if not keep_for_backward:
             return out, stats
         return out, inner + bottlenecks + sums + stats
@@ -418,7 +429,8 @@ def _band_workspace(out, layers, widest, rows):
     return bands.workspace_for(out, widest, rows, reach)
 
 
-def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows, widest):
+def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows, widest,
+                     in_place=False):
     """_backward of the lean block (nothing kept but the output and the statistics, as inside
     activation checkpointing) with every unit's activation recomputed a band at a time
     (ahnet_fast.ops._bands): the last two units' gradients band by band (conv_backward_banded); a
@@ -426,9 +438,10 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
     the 1x1x3 unit from a; c1 only ever as a band (see below); the first two units together in three
     passes over the bands (_bottleneck_backward_streamed), so that neither the bottleneck gradient
     nor c1's exists whole. What exists whole: the prefix gradient, and one layer's a, a + b and
-    their g-channel gradients (a is freed before the first two units' backward)."""
+    their g-channel gradients (a is freed before the first two units' backward). in_place: as
+    _backward's."""
     workspace = _band_workspace(out, layers, widest, rows)
-    grad = None
+    grad = grad_out if in_place else None
     grads_w: list[torch.Tensor] = [None] * (PARAMS_PER_LAYER * len(layers))  # type: ignore[list-item]
     for i in reversed(range(len(layers))):
         units = layers[i]
@@ -480,14 +493,15 @@ def _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_
         # units 1 and 0 together, a band at a time: neither the bottleneck gradient nor c1's exists
         # whole (_bottleneck_backward_streamed); the prefix gradient is written (last layer: the
         # buffer is new) or added into its channels
-        if last:
+        fresh = last and not in_place
+        if fresh:
             grad = _empty(out, channels[i])
         base = PARAMS_PER_LAYER * i
         grads_w[base:base + 6] = _bottleneck_backward_streamed(
             grad_a, prefix, units[0], units[1], unit_stats(0), unit_stats(1), use_batch_stats, eps, rows, workspace,
-            c1_rows, grad[:, :channels[i]], fresh=last)
+            c1_rows, grad[:, :channels[i]], fresh=fresh)
         del grad_a
-        if last:
+        if fresh:
             grad.add_(grad_out[:, :channels[i]])
     return grad[:, :channels[0]], grads_w
 
@@ -624,7 +638,11 @@ def _bottleneck_backward_streamed(grad_a, prefix, unit0, unit1, stats0, stats1, 
             (sum_gd1 * invstd1.double()).to(bw1.dtype), sum_g1.to(bb1.dtype), grad_cw1[0].to(cw1.dtype).contiguous()]
 
 
-def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps):
+def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps, in_place=False):
+    """(the block input's gradient, the parameters' gradients). in_place (the output's gradient handed
+    over, see dense_block's grad_handover): the prefix gradients are added into grad_out itself, whose
+    first channels0 channels are then the input's gradient, instead of into a buffer of the block's
+    width beside it."""
     layers = _split(weights)
     inner, kept, kept_sums, stats = _split_saved(saved, len(layers))
     channels = _channels(channels0, layers)
@@ -638,12 +656,12 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
                          "from a forward to its backward)")
     if rows < out.shape[2]:
         return _backward_banded(engine, grad_out, out, layers, channels, inner, stats, use_batch_stats, eps, rows,
-                                widest)
+                                widest, in_place)
     # The prefix gradient accumulates layer by layer in a buffer of the channels before the last
     # layer's (channels[-2]); the last layer's own channels are read from grad_out (no clone of
     # grad_out: one pass fewer). The last layer's BatchNorm gradient is written into the new buffer,
     # grad_out's share added to it; each earlier layer's is added in place.
-    grad = None
+    grad = grad_out if in_place else None
     grads_w: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     # One buffer for every activation the units' weight gradients recompute (one at a time), rather
     # than a fresh tensor per unit: at AH-Net's last block that was 12 allocations of 5-27 MB, each
@@ -713,7 +731,7 @@ def _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats,
             del g, c1
             g = conv_grad(grad_c1, prefix, 0, None, grad_in_workspace=True)
             del grad_c1
-            if last:
+            if last and not in_place:
                 grad = _empty(out, channels[i])
                 bn_grad(g, prefix, 0, out=grad)
                 grad.add_(grad_out[:, :channels[i]])
@@ -769,16 +787,32 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.args = (x.shape[1], len(weights), use_batch_stats, eps, len(running_means), len(running_vars),
                 skip is not None)
+    ctx.handed_over = gradient_handed_over()
 
 
-def _make_backward(backward_op):
+def _takes_over(grad_out, out) -> bool:
+    """Whether the in-place backward can write into grad_out: out's dtype and layout but for the
+    batch stride (a channel slice of a wider gradient, as the pyramid pooling's hands on)."""
+    return (grad_out.dtype == out.dtype and grad_out.stride()[1:] == out.stride()[1:] and
+            (grad_out.shape[0] == 1 or grad_out.stride(0) >= out.stride(0)))
+
+
+def _make_backward(backward_op, in_place_op):
     def backward(ctx, grad_out, _grad_saved):
         channels0, n_weights, use_batch_stats, eps, n_means, n_vars, has_skip = ctx.args
         if grad_out is None:  # the block's output took no part in the loss
             return None, [None] * n_weights, [None] * n_means, [None] * n_vars, None, None, None, None
         out, *rest = ctx.saved_tensors
         weights, saved = rest[:n_weights], rest[n_weights:]
-        grad_x, grads_w = backward_op(grad_out, out, channels0, weights, saved, use_batch_stats, eps)
+        if ctx.handed_over and _takes_over(grad_out, out):
+            # the gradient is ours (dense_block's grad_handover): the prefix gradients added into it
+            grads_w = [torch.empty_like(w) for w in weights]
+            in_place_op(grad_out, out, channels0, weights, saved, use_batch_stats, eps, grads_w)
+            # a compact copy: a view would hold all of grad_out for as long as the input's gradient
+            # waits for its other share (AH-Net: the skip's, until the stem's backward)
+            grad_x = grad_out[:, :channels0].clone()
+        else:
+            grad_x, grads_w = backward_op(grad_out, out, channels0, weights, saved, use_batch_stats, eps)
         # x + skip: the same gradient for both
         return grad_x, grads_w, [None] * n_means, [None] * n_vars, None, None, None, grad_x if has_skip else None
 
@@ -791,6 +825,22 @@ def _define(name: str, engine):
                     saved: list[torch.Tensor], use_batch_stats: bool, eps: float
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps)
+
+    # The backward with the output's gradient handed over: the input's gradient is left in grad_out's
+    # first channels (outputs may not alias inputs, so the caller takes it from there), the
+    # parameters' gradients written into grads_w (functionalization takes no list output from an op
+    # that mutates: they are mutated arguments too, a few kilobytes).
+    @torch.library.custom_op(f"ahnet_fast::{name}_backward_", mutates_args=("grad_out", "grads_w"))
+    def backward_in_place(grad_out: torch.Tensor, out: torch.Tensor, channels0: int, weights: list[torch.Tensor],
+                          saved: list[torch.Tensor], use_batch_stats: bool, eps: float,
+                          grads_w: list[torch.Tensor]) -> None:
+        computed = _backward(engine, grad_out, out, channels0, weights, saved, use_batch_stats, eps, in_place=True)[1]
+        for dst, src in zip(grads_w, computed):
+            dst.copy_(src)
+
+    @backward_in_place.register_fake
+    def _(grad_out, out, channels0, weights, saved, use_batch_stats, eps, grads_w):
+        return None
 
     @torch.library.custom_op(f"ahnet_fast::{name}", mutates_args=())
     def forward_op(x: torch.Tensor, weights: list[torch.Tensor], running_means: list[torch.Tensor],
@@ -806,8 +856,9 @@ def _define(name: str, engine):
         return _forward_fake(engine, x, weights, running_means, running_vars, use_batch_stats, eps, keep_bottleneck,
                              skip)
 
-    return register_triton_pair(forward_op, backward_op, forward_fake, _backward_fake, _make_backward,
-                                _setup_context)[0]
+    in_place = getattr(torch.ops.ahnet_fast, backward_in_place._name).default
+    return register_triton_pair(forward_op, backward_op, forward_fake, _backward_fake,
+                                lambda op: _make_backward(op, in_place), _setup_context)[0]
 
 
 _TRITON_OP = None

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ahnet_fast import backends
 from ahnet_fast._extension import extension_available
 from ahnet_fast._layout import autocast_dtype, channels_innermost, opmath_dtype
+from ahnet_fast.ops._handover import gradient_handed_over, handed_over
 from ahnet_fast.ops._registry import define_script_entry
 from ahnet_fast.ops._registry import (cpp_kernel_reasons, dtype_reasons, register_compiled_pair,
                                       register_triton_pair, triton_reasons)
@@ -225,12 +226,17 @@ IMPLEMENTATIONS = backends.register("pyramid_pool", (
 def pyramid_pool(x: torch.Tensor, proj_weights: Sequence[torch.Tensor], proj_biases: Sequence[torch.Tensor],
                  up_weights: Sequence[torch.Tensor] | None = None, up_biases: Sequence[torch.Tensor] | None = None,
                  *, upsample_mode: str = "transpose", concat_input: bool = False,
-                 backend: str | None = None) -> torch.Tensor:
+                 backend: str | None = None, grad_handover: bool = False) -> torch.Tensor:
     """Pyramid volumetric pooling of ``x`` (B, C, H, W, D) or (B, C, H, W) with ``len(proj_weights)``
     levels; the parameters are those of MONAI's PSP (``project_modules.i`` weight (1, C, 1, 1[, 1])
     and bias, ``up_modules.i`` weight (1, 1, s, s, 1) / (1, 1, s, 1) and bias in "transpose" mode).
     Returns (B, levels, ...) or, with ``concat_input``, ``cat([that, x], 1)`` built in one buffer.
-    Sizes the pooling cannot take raise ValueError (see :func:`check_pyramid_pool_input`)."""
+    Sizes the pooling cannot take raise ValueError (see :func:`check_pyramid_pool_input`).
+
+    grad_handover (with ``concat_input``): the caller promises that the gradient reaching this
+    output's backward is seen by nothing else (``ahnet_fast.ops._handover``); the C++ backward then
+    adds the levels' gradient into the concatenated x's part of it and returns that part, rather than
+    a new tensor of x's size."""
     levels = len(proj_weights)
     check_pyramid_pool_input(x, levels, upsample_mode)
     _check_params(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode)
@@ -246,7 +252,8 @@ def pyramid_pool(x: torch.Tensor, proj_weights: Sequence[torch.Tensor], proj_bia
                                           concat_input)
         a = _Args(x, proj_weights, proj_biases, up_weights, up_biases, upsample_mode)
         forward = torch.ops.ahnet_fast.pyramid_pool if chosen == "cpp" else _triton_ops()[0]
-        out = forward(*a.op_args(concat_input))[0]
+        with handed_over(grad_handover and concat_input):
+            out = forward(*a.op_args(concat_input))[0]
         return out if a.spatial_dims == 3 else out.squeeze(3)
 
     return backends.dispatch("pyramid_pool", IMPLEMENTATIONS, x.device, (x,), backend, run)
@@ -290,6 +297,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(proj_weight, up_weight, index_h, lambda_h if interp else None, index_w,
                           lambda_w if interp else None, *pooled, *args, *proj)
     ctx.levels, ctx.pool_w, ctx.linear, ctx.concat = levels, pool_w, linear, concat_input
+    ctx.handed_over = gradient_handed_over()
     ctx.transpose = up_weight is not None
     ctx.size = tuple(x.shape)
     ctx.dtype = x.dtype
@@ -314,7 +322,9 @@ def _interp_matrix(index: torch.Tensor, lam: torch.Tensor, in_size: int, linear:
     return m
 
 
-def _make_backward(backward_op):
+def _make_backward(backward_op, in_place_op=None):
+    """The autograd backward on ``backward_op``; ``in_place_op`` (the C++ ``pyramid_pool_backward_``)
+    where the gradient may be handed over."""
     def backward(ctx, grad_out, _grad_pooled, _grad_args, _grad_proj):
         if grad_out is None:
             return (None,) * 13
@@ -355,8 +365,13 @@ def _make_backward(backward_op):
         grad_identity = grad_out[:, levels:] if ctx.concat else None
         if grad_identity is not None and grad_identity.dtype != ctx.dtype:
             grad_identity = grad_identity.to(ctx.dtype)
-        grad_x = backward_op(grad_identity, g_pooled, list(args), list(ctx.size), ctx.pool_w, ctx.dtype,
-                             ctx.channels_last)
+        if ctx.handed_over and grad_identity is not None and in_place_op is not None:
+            # the gradient is ours (see pyramid_pool's grad_handover): the levels' share added into it
+            torch.ops.ahnet_fast.pyramid_pool_backward_(grad_identity, g_pooled, list(args), ctx.pool_w)
+            grad_x = grad_identity
+        else:
+            grad_x = backward_op(grad_identity, g_pooled, list(args), list(ctx.size), ctx.pool_w, ctx.dtype,
+                                 ctx.channels_last)
         pw_dt, pb_dt, uw_dt, ub_dt = ctx.param_dtypes
         grads = [grad_x, torch.stack(g_pw).to(pw_dt), torch.stack(g_pb).to(pb_dt)]
         grads += [torch.stack(g_uw).to(uw_dt), torch.stack(g_ub).to(ub_dt)] if ctx.transpose else [None, None]
@@ -397,8 +412,10 @@ def _triton_ops():
 
 def _register():
     if extension_available():
+        torch.library.register_fake("ahnet_fast::pyramid_pool_backward_")(
+            lambda grad_x, grad_pooled, argmax, pool_w: None)
         register_compiled_pair("pyramid_pool", "pyramid_pool_backward", _forward_fake, _backward_fake,
-                               _make_backward, _setup_context)
+                               lambda op: _make_backward(op, torch.ops.ahnet_fast.pyramid_pool_backward_), _setup_context)
 
 
 _register()

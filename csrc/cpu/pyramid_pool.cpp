@@ -450,7 +450,9 @@ void route_band(const scalar_t* gid, const Strides5& gs, scalar_t* gx, const Str
     if (gid != nullptr) {
       const scalar_t* src = gid + n * gs.n + c * gs.c + hh * gs.h;
       if (direct && gs.d == 1 && gs.w == D) {
-        std::copy(src, src + WD, reinterpret_cast<scalar_t*>(b));
+        // in place (pyramid_pool_backward_: the identity gradient is gx itself) there is nothing to copy
+        if (static_cast<const void*>(src) != static_cast<const void*>(b))
+          std::copy(src, src + WD, reinterpret_cast<scalar_t*>(b));
       } else if (gs.d == 1) {
         for (int64_t ww = 0; ww < W; ++ww)
           for (int64_t d = 0; d < D; ++d) b[ww * D + d] = static_cast<opmath_t>(src[ww * gs.w + d]);
@@ -494,32 +496,43 @@ void route_band(const scalar_t* gid, const Strides5& gs, scalar_t* gx, const Str
   }
 }
 
-at::Tensor pyramid_pool_backward_cpu(const std::optional<at::Tensor>& grad_identity, at::TensorList grad_pooled,
-                            at::TensorList argmax, at::IntArrayRef size, bool pool_w, at::ScalarType dtype,
-                            bool channels_last) {
+// Whether no two indices of t address one element (sufficient test: ordered by stride, each axis'
+// stride passes the furthest element the axes inside it reach). A channel slice of a dense gradient
+// passes; an expanded one does not.
+bool no_overlap(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> axes;  // (stride, size) of the axes longer than one
+  for (int64_t i = 0; i < t.dim(); ++i)
+    if (t.size(i) > 1) axes.emplace_back(t.stride(i), t.size(i));
+  std::sort(axes.begin(), axes.end());
+  int64_t reach = 0;  // the largest offset the inner axes address
+  for (const auto& [stride, size] : axes) {
+    if (stride <= reach) return false;
+    reach += stride * (size - 1);
+  }
+  return true;
+}
+
+// Routes each level's pooled gradient to its argmax, over gid (the identity gradient, or nullptr:
+// zeros), into gx; gid may be gx itself (in place).
+void route_pooled_gradient(const at::Tensor& gid, at::Tensor& gx, at::TensorList grad_pooled, at::TensorList argmax,
+                           bool pool_w, const char* name) {
   const int64_t levels = static_cast<int64_t>(grad_pooled.size());
-  TORCH_CHECK(size.size() == 5, "pyramid_pool_backward: size must be (N, C, H, W, D)");
+  TORCH_CHECK(gx.dim() == 5, name, ": the gradient must be (N, C, H, W, D)");
   TORCH_CHECK(levels >= 1 && levels <= 4 && static_cast<int64_t>(argmax.size()) == levels,
-              "pyramid_pool_backward: one grad_pooled and one argmax per level (1..4)");
-  const Geometry g = geometry(size, levels, pool_w);
+              name, ": one grad_pooled and one argmax per level (1..4)");
+  const Geometry g = geometry(gx.sizes(), levels, pool_w);
+  const at::ScalarType dtype = gx.scalar_type();
   const auto op_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   std::vector<at::Tensor> gps, aps;
   for (int64_t l = 0; l < levels; ++l) {
     TORCH_CHECK(grad_pooled[l].sizes() == at::IntArrayRef({g.N, g.C, g.h[l], g.w[l], g.D}),
-                "pyramid_pool_backward: grad_pooled[", l, "] has shape ", grad_pooled[l].sizes());
-    TORCH_CHECK(argmax[l].scalar_type() == (l == 0 ? at::kChar : at::kShort), "pyramid_pool_backward: argmax dtype");
+                name, ": grad_pooled[", l, "] has shape ", grad_pooled[l].sizes());
+    TORCH_CHECK(argmax[l].scalar_type() == (l == 0 ? at::kChar : at::kShort), name, ": argmax dtype");
+    TORCH_CHECK(argmax[l].sizes() == grad_pooled[l].sizes(), name, ": argmax[", l, "] has shape ", argmax[l].sizes());
     gps.push_back(grad_pooled[l].to(op_dtype).contiguous());
     aps.push_back(argmax[l].contiguous());
   }
-  at::Tensor gx = at::empty(size, grad_pooled[0].options().dtype(dtype),
-                            channels_last ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous);
-  at::Tensor gid;
-  if (grad_identity.has_value()) {
-    gid = *grad_identity;
-    TORCH_CHECK(gid.sizes() == gx.sizes() && gid.scalar_type() == dtype, "pyramid_pool_backward: grad_identity must be ",
-                size, " of dtype ", dtype);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "pyramid_pool_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "pyramid_pool_route", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::vector<const opmath_t*> gp;
     std::vector<const void*> ap;
@@ -542,7 +555,32 @@ at::Tensor pyramid_pool_backward_cpu(const std::optional<at::Tensor>& grad_ident
       }
     });
   });
+}
+
+at::Tensor pyramid_pool_backward_cpu(const std::optional<at::Tensor>& grad_identity, at::TensorList grad_pooled,
+                            at::TensorList argmax, at::IntArrayRef size, bool pool_w, at::ScalarType dtype,
+                            bool channels_last) {
+  TORCH_CHECK(size.size() == 5, "pyramid_pool_backward: size must be (N, C, H, W, D)");
+  TORCH_CHECK(!grad_pooled.empty(), "pyramid_pool_backward: one grad_pooled and one argmax per level (1..4)");
+  at::Tensor gx = at::empty(size, grad_pooled[0].options().dtype(dtype),
+                            channels_last ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous);
+  at::Tensor gid;
+  if (grad_identity.has_value()) {
+    gid = *grad_identity;
+    TORCH_CHECK(gid.sizes() == gx.sizes() && gid.scalar_type() == dtype, "pyramid_pool_backward: grad_identity must be ",
+                size, " of dtype ", dtype);
+  }
+  route_pooled_gradient(gid, gx, grad_pooled, argmax, pool_w, "pyramid_pool_backward");
   return gx;
+}
+
+void pyramid_pool_backward_inplace_cpu(at::Tensor& grad_x, at::TensorList grad_pooled, at::TensorList argmax,
+                                       bool pool_w) {
+  // rows are read and written band by band by one thread each: no element is read after another
+  // thread wrote it, so the identity gradient can be the destination
+  TORCH_CHECK(no_overlap(grad_x), "pyramid_pool_backward_: grad_x's elements must not overlap, got strides ",
+              grad_x.strides(), " for sizes ", grad_x.sizes());
+  route_pooled_gradient(grad_x, grad_x, grad_pooled, argmax, pool_w, "pyramid_pool_backward_");
 }
 
 }  // namespace
@@ -550,6 +588,7 @@ at::Tensor pyramid_pool_backward_cpu(const std::optional<at::Tensor>& grad_ident
 TORCH_LIBRARY_IMPL(ahnet_fast, CPU, m) {
   m.impl("pyramid_pool", &pyramid_pool_cpu);
   m.impl("pyramid_pool_backward", &pyramid_pool_backward_cpu);
+  m.impl("pyramid_pool_backward_", &pyramid_pool_backward_inplace_cpu);
 }
 
 }  // namespace ahnet_fast
