@@ -255,9 +255,11 @@ def training_floor(model: nn.Module, input_shape, *, dtype: str | torch.dtype = 
 
     - parameters, gradients and optimizer state;
     - every segment boundary (what checkpoint="all" keeps: the later-recomputed segments' inputs and
-      the skips; traced as :func:`estimate_training_memory` traces them), the last dense block's
-      output among them (recomputed for its backward: the same size);
-    - the gradient of that output (its size again);
+      the skips; traced as :func:`estimate_training_memory` traces them), the final block's input
+      among them (the pyramid levels and the last dense block's output in one tensor, recomputed
+      for that block's backward: the same size);
+    - the gradient of that input (its size again; the dense block's output gradient is part of it,
+      handed over in place);
     - the gradient of the block's input, which the block's backward produces (its input channels).
 
     Returns a dict of the terms in bytes and their ``total``. Anything a measured peak holds beyond
@@ -274,7 +276,7 @@ def training_floor(model: nn.Module, input_shape, *, dtype: str | torch.dtype = 
     channels_out = channels_in + sum(layer.conv4.out_channels for layer in last)
     terms = dict(parameters=params, gradients=params, optimizer_state=OPTIMIZER_STATES[optimizer] * params,
                  boundaries=kept, last_block_output_gradient=largest,
-                 last_block_input_gradient=largest * channels_in // channels_out)
+                 last_block_input_gradient=largest // (channels_out + model.psp_block_num) * channels_in)
     return {**terms, "total": sum(terms.values())}
 
 

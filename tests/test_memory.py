@@ -34,14 +34,16 @@ def test_parameters_gradients_and_optimizer_state_are_exact(model):
 
 def test_training_floor_is_its_arithmetic(model):
     """The floor of a checkpointed step: parameters, gradients, Adam, the boundaries checkpoint="all"
-    keeps, and two gradients of the last dense block (its output's: 64 + 3 x 20 channels; its input's:
-    64) at conv_x's resolution (in-plane halved, slices halved by pool1); linear in the voxels, the
-    maps halved in bf16, and below the planner's estimate of the real step."""
+    keeps, and two gradients of the last stage (the final block's input's, the pyramid levels and
+    dense4's output in one tensor: 2 + 64 + 3 x 20 channels, of which dense4's output gradient is a
+    part (the gradient handover); dense4's input's: 64) at conv_x's resolution (in-plane halved, slices
+    halved by pool1); linear in the voxels, the maps halved in bf16, and below the planner's estimate
+    of the real step."""
     f = training_floor(model, (1, 1, 64, 64, 32))
     n = sum(p.numel() for p in model.parameters())
     assert (f["parameters"], f["gradients"], f["optimizer_state"]) == (4 * n, 4 * n, 8 * n)
     voxels = 32 * 32 * 16
-    assert f["last_block_output_gradient"] == 124 * voxels * 4
+    assert f["last_block_output_gradient"] == (2 + 124) * voxels * 4
     assert f["last_block_input_gradient"] == 64 * voxels * 4
     assert f["boundaries"] == estimate_training_memory(model, (1, 1, 64, 64, 32), checkpoint="all").activations
     assert f["total"] == sum(v for k, v in f.items() if k != "total")
