@@ -48,18 +48,19 @@ STEP_OVERHEAD = 42 * 2**20
 CALIBRATION_MODEL = {"in_channels": 1, "out_channels": 3, "psp_block_num": 4}
 CALIBRATION_POINTS = (((1, 1, 128, 128, 32), "none", "fp32"), ((1, 1, 256, 256, 32), "none", "fp32"),
                       ((1, 1, 128, 128, 32), "all", "fp32"), ((1, 1, 256, 256, 32), "all", "fp32"))
-# checkpoint="all" has a model of its own, because its peak has a known shape: it comes when the last
-# dense block's backward runs (benchmarks/trace_memory.py --checkpoint all), where every segment
-# boundary is held (the traced bytes checkpointing keeps, the block's recomputed output among them)
-# with that output's gradient (the largest kept tensor's size again) and the block's own working set
-# (the prefix gradient, one layer's recomputed a and a + b, band buffers), which grows with the same
-# maps: peak = ALL_FACTOR * (kept + largest) + ALL_OVERHEAD (band buffers, the loss, library state).
+# checkpoint="all" has a model of its own, because its peak has a known shape: it comes in the last
+# stage's backward (benchmarks/trace_memory.py --checkpoint all), where every segment boundary is
+# held (the traced bytes checkpointing keeps, the final block's input among them) with that input's
+# gradient (the largest kept tensor's size again) and the last dense block's own working set (one
+# layer's a, band buffers), which grows with the same maps:
+# peak = ALL_FACTOR * (kept + largest) + ALL_OVERHEAD (band buffers, the loss, library state).
 # Fitted on the two "all" calibration points of benchmarks/results/memory_scaling_cpu_2026-12-06b.json
-# (321 and 816 MiB over parameters, gradients and Adam). Not refitted after the streamed bottleneck
-# backward: that lowered the fp32 steps at 256 and 384 (memory_scaling_cpu_2026-12-06c.json, predicted
-# now at 1.07x and 1.06x) but not the 512x512x256 bf16 slab (11.70 -> 11.72 GiB, its peak is elsewhere),
-# which a fit on the new 128/256 points (1.23 x ... + 185 MiB) predicted at 0.79x; these constants
-# predict it at 0.95x. (Before: 1.68 and 158 MiB, until the lean dense block stopped saving a.)
+# (before: 1.68 and 158 MiB, until the lean dense block stopped saving a). Not refitted after the
+# gradient handover and the narrower stage boundaries (memory_scaling_cpu_2026-12-06g.json): the fp32
+# steps at 256 and 384 fell, and these constants now overestimate them by 1.19x (128: 1.04x); a refit
+# on those points (1.13 and 157 MiB) predicts the 512x512x256 bf16 slab at 0.69x of its measurement,
+# which was taken before the change (its peak is elsewhere): on the safe side until it is measured
+# again (1943 s).
 ALL_FACTOR = 1.51
 ALL_OVERHEAD = 156 * 2**20
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

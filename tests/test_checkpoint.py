@@ -159,3 +159,28 @@ def test_last_stage_hands_its_gradients_over_unless_hooked():
     ran = _backward_ops(hooked, x)
     assert not any("pyramid_pool_backward_" in n or "dense_block_backward_" in n for n in ran)
     assert any("pyramid_pool_backward" in n for n in ran)
+
+
+def test_output_discarded_only_in_the_segments_own_recomputation():
+    """output_discarded(): False in a segment's first run, True while it runs again in backward,
+    False for a function that a recomputation calls without checkpointing (its output is used), and
+    False again afterwards."""
+    from ahnet_fast.nn._checkpoint import checkpoint_segment, output_discarded
+
+    seen = []
+    lin = torch.nn.Linear(3, 3)
+
+    def plain(t):
+        seen.append(("plain", output_discarded()))
+        return t * 2
+
+    def segment(t):
+        seen.append(("segment", output_discarded()))
+        with torch.no_grad():  # not checkpointed: run as it is
+            checkpoint_segment(plain, (), t)
+        return torch.relu(lin(t)).sum()
+
+    x = torch.randn(4, 3, requires_grad=True)
+    checkpoint_segment(segment, (lin,), x).backward()
+    assert seen == [("segment", False), ("plain", False), ("segment", True), ("plain", False)]
+    assert not output_discarded()

@@ -552,8 +552,10 @@ def test_training_in_bands_under_bf16_autocast_is_as_accurate_as_the_whole_map(m
 def test_training_in_bands_holds_less_at_once(monkeypatch):
     """What the bands are for: the largest set of tensors alive at once inside the block's lean
     training forward and inside its backward (a live-set count over every op the C++ engine runs) is
-    smaller with bands than on the whole map, at AH-Net's last block's widths; the results agree to
-    float32 rounding."""
+    smaller with bands than on the whole map, at AH-Net's last block's widths; the results agree
+    (checked in float64: in float32 the bands round differently, and a voxel whose pre-activation
+    lies within rounding of a ReLU's kink may switch sides, which moves a gradient by ~1e-3 of its
+    norm on some draws, as any two float32 evaluations of the block can)."""
     import importlib
 
     from ahnet_fast.memory import live_set_tracker
@@ -573,16 +575,22 @@ def test_training_in_bands_holds_less_at_once(monkeypatch):
             with forward:
                 out, saved = ops._forward(ops.ENGINES["cpp"], x, weights, means, variances, True, 1e-5, False)
             with backward:
-                grads = ops._backward(ops.ENGINES["cpp"], grad, out, 64, weights, saved, True, 1e-5)
+                ops._backward(ops.ENGINES["cpp"], grad, out, 64, weights, saved, True, 1e-5)
+            # the same in float64, the same bands (per_row scaled with the element size)
+            monkeypatch.setattr(_bands, "BAND_BYTES", 2 * band_bytes)
+            w64 = [w.double() for w in weights]
+            out, saved = ops._forward(ops.ENGINES["cpp"], x.double(), w64, [], [], True, 1e-5, False)
+            grads = ops._backward(ops.ENGINES["cpp"], grad.double(), out, 64, w64, saved, True, 1e-5)
         results.append((out, grads[0], grads[1]))
         peaks.append((forward.peak, backward.peak))
     (banded_fwd, banded_bwd), (whole_fwd, whole_bwd) = peaks
-    # measured: 0.73x and 0.78x (the output and the prefix gradient exist whole either way)
-    assert banded_fwd < 0.8 * whole_fwd and banded_bwd < 0.85 * whole_bwd, peaks
-    assert_close_normwise(results[0][0], results[1][0], 1e-6)
-    assert_close_normwise(results[0][1], results[1][1], 1e-5)
+    # measured: 0.54x and 0.55x (the output and the prefix gradient exist whole either way; the
+    # forward was 0.73x while c1 was still written whole)
+    assert banded_fwd < 0.65 * whole_fwd and banded_bwd < 0.85 * whole_bwd, peaks
+    assert_close_normwise(results[0][0], results[1][0], 1e-12)
+    assert_close_normwise(results[0][1], results[1][1], 1e-10)
     for a, b in zip(results[0][2], results[1][2]):
-        assert_close_normwise(a, b, 1e-5)
+        assert_close_normwise(a, b, 1e-10)
 
 
 @needs_ext

@@ -46,9 +46,11 @@ _output_discarded = False
 
 
 def output_discarded() -> bool:
-    """True while a segment's function runs again in backward (not in segments nested in it):
-    non-reentrant checkpointing keeps what that run saves for backward and drops its output, which
-    the function may then leave unbuilt where its saved tensors do not depend on it."""
+    """True while a segment's function runs again in backward: non-reentrant checkpointing keeps what
+    that run saves for backward and drops its output, which the function may then leave unbuilt where
+    its saved tensors do not depend on it. Only the segment's own function may act on it: a segment
+    nested inside may be run again within that run too (and then sees True); a function called
+    without checkpointing inside it sees False."""
     return _output_discarded
 
 
@@ -103,5 +105,11 @@ def checkpoint_segment(fn: Callable[..., torch.Tensor], modules: tuple[nn.Module
 
     if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args) and \
             not any(p.requires_grad for m in modules for p in m.parameters()):
-        return fn(*args)
+        # run as it is (inside another segment's recomputation, too): its output is used
+        global _output_discarded
+        discarded, _output_discarded = _output_discarded, False
+        try:
+            return fn(*args)
+        finally:
+            _output_discarded = discarded
     return checkpoint(run, *args, use_reentrant=False)

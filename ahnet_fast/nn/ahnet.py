@@ -792,8 +792,15 @@ class AHNet(_ScriptOps, nn.Module):
         # each decoder stage is dense(up(a) + skip), the sum written into the block's buffer
         d0 = segment(decoder, self._stage0, (self.up0, self.dense0), fm4, fm3)
         d1 = segment(decoder, self._stage1, (self.up1, self.dense1), d0, fm2)
-        d2 = segment(decoder, self._stage2, (self.up2, self.dense2), d1, fm1)
-        d3 = segment(decoder, self._stage3, (self.trans1, self.dense3), d2, pool_x)
+        if decoder:
+            # trans1 (BN-ReLU-1x1x1, no upsampling) in stage 2's segment: the boundary kept from the
+            # forward to stage 3's backward is its 64 channels, not dense2's 316 (at 256x256x32 input
+            # 8 instead of 39.5 MiB, alive through the last stages' backward, where the peak is)
+            t2 = segment(True, self._stage2_transition, (self.up2, self.dense2, self.trans1), d1, fm1)
+            d3 = segment(True, self.dense3, (self.dense3,), t2, pool_x)
+        else:
+            d2 = self._stage2(d1, fm1)
+            d3 = self._stage3(d2, pool_x)
         if decoder and self.psp_block_num > 0:
             # the pyramid pooling and its concatenation in the last stage's segment: the boundary kept
             # for the final block is that concatenation alone, not it and dense4's output beside it
@@ -866,6 +873,9 @@ class AHNet(_ScriptOps, nn.Module):
 
     def _stage2(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.dense2(self.up2(a), skip)
+
+    def _stage2_transition(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.trans1(self._stage2(a, skip))
 
     def _stage3(self, a: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.dense3(self.trans1(a), skip)

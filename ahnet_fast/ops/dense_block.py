@@ -38,6 +38,7 @@ convolution's operand load). Registered as ``ahnet_fast::dense_block`` /
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -378,6 +379,18 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
                 stats.extend((mean, var))
                 return y
 
+            if banded:
+                # Neither c1 nor a + b exists whole: each unit's batch statistics from its input's
+                # bands, then the unit from those rows made again where each band needs them (the
+                # 1x1x1 and 1x1x3 products twice: the price of the layer's largest maps)
+                a = _a_from_c1_rows(engine, out[:, :channels[i]], units, rms, rvs, use_batch_stats, eps, rows,
+                                    workspace, stats)
+                if keep_for_backward:  # recomputed by the banded backward, from c1's rows
+                    inner.append(_dropped(a))
+                _last_unit_from_sum_rows(engine, a, units, rms, rvs, use_batch_stats, eps, rows, workspace, stats,
+                                         out[:, channels[i]:channels[i + 1]])
+                del a
+                continue
             c1 = unit(out[:, :channels[i]], 0)
             a = unit(c1, 1)
             if not (keep_for_backward and keep_bottleneck):
@@ -385,19 +398,82 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
             s = unit(a, 2)
             s.add_(a)
             if keep_for_backward:
-                # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept; in bands,
-                # a too (from c1's rows, themselves recomputed): the lean backward then holds one
-                # layer's a at a time instead of every layer's
-                inner.append(_dropped(a) if banded else a)
+                # a + b is recomputed in backward (1x1x3 convolution), and c1 unless kept
+                inner.append(a)
                 if keep_bottleneck:
                     bottlenecks.append(c1)
                     sums.append(s)
-            del a  # (in bands, gone before the last unit: a + b is all it reads)
+            del a
             unit(s, 3, into=out[:, channels[i]:channels[i + 1]])
             del s
         if not keep_for_backward:
             return out, stats
         return out, inner + bottlenecks + sums + stats
+
+
+def _running_or_batch_stats(t_rows, shape, rows, use_batch_stats, rm, rv, sd):
+    """A unit's statistics: the running ones (eval) as the engine hands them back, or the batch
+    statistics of a map of ``shape`` given by its rows (``t_rows(lo, hi)``), accumulated band by band
+    as the C++ kernel accumulates them: deviations from a first value per channel in the compute
+    dtype, their sums and squares in float64 (float64 copies of a band would be the largest
+    temporaries of the block)."""
+    if not use_batch_stats:
+        return rm.to(sd).clone(), rv.to(sd).clone()
+    size = shape[2]
+    dims = [d for d in range(len(shape)) if d != 1]
+    total = first = total_sq = None
+    for h0 in range(0, size, rows):
+        band = t_rows(h0, min(h0 + rows, size)).to(sd)
+        if first is None:  # a copy, not a view of the band (written over below)
+            first = band[(0, slice(None), *([0] * (band.dim() - 2)))].clone()
+            total = torch.zeros(first.shape, dtype=torch.float64)
+            total_sq = torch.zeros(first.shape, dtype=torch.float64)
+        dev = band.sub_(first.view(1, -1, *([1] * (band.dim() - 2))))
+        total += dev.sum(dims, dtype=torch.float64)
+        total_sq += dev.square_().sum(dims, dtype=torch.float64)
+        del band, dev
+    count = math.prod(shape) // shape[1]
+    shift = total / count
+    return (first.double() + shift).to(sd), (total_sq / count - shift * shift).clamp_(min=0).to(sd)
+
+
+def _a_from_c1_rows(engine, prefix, units, rms, rvs, use_batch_stats, eps, rows, workspace, stats):
+    """A layer's a = unit1(unit0(prefix)) in bands without c1 = unit0(prefix) ever written whole; the
+    two units' statistics are appended to ``stats``."""
+    sd = opmath_dtype(prefix.dtype)
+    (bw0, bb0, cw0), (bw1, bb1, cw1) = units[0], units[1]
+    if use_batch_stats:
+        mean0, var0 = torch.ops.ahnet_fast.bn_relu_stats(prefix)
+    else:
+        mean0, var0 = rms[0].to(sd).clone(), rvs[0].to(sd).clone()
+
+    def c1_rows(lo, hi):  # a 1x1x1 unit: rows of c1 from the same rows of the prefix
+        return bands.unit_rows(engine, prefix[:, :, lo:hi], lo, lo, hi, bw0, bb0, mean0, var0, eps, cw0, workspace)
+
+    c1_shape = (prefix.shape[0], cw0.shape[0], *prefix.shape[2:])
+    mean1, var1 = _running_or_batch_stats(c1_rows, c1_shape, rows, use_batch_stats, rms[1], rvs[1], sd)
+    stats.extend((mean0, var0, mean1, var1))
+    return bands.unit_banded(engine, prefix, bw1, bb1, mean1, var1, eps, cw1, rows, workspace, source=c1_rows)
+
+
+def _last_unit_from_sum_rows(engine, a, units, rms, rvs, use_batch_stats, eps, rows, workspace, stats, into):
+    """The layer's new channels, unit3(a + unit2(a)), written into ``into`` band by band without a + b
+    ever written whole (unit 2 is 1x1x3: a band of a + b needs the same rows of a only); the two
+    units' statistics appended to ``stats``."""
+    sd = opmath_dtype(a.dtype)
+    (bw2, bb2, cw2), (bw3, bb3, cw3) = units[2], units[3]
+    if use_batch_stats:
+        mean2, var2 = torch.ops.ahnet_fast.bn_relu_stats(a)
+    else:
+        mean2, var2 = rms[2].to(sd).clone(), rvs[2].to(sd).clone()
+
+    def sum_rows(lo, hi):
+        return bands.unit_rows(engine, a[:, :, lo:hi], lo, lo, hi, bw2, bb2, mean2, var2, eps, cw2,
+                               workspace).add_(a[:, :, lo:hi])
+
+    mean3, var3 = _running_or_batch_stats(sum_rows, a.shape, rows, use_batch_stats, rms[3], rvs[3], sd)
+    stats.extend((mean2, var2, mean3, var3))
+    bands.unit_banded(engine, a, bw3, bb3, mean3, var3, eps, cw3, rows, workspace, out=into, source=sum_rows)
 
 
 def _widest(channels, layers):
