@@ -411,6 +411,14 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         return out, inner + bottlenecks + sums + stats
 
 
+def _unit_stats(t, use_batch_stats, rm, rv, sd):
+    """A unit's statistics over a map that exists whole: its batch statistics, or the running ones
+    as the engine hands them back in eval (copies in the statistics dtype)."""
+    if use_batch_stats:
+        return torch.ops.ahnet_fast.bn_relu_stats(t)
+    return rm.to(sd).clone(), rv.to(sd).clone()
+
+
 def _running_or_batch_stats(t_rows, shape, rows, use_batch_stats, rm, rv, sd):
     """A unit's statistics: the running ones (eval) as the engine hands them back, or the batch
     statistics of a map of ``shape`` given by its rows (``t_rows(lo, hi)``), accumulated band by band
@@ -442,10 +450,7 @@ def _a_from_c1_rows(engine, prefix, units, rms, rvs, use_batch_stats, eps, rows,
     two units' statistics are appended to ``stats``."""
     sd = opmath_dtype(prefix.dtype)
     (bw0, bb0, cw0), (bw1, bb1, cw1) = units[0], units[1]
-    if use_batch_stats:
-        mean0, var0 = torch.ops.ahnet_fast.bn_relu_stats(prefix)
-    else:
-        mean0, var0 = rms[0].to(sd).clone(), rvs[0].to(sd).clone()
+    mean0, var0 = _unit_stats(prefix, use_batch_stats, rms[0], rvs[0], sd)
 
     def c1_rows(lo, hi):  # a 1x1x1 unit: rows of c1 from the same rows of the prefix
         return bands.unit_rows(engine, prefix[:, :, lo:hi], lo, lo, hi, bw0, bb0, mean0, var0, eps, cw0, workspace)
@@ -462,10 +467,7 @@ def _last_unit_from_sum_rows(engine, a, units, rms, rvs, use_batch_stats, eps, r
     units' statistics appended to ``stats``."""
     sd = opmath_dtype(a.dtype)
     (bw2, bb2, cw2), (bw3, bb3, cw3) = units[2], units[3]
-    if use_batch_stats:
-        mean2, var2 = torch.ops.ahnet_fast.bn_relu_stats(a)
-    else:
-        mean2, var2 = rms[2].to(sd).clone(), rvs[2].to(sd).clone()
+    mean2, var2 = _unit_stats(a, use_batch_stats, rms[2], rvs[2], sd)
 
     def sum_rows(lo, hi):
         return bands.unit_rows(engine, a[:, :, lo:hi], lo, lo, hi, bw2, bb2, mean2, var2, eps, cw2,
