@@ -54,25 +54,28 @@ CALIBRATION_POINTS = (((1, 1, 128, 128, 32), "none", "fp32"), ((1, 1, 256, 256, 
 # gradient (the largest kept tensor's size again) and the last dense block's own working set (one
 # layer's a, band buffers), which grows with the same maps:
 # peak = ALL_FACTOR * (kept + largest) + ALL_OVERHEAD (band buffers, the loss, library state).
-# Fitted on the two "all" calibration points of benchmarks/results/memory_scaling_cpu_2026-12-06b.json
-# (before: 1.68 and 158 MiB, until the lean dense block stopped saving a). Not refitted after the
-# gradient handover and the narrower stage boundaries (memory_scaling_cpu_2026-12-06g.json): the fp32
-# steps at 256 and 384 fell, and these constants now overestimate them by 1.19x (128: 1.04x); a refit
-# on those points (1.13 and 157 MiB) predicts the 512x512x256 bf16 slab at 0.69x of its measurement,
-# which was taken before the change (its peak is elsewhere): on the safe side until it is measured
-# again (1943 s).
-ALL_FACTOR = 1.51
-ALL_OVERHEAD = 156 * 2**20
+# Refitted after the gradient handover and the narrower stage boundaries, on the fp32 steps of
+# benchmarks/results/memory_scaling_cpu_2026-12-06g.json (128, 256, 384 in-plane) and the bf16
+# 512x512x256 slab of memory_slab_cpu_2026-12-06d.json: the pair that never underestimates any of them
+# with the least largest error (1.00x, 1.14x, 1.14x, 1.00x). A line through two points alone does
+# worse: 128 and 384 predict the slab at 0.81x (the small step's peak is not the last stage's).
+# (Before: 1.51 and 156 MiB, which overestimated the new 256 and 384 steps by 1.19x; 1.68 and 158 MiB
+# until the lean dense block stopped saving a.)
+ALL_FACTOR = 1.44
+ALL_OVERHEAD = 126 * 2**20
+ALL_FIT_POINTS = (((1, 1, 128, 128, 32), "all", "fp32"), ((1, 1, 256, 256, 32), "all", "fp32"),
+                  ((1, 1, 384, 384, 32), "all", "fp32"), ((1, 1, 512, 512, 256), "all", "bf16"))
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}
 # relative step time of each choice (measured on CPU, benchmarks/results/e2e_cpu.md; on GPUs bf16 is
 # the faster precision): the planner's order of preference, fastest first
-# (benchmarks/results/e2e_cpu_2026-12-06c.json, 128x128x32 and 256x256x32, the products and the 3x3x1 /
-# 1x1x3 convolutions on the AVX-512 kernels of ops.channel_mm: "encoder" 1.11x and 1.29x "none", "decoder"
-# 1.49x and 1.81x, "all" 1.75x and 2.02x, the lean dense block recomputing c1 and a band by band; "none"
-# gained more from the convolution kernels than the recomputations did. Before them (e2e_cpu_2026-12-06b)
+# (benchmarks/results/e2e_cpu_2026-12-06d.json, 128x128x32 and 256x256x32, after the lean dense block's
+# forward stopped writing c1 and a + b whole (their units run twice from rows): "encoder" 1.20x and 1.24x
+# "none", "decoder" 1.72x and 1.72x, "all" 1.84x and 1.94x. Before that (e2e_cpu_2026-12-06c, the
+# products and the 3x3x1 / 1x1x3 convolutions on the AVX-512 kernels of ops.channel_mm) 1.11/1.29,
+# 1.49/1.81, 1.75/2.02; "none" gained more from those kernels than the recomputations did. Before them (e2e_cpu_2026-12-06b)
 # 1.16/1.35, 1.47/1.76, 1.62/1.95; before the product kernels 1.19/1.34, 1.69/1.75, 2.00/1.99)
-CHECKPOINT_COST = {"none": 1.0, "encoder": 1.2, "decoder": 1.65, "all": 1.9}
+CHECKPOINT_COST = {"none": 1.0, "encoder": 1.2, "decoder": 1.7, "all": 1.9}
 PRECISION_COST = {"bf16": 0.5, "fp16": 0.5, "fp32": 1.0}
 
 

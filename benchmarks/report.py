@@ -523,6 +523,13 @@ def _benchmarked_model():
         return ahnet_fast.AHNet(in_channels=1, out_channels=3, psp_block_num=4)
 
 
+def _slab_fitted(slab) -> bool:
+    """Whether the planner's checkpoint="all" constants were fitted on the slab's configuration."""
+    from ahnet_fast.memory import ALL_FIT_POINTS
+
+    return (tuple(slab["shape"]), slab["checkpoint"], slab["precision"]) in ALL_FIT_POINTS
+
+
 def _floor_step_bytes(shape, precision="fp32") -> int:
     """ahnet_fast.memory.training_floor's bytes beyond parameters, gradients and Adam (arithmetic
     from the model's shapes, not a measurement)."""
@@ -601,7 +608,9 @@ def checkpoint_scaling_block() -> list[str]:
         lines += ["", f"A whole {shape} CT slab, {slab['precision']}, checkpoint=\"{slab['checkpoint']}\" "
                       f"({slab['date']}, `{slab_path}`): measured {measured / gib:.2f} GiB (model, Adam and two "
                       f"training steps; {slab['seconds']:.0f} s on this CPU); the planner now estimates "
-                      f"{now / gib:.2f} GiB ({now / measured:.2f}x; this size is not among its calibration points"
+                      f"{now / gib:.2f} GiB ({now / measured:.2f}x; "
+                      + ("its checkpoint='all' constants were fitted on this size, among others"
+                         if _slab_fitted(slab) else "this size is not among its calibration points")
                       + (f"; the planner of the run said {slab['estimate_total'] / gib:.2f} GiB"
                          if abs(slab["estimate_total"] - now) > 0.01 * now else "")
                       + f"); the floor is {floor / gib:.2f} GiB; target 16 GiB: "
