@@ -825,11 +825,7 @@ class AHNet(_ScriptOps, nn.Module):
             if m.training or (isinstance(m, nn.modules.batchnorm._BatchNorm) and
                               (m.running_mean is None or m.running_var is None)):
                 return False
-        hooked = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
-        if any(hooked):
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for module in (self.dense4, self.psp)
-                       for m in module.modules())
+        return _unhooked(self.dense4, self.psp)
 
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """_forward in eval mode with no backward to follow, written so that each map is freed as
@@ -898,11 +894,7 @@ class AHNet(_ScriptOps, nn.Module):
         return self.psp._fused(d4, concat, grad_handover=True)
 
     def _handover_applies(self) -> bool:
-        hooked = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
-        if any(hooked):
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for module in (self.dense4, self.psp, self.final)
-                       for m in module.modules())
+        return _unhooked(self.dense4, self.psp, self.final)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return bn_relu(self.bn0, stem(self.conv1, self.pool1, x, self.backend), self.backend)
@@ -957,6 +949,15 @@ class AHNet(_ScriptOps, nn.Module):
                     _copy_conv(b2.downsample[0], b3.downsample[0])  # 1x1 conv
                     _copy_bn(b2.downsample[1], b3.downsample[2])  # BN (the 3D branch has a pool between)
         return self
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    """No forward (pre-)hook anywhere in ``modules``, nor a global one: the model may then run them
+    in ways a hook could tell apart (in place, in parts) without any hook seeing a difference."""
+    m = torch.nn.modules.module
+    if m._global_forward_hooks or m._global_forward_pre_hooks:
+        return False
+    return not any(sub._forward_hooks or sub._forward_pre_hooks for module in modules for sub in module.modules())
 
 
 def _copy_conv(conv2d: nn.Module, conv3d: nn.Module) -> None:

@@ -355,7 +355,6 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
     # it) instead of a fresh tensor per unit: on CPU fresh pages cost a page fault each, and at
     # AH-Net's last block the prefixes' activations were 16-28 MiB apiece.
     pool = contextlib.nullcontext(_band_workspace(out, layers, widest, rows)) if banded else _scratch(out, widest)
-    sd = opmath_dtype(out.dtype)
     with pool as workspace:
         inner, bottlenecks, sums, stats = [], [], [], []
         for i, units in enumerate(layers):
@@ -363,21 +362,12 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
             rvs = running_vars[4 * i: 4 * i + 4] if running_vars else [None] * 4
 
             def unit(t, u, into=None):
-                """The unit's output, or written into ``into`` (in bands straight from each band)."""
+                """The unit on the whole map: its output, or written into ``into``."""
                 bw, bb, cw = units[u]
-                if not banded:
-                    y, mean, var = engine.forward(t, bw, bb, rms[u], rvs[u], use_batch_stats, eps, cw,
-                                                  [1] * cw[0, 0].dim(), same_padding(cw), workspace)
-                    if into is not None:
-                        y = into.copy_(y)
-                else:
-                    if use_batch_stats:
-                        mean, var = torch.ops.ahnet_fast.bn_relu_stats(t)
-                    else:  # what the engine hands back in eval: the running statistics in the statistics dtype
-                        mean, var = rms[u].to(sd).clone(), rvs[u].to(sd).clone()
-                    y = bands.unit_banded(engine, t, bw, bb, mean, var, eps, cw, rows, workspace, out=into)
+                y, mean, var = engine.forward(t, bw, bb, rms[u], rvs[u], use_batch_stats, eps, cw,
+                                              [1] * cw[0, 0].dim(), same_padding(cw), workspace)
                 stats.extend((mean, var))
-                return y
+                return y if into is None else into.copy_(y)
 
             if banded:
                 # Neither c1 nor a + b exists whole: each unit's batch statistics from its input's
@@ -411,22 +401,21 @@ def _forward(engine, x, weights, running_means, running_vars, use_batch_stats, e
         return out, inner + bottlenecks + sums + stats
 
 
-def _unit_stats(t, use_batch_stats, rm, rv, sd):
-    """A unit's statistics over a map that exists whole: its batch statistics, or the running ones
-    as the engine hands them back in eval (copies in the statistics dtype)."""
-    if use_batch_stats:
-        return torch.ops.ahnet_fast.bn_relu_stats(t)
+def _running_stats(rm, rv, sd):
+    """The running statistics as the engine hands them back in eval: copies in the statistics dtype."""
     return rm.to(sd).clone(), rv.to(sd).clone()
 
 
-def _running_or_batch_stats(t_rows, shape, rows, use_batch_stats, rm, rv, sd):
-    """A unit's statistics: the running ones (eval) as the engine hands them back, or the batch
-    statistics of a map of ``shape`` given by its rows (``t_rows(lo, hi)``), accumulated band by band
-    as the C++ kernel accumulates them: deviations from a first value per channel in the compute
-    dtype, their sums and squares in float64 (float64 copies of a band would be the largest
+def _unit_stats(t, use_batch_stats, rm, rv, sd):
+    """A unit's statistics over a map that exists whole: its batch statistics, or the running ones."""
+    return torch.ops.ahnet_fast.bn_relu_stats(t) if use_batch_stats else _running_stats(rm, rv, sd)
+
+
+def _batch_stats_in_bands(t_rows, shape, rows, sd):
+    """The batch statistics of a map of ``shape`` given by its rows (``t_rows(lo, hi)``), accumulated
+    band by band as the C++ kernel accumulates them: deviations from a first value per channel in the
+    compute dtype, their sums and squares in float64 (float64 copies of a band would be the largest
     temporaries of the block)."""
-    if not use_batch_stats:
-        return rm.to(sd).clone(), rv.to(sd).clone()
     size = shape[2]
     dims = [d for d in range(len(shape)) if d != 1]
     total = first = total_sq = None
@@ -456,7 +445,8 @@ def _a_from_c1_rows(engine, prefix, units, rms, rvs, use_batch_stats, eps, rows,
         return bands.unit_rows(engine, prefix[:, :, lo:hi], lo, lo, hi, bw0, bb0, mean0, var0, eps, cw0, workspace)
 
     c1_shape = (prefix.shape[0], cw0.shape[0], *prefix.shape[2:])
-    mean1, var1 = _running_or_batch_stats(c1_rows, c1_shape, rows, use_batch_stats, rms[1], rvs[1], sd)
+    mean1, var1 = (_batch_stats_in_bands(c1_rows, c1_shape, rows, sd) if use_batch_stats
+                   else _running_stats(rms[1], rvs[1], sd))
     stats.extend((mean0, var0, mean1, var1))
     return bands.unit_banded(engine, prefix, bw1, bb1, mean1, var1, eps, cw1, rows, workspace, source=c1_rows)
 
@@ -473,7 +463,8 @@ def _last_unit_from_sum_rows(engine, a, units, rms, rvs, use_batch_stats, eps, r
         return bands.unit_rows(engine, a[:, :, lo:hi], lo, lo, hi, bw2, bb2, mean2, var2, eps, cw2,
                                workspace).add_(a[:, :, lo:hi])
 
-    mean3, var3 = _running_or_batch_stats(sum_rows, a.shape, rows, use_batch_stats, rms[3], rvs[3], sd)
+    mean3, var3 = (_batch_stats_in_bands(sum_rows, a.shape, rows, sd) if use_batch_stats
+                   else _running_stats(rms[3], rvs[3], sd))
     stats.extend((mean2, var2, mean3, var3))
     bands.unit_banded(engine, a, bw3, bb3, mean3, var3, eps, cw3, rows, workspace, out=into, source=sum_rows)
 

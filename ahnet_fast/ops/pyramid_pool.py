@@ -367,7 +367,7 @@ def _make_backward(backward_op, in_place_op=None):
             grad_identity = grad_identity.to(ctx.dtype)
         if ctx.handed_over and grad_identity is not None and in_place_op is not None:
             # the gradient is ours (see pyramid_pool's grad_handover): the levels' share added into it
-            torch.ops.ahnet_fast.pyramid_pool_backward_(grad_identity, g_pooled, list(args), ctx.pool_w)
+            in_place_op(grad_identity, g_pooled, list(args), ctx.pool_w)
             grad_x = grad_identity
         else:
             grad_x = backward_op(grad_identity, g_pooled, list(args), list(ctx.size), ctx.pool_w, ctx.dtype,
@@ -414,8 +414,9 @@ def _register():
     if extension_available():
         torch.library.register_fake("ahnet_fast::pyramid_pool_backward_")(
             lambda grad_x, grad_pooled, argmax, pool_w: None)
+        in_place = torch.ops.ahnet_fast.pyramid_pool_backward_
         register_compiled_pair("pyramid_pool", "pyramid_pool_backward", _forward_fake, _backward_fake,
-                               lambda op: _make_backward(op, torch.ops.ahnet_fast.pyramid_pool_backward_), _setup_context)
+                               lambda op: _make_backward(op, in_place), _setup_context)
 
 
 _register()
